@@ -1,0 +1,1 @@
+"""study: robustness transfer from pre-training to fine-tuning."""

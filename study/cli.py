@@ -1,0 +1,132 @@
+"""The `study` command.
+
+    study run JOB.yaml [--out DIR]       run what a job file declares
+    study demo [--out DIR]               run jobs/demo.yaml on generated data
+    study data prepare NAME --out DIR [--root DIR] [--param KEY=VALUE ...]
+    study ui [--out DIR] [--port N]      the MLflow UI over OUT's store
+
+Exit codes: 0 done, 2 bad input (one line on stderr naming what is wrong), 1 failure.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+USAGE_ERROR = 2
+
+
+def jobs_dir() -> Path:
+    """jobs/ beside the package (a checkout) or shipped inside it (an installed wheel)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "jobs", here / "_jobs"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("the jobs/ folder was not found beside the study package")
+
+
+def _parse_param(text: str):
+    from study.config import ConfigError
+
+    if "=" not in text:
+        raise ConfigError(f"--param {text!r}: expected KEY=VALUE")
+    key, value = text.split("=", 1)
+    return key, yaml.safe_load(value)
+
+
+def cmd_run(args, job_path: Path) -> int:
+    from study import config
+
+    cfg = config.load(job_path)  # everything is checked before anything starts
+    out = Path(args.out or Path("runs") / cfg.name)
+    from study.pipeline import run_job
+    from study.results import to_markdown
+
+    df = run_job(cfg, out, progress=not args.quiet)
+    print()
+    print(to_markdown(df))
+    print(f"\n[study] results: {out / 'results.csv'}  {out / 'results.md'}")
+    print(f"[study] MLflow store: {out / 'mlflow.db'}  (browse: study ui --out {out})")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from study.data.beton import prepare
+    from study.data.registry import get_info, resolve_params
+
+    get_info(args.name)
+    params = resolve_params(args.name, dict(_parse_param(p) for p in args.param))
+    for split, p in prepare(args.name, Path(args.out), root=args.root, params=params,
+                            workers=args.workers).items():
+        state = "written" if p.written else "already prepared, nothing to do"
+        print(f"{args.name}/{split}: {p.manifest['count']} images, "
+              f"{p.manifest['num_classes']} classes -> {p.beton} ({state})")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from study.tracking import serve_ui
+
+    return serve_ui(Path(args.out), args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="study", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a job file")
+    r.add_argument("job", type=Path)
+    r.add_argument("--out", type=Path, help="output folder (default runs/<job name>)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    d = sub.add_parser("demo", help="the whole study on generated data (jobs/demo.yaml)")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--quiet", action="store_true")
+
+    data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
+    dp = data.add_parser("prepare", help="write a dataset's splits as FFCV .beton files")
+    dp.add_argument("name")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--root", help="where a real dataset lies on disk")
+    dp.add_argument("--param", action="append", default=[], help="generator parameter KEY=VALUE")
+    dp.add_argument("--workers", type=int, default=2)
+
+    u = sub.add_parser("ui", help="serve the MLflow UI on a job's store")
+    u.add_argument("--out", type=Path, default=Path("runs/demo"))
+    u.add_argument("--port", type=int, default=5000)
+    return p
+
+
+def main(argv=None) -> int:
+    from study.config import ConfigError
+    from study.data.beton import BetonError
+    from study.data.registry import DatasetError
+    from study.models import ModelError
+    from study.tracking import TrackingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args, args.job)
+        if args.command == "demo":
+            return cmd_run(args, jobs_dir() / "demo.yaml")
+        if args.command == "data":
+            return cmd_data_prepare(args)
+        if args.command == "ui":
+            return cmd_ui(args)
+    except (ConfigError, DatasetError, ModelError) as err:
+        print(f"study: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except (BetonError, TrackingError) as err:
+        print(f"study: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("study: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

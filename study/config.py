@@ -1,0 +1,210 @@
+"""Job files: YAML in, a validated and hashed config out, before any work starts.
+
+Every mistake is reported as one line naming the field, e.g.
+``pretrain.backbones[0]: unknown backbone 'resnet9' (known: resnet18, ...)``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from study.data.beton import config_hash
+from study.data.registry import DatasetError, get_info, resolve_params
+from study.engine import OPTIMIZERS, SCHEDULES, SETTINGS, TrainSettings
+from study.models import BACKBONES
+
+
+class ConfigError(ValueError):
+    """A job file that cannot run; the message is one line naming the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _one_of(known, what):
+    def check(v):
+        if v not in known:
+            raise ValueError(f"unknown {what} {v!r} (known: {', '.join(known)})")
+        return v
+
+    return AfterValidator(check)
+
+
+Backbone = Annotated[str, _one_of(BACKBONES, "backbone")]
+Setting = Annotated[str, _one_of(SETTINGS, "setting")]
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0)
+    optimizer: Annotated[str, _one_of(OPTIMIZERS, "optimizer")] = "sgd"
+    lr: Optional[float] = Field(None, ge=0)    # shorthand: lr_f = lr_g = lr
+    lr_f: Optional[float] = Field(None, ge=0)
+    lr_g: Optional[float] = Field(None, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Annotated[str, _one_of(SCHEDULES, "schedule")] = "cosine"
+    step_every: int = Field(30, gt=0)
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: bool = True
+
+    def settings(self) -> TrainSettings:
+        d = self.model_dump(exclude={"lr"})
+        base = 0.1 if self.lr is None else self.lr
+        d["lr_f"] = base if self.lr_f is None else self.lr_f
+        d["lr_g"] = base if self.lr_g is None else self.lr_g
+        return TrainSettings(**d)
+
+
+class DatasetSpec(_Strict):
+    name: Optional[str] = None           # registry name; defaults to the key in `datasets`
+    root: Optional[str] = None           # for real datasets; defaults to data.root
+    resolution: Optional[int] = Field(None, gt=0)  # training/eval image side
+    params: dict = Field(default_factory=dict)
+
+
+class DataSpec(_Strict):
+    root: Optional[str] = None           # default root of real datasets
+    dir: str = "data"                    # .beton folder, relative to OUT unless absolute
+    workers: int = Field(2, gt=0)        # loader threads and writer processes
+
+
+class PretrainSpec(_Strict):
+    dataset: Optional[str] = None        # a key of `datasets`; not needed with weights
+    backbones: list[Backbone] = Field(default_factory=lambda: ["resnet18"], min_length=1)
+    weights: Optional[str] = None        # None: train; "imagenet" or a file: import instead
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+
+class FinetuneSpec(_Strict):
+    datasets: list[str] = Field(min_length=1)
+    settings: list[Setting] = Field(default_factory=lambda: list(SETTINGS), min_length=1)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    overrides: dict[Setting, TrainSpec] = Field(default_factory=dict)  # per-setting changes
+
+    def train_for(self, setting: str) -> TrainSpec:
+        over = self.overrides.get(setting)
+        changes = over.model_dump(exclude_unset=True) if over else {}
+        return TrainSpec(**{**self.train.model_dump(exclude_unset=True), **changes})
+
+
+class EvalSpec(_Strict):
+    batch_size: int = Field(256, gt=0)
+    max_images: Optional[int] = Field(None, gt=0)  # cap on evaluated test images
+
+
+class JobConfig(_Strict):
+    name: str = Field(min_length=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataSpec = Field(default_factory=DataSpec)
+    datasets: dict[str, DatasetSpec] = Field(min_length=1)
+    pretrain: PretrainSpec
+    finetune: FinetuneSpec
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        for key, spec in self.datasets.items():
+            name = spec.name or key
+            try:
+                get_info(name)
+                resolve_params(name, spec.params)
+            except DatasetError as err:
+                raise _FieldError(f"datasets.{key}", str(err))
+            root = self.dataset_root(key)
+            if not get_info(name).generated:
+                if root is None:
+                    raise _FieldError(f"datasets.{key}.root", f"dataset {name!r} needs a data root "
+                                      f"(datasets.{key}.root or data.root)")
+                if not Path(root).expanduser().is_dir():
+                    raise _FieldError(f"datasets.{key}.root", f"data root does not exist: {root}")
+        p = self.pretrain
+        if p.weights is None:
+            if p.dataset is None:
+                raise _FieldError("pretrain.dataset", "needed unless pretrain.weights imports weights")
+            if p.dataset not in self.datasets:
+                raise _FieldError("pretrain.dataset", f"{p.dataset!r} is not a key of datasets "
+                                  f"(have: {', '.join(self.datasets)})")
+        elif p.weights != "imagenet" and not Path(p.weights).expanduser().is_file():
+            raise _FieldError("pretrain.weights", f"weights file not found: {p.weights}")
+        for i, d in enumerate(self.finetune.datasets):
+            if d not in self.datasets:
+                raise _FieldError(f"finetune.datasets[{i}]", f"{d!r} is not a key of datasets "
+                                  f"(have: {', '.join(self.datasets)})")
+        return self
+
+    # -- derived --------------------------------------------------------------------
+    def dataset_name(self, key: str) -> str:
+        return self.datasets[key].name or key
+
+    def dataset_root(self, key: str) -> Optional[str]:
+        return self.datasets[key].root or self.data.root
+
+    def dataset_params(self, key: str) -> dict:
+        return resolve_params(self.dataset_name(key), self.datasets[key].params)
+
+    def resolution(self, key: str) -> int:
+        spec = self.datasets[key]
+        if spec.resolution:
+            return spec.resolution
+        return int(self.dataset_params(key).get("image_size", 224))
+
+    def resolved(self) -> dict:
+        return json.loads(self.model_dump_json())
+
+    def hash(self) -> str:
+        return config_hash(self.resolved())
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+
+
+def _loc(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    msg = e["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown field (a typo?)"
+    elif e["type"] == "missing":
+        msg = "required field is missing"
+    loc = _loc(e["loc"])
+    return f"{loc}: {msg}" if loc else msg  # _cross's errors carry their own field path
+
+
+def parse(raw: dict, source: str = "job") -> JobConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a job file must be a YAML mapping")
+    try:
+        return JobConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load(path) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse(raw, str(path))

@@ -1,0 +1,97 @@
+"""FFCV loaders that yield ``(float images in [0, 1], int64 labels)``.
+
+Training: random resized crop + optional horizontal flip, random order.
+Evaluation: centre crop, sequential order, every sample (no dropped last batch).
+Normalisation is *not* done here: it is the model's first layer (see study.models).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import sys
+
+import torch
+
+from study.data.beton import check_beton, paths, read_manifest
+from study.data.registry import get_info
+
+
+def _ignore_numba_finalizer_noise() -> None:
+    """FFCV recompiles its numba pipeline per loader; when a loader is collected, numba's
+    dispatcher finalizer looks up an overload that is already gone and prints a harmless
+    ``KeyError`` as an "Exception ignored" traceback. Drop that one message, keep all others."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (isinstance(unraisable.exc_value, KeyError) and tb is not None
+                and tb.tb_frame.f_code.co_name == "finalizer"
+                and "numba" in tb.tb_frame.f_code.co_filename):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+_ignore_numba_finalizer_noise()
+
+
+class ImageLoader:
+    """Wraps an FFCV Loader; converts uint8 NCHW batches to float in [0, 1] on ``device``."""
+
+    def __init__(self, loader, device: torch.device, channels_last: bool, manifest: dict | None):
+        self.loader, self.device, self.channels_last = loader, device, channels_last
+        self.manifest = manifest or {}
+
+    def __len__(self):
+        return len(self.loader)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.loader.indices)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images.float().div_(255.0), labels.to(self.device, non_blocking=True).long()
+
+
+def make_loader(beton, *, train: bool, resolution: int, batch_size: int, dataset: str | None = None,
+                workers: int = 2, device: str | torch.device = "cpu", distributed: bool = False,
+                seed: int = 0, indices=None, drop_last: bool | None = None,
+                channels_last: bool = False) -> ImageLoader:
+    """An FFCV loader over ``beton``; the dataset's registry entry sets the augmentation."""
+    from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
+                                      RandomResizedCropRGBImageDecoder)
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+
+    beton = Path(beton)
+    manifest = read_manifest(beton.with_suffix(".json"))
+    check_beton(beton, manifest)  # a clear error now beats a numba crash in a worker thread
+    info = get_info(dataset or (manifest or {}).get("dataset", "folder"))
+    size = (resolution, resolution)
+    if train:
+        image_ops = [RandomResizedCropRGBImageDecoder(size, scale=info.crop_scale)]
+        if info.flip:
+            image_ops.append(RandomHorizontalFlip())
+    else:
+        image_ops = [CenterCropRGBImageDecoder(size, ratio=info.eval_crop_ratio)]
+    image_ops += [ToTensor(), ToTorchImage()]
+    loader = Loader(
+        str(beton), batch_size=batch_size, num_workers=workers,
+        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+        distributed=distributed, seed=seed, indices=indices,
+        drop_last=train if drop_last is None else drop_last,
+        pipelines={"image": image_ops, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
+    )
+    return ImageLoader(loader, torch.device(device), channels_last, manifest)
+
+
+def split_loader(data_dir, dataset: str, split: str, **kw) -> ImageLoader:
+    beton, _ = paths(data_dir, dataset, split)
+    return make_loader(beton, train=split == "train" and kw.pop("train", True), dataset=dataset, **kw)

@@ -1,0 +1,210 @@
+"""The one training engine: pre-training, fine-tuning and every defense run through it.
+
+A ``Trainer`` owns the optimiser (separate parameter groups and learning rates for f
+and g), the per-iteration schedule, mixed precision and the epoch loop. What is
+minimised is an *objective* ``objective(model, images, labels) -> (loss, logits)``;
+plain cross-entropy by default, and later defenses plug in their own without a loop
+of their own. The loop takes any iterable of ``(images in [0,1], labels)`` and calls
+``on_epoch(metrics)`` after every epoch, so a Ray Train worker or a Ray Tune trial
+can report and checkpoint from there, and resume through ``state_dict``.
+
+Settings (the paper's names):
+* ``scratch`` -- the standard model: every parameter trains from random init.
+* ``partial`` -- g only; f is frozen, in eval mode so not even BatchNorm statistics move.
+* ``full``    -- f and g, f usually with the smaller learning rate.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+SETTINGS = ("scratch", "partial", "full")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr_f: float = 0.1          # learning rate of the feature extractor f
+    lr_g: float = 0.1          # learning rate of the classifier g
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_every: int = 30       # step schedule: epochs between decays
+    gamma: float = 0.1         # step schedule: decay factor
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    amp: bool = True           # bf16 autocast + channels_last, on CUDA only
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The StudyModel under a DDP (or similar) wrapper."""
+    return getattr(model, "module", model)
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> Callable:
+    def objective(model, images, labels):
+        logits = model(images)
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
+
+    return objective
+
+
+def param_groups(model: nn.Module, setting: str, lr_f: float, lr_g: float) -> list[dict]:
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r} (known: {', '.join(SETTINGS)})")
+    m = unwrap(model)
+    train_f = setting != "partial"
+    for p in m.f.parameters():
+        p.requires_grad_(train_f)
+    groups = [{"name": "g", "params": list(m.g.parameters()), "lr": lr_g}]
+    if train_f:
+        groups.insert(0, {"name": "f", "params": list(m.f.parameters()), "lr": lr_f})
+    return groups
+
+
+def lr_factor(s: TrainSettings, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rates at iteration t (stepped once per batch)."""
+    total = max(1, s.epochs * steps_per_epoch)
+    warmup = int(s.warmup_epochs * steps_per_epoch)
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        if s.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+        if s.schedule == "step":
+            return s.gamma ** ((t // steps_per_epoch) // s.step_every)
+        return 1.0
+
+    return factor
+
+
+def make_optimizer(groups, s: TrainSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=False)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(groups, weight_decay=s.weight_decay)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=s.weight_decay)
+    raise ValueError(f"unknown optimizer {s.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
+
+
+def autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: Iterable, device=None, amp: bool = False,
+             max_images: int | None = None) -> float:
+    """Top-1 accuracy in percent (the paper's AOI on a test loader)."""
+    was_training = model.training
+    model.eval()
+    correct = seen = 0
+    device = torch.device(device) if device else next(model.parameters()).device
+    for images, labels in loader:
+        if max_images is not None and seen >= max_images:
+            break
+        with autocast(device, amp):
+            pred = model(images).argmax(1)
+        keep = len(labels) if max_images is None else min(len(labels), max_images - seen)
+        correct += (pred[:keep] == labels[:keep]).sum().item()
+        seen += keep
+    model.train(was_training)
+    return 100.0 * correct / max(1, seen)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, settings: TrainSettings, setting: str,
+                 steps_per_epoch: int, device: str | torch.device = "cpu",
+                 objective: Callable | None = None):
+        self.device = torch.device(device)
+        self.settings, self.setting = settings, setting
+        self.amp = settings.amp and self.device.type == "cuda"
+        self.model = model.to(self.device)
+        if self.amp:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.objective = objective or cross_entropy(settings.label_smoothing)
+        groups = param_groups(self.model, setting, settings.lr_f, settings.lr_g)
+        self.optimizer = make_optimizer(groups, settings)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(settings, steps_per_epoch))
+        self.epoch = 0  # epochs completed
+        self.history: list[dict] = []
+
+    # -- state, for checkpoints that resume mid-run -------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "history": list(self.history), "settings": asdict(self.settings),
+                "setting": self.setting}
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.history = int(state["epoch"]), list(state["history"])
+
+    def _set_mode(self) -> None:
+        self.model.train()
+        if self.setting == "partial":
+            unwrap(self.model).f.eval()  # frozen f: BatchNorm running stats stay put
+
+    def lrs(self) -> dict:
+        return {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
+
+    def train_epoch(self, loader: Iterable, progress: bool = True, desc: str = "") -> dict:
+        from tqdm.auto import tqdm
+
+        self._set_mode()
+        loss_sum = correct = seen = 0.0
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"{desc} epoch {self.epoch + 1}/{self.settings.epochs}",
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        for images, labels in bar:
+            with autocast(self.device, self.amp):
+                loss, logits = self.objective(self.model, images, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            n = len(labels)
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += n
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+        seconds = time.perf_counter() - start
+        return {"train_loss": loss_sum / max(1, seen), "train_acc": 100 * correct / max(1, seen),
+                "epoch_seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+
+    def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
+            on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
+            desc: str = "", val_name: str = "val_acc") -> list[dict]:
+        """Trains from ``self.epoch`` (0, or where a loaded state left off) to the last epoch.
+
+        ``val_loader``'s accuracy is recorded each epoch as ``val_name``; it is a monitor,
+        nothing here selects a model by it.
+        """
+        while self.epoch < self.settings.epochs:
+            lrs = self.lrs()  # the rates this epoch starts with
+            metrics = self.train_epoch(train_loader, progress, desc)
+            if val_loader is not None:
+                metrics[val_name] = accuracy(self.model, val_loader, self.device, self.amp)
+            self.epoch += 1
+            metrics = {"epoch": self.epoch, **metrics, **lrs}
+            self.history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics)
+        return self.history

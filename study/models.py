@@ -1,0 +1,171 @@
+"""Backbones as the paper decomposes them: feature extractor f and classifier g.
+
+``StudyModel(x) = g(f(x))`` takes images in [0, 1]; the ImageNet normalisation is
+f's first layer, so attacks and analyses always work in pixel space (as MadryLab's
+robustness ``AttackerModel`` does). f ends at the pooled embedding; g is the last
+linear layer. ``model.layers(x)`` returns layer1 ... layer4 (the paper's conv2_x ...
+conv5_x) for CCA.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BACKBONES = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2")
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelError(ValueError):
+    """An unknown backbone, or weights that do not fit the architecture."""
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class FeatureExtractor(nn.Module):
+    """f: [0, 1] images -> pooled embedding, through a torchvision ResNet trunk."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.normalize = Normalize()
+        self.backbone = backbone  # a torchvision ResNet whose fc is Identity
+
+    def layers(self, x, upto: str = "layer4") -> "OrderedDict[str, torch.Tensor]":
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(self.normalize(x)))))
+        out = OrderedDict()
+        for name in LAYERS:
+            x = getattr(b, name)(x)
+            out[name] = x
+            if name == upto:
+                break
+        return out
+
+    def forward(self, x):
+        return torch.flatten(self.backbone.avgpool(self.layers(x)["layer4"]), 1)
+
+
+class StudyModel(nn.Module):
+    def __init__(self, backbone: str, num_classes: int):
+        super().__init__()
+        trunk = _torchvision_resnet(backbone)
+        in_features = trunk.fc.in_features
+        trunk.fc = nn.Identity()
+        self.backbone_name = backbone
+        self.f = FeatureExtractor(trunk)
+        self.g = nn.Linear(in_features, num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.g.out_features
+
+    def forward(self, x):
+        return self.g(self.f(x))
+
+    def layers(self, x, upto: str = "layer4"):
+        return self.f.layers(x, upto)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh g for a new target task (f is kept)."""
+        self.g = nn.Linear(self.g.in_features, num_classes).to(self.g.weight.device)
+
+
+def _torchvision_resnet(name: str) -> nn.Module:
+    import torchvision.models as tvm
+
+    if name not in BACKBONES:
+        raise ModelError(f"unknown backbone {name!r} (known: {', '.join(BACKBONES)})")
+    return getattr(tvm, name)(weights=None)
+
+
+def build_model(backbone: str, num_classes: int) -> StudyModel:
+    return StudyModel(backbone, num_classes)
+
+
+def load_trunk_weights(model: StudyModel, source: str) -> None:
+    """Loads ImageNet weights into f: ``imagenet`` (torchvision's, downloaded and cached
+    by torchvision) or the path of a torchvision-format state dict (``conv1.weight`` ...
+    ``fc.bias``). The ImageNet classifier (fc) is dropped: g belongs to the target task.
+    """
+    if source == "imagenet":
+        import torchvision.models as tvm
+
+        weights = tvm.get_model_weights(model.backbone_name).DEFAULT
+        state = weights.get_state_dict(progress=True)
+        origin = f"torchvision {weights}"
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ModelError(f"weights file not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # corrupt, truncated or not a tensor-only pickle
+            raise ModelError(f"{path}: cannot be read as a weights-only checkpoint ({err})") from None
+        origin = str(path)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{origin}: expected a state dict, got {type(state).__name__}")
+    trunk_state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    load_state(model.f.backbone, trunk_state, origin, model.backbone_name)
+
+
+def load_state(module: nn.Module, state: dict, origin: str, arch: str, strict_missing=True) -> None:
+    """load_state_dict with one clear message when the checkpoint is another architecture."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if unexpected or wrong or (strict_missing and missing):
+        detail = []
+        if wrong:
+            k = wrong[0]
+            detail.append(f"{len(wrong)} tensors of another shape, e.g. {k}: "
+                          f"{tuple(state[k].shape)} vs {tuple(own[k].shape)}")
+        if missing:
+            detail.append(f"{len(missing)} missing, e.g. {missing[0]}")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        raise ModelError(f"{origin} does not fit {arch}: " + "; ".join(detail))
+    module.load_state_dict(state, strict=strict_missing)
+
+
+def save_checkpoint(model: StudyModel, path: Path, extra: dict | None = None) -> None:
+    """A tensors-only checkpoint (loadable with weights_only=True), written atomically."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"backbone": model.backbone_name, "num_classes": model.num_classes,
+                "state_dict": model.state_dict(), **(extra or {})}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, backbone: str | None = None) -> StudyModel:
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"checkpoint not found: {path}") from None
+    except Exception as err:
+        raise ModelError(f"{path}: cannot be read as a weights-only checkpoint ({err})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "backbone" not in ckpt:
+        raise ModelError(f"{path}: not a study checkpoint (no backbone/state_dict)")
+    if backbone is not None and ckpt["backbone"] != backbone:
+        raise ModelError(f"{path}: checkpoint is a {ckpt['backbone']}, expected {backbone}")
+    model = build_model(ckpt["backbone"], int(ckpt["num_classes"]))
+    load_state(model, ckpt["state_dict"], str(path), ckpt["backbone"])
+    return model

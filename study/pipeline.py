@@ -1,0 +1,272 @@
+"""Runs a job: data -> stage 1 (pre-train or import) -> stage 2 (fine-tune) -> results.
+
+Each stage's output is keyed by the hash of the config that made it
+(``OUT/checkpoints/<stage>-<hash>.pt`` beside ``.json`` with its metrics and MLflow
+run id), so running the same job again skips what is done and redoes only what is not.
+
+OUT layout::
+
+    OUT/job.yaml              the resolved config that ran
+    OUT/job.json              the job's MLflow experiment and parent run
+    OUT/data/<dataset>/       .beton files and manifests (data.dir)
+    OUT/checkpoints/          one checkpoint + record per trained model
+    OUT/mlflow.db             MLflow sqlite backend (local server only)
+    OUT/mlartifacts/          MLflow artifact store (local server only)
+    OUT/results.csv, .md      the table
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from study import results, tracking
+from study.config import JobConfig
+from study.data.beton import atomic_write_text, config_hash, prepare
+from study.data.loaders import make_loader
+from study.engine import Trainer, accuracy
+from study.models import build_model, load_checkpoint, load_trunk_weights, save_checkpoint
+
+
+def log(msg: str) -> None:
+    print(f"[study] {msg}", flush=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but no CUDA device is visible")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass
+class Job:
+    cfg: JobConfig
+    out: Path
+    device: torch.device
+    progress: bool = True
+
+    @property
+    def data_dir(self) -> Path:
+        d = Path(self.cfg.data.dir).expanduser()
+        return d if d.is_absolute() else self.out / d
+
+    def beton(self, key: str, split: str) -> Path:
+        return self.data_dir / self.cfg.dataset_name(key) / f"{split}.beton"
+
+    def loader(self, key: str, split: str, batch_size: int, train: bool, seed: int = 0):
+        return make_loader(self.beton(key, split), train=train, resolution=self.cfg.resolution(key),
+                           batch_size=batch_size, dataset=self.cfg.dataset_name(key),
+                           workers=self.cfg.data.workers, device=self.device, seed=seed,
+                           channels_last=self.device.type == "cuda")
+
+    def num_classes(self, key: str) -> int:
+        manifest = json.loads(self.beton(key, "train").with_suffix(".json").read_text())
+        return int(manifest["num_classes"])
+
+    def aoi(self, model, key: str) -> float:
+        loader = self.loader(key, "test", self.cfg.eval.batch_size, train=False)
+        return accuracy(model, loader, self.device, max_images=self.cfg.eval.max_images)
+
+
+# -- stages -----------------------------------------------------------------------------
+class Stage:
+    """One trained model: its key, checkpoint, record and MLflow child run."""
+
+    def __init__(self, job: Job, kind: str, ident: dict):
+        self.job, self.kind, self.ident = job, kind, ident
+        self.key = config_hash(ident)
+        stem = "-".join([kind] + [str(v) for k, v in ident.items() if k in ("dataset", "backbone", "setting")])
+        folder = job.out / "checkpoints"
+        self.ckpt = folder / f"{stem}-{self.key}.pt"
+        self.record_path = self.ckpt.with_suffix(".json")
+        self.pending = self.ckpt.with_suffix(".run")
+
+    @property
+    def record(self) -> dict | None:
+        if self.ckpt.is_file() and self.record_path.is_file():
+            return json.loads(self.record_path.read_text())
+        return None
+
+    def finish(self, record: dict) -> dict:
+        atomic_write_text(self.record_path, json.dumps(record, indent=2))
+        self.pending.unlink(missing_ok=True)
+        return record
+
+    def start_run(self, name: str):
+        """A child run of the job; a run left RUNNING by a killed attempt is marked KILLED."""
+        import mlflow
+
+        if self.pending.is_file():
+            stale = self.pending.read_text().strip()
+            try:
+                mlflow.MlflowClient().set_terminated(stale, status="KILLED")
+            except Exception:
+                pass  # the run lives in another store; nothing to mend
+        run = mlflow.start_run(run_name=name, nested=True)
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.pending, run.info.run_id)
+        mlflow.set_tags({"study.stage": self.kind, "study.stage_key": self.key,
+                         **{f"study.{k}": str(v) for k, v in self.ident.items()
+                            if k in ("dataset", "backbone", "setting")}})
+        return run
+
+
+def _train_and_log(job: Job, stage: Stage, model, setting: str, spec, train_key: str,
+                   eval_key: str, run_name: str, params: dict) -> dict:
+    import mlflow
+
+    s = spec.settings()
+    seed = job.cfg.seed
+    with stage.start_run(run_name) as run:
+        tracking.log_params(params)
+        tracking.log_yaml(params, "config.yaml")
+        train_loader = job.loader(train_key, "train", s.batch_size, train=True, seed=seed)
+        test_loader = job.loader(eval_key, "test", job.cfg.eval.batch_size, train=False)
+        trainer = Trainer(model, s, setting, len(train_loader), job.device)
+
+        def on_epoch(m):
+            mlflow.log_metrics({k: float(v) for k, v in m.items() if k != "epoch"}, step=m["epoch"])
+
+        trainer.fit(train_loader, test_loader, on_epoch=on_epoch, progress=job.progress,
+                    desc=run_name, val_name="test_acc")
+        model = trainer.model
+        aoi = job.aoi(model, eval_key)
+        mlflow.log_metric("AOI", aoi)
+        save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
+        tracking.log_model(model)
+        model.to(job.device)
+        return stage.finish({"run_id": run.info.run_id, "AOI": aoi, "history": trainer.history,
+                             "checkpoint": str(stage.ckpt)})
+
+
+def pretrain(job: Job, backbone: str) -> Stage:
+    cfg, p = job.cfg, job.cfg.pretrain
+    key = p.dataset
+    ident = {"stage": "pretrain", "backbone": backbone, "seed": cfg.seed, "weights": p.weights}
+    if p.weights is None:
+        ident.update(dataset=cfg.dataset_name(key), data=cfg.dataset_params(key),
+                     resolution=cfg.resolution(key), train=p.train.model_dump())
+    stage = Stage(job, "pretrain", ident)
+    if stage.record is not None:
+        log(f"pretrain {backbone}: done before, reusing {stage.ckpt.name}")
+        return stage
+
+    torch.manual_seed(cfg.seed)
+    if p.weights is not None:  # import instead of training
+        import mlflow
+
+        model = build_model(backbone, 1000)
+        load_trunk_weights(model, p.weights)
+        with stage.start_run(f"import-{backbone}") as run:
+            tracking.log_params({"backbone": backbone, "weights": p.weights})
+            save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
+            mlflow.set_tag("study.weights", p.weights)
+            stage.finish({"run_id": run.info.run_id, "AOI": None, "checkpoint": str(stage.ckpt)})
+        return stage
+
+    log(f"pretrain {backbone} on {cfg.dataset_name(key)}")
+    model = build_model(backbone, job.num_classes(key))
+    params = {"stage": "pretrain", "backbone": backbone, "dataset": cfg.dataset_name(key),
+              "setting": "scratch", "seed": cfg.seed, "train": p.train.model_dump()}
+    rec = _train_and_log(job, stage, model, "scratch", p.train, key, key,
+                         f"pretrain-{backbone}-{cfg.dataset_name(key)}", params)
+    log(f"pretrain {backbone}: source AOI {rec['AOI']:.2f}")
+    return stage
+
+
+def finetune(job: Job, key: str, backbone: str, setting: str, source: Stage) -> Stage:
+    cfg = job.cfg
+    spec = cfg.finetune.train_for(setting)
+    ident = {"stage": "finetune", "dataset": cfg.dataset_name(key), "backbone": backbone,
+             "setting": setting, "seed": cfg.seed, "data": cfg.dataset_params(key),
+             "resolution": cfg.resolution(key), "train": spec.model_dump(),
+             "source": None if setting == "scratch" else source.key}
+    stage = Stage(job, "finetune", ident)
+    if stage.record is not None:
+        log(f"{setting} {backbone} on {cfg.dataset_name(key)}: done before, reusing")
+        return stage
+
+    log(f"{setting} {backbone} on {cfg.dataset_name(key)}")
+    torch.manual_seed(cfg.seed + 1)
+    if setting == "scratch":
+        model = build_model(backbone, job.num_classes(key))
+    else:
+        model = load_checkpoint(source.ckpt, backbone)
+        torch.manual_seed(cfg.seed + 1)
+        model.reset_classifier(job.num_classes(key))
+    params = {"stage": "finetune", "backbone": backbone, "dataset": cfg.dataset_name(key),
+              "setting": setting, "seed": cfg.seed, "source_stage": ident["source"],
+              "train": spec.model_dump()}
+    rec = _train_and_log(job, stage, model, setting, spec, key, key,
+                         f"{setting}-{backbone}-{cfg.dataset_name(key)}", params)
+    log(f"{setting} {backbone} on {cfg.dataset_name(key)}: AOI {rec['AOI']:.2f}")
+    return stage
+
+
+# -- the job ----------------------------------------------------------------------------
+def _parent_run(out: Path, cfg: JobConfig):
+    """The job's parent run: resumed when this OUT already ran the same config."""
+    import mlflow
+
+    exp_id = tracking.get_or_create_experiment(cfg.name)
+    mlflow.set_experiment(experiment_id=exp_id)  # child runs land beside their parent
+    state = out / "job.json"
+    if state.is_file():
+        prev = json.loads(state.read_text())
+        if prev.get("config_hash") == cfg.hash():
+            try:
+                mlflow.MlflowClient().get_run(prev["parent_run_id"])
+                return mlflow.start_run(run_id=prev["parent_run_id"])
+            except Exception:
+                pass  # another store, or the run was deleted: start afresh
+    run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.name)
+    atomic_write_text(state, json.dumps({"config_hash": cfg.hash(), "experiment_id": exp_id,
+                                         "parent_run_id": run.info.run_id}, indent=2))
+    return run
+
+
+def run_job(cfg: JobConfig, out: Path, progress: bool = True) -> "results.pd.DataFrame":
+    import mlflow
+
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    job = Job(cfg, out, device, progress)
+    atomic_write_text(out / "job.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
+
+    used = {cfg.pretrain.dataset} if cfg.pretrain.weights is None else set()
+    used |= set(cfg.finetune.datasets)
+    for key in sorted(used):
+        name = cfg.dataset_name(key)
+        prepared = prepare(name, job.data_dir, root=cfg.dataset_root(key),
+                           params=cfg.dataset_params(key), workers=cfg.data.workers)
+        for split, p in prepared.items():
+            log(f"data {name}/{split}: {p.manifest['count']} images, "
+                f"{'written' if p.written else 'already prepared'} ({p.beton})")
+
+    with tracking.tracking(out, quiet=not progress):
+        with _parent_run(out, cfg) as parent:
+            tracking.log_yaml(cfg.resolved(), "job.yaml")
+            if not parent.data.params:
+                tracking.log_params(cfg.resolved())
+            rows = []
+            for backbone in cfg.pretrain.backbones:
+                source = pretrain(job, backbone)
+                rec = source.record
+                if rec.get("AOI") is not None:
+                    rows.append({"dataset": cfg.dataset_name(cfg.pretrain.dataset), "backbone": backbone,
+                                 "setting": "pretrain", "AOI": rec["AOI"]})
+                for key in cfg.finetune.datasets:
+                    for setting in cfg.finetune.settings:
+                        rec = finetune(job, key, backbone, setting, source).record
+                        rows.append({"dataset": cfg.dataset_name(key), "backbone": backbone,
+                                     "setting": setting, "AOI": rec["AOI"]})
+            df = results.write(rows, out, title=f"{cfg.name}: results")
+            mlflow.log_artifact(str(out / "results.csv"))
+            mlflow.log_artifact(str(out / "results.md"))
+    return df

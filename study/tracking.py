@@ -1,0 +1,210 @@
+"""MLflow: a local tracking server when none is given, and the study's run layout.
+
+Locally (``MLFLOW_TRACKING_URI`` unset) the CLI starts ``mlflow server`` on 127.0.0.1
+at a free port, with the sqlite backend ``OUT/mlflow.db`` and the artifact store
+``OUT/mlartifacts``, and stops it on exit. Every process -- the driver, Ray workers,
+Tune trials -- logs over HTTP to that one server, so no two processes ever write
+the sqlite file directly.
+
+Layout: one experiment per job (the job's ``name``), a parent run per job, a child run
+per trained model (tagged ``mlflow.parentRunId``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+DB_NAME = "mlflow.db"
+ARTIFACTS_NAME = "mlartifacts"
+LOG_NAME = "mlflow-server.log"
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(out: Path, port: int) -> list[str]:
+    out = Path(out).resolve()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    return [str(mlflow) if mlflow.exists() else "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{out / DB_NAME}",
+            "--artifacts-destination", str(out / ARTIFACTS_NAME),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+
+
+class LocalServer:
+    """``mlflow server`` on 127.0.0.1 for the store under ``out``; a context manager."""
+
+    def __init__(self, out: Path, port: int | None = None, timeout: float = 120.0):
+        self.out, self.port, self.timeout = Path(out), port or free_port(), timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "LocalServer":
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = open(self.out / LOG_NAME, "ab")
+        # Its own session, so stop() takes down the server's worker processes too.
+        self.proc = subprocess.Popen(server_command(self.out, self.port), stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise TrackingError(f"mlflow server exited with {self.proc.returncode}; "
+                                    f"see {self.out / LOG_NAME}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise TrackingError(f"mlflow server did not answer within {self.timeout:.0f}s; "
+                            f"see {self.out / LOG_NAME}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+@contextlib.contextmanager
+def tracking(out: Path, quiet: bool = False):
+    """Yields the tracking URI: the user's ``MLFLOW_TRACKING_URI``, or a local server's."""
+    import mlflow
+
+    quiet_mlflow()
+    given = os.environ.get("MLFLOW_TRACKING_URI")
+    if given:
+        mlflow.set_tracking_uri(given)
+        yield given
+        return
+    if not quiet:
+        print(f"[study] starting MLflow server (sqlite {Path(out) / DB_NAME}) ...", flush=True)
+    with LocalServer(out) as server:
+        os.environ["MLFLOW_TRACKING_URI"] = server.uri  # child processes (Ray) inherit it
+        mlflow.set_tracking_uri(server.uri)
+        try:
+            if not quiet:
+                print(f"[study] MLflow at {server.uri}", flush=True)
+            yield server.uri
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+            mlflow.set_tracking_uri(None)
+            _forget_artifact_repos()
+
+
+def _forget_artifact_repos() -> None:
+    """MLflow caches each run's artifact client by run id alone, with the server's address
+    inside; a later server for the same store (another port) must not reuse it."""
+    try:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._artifact_repos_cache.clear()
+    except (ImportError, AttributeError):
+        pass
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become their repr (MLflow params are strings)."""
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{key}."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def log_params(params: dict) -> None:
+    import mlflow
+
+    items = [(k, str(v)[:6000]) for k, v in flatten(params).items()]
+    for i in range(0, len(items), 100):  # MLflow's per-batch limit
+        mlflow.log_params(dict(items[i:i + 100]))
+
+
+def log_yaml(obj: dict, name: str) -> None:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(yaml.safe_dump(obj, sort_keys=False))
+        mlflow.log_artifact(str(path))
+
+
+def pip_requirements() -> list[str]:
+    """Pinned from this environment, so log_model needs no slow requirement inference."""
+    from importlib.metadata import version
+
+    return [f"torch=={version('torch')}", f"torchvision=={version('torchvision')}"]
+
+
+def quiet_mlflow() -> None:
+    """Keeps the console for the study: no run URLs per run, no warning about the
+    pickle format we chose on purpose (see log_model)."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no machine here reaches it
+    for name in ("mlflow.pytorch", "mlflow.utils.environment", "mlflow.models.model"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def log_model(model, name: str = "model"):
+    """Logs a StudyModel: it loads back with mlflow.pytorch.load_model as a module that
+    takes [0,1] images and returns logits."""
+    import mlflow.pytorch
+
+    # pickle, not the default pt2: pt2 freezes the traced input shape, and the study
+    # needs a module for any batch size. Only the study's own runs are loaded this way.
+    return mlflow.pytorch.log_model(model.cpu().eval(), name=name, serialization_format="pickle",
+                                    pip_requirements=pip_requirements())
+
+
+def get_or_create_experiment(name: str) -> str:
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    return exp.experiment_id if exp else mlflow.create_experiment(name)
+
+
+def serve_ui(out: Path, port: int = 5000) -> int:
+    """`study ui`: the MLflow UI over OUT's store, in the foreground, on 127.0.0.1."""
+    out = Path(out)
+    if not (out / DB_NAME).exists():
+        raise TrackingError(f"no MLflow store at {out / DB_NAME}; run a job with --out {out} first")
+    print(f"[study] MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
+    return subprocess.call(server_command(out, port))

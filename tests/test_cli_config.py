@@ -1,0 +1,103 @@
+import copy
+
+import pytest
+import yaml
+
+from study import cli, config
+
+BASE = {
+    "name": "t",
+    "datasets": {"shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
+                 "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}}},
+    "pretrain": {"dataset": "shapes", "backbones": ["resnet18"], "train": {"epochs": 1}},
+    "finetune": {"datasets": ["alphabet"], "settings": ["scratch", "partial", "full"]},
+}
+
+
+def _with(path, value):
+    raw = copy.deepcopy(BASE)
+    node = raw
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize("path,value,message", [
+    (("pretrain", "backbones"), ["resnet18", "resnet9"],
+     "pretrain.backbones[1]: unknown backbone 'resnet9'"),
+    (("finetune", "settings"), ["full", "half"], "finetune.settings[1]: unknown setting 'half'"),
+    (("datasets", "mnist"), {}, "datasets.mnist: unknown dataset 'mnist'"),
+    (("pretrain", "train", "lr"), -0.1, "pretrain.train.lr: Input should be greater than or equal to 0"),
+    (("pretrain", "train", "epochs"), 0, "pretrain.train.epochs: Input should be greater than 0"),
+    (("datasets", "alphabet", "params", "train_per_class"), -5,
+     "datasets.alphabet: train_per_class: must be positive, got -5"),
+    (("datasets", "pets"), {"root": "/nonexistent/pets"}, "datasets.pets.root: data root does not exist"),
+    (("datasets", "cifar10"), {}, "datasets.cifar10.root: dataset 'cifar10' needs a data root"),
+    (("finetune", "datasets"), ["pets"], "finetune.datasets[0]: 'pets' is not a key of datasets"),
+    (("pretrain", "train", "optimiser"), "sgd", "pretrain.train.optimiser: unknown field"),
+    (("pretrain", "weights"), "/nonexistent.pth", "pretrain.weights: weights file not found"),
+])
+def test_bad_configs_give_one_line_naming_the_field(path, value, message):
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(_with(path, value))
+    text = str(err.value)
+    assert "\n" not in text
+    if message:
+        assert text.startswith(message), text
+    else:
+        assert "train_per_class" in text
+
+
+def test_good_config_resolves_and_hashes():
+    cfg = config.parse(BASE)
+    assert cfg.resolution("alphabet") == 32
+    assert cfg.finetune.train_for("full").settings().lr_f == 0.1
+    assert cfg.hash() == config.parse(copy.deepcopy(BASE)).hash()
+    assert cfg.hash() != config.parse(_with(("seed",), 1)).hash()
+    over = config.parse(_with(("finetune", "overrides"), {"scratch": {"lr": 0.5}}))
+    assert over.finetune.train_for("scratch").settings().lr_g == 0.5
+    assert over.finetune.train_for("full").settings().lr_g == 0.1
+
+
+def test_demo_job_file_is_valid():
+    cfg = config.load(cli.jobs_dir() / "demo.yaml")
+    assert cfg.finetune.settings == ["scratch", "partial", "full"]
+
+
+def test_cli_unknown_backbone_exits_2_before_anything_starts(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_with(("pretrain", "backbones"), ["resnet9"])))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(job), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "resnet9" in err and "pretrain.backbones[0]" in err
+    assert not out.exists()  # nothing started, nothing written
+
+
+def test_cli_existing_out_is_not_touched_by_a_bad_job(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_text("precious")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_with(("pretrain", "train", "lr"), -1)))
+    assert cli.main(["run", str(job), "--out", str(out)]) == 2
+    assert (out / "results.csv").read_text() == "precious" and len(list(out.iterdir())) == 1
+
+
+def test_cli_missing_job_and_bad_yaml(tmp_path):
+    assert cli.main(["run", str(tmp_path / "nope.yaml")]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    assert cli.main(["run", str(bad)]) == 2
+
+
+def test_cli_data_prepare_twice(tmp_path, capsys):
+    args = ["data", "prepare", "alphabet", "--out", str(tmp_path), "--param", "train_per_class=2",
+            "--param", "test_per_class=1", "--workers", "1"]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.count("written") == 2
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.count("already prepared, nothing to do") == 2
+    assert cli.main(["data", "prepare", "imagenet", "--out", str(tmp_path)]) == 2
+    assert cli.main(["data", "prepare", "nope", "--out", str(tmp_path)]) == 2

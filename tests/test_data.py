@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from study.data import synthetic
+from study.data.beton import BetonError, check_beton, prepare
+from study.data.loaders import make_loader
+from study.data.registry import DatasetError, build_split, get_info, resolve_params
+
+
+def test_alphabet_is_deterministic_per_seed():
+    a = synthetic.Alphabet("train", per_class=2, seed=3)
+    b = synthetic.Alphabet("train", per_class=2, seed=3)
+    c = synthetic.Alphabet("train", per_class=2, seed=4)
+    for i in range(len(a)):
+        assert np.array_equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
+    assert any(not np.array_equal(a[i][0], c[i][0]) for i in range(len(a)))
+    # order-independent: an image does not depend on what was drawn before it
+    assert np.array_equal(a[30][0], synthetic.Alphabet("train", per_class=2, seed=3)[30][0])
+
+
+def test_alphabet_layout_and_defaults():
+    params = resolve_params("alphabet", {})
+    assert params["train_per_class"] == 1000 and params["test_per_class"] == 200  # the paper's sizes
+    ds = build_split("alphabet", "test", params={"test_per_class": 3, "image_size": 40})
+    assert len(ds) == 26 * 3 and ds.classes[0] == "A" and ds.classes[-1] == "Z"
+    img, label = ds[27]
+    assert img.shape == (40, 40, 3) and img.dtype == np.uint8 and label == 1
+    train, test = synthetic.Alphabet("train", 1), synthetic.Alphabet("test", 1)
+    assert not np.array_equal(train[0][0], test[0][0])  # splits draw different noise
+
+
+def test_shapes_is_the_harder_source():
+    shapes = build_split("shapes", "train", params={"train_per_class": 1})
+    alphabet = build_split("alphabet", "train", params={"train_per_class": 1})
+    assert len(shapes.classes) > len(alphabet.classes)
+    img, _ = shapes[0]
+    assert img.shape == (32, 32, 3)
+    # colour varies within a class (alphabet is grey): colour carries no label information
+    means = [shapes[i * len(shapes.classes)][0].mean(axis=(0, 1)) for i in range(1)]
+    assert means[0].std() > 0  # not grey
+    a, b = synthetic.Shapes("train", 3)[0][0], synthetic.Shapes("train", 3)[50][0]
+    assert not np.array_equal(a, b)
+
+
+def test_unknown_dataset_and_parameter():
+    with pytest.raises(DatasetError, match="unknown dataset 'mnist'"):
+        get_info("mnist")
+    with pytest.raises(DatasetError, match="no parameter 'colour'"):
+        resolve_params("alphabet", {"colour": 1})
+    with pytest.raises(DatasetError, match="needs a data root"):
+        build_split("cifar10", "train")
+    with pytest.raises(DatasetError, match="does not exist"):
+        build_split("cifar10", "train", root="/nonexistent/cifar")
+
+
+def test_beton_roundtrip_keeps_count_labels_and_range(small_alphabet):
+    test = small_alphabet["test"]
+    manifest = json.loads(test.beton.with_suffix(".json").read_text())
+    assert manifest["count"] == 26 * 4 and manifest["classes"][:3] == ["A", "B", "C"]
+    assert manifest["resolution"] == [32, 32] and len(manifest["config_hash"]) == 16
+    loader = make_loader(test.beton, train=False, resolution=32, batch_size=50, workers=1)
+    xs, ys = zip(*loader)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert len(x) == manifest["count"]  # evaluation drops no last batch
+    assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1 and x.max() > 0.5
+    source = build_split("alphabet", "test", params={"test_per_class": 4})
+    assert y.tolist() == [source[i][1] for i in range(len(source))]
+    # the centre crop at full size returns the stored pixels exactly
+    assert torch.equal((x[5] * 255).round().to(torch.uint8).permute(1, 2, 0),
+                       torch.from_numpy(source[5][0]))
+
+
+def test_train_loader_augments_but_keeps_range(small_alphabet):
+    loader = make_loader(small_alphabet["train"].beton, train=True, resolution=24, batch_size=26,
+                         workers=1)
+    x, y = next(iter(loader))
+    assert x.shape == (26, 3, 24, 24) and 0 <= x.min() and x.max() <= 1 and y.dtype == torch.int64
+
+
+def test_prepare_twice_does_no_work(tmp_path):
+    params = dict(train_per_class=2, test_per_class=1)
+    first = prepare("alphabet", tmp_path, params=params, workers=1)
+    mtimes = {s: p.beton.stat().st_mtime_ns for s, p in first.items()}
+    second = prepare("alphabet", tmp_path, params=params, workers=1)
+    assert all(p.written for p in first.values()) and not any(p.written for p in second.values())
+    assert {s: p.beton.stat().st_mtime_ns for s, p in second.items()} == mtimes
+    third = prepare("alphabet", tmp_path, params={**params, "seed": 1}, workers=1)
+    assert all(p.written for p in third.values())  # another config is another file
+    assert not list(tmp_path.rglob(".*tmp*"))  # no temporary left behind
+
+
+def test_truncated_beton_is_named(tmp_path):
+    prepared = prepare("alphabet", tmp_path, params=dict(train_per_class=2, test_per_class=1),
+                       workers=1)["test"]
+    data = prepared.beton.read_bytes()
+    prepared.beton.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BetonError, match=str(prepared.beton)):
+        make_loader(prepared.beton, train=False, resolution=32, batch_size=8)
+    # without a manifest the structure alone is checked
+    bare = tmp_path / "bare.beton"
+    bare.write_bytes(data[: len(data) - 10])
+    with pytest.raises(BetonError, match="bare.beton.*truncated"):
+        check_beton(bare)
+    # prepare notices the damage and writes the split again
+    again = prepare("alphabet", tmp_path, params=dict(train_per_class=2, test_per_class=1),
+                    workers=1)["test"]
+    assert again.written and again.beton.stat().st_size == len(data)

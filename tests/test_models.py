@@ -1,0 +1,72 @@
+import pytest
+import torch
+import torchvision
+
+from study.models import (BACKBONES, LAYERS, ModelError, build_model, load_checkpoint,
+                          load_trunk_weights, save_checkpoint)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_backbones_split_into_f_and_g(backbone):
+    torch.manual_seed(0)
+    model = build_model(backbone, num_classes=7).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        emb = model.f(x)
+        logits = model(x)
+        layers = model.layers(x)
+    assert logits.shape == (2, 7) and torch.allclose(logits, model.g(emb))
+    assert list(layers) == list(LAYERS)
+    assert layers["layer4"].shape[1] == emb.shape[1] == model.g.in_features
+    # f's first layer is the normalisation: the model takes [0, 1] pixels
+    assert isinstance(model.f.normalize, torch.nn.Module)
+    assert torch.allclose(model.f.normalize(torch.full((1, 3, 1, 1), 0.485)).flatten()[0],
+                          torch.tensor(0.0), atol=1e-6)
+
+
+def test_model_matches_torchvision_on_normalised_input():
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    model = build_model("resnet18", 5).eval()
+    state = {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    model.f.backbone.load_state_dict(state, strict=False)
+    model.g.load_state_dict({"weight": tv.fc.weight, "bias": tv.fc.bias})
+    x = torch.rand(3, 3, 32, 32)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), tv((x - mean) / std), atol=1e-5)
+
+
+def test_imagenet_weights_from_a_local_file(tmp_path):
+    torch.manual_seed(1)
+    tv = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(tv.state_dict(), path)
+    model = build_model("resnet18", 3)
+    load_trunk_weights(model, str(path))
+    assert torch.equal(model.f.backbone.conv1.weight, tv.conv1.weight)
+    assert model.g.out_features == 3  # the ImageNet classifier is not taken
+
+
+def test_wrong_architecture_and_corrupt_files_are_refused(tmp_path):
+    wrong = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), wrong)
+    with pytest.raises(ModelError, match="resnet50.pth does not fit resnet18"):
+        load_trunk_weights(build_model("resnet18", 3), str(wrong))
+    corrupt = tmp_path / "bad.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="bad.pth: cannot be read"):
+        load_trunk_weights(build_model("resnet18", 3), str(corrupt))
+    with pytest.raises(ModelError, match="unknown backbone 'resnet9'"):
+        build_model("resnet9", 3)
+
+
+def test_checkpoint_roundtrip_and_architecture_check(tmp_path):
+    model = build_model("resnet18", 4)
+    save_checkpoint(model, tmp_path / "m.pt")
+    back = load_checkpoint(tmp_path / "m.pt", "resnet18")
+    for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ModelError, match="is a resnet18, expected resnet50"):
+        load_checkpoint(tmp_path / "m.pt", "resnet50")

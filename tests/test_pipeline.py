@@ -1,0 +1,96 @@
+"""The whole spine end to end on a tiny job: data, pre-training, the three settings,
+MLflow (a real local server), results; then the models loaded back from MLflow."""
+import os
+
+import pandas as pd
+import pytest
+import yaml
+
+from study import cli
+from study.data.loaders import make_loader
+from study.engine import accuracy
+
+JOB = {
+    "name": "tiny",
+    "seed": 0,
+    "device": "cpu",
+    "data": {"workers": 1},
+    "datasets": {"shapes": {"params": {"train_per_class": 3, "test_per_class": 1}},
+                 "alphabet": {"params": {"train_per_class": 5, "test_per_class": 2}}},
+    "pretrain": {"dataset": "shapes", "backbones": ["resnet18"],
+                 "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+    "finetune": {"datasets": ["alphabet"], "settings": ["scratch", "partial", "full"],
+                 "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05}},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    root = tmp_path_factory.mktemp("tiny")
+    job = root / "tiny.yaml"
+    job.write_text(yaml.safe_dump(JOB))
+    out = root / "out"
+    assert cli.main(["run", str(job), "--out", str(out), "--quiet"]) == 0
+    return job, out
+
+
+def test_results_table(tiny_run):
+    _, out = tiny_run
+    df = pd.read_csv(out / "results.csv")
+    assert list(df.columns) == ["dataset", "backbone", "setting", "attack", "AOI", "AAI", "DR"]
+    assert df[["dataset", "setting"]].values.tolist() == [
+        ["shapes", "pretrain"], ["alphabet", "scratch"], ["alphabet", "partial"], ["alphabet", "full"]]
+    assert df["AOI"].between(0, 100).all() and df[["attack", "AAI", "DR"]].isna().all().all()
+    assert "| alphabet" in (out / "results.md").read_text()
+    assert (out / "mlflow.db").is_file() and (out / "mlartifacts").is_dir()
+
+
+def test_mlflow_runs_and_models_give_the_reported_aoi(tiny_run):
+    import mlflow
+    from study.tracking import LocalServer
+
+    _, out = tiny_run
+    table = pd.read_csv(out / "results.csv").set_index(["dataset", "setting"])["AOI"]
+    with LocalServer(out) as server:
+        mlflow.set_tracking_uri(server.uri)
+        try:
+            _check_models(out, table)
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+def _check_models(out, table):
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name("tiny")
+    runs = mlflow.search_runs([exp.experiment_id])
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(parents) == 1 and len(children) == 4
+    assert set(children["tags.mlflow.parentRunId"]) == set(parents["run_id"])
+    for _, run in children.iterrows():
+        client = mlflow.MlflowClient()
+        history = client.get_metric_history(run.run_id, "train_loss")
+        assert [m.step for m in history] == list(range(1, len(history) + 1))
+        names = [a.path for a in client.list_artifacts(run.run_id)]
+        assert "config.yaml" in names
+        assert run["params.backbone"] == "resnet18"
+        dataset, setting = run["tags.study.dataset"], run["tags.study.setting"]
+        setting = "pretrain" if run["tags.study.stage"] == "pretrain" else setting
+        model = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
+        beton = out / "data" / dataset / "test.beton"
+        loader = make_loader(beton, train=False, resolution=32, batch_size=64, workers=1)
+        assert abs(accuracy(model, loader) - table[(dataset, setting)]) <= 0.5
+        assert abs(run["metrics.AOI"] - table[(dataset, setting)]) <= 0.01
+
+
+def test_running_again_skips_finished_stages(tiny_run, capsys):
+    job, out = tiny_run
+    before = pd.read_csv(out / "results.csv")
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")}
+    assert cli.main(["run", str(job), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before, reusing") == 4
+    assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")} == mtimes
+    pd.testing.assert_frame_equal(before, pd.read_csv(out / "results.csv"))

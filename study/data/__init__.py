@@ -1,0 +1,1 @@
+"""Datasets: the registry, generated sets, .beton files and FFCV loaders."""

@@ -10,6 +10,7 @@ Exit codes: 0 done, 2 bad input (one line on stderr naming what is wrong), 1 fai
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     from study.config import ConfigError
     from study.data.beton import BetonError
@@ -107,6 +112,8 @@ def main(argv=None) -> int:
     from study.tracking import TrackingError
 
     args = build_parser().parse_args(argv)
+    # SIGTERM (a killed job) unwinds like Ctrl-C, so the local MLflow server is stopped.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "run":
             return cmd_run(args, args.job)

@@ -68,8 +68,7 @@ class Job:
         manifest = json.loads(self.beton(key, "train").with_suffix(".json").read_text())
         return int(manifest["num_classes"])
 
-    def aoi(self, model, key: str) -> float:
-        loader = self.loader(key, "test", self.cfg.eval.batch_size, train=False)
+    def aoi(self, model, loader) -> float:
         return accuracy(model, loader, self.device, max_images=self.cfg.eval.max_images)
 
 
@@ -135,7 +134,7 @@ def _train_and_log(job: Job, stage: Stage, model, setting: str, spec, train_key:
         trainer.fit(train_loader, test_loader, on_epoch=on_epoch, progress=job.progress,
                     desc=run_name, val_name="test_acc")
         model = trainer.model
-        aoi = job.aoi(model, eval_key)
+        aoi = job.aoi(model, test_loader)
         mlflow.log_metric("AOI", aoi)
         save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
         tracking.log_model(model)

@@ -94,3 +94,41 @@ def test_running_again_skips_finished_stages(tiny_run, capsys):
     assert printed.count("done before, reusing") == 4
     assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")} == mtimes
     pd.testing.assert_frame_equal(before, pd.read_csv(out / "results.csv"))
+
+
+def test_study_ui_serves_the_store(tiny_run):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from study.tracking import free_port
+
+    _, out = tiny_run
+    port = free_port()
+    study = [sys.executable, "-m", "study.cli", "ui", "--out", str(out), "--port", str(port)]
+    proc = subprocess.Popen(study, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        body = None
+        for _ in range(120):
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search",
+                    data=b'{"max_results": 10}', headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    body = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None and '"tiny"' in body
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_study_ui_without_a_store_is_an_error(tmp_path):
+    assert cli.main(["ui", "--out", str(tmp_path)]) == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
@@ -171,8 +172,10 @@ class Trainer:
         self._set_mode()
         loss_sum = correct = seen = 0.0
         start = time.perf_counter()
+        # a live bar on a terminal; in logs (CI, ray job logs) the per-epoch line is enough
         bar = tqdm(loader, desc=f"{desc} epoch {self.epoch + 1}/{self.settings.epochs}",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+                   disable=not (progress and sys.stderr.isatty()), leave=False,
+                   dynamic_ncols=True)
         for images, labels in bar:
             with autocast(self.device, self.amp):
                 loss, logits = self.objective(self.model, images, labels)

@@ -130,6 +130,10 @@ def _train_and_log(job: Job, stage: Stage, model, setting: str, spec, train_key:
 
         def on_epoch(m):
             mlflow.log_metrics({k: float(v) for k, v in m.items() if k != "epoch"}, step=m["epoch"])
+            if job.progress:
+                log(f"  {run_name} epoch {m['epoch']}/{s.epochs}: loss {m['train_loss']:.3f}, "
+                    f"train acc {m['train_acc']:.1f}, test acc {m['test_acc']:.1f}, "
+                    f"{m['images_per_s']:.0f} img/s")
 
         trainer.fit(train_loader, test_loader, on_epoch=on_epoch, progress=job.progress,
                     desc=run_name, val_name="test_acc")

@@ -13,7 +13,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from study.data.beton import config_hash
-from study.data.registry import DatasetError, get_info, resolve_params
+from study.data.registry import DatasetError, build_split, get_info, resolve_params
 from study.engine import OPTIMIZERS, SCHEDULES, SETTINGS, TrainSettings
 from study.models import BACKBONES
 
@@ -115,9 +115,10 @@ class JobConfig(_Strict):
         for key, spec in self.datasets.items():
             name = spec.name or key
             try:
-                get_info(name)
+                if get_info(name).generated:  # cheap: nothing is drawn until an item is read
+                    build_split(name, "test", params=spec.params)
                 resolve_params(name, spec.params)
-            except DatasetError as err:
+            except (DatasetError, ValueError) as err:
                 raise _FieldError(f"datasets.{key}", str(err))
             root = self.dataset_root(key)
             if not get_info(name).generated:

@@ -32,6 +32,7 @@ def _with(path, value):
     (("pretrain", "train", "epochs"), 0, "pretrain.train.epochs: Input should be greater than 0"),
     (("datasets", "alphabet", "params", "train_per_class"), -5,
      "datasets.alphabet: train_per_class: must be positive, got -5"),
+    (("datasets", "shapes", "params", "min_scale"), 0.8, "datasets.shapes: min_scale must be in (0, 0.5]"),
     (("datasets", "pets"), {"root": "/nonexistent/pets"}, "datasets.pets.root: data root does not exist"),
     (("datasets", "cifar10"), {}, "datasets.cifar10.root: dataset 'cifar10' needs a data root"),
     (("finetune", "datasets"), ["pets"], "finetune.datasets[0]: 'pets' is not a key of datasets"),

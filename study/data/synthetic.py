@@ -151,9 +151,12 @@ class Shapes(GeneratedSplit):
     classes = [f"{s}_{t}" for s in SHAPES for t in TEXTURES]
 
     def __init__(self, split, per_class=200, image_size=32, seed=0, noise_std=0.06,
-                 supersample=2):
+                 min_scale=0.5, supersample=2):
         super().__init__(split, per_class, image_size, seed)
-        self.noise_std, self.supersample = noise_std, supersample
+        if not 0 < min_scale <= 0.5:
+            raise ValueError(f"min_scale must be in (0, 0.5] (objects span min_scale..2*min_scale "
+                             f"of the frame), got {min_scale}")
+        self.noise_std, self.min_scale, self.supersample = noise_std, min_scale, supersample
 
     def render(self, label, rng):
         shape, texture = self.classes[label].split("_")
@@ -174,7 +177,7 @@ class Shapes(GeneratedSplit):
             img[d < 0.04] = _hsv_to_rgb(rng.uniform(), rng.uniform(0, 1), rng.uniform(0, 1))
 
         # Object: pose in its own frame, texture between two shades of one random hue.
-        scale = rng.uniform(0.45, 0.9)
+        scale = rng.uniform(self.min_scale, 2 * self.min_scale)
         cx, cy = rng.uniform(-(1 - scale) * 0.9, (1 - scale) * 0.9, size=2)
         rot = rng.uniform(0, 2 * math.pi)
         lx = (np.cos(rot) * (gx - cx) + np.sin(rot) * (gy - cy)) / scale

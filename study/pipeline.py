@@ -115,8 +115,10 @@ class Stage:
         return run
 
 
-def _train_and_log(job: Job, stage: Stage, model, setting: str, spec, train_key: str,
-                   eval_key: str, run_name: str, params: dict) -> dict:
+def _train_and_log(job: Job, stage: Stage, model, setting: str, spec, key: str,
+                   run_name: str, params: dict) -> dict:
+    """Trains on dataset ``key``'s train split, measures AOI on its test split, and logs
+    params, per-epoch metrics, AOI, checkpoint and model to the stage's child run."""
     import mlflow
 
     s = spec.settings()
@@ -124,8 +126,8 @@ def _train_and_log(job: Job, stage: Stage, model, setting: str, spec, train_key:
     with stage.start_run(run_name) as run:
         tracking.log_params(params)
         tracking.log_yaml(params, "config.yaml")
-        train_loader = job.loader(train_key, "train", s.batch_size, train=True, seed=seed)
-        test_loader = job.loader(eval_key, "test", job.cfg.eval.batch_size, train=False)
+        train_loader = job.loader(key, "train", s.batch_size, train=True, seed=seed)
+        test_loader = job.loader(key, "test", job.cfg.eval.batch_size, train=False)
         trainer = Trainer(model, s, setting, len(train_loader), job.device)
 
         def on_epoch(m):
@@ -176,7 +178,7 @@ def pretrain(job: Job, backbone: str) -> Stage:
     model = build_model(backbone, job.num_classes(key))
     params = {"stage": "pretrain", "backbone": backbone, "dataset": cfg.dataset_name(key),
               "setting": "scratch", "seed": cfg.seed, "train": p.train.model_dump()}
-    rec = _train_and_log(job, stage, model, "scratch", p.train, key, key,
+    rec = _train_and_log(job, stage, model, "scratch", p.train, key,
                          f"pretrain-{backbone}-{cfg.dataset_name(key)}", params)
     log(f"pretrain {backbone}: source AOI {rec['AOI']:.2f}")
     return stage
@@ -205,7 +207,7 @@ def finetune(job: Job, key: str, backbone: str, setting: str, source: Stage) -> 
     params = {"stage": "finetune", "backbone": backbone, "dataset": cfg.dataset_name(key),
               "setting": setting, "seed": cfg.seed, "source_stage": ident["source"],
               "train": spec.model_dump()}
-    rec = _train_and_log(job, stage, model, setting, spec, key, key,
+    rec = _train_and_log(job, stage, model, setting, spec, key,
                          f"{setting}-{backbone}-{cfg.dataset_name(key)}", params)
     log(f"{setting} {backbone} on {cfg.dataset_name(key)}: AOI {rec['AOI']:.2f}")
     return stage

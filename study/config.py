@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a number written as a string ("0.1") is a mistake, not something to guess at
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _one_of(known, what):

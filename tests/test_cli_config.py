@@ -29,6 +29,7 @@ def _with(path, value):
     (("finetune", "settings"), ["full", "half"], "finetune.settings[1]: unknown setting 'half'"),
     (("datasets", "mnist"), {}, "datasets.mnist: unknown dataset 'mnist'"),
     (("pretrain", "train", "lr"), -0.1, "pretrain.train.lr: Input should be greater than or equal to 0"),
+    (("pretrain", "train", "lr"), "0.1", "pretrain.train.lr: Input should be a valid number"),
     (("pretrain", "train", "epochs"), 0, "pretrain.train.epochs: Input should be greater than 0"),
     (("datasets", "alphabet", "params", "train_per_class"), -5,
      "datasets.alphabet: train_per_class: must be positive, got -5"),

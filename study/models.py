@@ -122,13 +122,13 @@ def load_trunk_weights(model: StudyModel, source: str) -> None:
     load_state(model.f.backbone, trunk_state, origin, model.backbone_name)
 
 
-def load_state(module: nn.Module, state: dict, origin: str, arch: str, strict_missing=True) -> None:
+def load_state(module: nn.Module, state: dict, origin: str, arch: str) -> None:
     """load_state_dict with one clear message when the checkpoint is another architecture."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if unexpected or wrong or (strict_missing and missing):
+    if unexpected or wrong or missing:
         detail = []
         if wrong:
             k = wrong[0]
@@ -139,7 +139,7 @@ def load_state(module: nn.Module, state: dict, origin: str, arch: str, strict_mi
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
         raise ModelError(f"{origin} does not fit {arch}: " + "; ".join(detail))
-    module.load_state_dict(state, strict=strict_missing)
+    module.load_state_dict(state)
 
 
 def save_checkpoint(model: StudyModel, path: Path, extra: dict | None = None) -> None:

@@ -14,11 +14,6 @@ from study.data.beton import atomic_write_text
 COLUMNS = ["dataset", "backbone", "setting", "attack", "AOI", "AAI", "DR"]
 
 
-def decline_ratio(aoi: float, aai: float) -> float:
-    """The paper's DR = (AOI - AAI) / AOI, in percent."""
-    return 100.0 * (aoi - aai) / aoi if aoi > 0 else float("nan")
-
-
 def frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
     for col in ("AOI", "AAI", "DR"):

@@ -144,7 +144,7 @@ def _forget_artifact_repos() -> None:
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists become their repr (MLflow params are strings)."""
+    """{'a': {'b': 1}} -> {'a.b': 1}; other values stay as they are (log_params stringifies)."""
     flat = {}
     for k, v in d.items():
         key = f"{prefix}{k}"

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from study.data.beton import check_beton, paths, read_manifest
+from study.data.beton import check_beton, read_manifest
 from study.data.registry import get_info
 
 
@@ -47,10 +47,6 @@ class ImageLoader:
 
     def __len__(self):
         return len(self.loader)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.loader.indices)
 
     def __iter__(self):
         for images, labels in self.loader:
@@ -90,8 +86,3 @@ def make_loader(beton, *, train: bool, resolution: int, batch_size: int, dataset
         pipelines={"image": image_ops, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
     )
     return ImageLoader(loader, torch.device(device), channels_last, manifest)
-
-
-def split_loader(data_dir, dataset: str, split: str, **kw) -> ImageLoader:
-    beton, _ = paths(data_dir, dataset, split)
-    return make_loader(beton, train=split == "train" and kw.pop("train", True), dataset=dataset, **kw)

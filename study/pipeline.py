@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from study import results, tracking
-from study.config import JobConfig
+from study.config import ConfigError, JobConfig
 from study.data.beton import atomic_write_text, config_hash, prepare
 from study.data.loaders import make_loader
 from study.engine import Trainer, accuracy
@@ -37,7 +37,7 @@ def log(msg: str) -> None:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but no CUDA device is visible")
+        raise ConfigError("device: cuda was asked for but no CUDA device is visible")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

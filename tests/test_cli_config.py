@@ -103,3 +103,15 @@ def test_cli_data_prepare_twice(tmp_path, capsys):
     assert capsys.readouterr().out.count("already prepared, nothing to do") == 2
     assert cli.main(["data", "prepare", "imagenet", "--out", str(tmp_path)]) == 2
     assert cli.main(["data", "prepare", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_cuda_asked_for_without_a_gpu_is_a_usage_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_with(("device",), "cuda")))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(job), "--out", str(out)]) == 2
+    assert "device: cuda" in capsys.readouterr().err and not out.exists()

@@ -189,7 +189,8 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
                         break
             if not early_stop:
                 x_adv = cur.detach()
-                fooled = _success(model(x_adv), y, target).detach() if len(x) else fooled
+                with torch.no_grad():
+                    fooled = _success(model(x_adv), y, target)
                 break
             if len(active):
                 x_adv[active] = cur.detach()

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-NORMS = ("linf", "l2")
 _NAME = re.compile(r"^(?:(?P<pgd>pgd)(?P<steps>\d+)|(?P<fgsm>fgsm))_(?P<norm>linf|l2)_(?P<eps>\d+(?:\.\d+)?)$")
 
 
@@ -52,9 +51,6 @@ class Attack:
     @property
     def step_pixels(self) -> float:
         return self.rel_step * self.eps_pixels / self.steps
-
-    def with_eps(self, eps: float) -> "Attack":
-        return replace(self, eps=eps)
 
 
 def parse_attack(spec) -> Attack:
@@ -132,15 +128,18 @@ class Outcome:
     grad_norm: torch.Tensor    # input-gradient norm at the first step (gradient-masking check)
 
 
-def _success(logits, y, target):
-    return logits.argmax(1) == target if target is not None else logits.argmax(1) != y
+def _success(logits, labels, targeted: bool):
+    """Untargeted: the true label is lost. Targeted: the target label is hit."""
+    pred = logits.argmax(1)
+    return pred == labels if targeted else pred != labels
 
 
 def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
             target: torch.Tensor | None = None, early_stop: bool = True,
             generator: torch.Generator | None = None) -> Outcome:
     """Runs ``attack`` on a batch. The model is put in eval mode for the attack and
-    restored after. ``target`` (targeted attacks) is the class each sample is pushed to."""
+    restored after. ``target`` (targeted attacks) is the class each sample is pushed to.
+    Restarts serve evaluation only: with ``early_stop=False`` one run gives the last iterate."""
     if attack.targeted and target is None:
         raise AttackError(f"{attack.name}: a targeted attack needs target labels")
     was_training = model.training
@@ -150,29 +149,27 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
     x_adv = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     grad_norm = torch.full((len(x),), float("nan"), device=x.device)
-    sign = -1.0 if target is not None else 1.0  # targeted: descend the loss of the target
+    targeted = target is not None
+    labels = target if targeted else y  # the loss is taken against these
+    sign = -1.0 if targeted else 1.0    # targeted: descend the loss of the target
     try:
         for restart in range(attack.restarts):
             active = (~fooled).nonzero().flatten() if early_stop else torch.arange(len(x), device=x.device)
             if len(active) == 0:
                 break
-            xa = x[active]
-            start = xa
+            cur = x[active].clone()
             if attack.random_start and eps > 0:
-                start = (xa + _random_start(xa, attack.norm, eps, generator)).clamp(0, 1)
-            cur = start.clone()
+                cur = (cur + _random_start(cur, attack.norm, eps, generator)).clamp(0, 1)
             for step in range(attack.steps + 1):
                 cur.requires_grad_(True)
                 logits = model(cur)
-                ok = _success(logits, y[active], None if target is None else target[active])
-                if early_stop:
-                    newly = ok & ~fooled[active]
-                    fooled[active[newly]] = True
-                    x_adv[active[newly]] = cur.detach()[newly]
+                ok = _success(logits, labels[active], targeted)
+                if early_stop:  # every sample still active is unbroken so far
+                    fooled[active[ok]] = True
+                    x_adv[active[ok]] = cur.detach()[ok]
                 if step == attack.steps:
                     break
-                lbl = y[active] if target is None else target[active]
-                loss = F.cross_entropy(logits, lbl, reduction="none")
+                loss = F.cross_entropy(logits, labels[active], reduction="none")
                 if early_stop:  # broken samples stop pulling on the gradient ...
                     loss = loss * (~ok)
                 grad, = torch.autograd.grad(loss.sum(), cur)
@@ -190,7 +187,7 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
             if not early_stop:
                 x_adv = cur.detach()
                 with torch.no_grad():
-                    fooled = _success(model(x_adv), y, target)
+                    fooled = _success(model(x_adv), labels, targeted)
                 break
             if len(active):
                 x_adv[active] = cur.detach()

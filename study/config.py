@@ -117,8 +117,9 @@ class JobConfig(_Strict):
             name = spec.name or key
             try:
                 if get_info(name).generated:  # cheap: nothing is drawn until an item is read
-                    build_split(name, "test", params=spec.params)
-                resolve_params(name, spec.params)
+                    build_split(name, "test", params=spec.params)  # resolves params too
+                else:
+                    resolve_params(name, spec.params)
             except (DatasetError, ValueError) as err:
                 raise _FieldError(f"datasets.{key}", str(err))
             root = self.dataset_root(key)

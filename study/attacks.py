@@ -1,9 +1,14 @@
 """The one attack engine: FGSM and PGD under L-inf or L2, in [0, 1] pixel space.
 
 Names follow the paper: ``pgd10_linf_0.5`` is PGD with 10 steps at eps = 0.5/255,
-``fgsm_linf_2.0`` one signed-gradient step at 2/255; L2 eps is in [0, 1]-pixel L2 norm
-(``pgd10_l2_3.0``). PGD's step size defaults to the paper's 1.25 * eps / steps, with a
-random start.
+``fgsm_linf_2.0`` one signed-gradient step at 2/255, ``autoattack_linf_0.5`` the
+standard AutoAttack (the original implementation, PyPI ``pyautoattack``); L2 eps is in
+[0, 1]-pixel L2 norm (``pgd10_l2_3.0``). PGD's step size defaults to the paper's
+1.25 * eps / steps, starting from the clean image as in the iterative attack of Kurakin
+et al. (2017) that the paper cites for PGD-10. Why no random start by default: with one,
+the paper's step travels 1.25 eps in all, so a coordinate that starts near -eps cannot
+reach +eps, and on the demo's models PGD-10 then lost to FGSM at the same eps on every
+model (the ``pgd_le_fgsm`` sanity flag). ``random_start: true`` gives Madry's PGD.
 
 Gradients are taken with respect to the input only (``torch.autograd.grad``), so no
 parameter ever accumulates a gradient. For evaluation (``early_stop=True``) a sample
@@ -13,14 +18,17 @@ same engine with ``early_stop=False`` and gets the last iterate of every sample.
 """
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-_NAME = re.compile(r"^(?:(?P<pgd>pgd)(?P<steps>\d+)|(?P<fgsm>fgsm))_(?P<norm>linf|l2)_(?P<eps>\d+(?:\.\d+)?)$")
+_NAME = re.compile(r"^(?:(?P<pgd>pgd)(?P<steps>\d+)|(?P<fgsm>fgsm)|(?P<aa>autoattack))"
+                   r"_(?P<norm>linf|l2)_(?P<eps>\d+(?:\.\d+)?)$")
 
 
 class AttackError(ValueError):
@@ -29,19 +37,26 @@ class AttackError(ValueError):
 
 @dataclass(frozen=True)
 class Attack:
-    kind: str                  # "pgd" | "fgsm"
+    kind: str                  # "pgd" | "fgsm" | "autoattack"
     norm: str                  # "linf" | "l2"
     eps: float                 # as written: 1/255 units for linf, pixel L2 norm for l2
     steps: int = 10
     restarts: int = 1
-    random_start: bool = True
+    random_start: bool = False
     rel_step: float = 1.25     # step size = rel_step * eps / steps (the paper's 1.25)
     targeted: bool = False
+    max_images: int | None = None  # a cap of its own (AutoAttack on CPU needs one)
 
     @property
     def name(self) -> str:
-        head = f"pgd{self.steps}" if self.kind == "pgd" else "fgsm"
-        return f"{head}_{self.norm}_{float(self.eps)!r}"
+        """The paper's name, with any option that changes the attack appended:
+        ``pgd10_linf_2.0[rel_step=2.5]``. Tables match on it, so a variant is never
+        shown beside the paper's number for the standard attack."""
+        head = f"pgd{self.steps}" if self.kind == "pgd" else self.kind
+        base = parse_attack(f"{head}_{self.norm}_{float(self.eps)!r}")
+        extra = [f"{k}={getattr(self, k)}" for k in ("restarts", "random_start", "rel_step", "targeted")
+                 if getattr(self, k) != getattr(base, k)]
+        return f"{head}_{self.norm}_{float(self.eps)!r}" + (f"[{','.join(extra)}]" if extra else "")
 
     @property
     def eps_pixels(self) -> float:
@@ -55,8 +70,9 @@ class Attack:
 
 def parse_attack(spec) -> Attack:
     """An Attack from a paper name (``pgd10_linf_0.5``) or a mapping
-    ``{name: ..., eps: 1.0, restarts: 2, random_start: false, rel_step: 2.5, targeted: true}``
-    (``eps`` there overrides the name's)."""
+    ``{name: ..., eps: 1.0, random_start: true, restarts: 2, rel_step: 2.5, targeted: true,
+    max_images: 64}`` (``eps`` there overrides the name's). AutoAttack takes only ``eps``
+    and ``max_images``: its standard version fixes everything else."""
     options = {}
     if isinstance(spec, dict):
         options = dict(spec)
@@ -67,9 +83,12 @@ def parse_attack(spec) -> Attack:
     if not m:
         if re.match(r"^\w+_(linf|l2)_-", spec):
             raise AttackError(f"attack {spec!r}: eps must not be negative")
-        raise AttackError(f"unknown attack {spec!r} (expected pgd<steps>_<linf|l2>_<eps> or "
-                          f"fgsm_<linf|l2>_<eps>, e.g. pgd10_linf_0.5)")
-    if m["fgsm"]:
+        raise AttackError(f"unknown attack {spec!r} (expected pgd<steps>_<linf|l2>_<eps>, "
+                          f"fgsm_<linf|l2>_<eps> or autoattack_<linf|l2>_<eps>, e.g. pgd10_linf_0.5)")
+    if m["aa"]:
+        base = Attack("autoattack", m["norm"], float(m["eps"]), steps=0, random_start=False,
+                      rel_step=1.0)
+    elif m["fgsm"]:
         base = Attack("fgsm", m["norm"], float(m["eps"]), steps=1, random_start=False, rel_step=1.0)
     else:
         steps = int(m["steps"])
@@ -77,8 +96,9 @@ def parse_attack(spec) -> Attack:
             raise AttackError(f"attack {spec!r}: PGD needs at least one step")
         base = Attack("pgd", m["norm"], float(m["eps"]), steps=steps)
     number, integer, flag = ((int, float), "a number"), (int, "an integer"), (bool, "true or false")
-    allowed = {"eps": number, "restarts": integer, "random_start": flag, "rel_step": number,
-               "targeted": flag}
+    allowed = {"eps": number, "max_images": integer}
+    if not m["aa"]:
+        allowed.update(restarts=integer, random_start=flag, rel_step=number, targeted=flag)
     for key, value in options.items():
         if key not in allowed:
             raise AttackError(f"attack {spec!r}: unknown option {key!r} (allowed: {', '.join(allowed)})")
@@ -90,6 +110,10 @@ def parse_attack(spec) -> Attack:
         raise AttackError(f"attack {spec!r}: eps must not be negative, got {attack.eps}")
     if attack.restarts < 1 or attack.rel_step <= 0:
         raise AttackError(f"attack {spec!r}: restarts must be >= 1 and rel_step > 0")
+    if attack.restarts > 1 and not attack.random_start:
+        raise AttackError(f"attack {spec!r}: restarts without random_start: true repeat one run")
+    if attack.max_images is not None and attack.max_images < 1:
+        raise AttackError(f"attack {spec!r}: max_images must be >= 1")
     return attack
 
 
@@ -121,11 +145,17 @@ def _random_start(x: torch.Tensor, norm: str, eps: float, generator) -> torch.Te
 
 
 # -- the engine ----------------------------------------------------------------------------
+# An input gradient this small is noise (float32 denormals): the sign step of PGD/FGSM
+# is then meaningless, the classic symptom of gradient masking.
+VANISHING = 1e-30
+
+
 @dataclass
 class Outcome:
     x_adv: torch.Tensor        # the iterate that broke each sample, else the last one
     fooled: torch.Tensor       # bool per sample: misclassified (untargeted) or hit (targeted)
     grad_norm: torch.Tensor    # input-gradient norm at the first step (gradient-masking check)
+    notes: list = field(default_factory=list)  # warnings of AutoAttack's own checks
 
 
 def _success(logits, labels, targeted: bool):
@@ -144,71 +174,140 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
         raise AttackError(f"{attack.name}: a targeted attack needs target labels")
     was_training = model.training
     model.eval()
+    try:
+        if attack.kind == "autoattack":
+            if not early_stop:
+                raise AttackError(f"{attack.name}: AutoAttack evaluates; it cannot train")
+            return _autoattack(model, x.detach(), y, attack, generator)
+        return _pgd(model, x.detach(), y, attack, target, early_stop, generator)
+    finally:
+        model.train(was_training)
+
+
+def _pgd(model, x, y, attack, target, early_stop, generator) -> Outcome:
     eps, alpha = attack.eps_pixels, attack.step_pixels
-    x = x.detach()
     x_adv = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     grad_norm = torch.full((len(x),), float("nan"), device=x.device)
     targeted = target is not None
     labels = target if targeted else y  # the loss is taken against these
     sign = -1.0 if targeted else 1.0    # targeted: descend the loss of the target
-    try:
-        for restart in range(attack.restarts):
-            active = (~fooled).nonzero().flatten() if early_stop else torch.arange(len(x), device=x.device)
-            if len(active) == 0:
-                break
-            cur = x[active].clone()
-            if attack.random_start and eps > 0:
-                cur = (cur + _random_start(cur, attack.norm, eps, generator)).clamp(0, 1)
-            for step in range(attack.steps + 1):
+    for restart in range(attack.restarts):
+        active = (~fooled).nonzero().flatten() if early_stop else torch.arange(len(x), device=x.device)
+        if len(active) == 0:
+            break
+        x0, lab = x[active], labels[active]
+        cur = x0.clone()
+        if attack.random_start and eps > 0:
+            cur = (cur + _random_start(cur, attack.norm, eps, generator)).clamp(0, 1)
+        for step in range(attack.steps + 1):
+            last = step == attack.steps
+            if last:  # the final iterate is only classified: no graph
+                with torch.no_grad():
+                    logits = model(cur)
+            else:
                 cur.requires_grad_(True)
                 logits = model(cur)
-                ok = _success(logits, labels[active], targeted)
-                if early_stop:  # every sample still active is unbroken so far
-                    fooled[active[ok]] = True
-                    x_adv[active[ok]] = cur.detach()[ok]
-                if step == attack.steps:
-                    break
-                loss = F.cross_entropy(logits, labels[active], reduction="none")
-                if early_stop:  # broken samples stop pulling on the gradient ...
-                    loss = loss * (~ok)
-                grad, = torch.autograd.grad(loss.sum(), cur)
-                if restart == 0 and step == 0:
-                    grad_norm[active] = _flat_norm(grad).flatten()
-                with torch.no_grad():
-                    cur = x[active] + _project(cur + sign * alpha * _ascent(grad, attack.norm)
-                                               - x[active], attack.norm, eps)
-                    cur = cur.clamp(0, 1)
-                if early_stop:  # ... and leave the active set: no more compute for them
-                    keep = ~ok
-                    active, cur = active[keep], cur[keep]
-                    if len(active) == 0:
-                        break
-            if not early_stop:
-                x_adv = cur.detach()
-                with torch.no_grad():
-                    fooled = _success(model(x_adv), labels, targeted)
+            ok = _success(logits, lab, targeted)
+            if early_stop:  # every sample still active is unbroken so far
+                fooled[active[ok]] = True
+                x_adv[active[ok]] = cur.detach()[ok]
+            elif last:
+                fooled = ok
+            if last:
                 break
-            if len(active):
-                x_adv[active] = cur.detach()
-    finally:
-        model.train(was_training)
+            loss = F.cross_entropy(logits, lab, reduction="none")
+            if early_stop:  # broken samples stop pulling on the gradient ...
+                loss = loss * (~ok)
+            grad, = torch.autograd.grad(loss.sum(), cur)
+            if restart == 0 and step == 0:
+                grad_norm[active] = _flat_norm(grad).flatten()
+            with torch.no_grad():
+                cur = x0 + _project(cur + sign * alpha * _ascent(grad, attack.norm) - x0,
+                                    attack.norm, eps)
+                cur = cur.clamp(0, 1)
+            if early_stop and ok.any():  # ... and leave the active set: no more compute for them
+                keep = ~ok
+                active, cur, x0, lab = active[keep], cur[keep], x0[keep], lab[keep]
+                if len(active) == 0:
+                    break
+        if not early_stop:
+            return Outcome(cur.detach(), fooled, grad_norm)
+        if len(active):
+            x_adv[active] = cur.detach()
     return Outcome(x_adv.detach(), fooled, grad_norm)
+
+
+def _input_grad_norm(model, x, y) -> torch.Tensor:
+    with torch.enable_grad():
+        x = x.clone().requires_grad_(True)
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        grad, = torch.autograd.grad(loss, x)
+    return _flat_norm(grad).flatten()
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _autoattack(model, x, y, attack, generator) -> Outcome:
+    """The standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) of the original package.
+    Its own checks (randomised or dynamic defences, zero gradients, Square beating the
+    gradient attacks) come back as notes instead of log lines."""
+    if attack.eps == 0:  # APGD divides by eps; at eps = 0 the only adversary is x itself
+        with torch.no_grad():
+            fooled = model(x).argmax(1) != y
+        return Outcome(x.clone(), fooled, _input_grad_norm(model, x, y))
+    from pyautoattack import AutoAttack
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator else 0
+    aa = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[attack.norm], eps=attack.eps_pixels,
+                    version="standard", device=x.device, seed=seed)
+    collect, logger = _Collect(), aa.logger
+    saved = logger.level, logger.propagate
+    logger.addHandler(collect)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        # contiguous: AutoAttack's checks .view() the gradient, which a channels_last
+        # input (FFCV's layout) would make fail
+        x_adv, y_adv = aa.run_standard_evaluation(x.contiguous(), y, batch_size=len(x))
+    finally:
+        logger.removeHandler(collect)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+    notes = [r.getMessage() for r in collect.records if r.levelno >= logging.WARNING]
+    return Outcome(x_adv.detach(), y_adv != y, _input_grad_norm(model, x, y), notes)
 
 
 def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int | None = None,
                     seed: int = 0) -> dict:
     """AOI, AAI and DR (percent) of ``model`` under ``attack`` on the same images, plus what
-    the sanity checks need: the largest perturbation norm, whether every adversarial image
-    stays in [0, 1], and the share of samples whose input gradient vanished."""
+    the sanity checks need: per-sample clean and robust correctness, the largest
+    perturbation norm, whether every adversarial image stays in [0, 1], the count of
+    vanished input gradients and AutoAttack's own warnings. The cap is the smaller of
+    ``max_images`` and the attack's own."""
+    from study.models import StudyModel, inference_copy
+
+    if isinstance(model, StudyModel):  # BN folded: the same function, cheaper steps
+        model = inference_copy(model)
+    caps = [c for c in (max_images, attack.max_images) if c is not None]
+    cap = min(caps) if caps else None
     generator = torch.Generator().manual_seed(seed)
-    n = clean_ok = robust = vanished = 0
+    correct, robust, notes = [], [], []
+    n = vanished = 0
     max_delta, in_range = 0.0, True
+    start = time.perf_counter()
     for x, y in batches:
-        if max_images is not None:
-            if n >= max_images:
+        if cap is not None:
+            if n >= cap:
                 break
-            x, y = x[: max_images - n], y[: max_images - n]
+            x, y = x[: cap - n], y[: cap - n]
         with torch.no_grad():
             was = model.training
             ok = model.eval()(x).argmax(1) == y
@@ -218,13 +317,20 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
         norms = delta.abs().amax(1) if attack.norm == "linf" else delta.norm(dim=1)
         max_delta = max(max_delta, float(norms.max()) if len(x) else 0.0)
         in_range &= bool(((out.x_adv >= 0) & (out.x_adv <= 1)).all())
-        vanished += int((out.grad_norm[ok & ~out.fooled] < 1e-12).sum()) if attack.eps > 0 else 0
+        unbroken = ok & ~out.fooled  # the clean image counts as an iterate: AAI <= AOI
+        if attack.eps > 0:
+            g = out.grad_norm[unbroken]
+            vanished += int(((g <= VANISHING) | ~torch.isfinite(g)).sum())
+        notes += [m for m in out.notes if m not in notes]
         n += len(x)
-        clean_ok += int(ok.sum())
-        robust += int((ok & ~out.fooled).sum())  # the clean image counts as an iterate: AAI <= AOI
-    aoi = 100.0 * clean_ok / max(n, 1)
-    aai = 100.0 * robust / max(n, 1)
+        correct.append(ok.cpu())
+        robust.append(unbroken.cpu())
+    correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+    robust = torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool)
+    aoi = 100.0 * float(correct.sum()) / max(n, 1)
+    aai = 100.0 * float(robust.sum()) / max(n, 1)
     return {"attack": attack.name, "images": n, "AOI": aoi, "AAI": aai,
             "DR": 100.0 * (aoi - aai) / aoi if aoi > 0 else float("nan"),
             "max_delta": max_delta, "eps_pixels": attack.eps_pixels, "in_range": in_range,
-            "vanishing_gradients": vanished}
+            "vanishing_gradients": vanished, "notes": notes,
+            "seconds": time.perf_counter() - start, "correct": correct, "robust": robust}

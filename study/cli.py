@@ -43,11 +43,10 @@ def cmd_run(args, job_path: Path) -> int:
     cfg = config.load(job_path)  # everything is checked before anything starts
     out = Path(args.out or Path("runs") / cfg.name)
     from study.pipeline import run_job
-    from study.results import to_markdown
 
-    df = run_job(cfg, out, progress=not args.quiet)
+    _, md = run_job(cfg, out, progress=not args.quiet)
     print()
-    print(to_markdown(df))
+    print(md)
     print(f"\n[study] results: {out / 'results.csv'}  {out / 'results.md'}")
     print(f"[study] MLflow store: {out / 'mlflow.db'}  (browse: study ui --out {out})")
     return 0

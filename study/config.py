@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
+from study.attacks import Attack, AttackError, parse_attack
 from study.data.beton import config_hash
 from study.data.registry import DatasetError, build_split, get_info, resolve_params
 from study.engine import OPTIMIZERS, SCHEDULES, SETTINGS, TrainSettings
@@ -96,9 +98,55 @@ class FinetuneSpec(_Strict):
         return TrainSpec(**{**self.train.model_dump(exclude_unset=True), **changes})
 
 
+MODELS = ("pretrain",) + tuple(SETTINGS)  # what an attack may be limited to
+
+
+def _split_attack(spec) -> tuple[object, list | None]:
+    """An attack entry without its ``settings`` (which models it runs on), and those."""
+    if isinstance(spec, dict) and "settings" in spec:
+        rest = {k: v for k, v in spec.items() if k != "settings"}
+        return rest, spec["settings"]
+    return spec, None
+
+
+def _check_attack(spec):
+    spec_, only = _split_attack(spec)
+    try:
+        attack = parse_attack(spec_)
+    except AttackError as err:
+        raise ValueError(str(err)) from None
+    if only is not None:
+        if not isinstance(only, list) or not only or any(m not in MODELS for m in only):
+            raise ValueError(f"attack {attack.name!r}: settings must be a list drawn from "
+                             f"{', '.join(MODELS)}, got {only!r}")
+    return spec
+
+
 class EvalSpec(_Strict):
     batch_size: int = Field(256, gt=0)
     max_images: Optional[int] = Field(None, gt=0)  # cap on evaluated test images
+    # the attack suite, by the paper's names, or {name: ..., <option>: ...} mappings;
+    # `settings: [scratch, full]` limits an (expensive) attack to those models
+    attacks: list[Annotated[Any, AfterValidator(_check_attack)]] = \
+        Field(default_factory=list)
+
+    @field_validator("attacks")
+    @classmethod
+    def _distinct(cls, specs):
+        names = [parse_attack(_split_attack(s)[0]).name for s in specs]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"attack {name!r} is listed twice")
+        return specs
+
+    def suite(self, setting: str | None = None) -> list[Attack]:
+        """The attacks, or those that run on models of ``setting``."""
+        out = []
+        for spec in self.attacks:
+            spec, only = _split_attack(spec)
+            if setting is None or only is None or setting in only:
+                out.append(parse_attack(spec))
+        return out
 
 
 class JobConfig(_Strict):

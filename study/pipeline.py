@@ -9,10 +9,12 @@ OUT layout::
     OUT/job.yaml              the resolved config that ran
     OUT/job.json              the job's MLflow experiment and parent run
     OUT/data/<dataset>/       .beton files and manifests (data.dir)
-    OUT/checkpoints/          one checkpoint + record per trained model
+    OUT/checkpoints/          one checkpoint + record per trained model, and its
+                              attack results (<stage>.eval.json, one entry per attack)
     OUT/mlflow.db             MLflow sqlite backend (local server only)
     OUT/mlartifacts/          MLflow artifact store (local server only)
-    OUT/results.csv, .md      the table
+    OUT/results.csv, .md      the table (the paper's Tables 1 and 2 beside ours in .md)
+    OUT/sanity.csv            every sanity flag of every evaluated model
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from study import results, tracking
+from study import evaluate, results, tracking
 from study.config import ConfigError, JobConfig
 from study.data.beton import atomic_write_text, config_hash, prepare
 from study.data.loaders import make_loader
@@ -213,6 +215,90 @@ def finetune(job: Job, key: str, backbone: str, setting: str, source: Stage) -> 
     return stage
 
 
+# -- evaluation ---------------------------------------------------------------------------
+def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
+                   setting: str) -> tuple[list[dict], list]:
+    """Runs the job's attack suite on a stage's model and its dataset's test split.
+
+    Results are kept per attack in ``<checkpoint>.eval.json`` (written after each attack,
+    atomically), so a rerun or a resumed job attacks only what is missing; the model is
+    loaded only then. New results go to the stage's MLflow run: ``AOI/<attack>``,
+    ``AAI/<attack>``, ``DR/<attack>``, one ``sanity/<flag>`` metric per flag (1 = passed),
+    ``attacks.csv`` and ``attacks.json`` (a table the UI shows), ``sanity.json``.
+    """
+    import mlflow
+
+    attacks = job.cfg.eval.suite(setting)
+    if not attacks:
+        return [], []
+    path = stage.ckpt.with_name(stage.ckpt.stem + ".eval.json")
+    store = json.loads(path.read_text()) if path.is_file() else {}
+    cache = store.setdefault("results", {})
+    name = stage.ckpt.stem.rsplit("-", 1)[0]
+
+    def save(k, rec):
+        atomic_write_text(path, json.dumps(store, indent=1))
+        if job.progress:
+            log(f"  {name} {rec['attack']}{' (eps 0 check)' if rec['probe'] else ''}: "
+                f"AOI {rec['AOI']:.2f}, AAI {rec['AAI']:.2f} on {rec['images']} images "
+                f"({rec['seconds']:.1f} s)")
+
+    cap, seed = job.cfg.eval.max_images, job.cfg.seed
+    model = None
+    if evaluate.missing(attacks, cap, seed, cache):  # load only when there is work
+        model = load_checkpoint(stage.ckpt, backbone).to(job.device).eval()
+    test = job.loader(key, "test", job.cfg.eval.batch_size, train=False)
+    records = evaluate.evaluate(model, test, attacks, max_images=cap, seed=seed, cache=cache,
+                                on_result=save)
+    flags = evaluate.sanity_flags(records)
+    logged = set(store.get("logged", []))
+    if any(r["key"] not in logged for r in records):
+        client = mlflow.MlflowClient()
+        run_id = stage.record["run_id"]
+        main = [r for r in records if not r["probe"]]
+        for r in main:
+            if r["key"] in logged:
+                continue
+            for m in ("AOI", "AAI", "DR"):
+                if r[m] == r[m]:  # not NaN
+                    client.log_metric(run_id, f"{m}/{r['attack']}", float(r[m]))
+        for flag_name in dict.fromkeys(f.name for f in flags):
+            ok = all(f.passed for f in flags if f.name == flag_name)
+            client.log_metric(run_id, f"sanity/{flag_name}", 1.0 if ok else 0.0)
+        table = pd_table(main)
+        client.log_text(run_id, table.to_csv(index=False), "attacks.csv")
+        mlflow.log_table(table, artifact_file="attacks.json", run_id=run_id)
+        client.log_dict(run_id, [f.__dict__ for f in flags], "sanity.json")
+        bad = sorted({f.name for f in evaluate.failed(flags)})
+        client.set_tag(run_id, "study.sanity", "pass" if not bad else "fail: " + ", ".join(bad))
+        store["logged"] = sorted(logged | {r["key"] for r in records})
+        atomic_write_text(path, json.dumps(store, indent=1))
+    return records, flags
+
+
+def pd_table(records: list[dict]):
+    import pandas as pd
+
+    cols = ["attack", "images", "AOI", "AAI", "DR", "max_delta", "eps_pixels", "in_range",
+            "vanishing_gradients", "seconds"]
+    return pd.DataFrame([{c: r[c] for c in cols} for r in records], columns=cols)
+
+
+def _rows(job: Job, key: str, backbone: str, setting: str, rec: dict, records, flags):
+    """Result rows of one model: the clean row, then one per attack."""
+    base = {"dataset": job.cfg.dataset_name(key), "backbone": backbone, "setting": setting}
+    rows = [{**base, "AOI": rec["AOI"]}]
+    for r in records:
+        if r["probe"]:
+            continue
+        bad = [f.name for f in evaluate.failed(flags, r["attack"])]
+        rows.append({**base, "attack": r["attack"], "images": r["images"], "AOI": r["AOI"],
+                     "AAI": r["AAI"], "DR": r["DR"], "flags": "; ".join(bad) if bad else "ok"})
+    sanity = [{**base, "flag": f.name, "attack": f.attack, "passed": f.passed, "detail": f.detail}
+              for f in flags]
+    return rows, sanity
+
+
 # -- the job ----------------------------------------------------------------------------
 def _parent_run(out: Path, cfg: JobConfig):
     """The job's parent run: resumed when this OUT already ran the same config."""
@@ -235,7 +321,8 @@ def _parent_run(out: Path, cfg: JobConfig):
     return run
 
 
-def run_job(cfg: JobConfig, out: Path, progress: bool = True) -> "results.pd.DataFrame":
+def run_job(cfg: JobConfig, out: Path, progress: bool = True):
+    """Runs the job into ``out``; returns the results frame and its Markdown."""
     import mlflow
 
     out = Path(out)
@@ -259,19 +346,22 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True) -> "results.pd.Dat
             tracking.log_yaml(cfg.resolved(), "job.yaml")
             if not parent.data.params:
                 tracking.log_params(cfg.resolved())
-            rows = []
+            rows, sanity = [], []
+
+            def add(stage, key, backbone, setting):
+                records, flags = evaluate_stage(job, stage, key, backbone, setting)
+                r, s = _rows(job, key, backbone, setting, stage.record, records, flags)
+                rows.extend(r)
+                sanity.extend(s)
+
             for backbone in cfg.pretrain.backbones:
                 source = pretrain(job, backbone)
-                rec = source.record
-                if rec.get("AOI") is not None:
-                    rows.append({"dataset": cfg.dataset_name(cfg.pretrain.dataset), "backbone": backbone,
-                                 "setting": "pretrain", "AOI": rec["AOI"]})
+                if source.record.get("AOI") is not None:  # trained here, so it has a test split
+                    add(source, cfg.pretrain.dataset, backbone, "pretrain")
                 for key in cfg.finetune.datasets:
                     for setting in cfg.finetune.settings:
-                        rec = finetune(job, key, backbone, setting, source).record
-                        rows.append({"dataset": cfg.dataset_name(key), "backbone": backbone,
-                                     "setting": setting, "AOI": rec["AOI"]})
-            df = results.write(rows, out, title=f"{cfg.name}: results")
-            mlflow.log_artifact(str(out / "results.csv"))
-            mlflow.log_artifact(str(out / "results.md"))
-    return df
+                        add(finetune(job, key, backbone, setting, source), key, backbone, setting)
+            df, md = results.write(rows, out, title=f"{cfg.name}: results", sanity=sanity)
+            for name in ("results.csv", "results.md", "sanity.csv"):
+                mlflow.log_artifact(str(out / name))
+    return df, md

@@ -1,7 +1,11 @@
 """The results table: one tidy row per (dataset, backbone, setting, attack).
 
 ``OUT/results.csv`` is for machines, ``OUT/results.md`` and the console for people.
-AOI, AAI and DR are percentages; attack, AAI and DR are empty for clean-only rows.
+AOI, AAI and DR are percentages; a clean row (empty attack) has the AOI of the whole
+test images the job evaluates (``eval.max_images``), an attack row the AOI and AAI
+of the ``images`` it attacked. ``flags`` is
+``ok`` or the failed sanity flags that concern the row; ``paper_*`` hold the paper's
+published value where it has one. ``OUT/sanity.csv`` lists every flag of every model.
 """
 from __future__ import annotations
 
@@ -9,15 +13,20 @@ from pathlib import Path
 
 import pandas as pd
 
+from study import report
 from study.data.beton import atomic_write_text
 
-COLUMNS = ["dataset", "backbone", "setting", "attack", "AOI", "AAI", "DR"]
+COLUMNS = ["dataset", "backbone", "setting", "attack", "images", "AOI", "AAI", "DR", "flags",
+           "paper_AOI", "paper_AAI", "paper_DR"]
+SANITY_COLUMNS = ["dataset", "backbone", "setting", "flag", "attack", "passed", "detail"]
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
+    rows = [{**report.paper_for_row(r["dataset"], r["setting"], r.get("attack")), **r} for r in rows]
     df = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("AOI", "AAI", "DR"):
+    for col in ("AOI", "AAI", "DR", "paper_AOI", "paper_AAI", "paper_DR"):
         df[col] = pd.to_numeric(df[col], errors="coerce").round(2)
+    df["images"] = pd.to_numeric(df["images"], errors="coerce").astype("Int64")
     return df
 
 
@@ -25,10 +34,30 @@ def to_markdown(df: pd.DataFrame) -> str:
     return df.astype(object).where(df.notna(), "").to_markdown(index=False, floatfmt=".2f")
 
 
-def write(rows: list[dict], out: Path, title: str = "") -> pd.DataFrame:
+def sanity_markdown(sanity: pd.DataFrame) -> str:
+    if sanity.empty:
+        return ""
+    bad = sanity[~sanity.passed.astype(bool)]
+    head = (f"## Sanity checks: {len(sanity) - len(bad)} of {len(sanity)} passed"
+            + ("" if len(bad) else " (all)"))
+    if bad.empty:
+        names = ", ".join(dict.fromkeys(sanity.flag))
+        return f"{head}\n\nChecked: {names}."
+    cols = ["dataset", "setting", "flag", "attack", "detail"]
+    return head + "\n\nFailed (shown, not hidden):\n\n" + to_markdown(bad[cols])
+
+
+def write(rows: list[dict], out: Path, title: str = "",
+          sanity: list[dict] | None = None) -> tuple[pd.DataFrame, str]:
+    """Writes results.csv, results.md and sanity.csv atomically; returns the frame and
+    the Markdown (the paper's tables first, then the sanity checks, then every row)."""
     out = Path(out)
     df = frame(rows)
+    san = pd.DataFrame(sanity or [], columns=SANITY_COLUMNS)
     atomic_write_text(out / "results.csv", df.to_csv(index=False))
-    md = (f"# {title}\n\n" if title else "") + to_markdown(df) + "\n"
+    atomic_write_text(out / "sanity.csv", san.to_csv(index=False))
+    parts = [f"# {title}" if title else "", report.table1(df), report.table2(df),
+             sanity_markdown(san), "## All results\n\n" + to_markdown(df)]
+    md = "\n\n".join(p for p in parts if p) + "\n"
     atomic_write_text(out / "results.md", md)
-    return df
+    return df, md

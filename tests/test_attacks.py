@@ -7,13 +7,13 @@ from study.attacks import AttackError, parse_attack, perturb, robust_accuracy
 
 def test_names_follow_the_paper():
     a = parse_attack("pgd10_linf_0.5")
-    assert (a.kind, a.norm, a.steps, a.random_start) == ("pgd", "linf", 10, True)
+    assert (a.kind, a.norm, a.steps, a.random_start) == ("pgd", "linf", 10, False)
     assert a.eps_pixels == pytest.approx(0.5 / 255)
     assert a.step_pixels == pytest.approx(1.25 * (0.5 / 255) / 10)  # the paper's step size
     f = parse_attack("fgsm_linf_2.0")
     assert (f.steps, f.random_start, f.step_pixels) == (1, False, pytest.approx(2 / 255))
     assert parse_attack("pgd20_l2_3").eps_pixels == 3.0  # L2 in pixel norm
-    assert parse_attack({"name": "pgd10_linf_0.5", "restarts": 3}).restarts == 3
+    assert parse_attack({"name": "pgd10_linf_0.5", "random_start": True, "restarts": 3}).restarts == 3
     assert parse_attack("pgd10_linf_0.5").name == "pgd10_linf_0.5"
 
 
@@ -24,6 +24,7 @@ def test_names_follow_the_paper():
     ({"name": "pgd10_linf_0.5", "eps": "0.5"}, "eps must be a number"),
     ({"name": "fgsm_linf_1", "restarts": True}, "restarts must be an integer"),
     ({"name": "fgsm_linf_1", "steps": 3}, "unknown option 'steps'"),
+    ({"name": "pgd10_linf_1", "restarts": 3}, "restarts without random_start"),
     (0.5, "an attack is a name"),
 ])
 def test_bad_attacks_are_refused(spec, message):
@@ -69,7 +70,8 @@ def test_attack_stays_in_the_ball_and_in_range_and_touches_no_parameter():
     x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 5, (32,))
     x[:, :, 0, 0] = 0.0
     x[:, :, 1, 1] = 1.0  # pixels on the edge of [0,1] must be clipped, not pushed out
-    for name in ("pgd10_linf_16", "fgsm_linf_8", "pgd10_l2_0.5"):
+    for name in ("pgd10_linf_16", "fgsm_linf_8", "pgd10_l2_0.5", {"name": "pgd10_linf_16", "random_start": True},
+                 {"name": "pgd10_l2_0.5", "random_start": True}):
         attack = parse_attack(name)
         out = perturb(model, x, y, attack, early_stop=False)
         delta = (out.x_adv - x).flatten(1)
@@ -120,26 +122,6 @@ def test_eps_zero_gives_aai_equal_aoi_and_targeted_needs_targets():
     assert (model(out.x_adv).argmax(1)[out.fooled] == target[out.fooled]).all()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A ResNet-18 trained for a few epochs on a small alphabet, and its test batches."""
-    from study.data.beton import prepare
-    from study.data.loaders import make_loader
-    from study.engine import Trainer, TrainSettings
-    from study.models import build_model
-
-    data = prepare("alphabet", tmp_path_factory.mktemp("attack-data"),
-                   params=dict(train_per_class=60, test_per_class=4), workers=1)
-    torch.manual_seed(0)
-    train = make_loader(data["train"].beton, train=True, resolution=32, batch_size=64,
-                        workers=1, seed=0)
-    test = make_loader(data["test"].beton, train=False, resolution=32, batch_size=104, workers=1)
-    model = build_model("resnet18", 26)
-    Trainer(model, TrainSettings(epochs=6, lr_f=0.05, lr_g=0.05), "scratch", len(train)).fit(
-        train, progress=False)
-    return model.eval(), list(test)
-
-
 def test_on_a_trained_model_stronger_attacks_never_give_higher_aai(trained):
     model, batches = trained
     aai = {name: robust_accuracy(model, batches, parse_attack(name))["AAI"]
@@ -149,18 +131,56 @@ def test_on_a_trained_model_stronger_attacks_never_give_higher_aai(trained):
     assert clean["AOI"] > 30  # the model learned something, so there is something to break
     assert aai["pgd10_linf_0.0"] == clean["AOI"]
     assert aai["pgd20_linf_2.0"] <= aai["pgd10_linf_2.0"] <= aai["pgd5_linf_2.0"]
-    # With the paper's step (1.25 eps / steps) and a random start, PGD travels 1.25 eps in
-    # all: a coordinate that starts at +eps cannot reach -eps, so on a near-linear model
-    # FGSM's single full step to the corner can do better -- exactly what the PGD-vs-FGSM
-    # sanity flag is there to show. Madry's 2.5 eps / steps reaches every corner.
-    madry = robust_accuracy(model, batches, parse_attack({"name": "pgd10_linf_2.0", "rel_step": 2.5}))
-    assert madry["AAI"] <= aai["fgsm_linf_2.0"]
+    # From the clean image the paper's step (1.25 eps / steps) reaches the corner FGSM
+    # jumps to, and then keeps climbing: PGD is at least as strong.
+    assert aai["pgd10_linf_2.0"] <= aai["fgsm_linf_2.0"]
     assert aai["pgd10_linf_2.0"] <= aai["pgd10_linf_1.0"] <= aai["pgd10_linf_0.5"] <= clean["AOI"]
-    one = robust_accuracy(model, batches, parse_attack("pgd5_linf_1.0"), seed=3)["AAI"]
-    three = robust_accuracy(model, batches, parse_attack({"name": "pgd5_linf_1.0", "restarts": 3}),
-                            seed=3)["AAI"]
-    assert three <= one
+    rs = {"name": "pgd5_linf_1.0", "random_start": True}
+    one = robust_accuracy(model, batches, parse_attack(rs), seed=3)["AAI"]
+    three = robust_accuracy(model, batches, parse_attack({**rs, "restarts": 3}), seed=3)["AAI"]
+    assert three <= one  # restarts only add chances to break a sample
     res = robust_accuracy(model, batches, parse_attack("pgd10_linf_2.0"))
     assert res["max_delta"] <= res["eps_pixels"] + 1e-6 and res["in_range"]
     assert res["vanishing_gradients"] == 0
     assert res["DR"] == pytest.approx(100 * (res["AOI"] - res["AAI"]) / res["AOI"])
+
+
+def test_autoattack_names_and_options():
+    a = parse_attack("autoattack_linf_0.5")
+    assert (a.kind, a.norm, a.eps_pixels, a.name) == ("autoattack", "linf", pytest.approx(0.5 / 255),
+                                                      "autoattack_linf_0.5")
+    assert parse_attack({"name": "autoattack_l2_0.5", "max_images": 64}).max_images == 64
+    with pytest.raises(AttackError, match="unknown option 'rel_step'"):
+        parse_attack({"name": "autoattack_linf_0.5", "rel_step": 2.0})
+    with pytest.raises(AttackError, match="max_images must be >= 1"):
+        parse_attack({"name": "pgd10_linf_0.5", "max_images": 0})
+    # an option that changes the attack changes its name, so tables never mix it up
+    assert parse_attack({"name": "pgd10_linf_2.0", "rel_step": 2.5}).name == "pgd10_linf_2.0[rel_step=2.5]"
+    assert parse_attack({"name": "pgd10_linf_2.0", "max_images": 5}).name == "pgd10_linf_2.0"
+
+
+def test_inference_copy_is_the_same_function_and_leaves_the_model_alone(trained):
+    from study.models import inference_copy
+
+    model, batches = trained
+    x = batches[0][0][:32]
+    fast = inference_copy(model)
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max() < 1e-3
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in fast.parameters())
+
+
+def test_autoattack_is_not_above_pgd_on_the_same_images(trained):
+    """At 16/255 APGD-CE breaks what it can quickly, so the standard AutoAttack stays cheap."""
+    model, batches = trained
+    pgd = robust_accuracy(model, batches, parse_attack("pgd10_linf_16.0"), max_images=24)
+    aa = robust_accuracy(model, batches, parse_attack({"name": "autoattack_linf_16.0", "max_images": 24}))
+    assert aa["images"] == pgd["images"] == 24 and aa["AOI"] == pgd["AOI"]
+    assert aa["AAI"] <= pgd["AAI"]
+    assert not (aa["robust"] & ~pgd["correct"]).any()  # robust only where clean-correct
+    assert aa["max_delta"] <= aa["eps_pixels"] + 1e-6 and aa["in_range"]
+    zero = robust_accuracy(model, batches, parse_attack("autoattack_linf_0"), max_images=24)
+    assert zero["AAI"] == zero["AOI"]

@@ -11,6 +11,7 @@ BASE = {
                  "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}}},
     "pretrain": {"dataset": "shapes", "backbones": ["resnet18"], "train": {"epochs": 1}},
     "finetune": {"datasets": ["alphabet"], "settings": ["scratch", "partial", "full"]},
+    "eval": {"batch_size": 64},
 }
 
 
@@ -39,6 +40,13 @@ def _with(path, value):
     (("finetune", "datasets"), ["pets"], "finetune.datasets[0]: 'pets' is not a key of datasets"),
     (("pretrain", "train", "optimiser"), "sgd", "pretrain.train.optimiser: unknown field"),
     (("pretrain", "weights"), "/nonexistent.pth", "pretrain.weights: weights file not found"),
+    (("eval", "attacks"), ["pgd10_linf_0.5", "cw_linf_1"], "eval.attacks[1]: unknown attack 'cw_linf_1'"),
+    (("eval", "attacks"), ["pgd10_linf_-0.5"], "eval.attacks[0]: attack 'pgd10_linf_-0.5': eps must not"),
+    (("eval", "attacks"), [{"name": "pgd10_linf_0.5", "eps": "0.5"}],
+     "eval.attacks[0]: attack 'pgd10_linf_0.5': eps must be a number, got '0.5'"),
+    (("eval", "attacks"), [{"name": "autoattack_linf_0.5", "restarts": 2}],
+     "eval.attacks[0]: attack 'autoattack_linf_0.5': unknown option 'restarts'"),
+    (("eval", "attacks"), ["fgsm_linf_2", "fgsm_linf_2.0"], "eval.attacks: attack 'fgsm_linf_2.0' is listed twice"),
 ])
 def test_bad_configs_give_one_line_naming_the_field(path, value, message):
     with pytest.raises(config.ConfigError) as err:
@@ -65,6 +73,24 @@ def test_good_config_resolves_and_hashes():
 def test_demo_job_file_is_valid():
     cfg = config.load(cli.jobs_dir() / "demo.yaml")
     assert cfg.finetune.settings == ["scratch", "partial", "full"]
+    names = [a.name for a in cfg.eval.suite()]  # Tables 1 and 2 need exactly these
+    assert names == ["pgd10_linf_0.5", "pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0",
+                     "autoattack_linf_0.5"]
+
+
+def test_a_bad_attack_is_refused_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
+    import study.models
+
+    def never(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(study.models, "load_checkpoint", never)
+    monkeypatch.setattr(study.models, "build_model", never)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_with(("eval", "attacks"), [{"name": "fgsm_linf_1", "eps": "1"}])))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(job), "--out", str(out)]) == 2
+    assert "eval.attacks[0]" in capsys.readouterr().err and not out.exists()
 
 
 def test_cli_unknown_backbone_exits_2_before_anything_starts(tmp_path, capsys):

@@ -21,7 +21,11 @@ JOB = {
                  "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
     "finetune": {"datasets": ["alphabet"], "settings": ["scratch", "partial", "full"],
                  "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05}},
+    "eval": {"batch_size": 64, "max_images": 40,
+             "attacks": ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0",
+                         {"name": "autoattack_linf_16.0", "max_images": 6}]},
 }
+ATTACKS = ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0", "autoattack_linf_16.0"]
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +41,36 @@ def tiny_run(tmp_path_factory):
 
 def test_results_table(tiny_run):
     _, out = tiny_run
-    df = pd.read_csv(out / "results.csv")
-    assert list(df.columns) == ["dataset", "backbone", "setting", "attack", "AOI", "AAI", "DR"]
-    assert df[["dataset", "setting"]].values.tolist() == [
-        ["shapes", "pretrain"], ["alphabet", "scratch"], ["alphabet", "partial"], ["alphabet", "full"]]
-    assert df["AOI"].between(0, 100).all() and df[["attack", "AAI", "DR"]].isna().all().all()
-    assert "| alphabet" in (out / "results.md").read_text()
+    df = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
+    assert list(df.columns) == ["dataset", "backbone", "setting", "attack", "images", "AOI", "AAI",
+                                "DR", "flags", "paper_AOI", "paper_AAI", "paper_DR"]
+    models = [["shapes", "pretrain"], ["alphabet", "scratch"], ["alphabet", "partial"], ["alphabet", "full"]]
+    clean = df[df.attack.isna()]
+    assert clean[["dataset", "setting"]].values.tolist() == models
+    attacked = df[df.attack.notna()]
+    assert attacked[["dataset", "setting"]].drop_duplicates().values.tolist() == models
+    for _, group in attacked.groupby(["dataset", "setting"], sort=False):
+        assert group.attack.tolist() == ATTACKS
+        assert group.images.tolist() == [40, 40, 40, 6]
+        assert (group.AAI <= group.AOI).all()
+        some = group.AOI > 0  # DR is undefined (empty) where nothing was right to begin with
+        dr = 100 * (group.AOI - group.AAI) / group.AOI
+        assert ((group.DR - dr).abs()[some] < 0.02).all() and group.DR[~some].isna().all()
+    assert df.AOI.between(0, 100).all()
+    assert attacked["flags"].notna().all() and clean["flags"].isna().all()  # "ok" or the failed flags
+    # the paper's alphabet numbers sit beside ours: Table 1 (PGD-10 at 0.5/255), Table 2 (FGSM)
+    full = df[(df.setting == "full") & (df.attack == "pgd10_linf_0.5")].iloc[0]
+    assert (full.paper_AOI, full.paper_AAI, full.paper_DR) == (99.94, 2.9, 97.1)
+    assert df[(df.setting == "scratch") & (df.attack == "fgsm_linf_0.5")].paper_AAI.iloc[0] == 99.87
+    assert df[df.dataset == "shapes"].paper_AOI.isna().all()
+    md = (out / "results.md").read_text()
+    assert "## Table 1" in md and "## Table 2" in md and "## Sanity checks" in md
+    assert "full fine-tune | " in md and "(2.90)" in md and "(75.83)" in md
+    sanity = pd.read_csv(out / "sanity.csv")
+    assert {"in_ball", "in_range", "eps0_aai_eq_aoi", "pgd_le_fgsm", "autoattack_le_pgd",
+            "monotone_eps", "no_vanishing_gradients"} <= set(sanity.flag)
+    for name in ("in_ball", "in_range", "aai_le_aoi", "eps0_aai_eq_aoi"):  # these must hold
+        assert sanity[sanity.flag == name].passed.all(), name
     assert (out / "mlflow.db").is_file() and (out / "mlartifacts").is_dir()
 
 
@@ -51,7 +79,8 @@ def test_mlflow_runs_and_models_give_the_reported_aoi(tiny_run):
     from study.tracking import LocalServer
 
     _, out = tiny_run
-    table = pd.read_csv(out / "results.csv").set_index(["dataset", "setting"])["AOI"]
+    df = pd.read_csv(out / "results.csv")
+    table = df[df.attack.isna()].set_index(["dataset", "setting"])["AOI"]  # the clean rows
     with LocalServer(out) as server:
         mlflow.set_tracking_uri(server.uri)
         try:
@@ -74,14 +103,18 @@ def _check_models(out, table):
         history = client.get_metric_history(run.run_id, "train_loss")
         assert [m.step for m in history] == list(range(1, len(history) + 1))
         names = [a.path for a in client.list_artifacts(run.run_id)]
-        assert "config.yaml" in names
+        assert {"config.yaml", "attacks.csv", "attacks.json", "sanity.json"} <= set(names)
+        for attack in ATTACKS:  # each attack once, as AOI/AAI/DR metrics of the model's run
+            assert len(client.get_metric_history(run.run_id, f"AAI/{attack}")) == 1
+        assert run["tags.study.sanity"] == "pass" or run["tags.study.sanity"].startswith("fail: ")
+        assert run["metrics.sanity/in_ball"] == 1.0
         assert run["params.backbone"] == "resnet18"
         dataset, setting = run["tags.study.dataset"], run["tags.study.setting"]
         setting = "pretrain" if run["tags.study.stage"] == "pretrain" else setting
         model = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
         beton = out / "data" / dataset / "test.beton"
         loader = make_loader(beton, train=False, resolution=32, batch_size=64, workers=1)
-        assert abs(accuracy(model, loader) - table[(dataset, setting)]) <= 0.5
+        assert abs(accuracy(model, loader, max_images=40) - table[(dataset, setting)]) <= 0.5
         assert abs(run["metrics.AOI"] - table[(dataset, setting)]) <= 0.01
 
 
@@ -89,10 +122,13 @@ def test_running_again_skips_finished_stages(tiny_run, capsys):
     job, out = tiny_run
     before = pd.read_csv(out / "results.csv")
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")}
+    evals = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.eval.json")}
     assert cli.main(["run", str(job), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("done before, reusing") == 4
     assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")} == mtimes
+    assert evals == {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.eval.json")}
+    assert len(evals) == 4  # no attack ran again
     pd.testing.assert_frame_equal(before, pd.read_csv(out / "results.csv"))
 
 

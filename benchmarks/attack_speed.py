@@ -1,0 +1,132 @@
+"""Benchmark: this engine's PGD-10 (L-inf) against torchattacks' PGD, in one run.
+
+Same model, same images, same batches, same eps, step (the paper's 1.25 eps / 10) and
+random start. Each side produces what an evaluation needs, AOI and AAI: the reference
+runs a clean forward pass, its attack, and a forward pass on the adversarial images;
+this engine runs ``robust_accuracy``. Timings are the median of interleaved repeats
+after a warm-up. Run it on a demo model:
+
+    ./run.sh demo                         # once, to have a full fine-tuned ResNet-18
+    uv run --group bench python benchmarks/attack_speed.py --out runs/demo
+
+It prints, per eps, both times, the speed ratio (reference time / ours) and both AAIs.
+Ours counts a sample as broken if *any* iterate breaks it; the reference looks at its
+last iterate only, so our AAI is expected to be at most the reference's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def find_model(out: Path, setting: str) -> tuple[Path, Path]:
+    """The checkpoint of the ``setting`` model of a finished job in OUT, and its test .beton."""
+    for record in sorted((out / "checkpoints").glob(f"finetune-*-{setting}-*.json")):
+        if record.name.endswith(".eval.json"):
+            continue
+        ckpt = record.with_suffix(".pt")
+        dataset = record.name.split("-")[1]
+        beton = out / "data" / dataset / "test.beton"
+        if ckpt.is_file() and beton.is_file():
+            return ckpt, beton
+    sys.exit(f"no finished '{setting}' model in {out}/checkpoints: run ./run.sh demo first")
+
+
+def reference(model, batches, eps, alpha, steps, seed):
+    import torchattacks
+
+    torch.manual_seed(seed)
+    atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    n = clean = robust = 0
+    for x, y in batches:
+        with torch.no_grad():
+            ok = model(x).argmax(1) == y
+        adv = atk(x, y)
+        with torch.no_grad():
+            still = model(adv).argmax(1) == y
+        n += len(y)
+        clean += int(ok.sum())
+        robust += int((ok & still).sum())
+    return 100.0 * clean / n, 100.0 * robust / n
+
+
+def ours(model, batches, attack, seed):
+    from study.attacks import robust_accuracy
+
+    r = robust_accuracy(model, batches, attack, seed=seed)
+    return r["AOI"], r["AAI"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/demo", type=Path, help="a finished demo OUT")
+    ap.add_argument("--setting", default="full", help="which model of OUT (default: full fine-tune)")
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--eps", type=float, nargs="+", default=[0.5, 2.0, 0.01],
+                    help="L-inf eps in 1/255 (0.01: almost no sample breaks)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import torchattacks  # noqa: F401  (fail early: uv run --group bench ...)
+
+    from study.attacks import parse_attack
+    from study.data.loaders import make_loader
+    from study.models import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    ckpt, beton = find_model(args.out, args.setting)
+    model = load_checkpoint(ckpt).eval()
+    for p in model.parameters():  # neither side needs weight gradients
+        p.requires_grad_(False)
+    side = json.loads(beton.with_suffix(".json").read_text())["resolution"][0]
+    loader = make_loader(beton, train=False, resolution=side, batch_size=args.batch_size, workers=2)
+    batches, n = [], 0
+    for x, y in loader:  # the same tensors for both sides
+        x, y = x[: args.images - n].clone().contiguous(), y[: args.images - n].clone()  # FFCV reuses its buffers
+        batches.append((x, y))
+        n += len(y)
+        if n >= args.images:
+            break
+    print(f"model {ckpt.name} ({model.backbone_name}), {n} images of {beton.parent.name}, "
+          f"batch {args.batch_size}, {args.threads} threads, {args.repeats} repeats")
+    print(f"{'eps/255':>8} {'ours s':>8} {'ref s':>8} {'speed-up':>9} {'AOI':>7} {'AAI ours':>9} {'AAI ref':>8}")
+    rows = []
+    for eps in args.eps:
+        attack = parse_attack({"name": f"pgd10_linf_{eps}"})
+        ours(model, batches[:1], attack, 0)  # warm-up both
+        reference(model, batches[:1], attack.eps_pixels, attack.step_pixels, 10, 0)
+        t_ours, t_ref = [], []
+        for rep in range(args.repeats):
+            t = time.perf_counter()
+            aoi, aai = ours(model, batches, attack, rep)
+            t_ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            aoi_ref, aai_ref = reference(model, batches, attack.eps_pixels, attack.step_pixels, 10, rep)
+            t_ref.append(time.perf_counter() - t)
+        a, b = statistics.median(t_ours), statistics.median(t_ref)
+        rows.append((eps, a, b, aoi, aai, aai_ref))
+        print(f"{eps:8.2f} {a:8.2f} {b:8.2f} {b / a:8.2f}x {aoi:7.2f} {aai:9.2f} {aai_ref:8.2f}", flush=True)
+    print()
+    for eps, a, b, aoi, aai, aai_ref in rows:
+        broken = 100.0 - aai / max(aoi, 1e-9) * 100.0
+        verdict = [f"AAI ours <= ref + 0.5: {'yes' if aai <= aai_ref + 0.5 else 'NO'}",
+                   f"speed-up {b / a:.2f}x"]
+        if broken < 5:
+            verdict.append(f"almost nothing breaks ({broken:.1f} % of the correct): "
+                           f"not slower: {'yes' if b >= a else 'NO'}")
+        else:
+            verdict.append(f"{broken:.1f} % of the correct break: >= 3x: {'yes' if b >= 3 * a else 'NO'}")
+        print(f"eps {eps}/255: " + "; ".join(verdict))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Robustness evaluation: one model x the job's attack suite -> AOI, AAI and DR per attack,
+and the sanity flags that say whether those numbers can be trusted.
+
+Every attack sees the same test images in the same order (the first ``max_images`` of
+the test split, or fewer where an attack has its own cap), so any two results can be
+compared sample by sample on their common images. The flags, in the spirit of
+AutoAttack's own checks:
+
+``in_ball``               every adversarial image lies in its eps-ball (up to float error)
+``in_range``              ... and in [0, 1]
+``aai_le_aoi``            AAI <= AOI (the clean image is one of the iterates)
+``eps0_aai_eq_aoi``       the first PGD/FGSM attack of the suite at eps = 0 gives AAI = AOI
+``monotone_eps``          for one attack family, AAI does not rise with eps
+``pgd_le_fgsm``           PGD's AAI is not above FGSM's at the same eps and norm
+``autoattack_le_pgd``     AutoAttack's AAI is not above PGD's at the same eps and norm
+``no_vanishing_gradients`` no unbroken sample had a zero/denormal input gradient
+                          (possible gradient masking)
+``autoattack_checks``     AutoAttack raised none of its own warnings
+
+A failed flag is a finding to show, not an error: with the paper's PGD step (1.25 eps /
+steps) ``pgd_le_fgsm`` can fail on near-linear models, and that is worth seeing.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Iterable
+
+import torch
+
+from study.attacks import Attack, robust_accuracy
+from study.data.beton import config_hash
+
+EPS0_IMAGES = 256  # the eps = 0 check needs few images: it must reproduce AOI exactly
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    attack: str          # the attack (or "a vs b") it concerns; "" for the model as a whole
+    passed: bool
+    detail: str = ""
+
+
+def _mask(t: torch.Tensor) -> str:
+    return "".join("1" if v else "0" for v in t.tolist())
+
+
+def attack_key(attack: Attack, cap: int | None, seed: int) -> str:
+    return config_hash({"attack": asdict(attack), "cap": cap, "seed": seed})
+
+
+def eps0_probe(attacks: list[Attack]) -> Attack | None:
+    """The eps = 0 twin of the suite's first gradient attack (AutoAttack at eps 0 is x)."""
+    for a in attacks:
+        if a.kind in ("pgd", "fgsm"):
+            return replace(a, eps=0.0, max_images=None)
+    return None
+
+
+def plan(attacks: list[Attack], max_images: int | None, seed: int) -> list[tuple]:
+    """(attack, image cap, is the eps = 0 probe, cache key) for every run of the suite."""
+    runs = [(a, max_images, False) for a in attacks]
+    probe = eps0_probe(attacks)
+    if probe is not None:
+        runs.append((probe, EPS0_IMAGES if max_images is None else min(EPS0_IMAGES, max_images), True))
+    return [(a, cap, is_probe, attack_key(a, cap, seed)) for a, cap, is_probe in runs]
+
+
+def missing(attacks: list[Attack], max_images: int | None, seed: int, cache: dict) -> bool:
+    return any(key not in cache for *_, key in plan(attacks, max_images, seed))
+
+
+def evaluate(model, batches: Iterable, attacks: list[Attack], max_images: int | None = None,
+             seed: int = 0, cache: dict | None = None,
+             on_result: Callable[[str, dict], None] | None = None) -> list[dict]:
+    """Runs every attack (and the eps = 0 probe) not already in ``cache`` (attack key ->
+    record) and returns the records in suite order, the probe last. ``on_result(key,
+    record)`` is called after each new one, so a caller can persist it at once."""
+    cache = {} if cache is None else cache
+    records = []
+    for attack, cap, is_probe, key in plan(attacks, max_images, seed):
+        if key not in cache:
+            res = robust_accuracy(model, batches, attack, max_images=cap, seed=seed)
+            rec = {k: v for k, v in res.items() if k not in ("correct", "robust")}
+            rec.update(correct=_mask(res["correct"]), robust=_mask(res["robust"]),
+                       spec=asdict(attack), probe=is_probe, key=key)
+            cache[key] = rec
+            if on_result is not None:
+                on_result(key, rec)
+        records.append(cache[key])
+    return records
+
+
+# -- the flags ------------------------------------------------------------------------
+def _robust_on(rec: dict, n: int) -> float:
+    """AAI (percent) on the first n images."""
+    return 100.0 * rec["robust"][:n].count("1") / max(n, 1)
+
+
+def _cmp(name: str, low: dict, high: dict) -> Flag:
+    """Passes when ``low``'s AAI is not above ``high``'s on their common images."""
+    n = min(low["images"], high["images"])
+    a, b = _robust_on(low, n), _robust_on(high, n)
+    return Flag(name, f"{low['attack']} vs {high['attack']}", a <= b,
+                f"{low['attack']} {a:.2f} {'<=' if a <= b else '>'} {high['attack']} {b:.2f} "
+                f"on {n} images")
+
+
+def sanity_flags(records: list[dict]) -> list[Flag]:
+    flags = []
+    main = [r for r in records if not r.get("probe")]
+    for r in main:
+        spec = r["spec"]
+        tol = r["eps_pixels"] * 1e-5 + 1e-6
+        flags.append(Flag("in_ball", r["attack"], r["max_delta"] <= r["eps_pixels"] + tol,
+                          f"largest perturbation {r['max_delta']:.3g} vs eps {r['eps_pixels']:.3g}"))
+        flags.append(Flag("in_range", r["attack"], bool(r["in_range"])))
+        flags.append(Flag("aai_le_aoi", r["attack"], r["AAI"] <= r["AOI"],
+                          f"AAI {r['AAI']:.2f}, AOI {r['AOI']:.2f}"))
+        flags.append(Flag("no_vanishing_gradients", r["attack"], r["vanishing_gradients"] == 0,
+                          f"{r['vanishing_gradients']} unbroken samples with a vanished input gradient"))
+        if spec["kind"] == "autoattack":
+            flags.append(Flag("autoattack_checks", r["attack"], not r["notes"], " | ".join(r["notes"])))
+    for r in records:
+        if r.get("probe"):
+            flags.append(Flag("eps0_aai_eq_aoi", r["attack"], r["AAI"] == r["AOI"],
+                              f"AAI {r['AAI']:.2f}, AOI {r['AOI']:.2f} on {r['images']} images"))
+
+    def family(spec):
+        return tuple((k, v) for k, v in spec.items() if k not in ("eps", "max_images"))
+
+    by_family: dict = {}
+    for r in records:  # the eps = 0 probe joins its family as the lowest point
+        by_family.setdefault(family(r["spec"]), []).append(r)
+    for group in by_family.values():
+        group = sorted(group, key=lambda r: r["spec"]["eps"])
+        for small, large in zip(group, group[1:]):
+            if large["spec"]["eps"] > small["spec"]["eps"]:
+                flags.append(_cmp("monotone_eps", large, small))
+
+    def same_ball(a, b):
+        return a["spec"]["norm"] == b["spec"]["norm"] and a["spec"]["eps"] == b["spec"]["eps"]
+
+    untargeted = [r for r in main if not r["spec"]["targeted"]]
+    for p in (r for r in untargeted if r["spec"]["kind"] == "pgd"):
+        for f in (r for r in untargeted if r["spec"]["kind"] == "fgsm" and same_ball(p, r)):
+            flags.append(_cmp("pgd_le_fgsm", p, f))
+        for aa in (r for r in untargeted if r["spec"]["kind"] == "autoattack" and same_ball(p, r)):
+            flags.append(_cmp("autoattack_le_pgd", aa, p))
+    return flags
+
+
+def failed(flags: list[Flag], attack: str | None = None) -> list[Flag]:
+    """The failed flags, optionally only those that concern ``attack``."""
+    out = [f for f in flags if not f.passed]
+    if attack is not None:
+        out = [f for f in out if attack in f.attack.split(" vs ")]
+    return out

@@ -1,7 +1,7 @@
 """Benchmark: this engine's PGD-10 (L-inf) against torchattacks' PGD, in one run.
 
 Same model, same images, same batches, same eps, step (the paper's 1.25 eps / 10) and
-random start. Each side produces what an evaluation needs, AOI and AAI: the reference
+start (the clean image by default, a random point with --random-start). Each side produces what an evaluation needs, AOI and AAI: the reference
 runs a clean forward pass, its attack, and a forward pass on the adversarial images;
 this engine runs ``robust_accuracy``. Timings are the median of interleaved repeats
 after a warm-up. Run it on a demo model:
@@ -38,11 +38,12 @@ def find_model(out: Path, setting: str) -> tuple[Path, Path]:
     sys.exit(f"no finished '{setting}' model in {out}/checkpoints: run ./run.sh demo first")
 
 
-def reference(model, batches, eps, alpha, steps, seed):
+def reference(model, batches, attack, seed):
     import torchattacks
 
     torch.manual_seed(seed)
-    atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    atk = torchattacks.PGD(model, eps=attack.eps_pixels, alpha=attack.step_pixels,
+                           steps=attack.steps, random_start=attack.random_start)
     n = clean = robust = 0
     for x, y in batches:
         with torch.no_grad():
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
                     help="L-inf eps in 1/255 (0.01: almost no sample breaks)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--random-start", action="store_true",
+                    help="both sides start at a random point of the ball (Madry's PGD)")
     args = ap.parse_args(argv)
 
     import torchattacks  # noqa: F401  (fail early: uv run --group bench ...)
@@ -100,16 +103,16 @@ def main(argv=None) -> int:
     print(f"{'eps/255':>8} {'ours s':>8} {'ref s':>8} {'speed-up':>9} {'AOI':>7} {'AAI ours':>9} {'AAI ref':>8}")
     rows = []
     for eps in args.eps:
-        attack = parse_attack({"name": f"pgd10_linf_{eps}"})
+        attack = parse_attack({"name": f"pgd10_linf_{eps}", "random_start": args.random_start})
         ours(model, batches[:1], attack, 0)  # warm-up both
-        reference(model, batches[:1], attack.eps_pixels, attack.step_pixels, 10, 0)
+        reference(model, batches[:1], attack, 0)
         t_ours, t_ref = [], []
         for rep in range(args.repeats):
             t = time.perf_counter()
             aoi, aai = ours(model, batches, attack, rep)
             t_ours.append(time.perf_counter() - t)
             t = time.perf_counter()
-            aoi_ref, aai_ref = reference(model, batches, attack.eps_pixels, attack.step_pixels, 10, rep)
+            aoi_ref, aai_ref = reference(model, batches, attack, rep)
             t_ref.append(time.perf_counter() - t)
         a, b = statistics.median(t_ours), statistics.median(t_ref)
         rows.append((eps, a, b, aoi, aai, aai_ref))

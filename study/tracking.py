@@ -186,7 +186,8 @@ def quiet_mlflow() -> None:
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no machine here reaches it
-    for name in ("mlflow.pytorch", "mlflow.utils.environment", "mlflow.models.model"):
+    for name in ("mlflow.pytorch", "mlflow.utils.environment", "mlflow.models.model",
+                 "mlflow.utils.uv_utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

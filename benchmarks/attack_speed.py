@@ -1,9 +1,10 @@
 """Benchmark: this engine's PGD-10 (L-inf) against torchattacks' PGD, in one run.
 
 Same model, same images, same batches, same eps, step (the paper's 1.25 eps / 10) and
-start (the clean image by default, a random point with --random-start). Each side produces what an evaluation needs, AOI and AAI: the reference
-runs a clean forward pass, its attack, and a forward pass on the adversarial images;
-this engine runs ``robust_accuracy``. Timings are the median of interleaved repeats
+start (the clean image by default, a random point with --random-start). Each side
+produces what an evaluation needs, AOI and AAI: the reference runs a clean forward
+pass, its attack, and a forward pass on the adversarial images; this engine runs
+``robust_accuracy``. Timings are the median of interleaved repeats
 after a warm-up. Run it on a demo model:
 
     ./run.sh demo                         # once, to have a full fine-tuned ResNet-18

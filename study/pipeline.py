@@ -222,12 +222,8 @@ def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
 
     Results are kept per attack in ``<checkpoint>.eval.json`` (written after each attack,
     atomically), so a rerun or a resumed job attacks only what is missing; the model is
-    loaded only then. New results go to the stage's MLflow run: ``AOI/<attack>``,
-    ``AAI/<attack>``, ``DR/<attack>``, one ``sanity/<flag>`` metric per flag (1 = passed),
-    ``attacks.csv`` and ``attacks.json`` (a table the UI shows), ``sanity.json``.
+    loaded only then. New results go to the stage's MLflow run (tracking.log_evaluation).
     """
-    import mlflow
-
     attacks = job.cfg.eval.suite(setting)
     if not attacks:
         return [], []
@@ -253,35 +249,10 @@ def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
     flags = evaluate.sanity_flags(records)
     logged = set(store.get("logged", []))
     if any(r["key"] not in logged for r in records):
-        client = mlflow.MlflowClient()
-        run_id = stage.record["run_id"]
-        main = [r for r in records if not r["probe"]]
-        for r in main:
-            if r["key"] in logged:
-                continue
-            for m in ("AOI", "AAI", "DR"):
-                if r[m] == r[m]:  # not NaN
-                    client.log_metric(run_id, f"{m}/{r['attack']}", float(r[m]))
-        for flag_name in dict.fromkeys(f.name for f in flags):
-            ok = all(f.passed for f in flags if f.name == flag_name)
-            client.log_metric(run_id, f"sanity/{flag_name}", 1.0 if ok else 0.0)
-        table = pd_table(main)
-        client.log_text(run_id, table.to_csv(index=False), "attacks.csv")
-        mlflow.log_table(table, artifact_file="attacks.json", run_id=run_id)
-        client.log_dict(run_id, [f.__dict__ for f in flags], "sanity.json")
-        bad = sorted({f.name for f in evaluate.failed(flags)})
-        client.set_tag(run_id, "study.sanity", "pass" if not bad else "fail: " + ", ".join(bad))
+        tracking.log_evaluation(stage.record["run_id"], records, flags, logged)
         store["logged"] = sorted(logged | {r["key"] for r in records})
         atomic_write_text(path, json.dumps(store, indent=1))
     return records, flags
-
-
-def pd_table(records: list[dict]):
-    import pandas as pd
-
-    cols = ["attack", "images", "AOI", "AAI", "DR", "max_delta", "eps_pixels", "in_range",
-            "vanishing_gradients", "seconds"]
-    return pd.DataFrame([{c: r[c] for c in cols} for r in records], columns=cols)
 
 
 def _rows(job: Job, key: str, backbone: str, setting: str, rec: dict, records, flags):

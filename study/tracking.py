@@ -202,6 +202,34 @@ def log_model(model, name: str = "model"):
                                     pip_requirements=pip_requirements())
 
 
+def log_evaluation(run_id: str, records: list[dict], flags: list, logged: set) -> None:
+    """A model's attack results into its run: ``AOI|AAI|DR/<attack>`` for the records not
+    ``logged`` before, ``sanity/<flag>`` (1 = every instance passed), ``attacks.csv``,
+    ``attacks.json`` (a table the UI shows), ``sanity.json`` and the ``study.sanity`` tag."""
+    import mlflow
+    import pandas as pd
+
+    client = mlflow.MlflowClient()
+    main = [r for r in records if not r["probe"]]  # the eps = 0 probe is only a flag
+    for r in main:
+        if r["key"] in logged:
+            continue
+        for m in ("AOI", "AAI", "DR"):
+            if r[m] == r[m]:  # not NaN
+                client.log_metric(run_id, f"{m}/{r['attack']}", float(r[m]))
+    for name in dict.fromkeys(f.name for f in flags):
+        ok = all(f.passed for f in flags if f.name == name)
+        client.log_metric(run_id, f"sanity/{name}", 1.0 if ok else 0.0)
+    cols = ["attack", "images", "AOI", "AAI", "DR", "max_delta", "eps_pixels", "in_range",
+            "vanishing_gradients", "seconds"]
+    table = pd.DataFrame([{c: r[c] for c in cols} for r in main], columns=cols)
+    client.log_text(run_id, table.to_csv(index=False), "attacks.csv")
+    mlflow.log_table(table, artifact_file="attacks.json", run_id=run_id)
+    client.log_dict(run_id, [f.__dict__ for f in flags], "sanity.json")
+    bad = sorted({f.name for f in flags if not f.passed})
+    client.set_tag(run_id, "study.sanity", "pass" if not bad else "fail: " + ", ".join(bad))
+
+
 def get_or_create_experiment(name: str) -> str:
     import mlflow
 

@@ -24,7 +24,8 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from study.objectives import cross_entropy
 
 SETTINGS = ("scratch", "partial", "full")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -45,20 +46,13 @@ class TrainSettings:
     gamma: float = 0.1         # step schedule: decay factor
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
-    amp: bool = True           # bf16 autocast + channels_last, on CUDA only
+    amp: bool = True           # autocast + channels_last, on CUDA only
+    amp_dtype: str = "bfloat16"  # or float16, which adds a gradient scaler
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The StudyModel under a DDP (or similar) wrapper."""
     return getattr(model, "module", model)
-
-
-def cross_entropy(label_smoothing: float = 0.0) -> Callable:
-    def objective(model, images, labels):
-        logits = model(images)
-        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
-
-    return objective
 
 
 def param_groups(model: nn.Module, setting: str, lr_f: float, lr_g: float) -> list[dict]:
@@ -101,9 +95,9 @@ def make_optimizer(groups, s: TrainSettings) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {s.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
 
 
-def autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16"):
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
     return contextlib.nullcontext()
 
 
@@ -142,6 +136,8 @@ class Trainer:
         self.optimizer = make_optimizer(groups, settings)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(settings, steps_per_epoch))
+        # bf16 keeps float32's range and needs no loss scaling; float16 does
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp and settings.amp_dtype == "float16" else None
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
 
@@ -149,6 +145,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "history": list(self.history), "settings": asdict(self.settings),
                 "setting": self.setting}
 
@@ -156,6 +153,8 @@ class Trainer:
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
 
     def _set_mode(self) -> None:
@@ -177,11 +176,16 @@ class Trainer:
                    disable=not (progress and sys.stderr.isatty()), leave=False,
                    dynamic_ncols=True)
         for images, labels in bar:
-            with autocast(self.device, self.amp):
+            with autocast(self.device, self.amp, self.settings.amp_dtype):
                 loss, logits = self.objective(self.model, images, labels)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
             self.scheduler.step()
             n = len(labels)
             loss_sum += loss.item() * n
@@ -194,13 +198,17 @@ class Trainer:
 
     def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
             on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
-            desc: str = "", val_name: str = "val_acc") -> list[dict]:
+            desc: str = "", val_name: str = "val_acc",
+            before_epoch: Callable[[int], None] | None = None) -> list[dict]:
         """Trains from ``self.epoch`` (0, or where a loaded state left off) to the last epoch.
 
         ``val_loader``'s accuracy is recorded each epoch as ``val_name``; it is a monitor,
-        nothing here selects a model by it.
+        nothing here selects a model by it. ``before_epoch(epoch)`` (0-based) runs first
+        each epoch, e.g. to set the loader's resolution (progressive resizing).
         """
         while self.epoch < self.settings.epochs:
+            if before_epoch is not None:
+                before_epoch(self.epoch)
             lrs = self.lrs()  # the rates this epoch starts with
             metrics = self.train_epoch(train_loader, progress, desc)
             if val_loader is not None:

@@ -1,0 +1,112 @@
+"""Training objectives: what the one training engine minimises.
+
+An objective is ``objective(model, images, labels) -> (loss, logits)``. Pre-training,
+fine-tuning and every defense pick one by name in the job file:
+
+* ``standard`` -- cross-entropy on clean images.
+* ``pgd<k>_<linf|l2>_<eps>`` -- Madry et al.'s PGD-k adversarial training: every batch
+  is replaced by its PGD-k adversarial version (random start, step 2.5 * eps / k, the
+  last iterate, never an early exit) and the model is trained on it. eps as in attack
+  names: 1/255 units for L-inf, pixel L2 norm for L2 (Salman et al.'s grids: L-inf 0.5,
+  1, 2, 4, 8 and L2 0.01 ... 5).
+* ``fgsm_<linf|l2>_<eps>`` -- "fast" adversarial training (Wong et al. 2020): one FGSM
+  step of 1.25 * eps from a uniformly random start. About half the cost of PGD-2.
+
+The attack comes from the one attack engine (study.attacks), which takes gradients with
+respect to the input only, so the k attack steps build no weight gradients. A mapping
+``{name: pgd3_linf_4.0, rel_step: 2.0}`` overrides the attack's options.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch.nn import functional as F
+
+from study.attacks import Attack, AttackError, parse_attack
+
+STANDARD = "standard"
+# Training defaults differ from evaluation ones: a random start (without one, training
+# on PGD from the clean image overfits to a single attack path), Madry's 2.5 eps / k
+# step for PGD and Wong et al.'s 1.25 eps for FGSM.
+TRAIN_DEFAULTS = {"pgd": {"random_start": True, "rel_step": 2.5},
+                  "fgsm": {"random_start": True, "rel_step": 1.25}}
+
+
+class ObjectiveError(ValueError):
+    """An objective that cannot be built: unknown name or bad attack options."""
+
+
+def training_attack(spec) -> Attack:
+    """The attack an adversarial objective trains on (see the module docstring)."""
+    options = dict(spec) if isinstance(spec, dict) else {"name": spec}
+    try:
+        base = parse_attack({"name": options["name"]} if "name" in options else options)
+    except AttackError as err:
+        raise ObjectiveError(str(err)) from None
+    if base.kind == "autoattack":
+        raise ObjectiveError(f"objective {options['name']!r}: AutoAttack evaluates; "
+                             f"train with pgd<k>_... or fgsm_...")
+    if "restarts" in options or "max_images" in options:
+        raise ObjectiveError(f"objective {options['name']!r}: restarts and max_images are "
+                             f"evaluation options")
+    try:
+        return parse_attack({**TRAIN_DEFAULTS[base.kind], **options})
+    except AttackError as err:
+        raise ObjectiveError(str(err)) from None
+
+
+def objective_name(spec) -> str:
+    """A stable name: ``standard``, or the training attack's name with any option that
+    differs from the training defaults (``pgd3_linf_4.0``, ``pgd3_linf_4.0[rel_step=2.0]``)."""
+    if spec == STANDARD:
+        return STANDARD
+    attack = training_attack(spec)
+    head = f"pgd{attack.steps}" if attack.kind == "pgd" else "fgsm"
+    plain = training_attack(f"{head}_{attack.norm}_{float(attack.eps)!r}")
+    extra = [f"{k}={getattr(attack, k)}" for k in ("random_start", "rel_step", "targeted")
+             if getattr(attack, k) != getattr(plain, k)]
+    return f"{head}_{attack.norm}_{float(attack.eps)!r}" + (f"[{','.join(extra)}]" if extra else "")
+
+
+def check(spec) -> str:
+    """Validates an objective entry; returns its name (raises ObjectiveError)."""
+    if isinstance(spec, str) and spec.strip() == STANDARD:
+        return STANDARD
+    if not isinstance(spec, (str, dict)):
+        raise ObjectiveError(f"an objective is 'standard' or an attack name like pgd3_linf_4.0, "
+                             f"got {spec!r}")
+    try:
+        return objective_name(spec)
+    except (AttackError, KeyError) as err:
+        raise ObjectiveError(str(err)) from None
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> Callable:
+    def objective(model, images, labels):
+        logits = model(images)
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
+
+    return objective
+
+
+def adversarial(attack: Attack, label_smoothing: float = 0.0, generator=None) -> Callable:
+    """Trains on the attack's last iterate (no early exit). The attack runs on the bare
+    module (never through a DDP wrapper: its input-only backward must not trigger DDP's
+    gradient all-reduce) and in eval mode, as MadryLab's AttackerModel does."""
+    from study.attacks import perturb
+    from study.engine import unwrap
+
+    def objective(model, images, labels):
+        x_adv = perturb(unwrap(model), images, labels, attack, early_stop=False,
+                        generator=generator).x_adv
+        logits = model(x_adv)
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
+
+    return objective
+
+
+def build(spec, label_smoothing: float = 0.0, generator=None) -> Callable:
+    """The objective function of a job-file entry."""
+    if check(spec) == STANDARD:
+        return cross_entropy(label_smoothing)
+    return adversarial(training_attack(spec), label_smoothing, generator)

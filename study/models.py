@@ -125,17 +125,29 @@ def build_model(backbone: str, num_classes: int) -> StudyModel:
     return StudyModel(backbone, num_classes)
 
 
-def load_trunk_weights(model: StudyModel, source: str) -> None:
-    """Loads ImageNet weights into f: ``imagenet`` (torchvision's, downloaded and cached
-    by torchvision) or the path of a torchvision-format state dict (``conv1.weight`` ...
-    ``fc.bias``). The ImageNet classifier (fc) is dropped: g belongs to the target task.
+def load_trunk_weights(model: StudyModel, source: str, keep_classifier: bool = False) -> str:
+    """Loads ImageNet weights into f; returns the format it found. ``source`` is
+    ``imagenet`` (torchvision's, downloaded and cached by torchvision) or a file:
+
+    * a torchvision-format state dict (``conv1.weight`` ... ``fc.bias``), bare or under
+      ``state_dict``;
+    * a checkpoint of MadryLab's robustness library, the format of Salman et al.'s
+      robust ImageNet models: ``{"model": ..., "epoch": ...}`` whose keys carry
+      ``module.model.`` (the network), ``module.attacker.model.`` (the same network again,
+      inside the attacker) and ``module.normalizer.new_mean/new_std`` (the input
+      normalisation, which becomes f's first layer).
+
+    Files are read with ``torch.load(weights_only=True)``: nothing foreign is unpickled.
+    The ImageNet classifier (fc) is dropped, since g belongs to the target task, unless
+    ``keep_classifier`` (and g has fc's shape): then the model is the source network.
     """
+    mean = std = None
     if source == "imagenet":
         import torchvision.models as tvm
 
         weights = tvm.get_model_weights(model.backbone_name).DEFAULT
         state = weights.get_state_dict(progress=True)
-        origin = f"torchvision {weights}"
+        origin, kind = f"torchvision {weights}", "torchvision"
     else:
         path = Path(source).expanduser()
         if not path.is_file():
@@ -145,12 +157,43 @@ def load_trunk_weights(model: StudyModel, source: str) -> None:
         except Exception as err:  # corrupt, truncated or not a tensor-only pickle
             raise ModelError(f"{path}: cannot be read as a weights-only checkpoint ({err})") from None
         origin = str(path)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
+        state, mean, std, kind = _unwrap_state(state, origin)
     if not isinstance(state, dict):
         raise ModelError(f"{origin}: expected a state dict, got {type(state).__name__}")
     trunk_state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     load_state(model.f.backbone, trunk_state, origin, model.backbone_name)
+    if mean is not None and std is not None:
+        model.f.normalize.mean.copy_(mean.reshape(1, -1, 1, 1))
+        model.f.normalize.std.copy_(std.reshape(1, -1, 1, 1))
+    if keep_classifier:
+        fc = {k[3:]: v for k, v in state.items() if k.startswith("fc.")}
+        if not fc:
+            raise ModelError(f"{origin}: has no classifier (fc) to keep")
+        load_state(model.g, fc, origin + " (classifier)", f"a {model.num_classes}-class g")
+    return kind
+
+
+def _unwrap_state(state, origin: str):
+    """(torchvision-style state dict, normaliser mean, std, format name) of a loaded file."""
+    if not isinstance(state, dict):
+        return state, None, None, "unknown"
+    for key in ("model", "state_dict"):  # robustness: "model"; many others: "state_dict"
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    bare = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    if any(k.startswith(("model.", "attacker.model.")) for k in bare):
+        net = {k[len("model."):]: v for k, v in bare.items() if k.startswith("model.")}
+        if not net:  # only the attacker's copy was saved
+            net = {k[len("attacker.model."):]: v for k, v in bare.items()
+                   if k.startswith("attacker.model.")}
+        mean = bare.get("normalizer.new_mean", bare.get("attacker.normalize.new_mean"))
+        std = bare.get("normalizer.new_std", bare.get("attacker.normalize.new_std"))
+        if mean is not None and (mean.numel() != 3 or std is None or std.numel() != 3):
+            raise ModelError(f"{origin}: a robustness-library normaliser with "
+                             f"{mean.numel()} channels; expected 3")
+        return net, mean, std, "robustness"
+    return bare, None, None, "torchvision"
 
 
 def load_state(module: nn.Module, state: dict, origin: str, arch: str) -> None:

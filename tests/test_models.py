@@ -90,3 +90,56 @@ def test_imagenet_weights_come_from_torchvision(monkeypatch):
     load_trunk_weights(model, "imagenet")
     assert asked == [ResNet50_Weights.DEFAULT]
     assert torch.equal(model.f.backbone.layer4[0].conv1.weight, reference.layer4[0].conv1.weight)
+
+
+def _robustness_checkpoint(tv, mean, std, path, prefix="module."):
+    """A checkpoint as MadryLab's robustness library writes it (Salman et al.'s models):
+    the AttackerModel's state dict under "model" -- the network twice (model, and the
+    attacker's model), the input normaliser twice -- plus optimiser state and epoch."""
+    net = tv.state_dict()
+    state = {f"{prefix}normalizer.new_mean": mean.view(3, 1, 1),
+             f"{prefix}normalizer.new_std": std.view(3, 1, 1),
+             f"{prefix}attacker.normalize.new_mean": mean.view(3, 1, 1),
+             f"{prefix}attacker.normalize.new_std": std.view(3, 1, 1)}
+    state.update({f"{prefix}model.{k}": v for k, v in net.items()})
+    state.update({f"{prefix}attacker.model.{k}": v for k, v in net.items()})
+    opt = torch.optim.SGD(tv.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"model": state, "optimizer": opt.state_dict(), "schedule": None, "epoch": 90}, path)
+
+
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_robustness_library_checkpoint_imports_with_the_same_logits(tmp_path, prefix):
+    torch.manual_seed(2)
+    tv = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    for m in tv.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    path = tmp_path / "imagenet_linf_4.pt"
+    _robustness_checkpoint(tv, mean, std, path, prefix)
+
+    model = build_model("resnet18", 10)
+    assert load_trunk_weights(model, str(path), keep_classifier=True) == "robustness"
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        want = tv((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+        assert torch.allclose(model.eval()(x), want, atol=1e-5)
+    # for a target task the classifier is left out, the trunk and normaliser are not
+    target = build_model("resnet18", 3)
+    load_trunk_weights(target, str(path))
+    assert torch.equal(target.f.backbone.layer4[1].conv2.weight, tv.layer4[1].conv2.weight)
+    assert torch.equal(target.f.normalize.std.flatten(), std)
+
+
+def test_robustness_checkpoint_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "resnet50_l2_eps3.ckpt"
+    _robustness_checkpoint(torchvision.models.resnet50(weights=None),
+                           torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225]),
+                           path)
+    with pytest.raises(ModelError, match="resnet50_l2_eps3.ckpt does not fit resnet18"):
+        load_trunk_weights(build_model("resnet18", 3), str(path))
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(path.read_bytes()[:4096])
+    with pytest.raises(ModelError, match="cut.ckpt: cannot be read"):
+        load_trunk_weights(build_model("resnet18", 3), str(truncated))

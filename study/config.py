@@ -18,6 +18,7 @@ from study.data.beton import config_hash
 from study.data.registry import DatasetError, build_split, get_info, resolve_params
 from study.engine import OPTIMIZERS, SCHEDULES, SETTINGS, TrainSettings
 from study.models import BACKBONES
+from study.objectives import ObjectiveError, check as check_objective
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,7 @@ class TrainSpec(_Strict):
     warmup_epochs: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     amp: bool = True
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
 
     def settings(self) -> TrainSettings:
         d = self.model_dump(exclude={"lr"})
@@ -79,15 +81,75 @@ class DataSpec(_Strict):
     workers: int = Field(2, gt=0)        # loader threads and writer processes
 
 
+def _check_objective(spec):
+    try:
+        check_objective(spec)
+    except ObjectiveError as err:
+        raise ValueError(str(err)) from None
+    return spec
+
+
+Objective = Annotated[Any, AfterValidator(_check_objective)]
+
+
+class ScalingSpec(_Strict):
+    """Ray Train's ScalingConfig: DDP workers, each with its own FFCV loader."""
+    workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)   # also the worker's loader threads
+    gpus_per_worker: float = Field(1, gt=0)   # with use_gpu
+
+
+class Progressive(_Strict):
+    """ffcv-imagenet's progressive resizing: min_res until start_ramp, then linearly to
+    max_res at end_ramp (epochs, 0-based), in steps of `step` pixels."""
+    min_res: int = Field(gt=0)
+    max_res: int = Field(gt=0)
+    start_ramp: int = Field(ge=0)
+    end_ramp: int = Field(gt=0)
+    step: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min_res > self.max_res or self.start_ramp >= self.end_ramp:
+            raise ValueError("progressive needs min_res <= max_res and start_ramp < end_ramp")
+        return self
+
+
 class PretrainSpec(_Strict):
     dataset: Optional[str] = None        # a key of `datasets`; not needed with weights
     backbones: list[Backbone] = Field(default_factory=lambda: ["resnet18"], min_length=1)
     weights: Optional[str] = None        # None: train; "imagenet" or a file: import instead
+    # one pre-trained backbone per objective: standard, pgd<k>_<norm>_<eps> (Madry), or
+    # fgsm_<norm>_<eps> (fast AT, random start); see study.objectives
+    objectives: list[Objective] = Field(default_factory=lambda: ["standard"], min_length=1)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint
+    progressive: Optional[Progressive] = None
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct_objectives(cls, specs):
+        names = [check_objective(s) for s in specs]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"objective {name!r} is listed twice")
+        return specs
+
+    def objective_names(self) -> list[str]:
+        return [check_objective(s) for s in self.objectives]
+
+
+class RaySpec(_Strict):
+    address: Optional[str] = None        # a running cluster; default $RAY_ADDRESS or a local Ray
+    num_cpus: Optional[int] = Field(None, gt=0)  # a local Ray's CPUs (default: all)
+    storage: str = "ray"                 # Ray Train/Tune storage: relative to OUT, a path or a URI
 
 
 class FinetuneSpec(_Strict):
     datasets: list[str] = Field(min_length=1)
+    source: Optional[str] = None         # which pretrain objective to fine-tune; default the first
     settings: list[Setting] = Field(default_factory=lambda: list(SETTINGS), min_length=1)
     train: TrainSpec = Field(default_factory=TrainSpec)
     overrides: dict[Setting, TrainSpec] = Field(default_factory=dict)  # per-setting changes
@@ -156,8 +218,9 @@ class JobConfig(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     datasets: dict[str, DatasetSpec] = Field(min_length=1)
     pretrain: PretrainSpec
-    finetune: FinetuneSpec
+    finetune: Optional[FinetuneSpec] = None   # None: a job that only pre-trains
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
 
     @model_validator(mode="after")
     def _cross(self):
@@ -186,7 +249,18 @@ class JobConfig(_Strict):
                                   f"(have: {', '.join(self.datasets)})")
         elif p.weights != "imagenet" and not Path(p.weights).expanduser().is_file():
             raise _FieldError("pretrain.weights", f"weights file not found: {p.weights}")
-        for i, d in enumerate(self.finetune.datasets):
+        if p.weights is not None and p.objectives != ["standard"]:
+            raise _FieldError("pretrain.objectives", "imported weights are not trained here: "
+                              "leave objectives out with pretrain.weights")
+        if p.train.batch_size % p.scaling.workers:
+            raise _FieldError("pretrain.train.batch_size", f"{p.train.batch_size} is not divisible "
+                              f"by pretrain.scaling.workers ({p.scaling.workers}): each worker "
+                              f"takes an equal share of the global batch")
+        source = self.finetune.source if self.finetune else None
+        if source is not None and source not in p.objective_names():
+            raise _FieldError("finetune.source", f"{source!r} is not one of pretrain.objectives "
+                              f"(have: {', '.join(p.objective_names())})")
+        for i, d in enumerate(self.finetune.datasets if self.finetune else []):
             if d not in self.datasets:
                 raise _FieldError(f"finetune.datasets[{i}]", f"{d!r} is not a key of datasets "
                                   f"(have: {', '.join(self.datasets)})")
@@ -207,6 +281,10 @@ class JobConfig(_Strict):
         if spec.resolution:
             return spec.resolution
         return int(self.dataset_params(key).get("image_size", 224))
+
+    def source_objective(self) -> str:
+        """The pretrain objective whose backbone the fine-tunes start from."""
+        return (self.finetune and self.finetune.source) or self.pretrain.objective_names()[0]
 
     def resolved(self) -> dict:
         return json.loads(self.model_dump_json())

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from study import evaluate, results, tracking
+from study import distributed, evaluate, objectives, results, tracking
 from study.config import ConfigError, JobConfig
 from study.data.beton import atomic_write_text, config_hash, prepare
 from study.data.loaders import make_loader
@@ -75,13 +75,19 @@ class Job:
 
 
 # -- stages -----------------------------------------------------------------------------
+def _safe(v) -> str:
+    """A name part fit for file names (objective names may carry [option=value])."""
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in str(v)).strip("_")
+
+
 class Stage:
     """One trained model: its key, checkpoint, record and MLflow child run."""
 
     def __init__(self, job: Job, kind: str, ident: dict):
         self.job, self.kind, self.ident = job, kind, ident
         self.key = config_hash(ident)
-        stem = "-".join([kind] + [str(v) for k, v in ident.items() if k in ("dataset", "backbone", "setting")])
+        stem = "-".join([kind] + [_safe(v) for k, v in ident.items()
+                                  if k in ("dataset", "backbone", "setting", "objective")])
         folder = job.out / "checkpoints"
         self.ckpt = folder / f"{stem}-{self.key}.pt"
         self.record_path = self.ckpt.with_suffix(".json")
@@ -98,22 +104,30 @@ class Stage:
         self.pending.unlink(missing_ok=True)
         return record
 
-    def start_run(self, name: str):
-        """A child run of the job; a run left RUNNING by a killed attempt is marked KILLED."""
+    def start_run(self, name: str, resume: bool = False):
+        """A child run of the job. A run left RUNNING by a killed attempt is marked KILLED,
+        or, with ``resume`` (a stage that restores its own progress, as Ray Train does from
+        its storage), continued, so its metric history stays in one run."""
         import mlflow
 
+        run = None
         if self.pending.is_file():
             stale = self.pending.read_text().strip()
             try:
-                mlflow.MlflowClient().set_terminated(stale, status="KILLED")
+                if resume:
+                    mlflow.MlflowClient().get_run(stale)
+                    run = mlflow.start_run(run_id=stale, nested=True)
+                else:
+                    mlflow.MlflowClient().set_terminated(stale, status="KILLED")
             except Exception:
                 pass  # the run lives in another store; nothing to mend
-        run = mlflow.start_run(run_name=name, nested=True)
+        if run is None:
+            run = mlflow.start_run(run_name=name, nested=True)
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.pending, run.info.run_id)
         mlflow.set_tags({"study.stage": self.kind, "study.stage_key": self.key,
                          **{f"study.{k}": str(v) for k, v in self.ident.items()
-                            if k in ("dataset", "backbone", "setting")}})
+                            if k in ("dataset", "backbone", "setting", "objective", "source")}})
         return run
 
 
@@ -151,16 +165,19 @@ def _train_and_log(job: Job, stage: Stage, model, setting: str, spec, key: str,
                              "checkpoint": str(stage.ckpt)})
 
 
-def pretrain(job: Job, backbone: str) -> Stage:
+def pretrain(job: Job, backbone: str, objective) -> Stage:
+    """Stage 1 for one backbone and objective: import weights, or train on Ray Train."""
     cfg, p = job.cfg, job.cfg.pretrain
     key = p.dataset
+    name = objectives.objective_name(objective)
     ident = {"stage": "pretrain", "backbone": backbone, "seed": cfg.seed, "weights": p.weights}
     if p.weights is None:
         ident.update(dataset=cfg.dataset_name(key), data=cfg.dataset_params(key),
-                     resolution=cfg.resolution(key), train=p.train.model_dump())
+                     resolution=cfg.resolution(key), train=p.train.model_dump(), objective=name,
+                     progressive=p.progressive.model_dump() if p.progressive else None)
     stage = Stage(job, "pretrain", ident)
     if stage.record is not None:
-        log(f"pretrain {backbone}: done before, reusing {stage.ckpt.name}")
+        log(f"pretrain {backbone} ({name}): done before, reusing {stage.ckpt.name}")
         return stage
 
     torch.manual_seed(cfg.seed)
@@ -176,14 +193,55 @@ def pretrain(job: Job, backbone: str) -> Stage:
             stage.finish({"run_id": run.info.run_id, "AOI": None, "checkpoint": str(stage.ckpt)})
         return stage
 
-    log(f"pretrain {backbone} on {cfg.dataset_name(key)}")
-    model = build_model(backbone, job.num_classes(key))
-    params = {"stage": "pretrain", "backbone": backbone, "dataset": cfg.dataset_name(key),
-              "setting": "scratch", "seed": cfg.seed, "train": p.train.model_dump()}
-    rec = _train_and_log(job, stage, model, "scratch", p.train, key,
-                         f"pretrain-{backbone}-{cfg.dataset_name(key)}", params)
-    log(f"pretrain {backbone}: source AOI {rec['AOI']:.2f}")
+    run_name = f"pretrain-{backbone}-{cfg.dataset_name(key)}-{name}"
+    log(f"pretrain {backbone} on {cfg.dataset_name(key)}, objective {name}, "
+        f"{p.scaling.workers} Ray Train worker(s)")
+    rec = _train_on_ray(job, stage, backbone, objective, key, run_name)
+    log(f"pretrain {backbone} ({name}): source AOI {rec['AOI']:.2f}")
     return stage
+
+
+def _train_on_ray(job: Job, stage: Stage, backbone: str, objective, key: str, run_name: str) -> dict:
+    """Trains stage 1 with Ray Train (study.distributed); the driver then measures AOI,
+    writes the study checkpoint and logs the model. A rerun after a crash continues the
+    same MLflow run and Ray Train run (both are keyed by the stage)."""
+    import dataclasses
+
+    import mlflow
+
+    cfg, p = job.cfg, job.cfg.pretrain
+    distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    params = {"stage": "pretrain", "backbone": backbone, "dataset": cfg.dataset_name(key),
+              "objective": objectives.objective_name(objective), "seed": cfg.seed,
+              "train": p.train.model_dump(), "scaling": p.scaling.model_dump(),
+              "progressive": p.progressive.model_dump() if p.progressive else None}
+    with stage.start_run(run_name, resume=True) as run:
+        if not run.data.params:
+            tracking.log_params(params)
+            tracking.log_yaml(params, "config.yaml")
+        worker_cfg = distributed.worker_config(
+            beton=job.beton(key, "train"), dataset=cfg.dataset_name(key),
+            resolution=cfg.resolution(key), num_classes=job.num_classes(key), backbone=backbone,
+            objective=objective, train=dataclasses.asdict(p.train.settings()), seed=cfg.seed,
+            use_gpu=p.scaling.use_gpu, desc=run_name, run_id=run.info.run_id,
+            tracking_uri=mlflow.get_tracking_uri(),
+            progressive=p.progressive.model_dump() if p.progressive else None)
+        state = distributed.fit(worker_cfg, name=stage.ckpt.stem,
+                                storage=distributed.storage_path(cfg.ray.storage, job.out),
+                                workers=p.scaling.workers, use_gpu=p.scaling.use_gpu,
+                                cpus_per_worker=p.scaling.cpus_per_worker,
+                                gpus_per_worker=p.scaling.gpus_per_worker,
+                                max_failures=p.max_failures)
+        model = build_model(backbone, job.num_classes(key))
+        model.load_state_dict(state["model"])
+        model.to(job.device)
+        test_loader = job.loader(key, "test", cfg.eval.batch_size, train=False)
+        aoi = job.aoi(model, test_loader)
+        mlflow.log_metric("AOI", aoi)
+        save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
+        tracking.log_model(model)
+        return stage.finish({"run_id": run.info.run_id, "AOI": aoi, "history": state["history"],
+                             "checkpoint": str(stage.ckpt)})
 
 
 def finetune(job: Job, key: str, backbone: str, setting: str, source: Stage) -> Stage:
@@ -255,9 +313,12 @@ def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
     return records, flags
 
 
-def _rows(job: Job, key: str, backbone: str, setting: str, rec: dict, records, flags):
-    """Result rows of one model: the clean row, then one per attack."""
-    base = {"dataset": job.cfg.dataset_name(key), "backbone": backbone, "setting": setting}
+def _rows(job: Job, key: str, backbone: str, setting: str, source: str | None, rec: dict,
+          records, flags):
+    """Result rows of one model: the clean row, then one per attack. ``source`` is the
+    pre-training objective of a pre-trained model or of a fine-tune's backbone."""
+    base = {"dataset": job.cfg.dataset_name(key), "backbone": backbone, "setting": setting,
+            "source": source}
     rows = [{**base, "AOI": rec["AOI"]}]
     for r in records:
         if r["probe"]:
@@ -303,7 +364,8 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
     atomic_write_text(out / "job.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
 
     used = {cfg.pretrain.dataset} if cfg.pretrain.weights is None else set()
-    used |= set(cfg.finetune.datasets)
+    targets = cfg.finetune.datasets if cfg.finetune else []
+    used |= set(targets)
     for key in sorted(used):
         name = cfg.dataset_name(key)
         prepared = prepare(name, job.data_dir, root=cfg.dataset_root(key),
@@ -319,19 +381,25 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
                 tracking.log_params(cfg.resolved())
             rows, sanity = [], []
 
-            def add(stage, key, backbone, setting):
+            def add(stage, key, backbone, setting, source):
                 records, flags = evaluate_stage(job, stage, key, backbone, setting)
-                r, s = _rows(job, key, backbone, setting, stage.record, records, flags)
+                r, s = _rows(job, key, backbone, setting, source, stage.record, records, flags)
                 rows.extend(r)
                 sanity.extend(s)
 
+            source_name = cfg.source_objective()
             for backbone in cfg.pretrain.backbones:
-                source = pretrain(job, backbone)
-                if source.record.get("AOI") is not None:  # trained here, so it has a test split
-                    add(source, cfg.pretrain.dataset, backbone, "pretrain")
-                for key in cfg.finetune.datasets:
+                sources = {}
+                for objective in cfg.pretrain.objectives:
+                    name = objectives.objective_name(objective)
+                    sources[name] = stage = pretrain(job, backbone, objective)
+                    if stage.record.get("AOI") is not None:  # trained here: it has a test split
+                        add(stage, cfg.pretrain.dataset, backbone, "pretrain", name)
+                source = sources[source_name]
+                for key in targets:
                     for setting in cfg.finetune.settings:
-                        add(finetune(job, key, backbone, setting, source), key, backbone, setting)
+                        add(finetune(job, key, backbone, setting, source), key, backbone, setting,
+                            None if setting == "scratch" else source_name)
             df, md = results.write(rows, out, title=f"{cfg.name}: results", sanity=sanity)
             for name in ("results.csv", "results.md", "sanity.csv"):
                 mlflow.log_artifact(str(out / name))

@@ -62,6 +62,25 @@ def _pick(df: pd.DataFrame, dataset: str, setting: str, attack: str):
     return hit.iloc[0] if len(hit) else None
 
 
+def stage1(df: pd.DataFrame) -> str:
+    """The pre-trained backbones on their source task: AOI, and AAI under each attack."""
+    pre = df[df.setting == "pretrain"]
+    if pre.empty:
+        return ""
+    attacks = [a for a in dict.fromkeys(pre.attack.dropna()) if a]
+    rows = []
+    for (dataset, backbone, source), g in pre.groupby(["dataset", "backbone", "source"], sort=False):
+        clean = g[g.attack.isna() | (g.attack == "")]
+        cells = [dataset, backbone, str(source), _fmt(clean.AOI.iloc[0] if len(clean) else None)]
+        for a in attacks:
+            hit = g[g.attack == a]
+            cells.append(_fmt(hit.AAI.iloc[0] if len(hit) else None))
+        rows.append(cells)
+    return ("## Stage 1: pre-trained backbones on the source task\n\n"
+            "AOI, and AAI under each attack (the paper publishes none of these).\n\n"
+            + _md(["source task", "backbone", "pre-training", "AOI"] + [f"AAI {a}" for a in attacks], rows))
+
+
 def table1(df: pd.DataFrame) -> str:
     """Table 1: AOI, AAI and DR of the standard model, partial and full fine-tune under
     PGD-10 at 0.5/255, one block per target dataset, the paper's value after ours."""

@@ -1,4 +1,8 @@
-"""The results table: one tidy row per (dataset, backbone, setting, attack).
+"""The results table: one tidy row per (dataset, backbone, setting, source, attack).
+
+``source`` is the pre-training objective (``standard``, ``pgd3_linf_4.0``, ...): of the
+backbone itself for a ``pretrain`` row, of the backbone a fine-tune started from
+otherwise (empty for the standard model, which has none).
 
 ``OUT/results.csv`` is for machines, ``OUT/results.md`` and the console for people.
 AOI, AAI and DR are percentages; a clean row (empty attack) has the AOI of the whole
@@ -16,9 +20,9 @@ import pandas as pd
 from study import report
 from study.data.beton import atomic_write_text
 
-COLUMNS = ["dataset", "backbone", "setting", "attack", "images", "AOI", "AAI", "DR", "flags",
+COLUMNS = ["dataset", "backbone", "setting", "source", "attack", "images", "AOI", "AAI", "DR", "flags",
            "paper_AOI", "paper_AAI", "paper_DR"]
-SANITY_COLUMNS = ["dataset", "backbone", "setting", "flag", "attack", "passed", "detail"]
+SANITY_COLUMNS = ["dataset", "backbone", "setting", "source", "flag", "attack", "passed", "detail"]
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
@@ -43,7 +47,7 @@ def sanity_markdown(sanity: pd.DataFrame) -> str:
     if bad.empty:
         names = ", ".join(dict.fromkeys(sanity.flag))
         return f"{head}\n\nChecked: {names}."
-    cols = ["dataset", "setting", "flag", "attack", "detail"]
+    cols = ["dataset", "setting", "source", "flag", "attack", "detail"]
     return head + "\n\nFailed (shown, not hidden):\n\n" + to_markdown(bad[cols])
 
 
@@ -56,7 +60,7 @@ def write(rows: list[dict], out: Path, title: str = "",
     san = pd.DataFrame(sanity or [], columns=SANITY_COLUMNS)
     atomic_write_text(out / "results.csv", df.to_csv(index=False))
     atomic_write_text(out / "sanity.csv", san.to_csv(index=False))
-    parts = [f"# {title}" if title else "", report.table1(df), report.table2(df),
+    parts = [f"# {title}" if title else "", report.stage1(df), report.table1(df), report.table2(df),
              sanity_markdown(san), "## All results\n\n" + to_markdown(df)]
     md = "\n\n".join(p for p in parts if p) + "\n"
     atomic_write_text(out / "results.md", md)

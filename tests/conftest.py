@@ -34,3 +34,23 @@ def trained(tmp_path_factory):
     Trainer(model, TrainSettings(epochs=6, lr_f=0.05, lr_g=0.05), "scratch", len(train)).fit(
         train, progress=False)
     return model.eval(), [(x.clone(), y.clone()) for x, y in test]  # FFCV reuses its buffers
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) for the whole test session."""
+    import ray
+
+    ray.init(num_cpus=2, dashboard_host="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (sqlite backend) on 127.0.0.1 for the session."""
+    from study.tracking import LocalServer
+
+    root = tmp_path_factory.mktemp("mlflow")
+    with LocalServer(root) as server:
+        yield server.uri

@@ -47,6 +47,20 @@ def _with(path, value):
     (("eval", "attacks"), [{"name": "autoattack_linf_0.5", "restarts": 2}],
      "eval.attacks[0]: attack 'autoattack_linf_0.5': unknown option 'restarts'"),
     (("eval", "attacks"), ["fgsm_linf_2", "fgsm_linf_2.0"], "eval.attacks: attack 'fgsm_linf_2.0' is listed twice"),
+    (("pretrain", "objectives"), ["standard", "pgd3_linf_-4"],
+     "pretrain.objectives[1]: attack 'pgd3_linf_-4': eps must not be negative"),
+    (("pretrain", "objectives"), ["trades_linf_8"], "pretrain.objectives[0]: unknown attack 'trades_linf_8'"),
+    (("pretrain", "objectives"), ["autoattack_linf_4.0"],
+     "pretrain.objectives[0]: objective 'autoattack_linf_4.0': AutoAttack evaluates"),
+    (("pretrain", "objectives"), [{"name": "pgd3_l2_3.0", "restarts": 2}],
+     "pretrain.objectives[0]: objective 'pgd3_l2_3.0': restarts and max_images are evaluation options"),
+    (("pretrain", "objectives"), ["pgd3_linf_4", "pgd3_linf_4.0"],
+     "pretrain.objectives: objective 'pgd3_linf_4.0' is listed twice"),
+    (("pretrain", "scaling"), {"workers": 3}, "pretrain.train.batch_size: 128 is not divisible by"),
+    (("pretrain", "scaling"), {"workers": 0}, "pretrain.scaling.workers: Input should be greater than 0"),
+    (("finetune", "source"), "pgd3_linf_4.0", "finetune.source: 'pgd3_linf_4.0' is not one of pretrain.objectives"),
+    (("pretrain", "progressive"), {"min_res": 192, "max_res": 160, "start_ramp": 1, "end_ramp": 2},
+     "pretrain.progressive: progressive needs min_res <= max_res"),
 ])
 def test_bad_configs_give_one_line_naming_the_field(path, value, message):
     with pytest.raises(config.ConfigError) as err:
@@ -141,3 +155,19 @@ def test_cuda_asked_for_without_a_gpu_is_a_usage_error(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["run", str(job), "--out", str(out)]) == 2
     assert "device: cuda" in capsys.readouterr().err and not out.exists()
+
+
+def test_cluster_pretraining_job_is_valid_given_its_data(tmp_path):
+    """jobs/pretrain_imagenet.yaml: everything but the shared ImageNet mount checks out."""
+    from pathlib import Path
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "pretrain_imagenet.yaml").read_text())
+    with pytest.raises(config.ConfigError, match="datasets.imagenet.root: data root does not exist"):
+        config.parse(copy.deepcopy(raw))
+    raw["datasets"]["imagenet"]["root"] = str(tmp_path)
+    cfg = config.parse(raw)
+    names = cfg.pretrain.objective_names()
+    assert len(cfg.pretrain.backbones) == 5 and len(names) == 15
+    assert names[0] == "standard" and "pgd3_linf_8.0[rel_step=2.0]" in names
+    assert "pgd3_l2_5.0[rel_step=2.0]" in names and "pgd3_l2_0.01[rel_step=2.0]" in names
+    assert cfg.pretrain.scaling.use_gpu and cfg.finetune is None

@@ -108,3 +108,12 @@ def test_truncated_beton_is_named(tmp_path):
     again = prepare("alphabet", tmp_path, params=dict(train_per_class=2, test_per_class=1),
                     workers=1)["test"]
     assert again.written and again.beton.stat().st_size == len(data)
+
+
+def test_progressive_resizing_changes_the_training_crop(small_alphabet):
+    loader = make_loader(small_alphabet["train"].beton, train=True, resolution=32, batch_size=16,
+                         workers=1, seed=0)
+    assert next(iter(loader))[0].shape[-1] == 32
+    loader.set_resolution(24)
+    x, _ = next(iter(loader))
+    assert x.shape[-2:] == (24, 24) and 0 <= float(x.min()) and float(x.max()) <= 1

@@ -29,7 +29,7 @@ ATTACKS = ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0", "autoattack_linf
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, ray_local):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     root = tmp_path_factory.mktemp("tiny")
     job = root / "tiny.yaml"
@@ -42,8 +42,12 @@ def tiny_run(tmp_path_factory):
 def test_results_table(tiny_run):
     _, out = tiny_run
     df = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
-    assert list(df.columns) == ["dataset", "backbone", "setting", "attack", "images", "AOI", "AAI",
-                                "DR", "flags", "paper_AOI", "paper_AAI", "paper_DR"]
+    assert list(df.columns) == ["dataset", "backbone", "setting", "source", "attack", "images", "AOI",
+                                "AAI", "DR", "flags", "paper_AOI", "paper_AAI", "paper_DR"]
+    # the pre-training objective: the backbone's own, or the one a fine-tune started from
+    sources = df.drop_duplicates(["dataset", "setting"]).set_index("setting").source
+    assert sources.pretrain == "standard" and sources.full == sources.partial == "standard"
+    assert pd.isna(sources.scratch)
     models = [["shapes", "pretrain"], ["alphabet", "scratch"], ["alphabet", "partial"], ["alphabet", "full"]]
     clean = df[df.attack.isna()]
     assert clean[["dataset", "setting"]].values.tolist() == models
@@ -65,6 +69,8 @@ def test_results_table(tiny_run):
     assert df[df.dataset == "shapes"].paper_AOI.isna().all()
     md = (out / "results.md").read_text()
     assert "## Table 1" in md and "## Table 2" in md and "## Sanity checks" in md
+    assert "## Stage 1: pre-trained backbones on the source task" in md
+    assert "| shapes | resnet18 | standard |" in md
     assert "full fine-tune | " in md and "(2.90)" in md and "(75.83)" in md
     sanity = pd.read_csv(out / "sanity.csv")
     assert {"in_ball", "in_range", "eps0_aai_eq_aoi", "pgd_le_fgsm", "autoattack_le_pgd",

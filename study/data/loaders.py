@@ -41,9 +41,22 @@ _ignore_numba_finalizer_noise()
 class ImageLoader:
     """Wraps an FFCV Loader; converts uint8 NCHW batches to float in [0, 1] on ``device``."""
 
-    def __init__(self, loader, device: torch.device, channels_last: bool, manifest: dict | None):
+    def __init__(self, loader, device: torch.device, channels_last: bool, manifest: dict | None,
+                 decoder=None):
         self.loader, self.device, self.channels_last = loader, device, channels_last
         self.manifest = manifest or {}
+        self.decoder = decoder
+
+    def set_resolution(self, side: int) -> None:
+        """The training crop's side from the next epoch on (progressive resizing, as
+        ffcv-imagenet does it: the decoder's output size is read when an epoch starts)."""
+        if self.decoder is None:
+            raise ValueError("set_resolution: only a training loader resizes")
+        self.decoder.output_size = (int(side), int(side))
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next epoch's index: a resumed run sees the same shuffled order it would have."""
+        self.loader.next_epoch = int(epoch)
 
     def __len__(self):
         return len(self.loader)
@@ -71,8 +84,10 @@ def make_loader(beton, *, train: bool, resolution: int, batch_size: int, dataset
     check_beton(beton, manifest)  # a clear error now beats a numba crash in a worker thread
     info = get_info(dataset or (manifest or {}).get("dataset", "folder"))
     size = (resolution, resolution)
+    decoder = None
     if train:
-        image_ops = [RandomResizedCropRGBImageDecoder(size, scale=info.crop_scale)]
+        decoder = RandomResizedCropRGBImageDecoder(size, scale=info.crop_scale)
+        image_ops = [decoder]
         if info.flip:
             image_ops.append(RandomHorizontalFlip())
     else:
@@ -85,4 +100,4 @@ def make_loader(beton, *, train: bool, resolution: int, batch_size: int, dataset
         drop_last=train if drop_last is None else drop_last,
         pipelines={"image": image_ops, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
     )
-    return ImageLoader(loader, torch.device(device), channels_last, manifest)
+    return ImageLoader(loader, torch.device(device), channels_last, manifest, decoder)

@@ -1,0 +1,188 @@
+"""Stage 1 on Ray Train (local Ray, 2 CPUs): 2 workers against 1, a worker killed mid-run,
+the same on a fake 2-node cluster, and MLflow's epoch history exactly once."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from study import distributed
+from study.engine import TrainSettings
+
+EPOCHS = 5
+
+
+def _cfg(beton, **kw):
+    settings = TrainSettings(epochs=kw.pop("epochs", EPOCHS), batch_size=64, lr_f=0.05, lr_g=0.05,
+                             warmup_epochs=0)
+    return distributed.worker_config(beton=beton, dataset="alphabet", resolution=32, num_classes=26,
+                                     backbone="resnet18", objective=kw.pop("objective", "standard"),
+                                     train=asdict(settings), seed=0, use_gpu=False,
+                                     desc=kw.pop("desc", "test"), **kw)
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them ray::RayTrainWorker...)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(p.info["pid"])
+    return sorted(pids)
+
+
+def kill_after_first_checkpoint(storage: Path, name: str, killed: list, timeout=300):
+    """SIGKILLs one training worker mid-run, as soon as Ray Train has registered a
+    checkpoint (its checkpoint-manager snapshot appears in storage): a report that the
+    controller has not yet taken in dies with the worker, so an earlier kill would
+    rightly restart from scratch."""
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (storage / name / "checkpoint_manager_snapshot.json").is_file():
+                pids = train_worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+                    return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _run(mlflow_uri, name):
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("ray-train-tests") or None
+    exp_id = exp.experiment_id if exp else client.create_experiment("ray-train-tests")
+    return client, client.create_run(exp_id, run_name=name).info.run_id
+
+
+def _assert_each_epoch_once(client, run_id, epochs):
+    for key in ("train_loss", "train_acc", "workers_in_sync"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(1, epochs + 1)), (key, steps)
+
+
+def test_two_workers_match_one_and_a_killed_worker_resumes(ray_local, small_alphabet, tmp_path,
+                                                            mlflow_server):
+    beton = small_alphabet["train"].beton
+    one = distributed.fit(_cfg(beton, desc="one"), name="one", storage=str(tmp_path), workers=1)
+
+    client, run_id = _run(mlflow_server, "two-killed")
+    killed = []
+    watcher = kill_after_first_checkpoint(tmp_path, "two", killed)
+    two = distributed.fit(_cfg(beton, desc="two", run_id=run_id, tracking_uri=mlflow_server),
+                          name="two", storage=str(tmp_path), workers=2, max_failures=2)
+    watcher.join(timeout=1)
+
+    # same progress: the loss falls on both, to a similar level (one global batch size)
+    for h in (one["history"], two["history"]):
+        assert [m["epoch"] for m in h] == list(range(1, EPOCHS + 1))
+        assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"]
+    assert abs(one["history"][-1]["train_loss"] - two["history"][-1]["train_loss"]) \
+        < 0.35 * one["history"][0]["train_loss"]
+    # DDP kept the workers' weights identical at every epoch, before and after the restart
+    assert all(m["workers_in_sync"] == 1.0 for m in two["history"])
+    # a worker was killed mid-run; the group came back from a checkpoint, not from scratch
+    assert killed, "no worker was found to kill"
+    assert two["history"][-1]["restarts"] >= 1
+    assert two["history"][0]["restarts"] == 0
+    assert two["epoch"] == EPOCHS
+    _assert_each_epoch_once(client, run_id, EPOCHS)
+
+    # a driver that died after training: the same run again is restored from storage,
+    # nothing is trained twice
+    again = distributed.fit(_cfg(beton, desc="one"), name="one", storage=str(tmp_path), workers=1)
+    assert again["history"] == one["history"]
+    assert all(torch.equal(v, again["model"][k]) for k, v in one["model"].items())
+
+
+TWO_NODES = r"""
+import json, sys, threading
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+sys.path.insert(0, sys.argv[1])
+from test_distributed import _cfg, kill_after_first_checkpoint
+from study import distributed
+
+beton, storage, uri, run_id = sys.argv[2:6]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+try:
+    ray.init(address=cluster.address)
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    killed = []
+    watcher = kill_after_first_checkpoint(Path(storage), "nodes", killed)
+    state = distributed.fit(_cfg(beton, desc="nodes", run_id=run_id, tracking_uri=uri),
+                            name="nodes", storage=storage, workers=2, max_failures=2)
+    watcher.join(timeout=1)
+    print("RESULT " + json.dumps({"history": state["history"], "killed": killed,
+                                   "epoch": state["epoch"]}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_the_same_on_a_fake_two_node_cluster(small_alphabet, tmp_path, mlflow_server):
+    """A separate process: the session's Ray stays as it is, the cluster lives and dies
+    with the subprocess."""
+    client, run_id = _run(mlflow_server, "two-nodes-killed")
+    script = tmp_path / "two_nodes.py"
+    script.write_text(TWO_NODES)
+    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent),
+                           str(small_alphabet["train"].beton), str(tmp_path / "storage"),
+                           mlflow_server, run_id],
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert res["killed"] and res["epoch"] == EPOCHS
+    h = res["history"]
+    assert [m["epoch"] for m in h] == list(range(1, EPOCHS + 1))
+    assert h[-1]["restarts"] >= 1 and all(m["workers_in_sync"] == 1.0 for m in h)
+    _assert_each_epoch_once(client, run_id, EPOCHS)
+
+
+def test_sync_history_logs_each_epoch_once(mlflow_server):
+    client, run_id = _run(mlflow_server, "sync")
+    history = [{"epoch": e, "train_loss": 1.0 / e} for e in (1, 2, 3)]
+    assert distributed.sync_history(client, run_id, history[:2]) == 2
+    assert distributed.sync_history(client, run_id, history) == 1  # only epoch 3 is new
+    assert distributed.sync_history(client, run_id, history) == 0
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert sorted(steps) == [1, 2, 3]
+
+
+def test_fingerprint_tells_weights_apart():
+    from study.models import build_model
+
+    torch.manual_seed(0)
+    a = build_model("resnet18", 3)
+    b = build_model("resnet18", 3)
+    b.load_state_dict(a.state_dict())
+    assert distributed.fingerprint(a) == distributed.fingerprint(b)
+    with torch.no_grad():
+        b.g.bias[0] += 1e-3
+    assert distributed.fingerprint(a) != distributed.fingerprint(b)
+
+
+@pytest.mark.parametrize("epoch,res", [(0, 160), (2, 160), (4, 176), (6, 192), (9, 192)])
+def test_progressive_resizing_follows_ffcv_imagenet(epoch, res):
+    spec = {"min_res": 160, "max_res": 192, "start_ramp": 2, "end_ramp": 6, "step": 16}
+    assert distributed.resolution_at(epoch, spec, 224) == res
+    assert distributed.resolution_at(epoch, None, 224) == 224

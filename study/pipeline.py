@@ -388,14 +388,16 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
                 sanity.extend(s)
 
             source_name = cfg.source_objective()
+            sources = {}  # stage 1 first, all of it: then the local Ray can go
             for backbone in cfg.pretrain.backbones:
-                sources = {}
                 for objective in cfg.pretrain.objectives:
                     name = objectives.objective_name(objective)
-                    sources[name] = stage = pretrain(job, backbone, objective)
+                    sources[backbone, name] = stage = pretrain(job, backbone, objective)
                     if stage.record.get("AOI") is not None:  # trained here: it has a test split
                         add(stage, cfg.pretrain.dataset, backbone, "pretrain", name)
-                source = sources[source_name]
+            distributed.release_ray()
+            for backbone in cfg.pretrain.backbones:
+                source = sources[backbone, source_name]
                 for key in targets:
                     for setting in cfg.finetune.settings:
                         add(finetune(job, key, backbone, setting, source), key, backbone, setting,

@@ -155,14 +155,21 @@ def _train_and_log(job: Job, stage: Stage, model, setting: str, spec, key: str,
 
         trainer.fit(train_loader, test_loader, on_epoch=on_epoch, progress=job.progress,
                     desc=run_name, val_name="test_acc")
-        model = trainer.model
-        aoi = job.aoi(model, test_loader)
-        mlflow.log_metric("AOI", aoi)
-        save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
-        tracking.log_model(model)
-        model.to(job.device)
-        return stage.finish({"run_id": run.info.run_id, "AOI": aoi, "history": trainer.history,
-                             "checkpoint": str(stage.ckpt)})
+        return _finish_model(job, stage, run, trainer.model, test_loader, trainer.history)
+
+
+def _finish_model(job: Job, stage: Stage, run, model, test_loader, history: list) -> dict:
+    """A trained model's last steps, whoever trained it: AOI on the test split, the study
+    checkpoint, the model in MLflow, the stage's record."""
+    import mlflow
+
+    aoi = job.aoi(model, test_loader)
+    mlflow.log_metric("AOI", aoi)
+    save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
+    tracking.log_model(model)
+    model.to(job.device)
+    return stage.finish({"run_id": run.info.run_id, "AOI": aoi, "history": history,
+                         "checkpoint": str(stage.ckpt)})
 
 
 def pretrain(job: Job, backbone: str, objective) -> Stage:
@@ -236,12 +243,7 @@ def _train_on_ray(job: Job, stage: Stage, backbone: str, objective, key: str, ru
         model.load_state_dict(state["model"])
         model.to(job.device)
         test_loader = job.loader(key, "test", cfg.eval.batch_size, train=False)
-        aoi = job.aoi(model, test_loader)
-        mlflow.log_metric("AOI", aoi)
-        save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
-        tracking.log_model(model)
-        return stage.finish({"run_id": run.info.run_id, "AOI": aoi, "history": state["history"],
-                             "checkpoint": str(stage.ckpt)})
+        return _finish_model(job, stage, run, model, test_loader, state["history"])
 
 
 def finetune(job: Job, key: str, backbone: str, setting: str, source: Stage) -> Stage:

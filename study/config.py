@@ -81,6 +81,12 @@ class DataSpec(_Strict):
     workers: int = Field(2, gt=0)        # loader threads and writer processes
 
 
+def _no_repeats(names: list[str], what: str) -> None:
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"{what} {name!r} is listed twice")
+
+
 def _check_objective(spec):
     try:
         check_objective(spec)
@@ -131,10 +137,7 @@ class PretrainSpec(_Strict):
     @field_validator("objectives")
     @classmethod
     def _distinct_objectives(cls, specs):
-        names = [check_objective(s) for s in specs]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise ValueError(f"objective {name!r} is listed twice")
+        _no_repeats([check_objective(s) for s in specs], "objective")
         return specs
 
     def objective_names(self) -> list[str]:
@@ -195,10 +198,7 @@ class EvalSpec(_Strict):
     @field_validator("attacks")
     @classmethod
     def _distinct(cls, specs):
-        names = [parse_attack(_split_attack(s)[0]).name for s in specs]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise ValueError(f"attack {name!r} is listed twice")
+        _no_repeats([parse_attack(_split_attack(s)[0]).name for s in specs], "attack")
         return specs
 
     def suite(self, setting: str | None = None) -> list[Attack]:

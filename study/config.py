@@ -16,7 +16,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from study.attacks import Attack, AttackError, parse_attack
 from study.data.beton import config_hash
 from study.data.registry import DatasetError, build_split, get_info, resolve_params
-from study.engine import OPTIMIZERS, SCHEDULES, SETTINGS, TrainSettings
+from study.engine import OPTIMIZERS, SCHEDULES, TrainSettings
+from study.methods import DEFAULT_LAMBDA, METHODS, TABLE1
 from study.models import BACKBONES
 from study.objectives import ObjectiveError, check as check_objective
 
@@ -40,7 +41,7 @@ def _one_of(known, what):
 
 
 Backbone = Annotated[str, _one_of(BACKBONES, "backbone")]
-Setting = Annotated[str, _one_of(SETTINGS, "setting")]
+MethodName = Annotated[str, _one_of(list(METHODS), "method")]
 
 
 class TrainSpec(_Strict):
@@ -125,7 +126,10 @@ class Progressive(_Strict):
 class PretrainSpec(_Strict):
     dataset: Optional[str] = None        # a key of `datasets`; not needed with weights
     backbones: list[Backbone] = Field(default_factory=lambda: ["resnet18"], min_length=1)
-    weights: Optional[str] = None        # None: train; "imagenet" or a file: import instead
+    # None: train; "imagenet" or a file: import a standard backbone instead; a mapping
+    # {objective: "imagenet" or file} imports one backbone per objective, e.g. Salman et
+    # al.'s robust models: {standard: imagenet, pgd3_linf_4.0: /weights/resnet18_linf_eps4.0.ckpt}
+    weights: Optional[str | dict[str, str]] = None
     # one pre-trained backbone per objective: standard, pgd<k>_<norm>_<eps> (Madry), or
     # fgsm_<norm>_<eps> (fast AT, random start); see study.objectives
     objectives: list[Objective] = Field(default_factory=lambda: ["standard"], min_length=1)
@@ -140,8 +144,18 @@ class PretrainSpec(_Strict):
         _no_repeats([check_objective(s) for s in specs], "objective")
         return specs
 
+    def objective_specs(self) -> list:
+        """The objectives with a backbone each: the imported ones, or those trained here."""
+        return list(self.weights) if isinstance(self.weights, dict) else list(self.objectives)
+
     def objective_names(self) -> list[str]:
-        return [check_objective(s) for s in self.objectives]
+        return [check_objective(s) for s in self.objective_specs()]
+
+    def weights_for(self, objective: str) -> Optional[str]:
+        """What the backbone of ``objective`` is imported from (None: trained here)."""
+        if isinstance(self.weights, dict):
+            return next(w for k, w in self.weights.items() if check_objective(k) == objective)
+        return self.weights
 
 
 class RaySpec(_Strict):
@@ -150,20 +164,124 @@ class RaySpec(_Strict):
     storage: str = "ray"                 # Ray Train/Tune storage: relative to OUT, a path or a URI
 
 
+class Distribution(_Strict):
+    """A range for random search: exactly one of ``loguniform: [lo, hi]`` or ``uniform: [lo, hi]``."""
+    loguniform: Optional[list[float]] = Field(None, min_length=2, max_length=2)
+    uniform: Optional[list[float]] = Field(None, min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("loguniform", "uniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a range is {loguniform: [lo, hi]} or {uniform: [lo, hi]}")
+        lo, hi = getattr(self, given[0])
+        if not 0 <= lo <= hi or (given[0] == "loguniform" and lo == 0):
+            raise ValueError(f"{given[0]}: need 0 {'<' if given[0] == 'loguniform' else '<='} lo <= hi, "
+                             f"got [{lo}, {hi}]")
+        return self
+
+
+Rate = Annotated[float, Field(ge=0)]
+
+
+class SpaceSpec(_Strict):
+    """The sweep's space. A list is a grid dimension (grid search: every value; random
+    search: one drawn per sample); a range is for random search only. Unset: the train
+    spec's value. λ applies to the DM methods only and is always a grid dimension."""
+    lr_f: Optional[list[Rate] | Distribution] = None
+    lr_g: Optional[list[Rate] | Distribution] = None
+    optimizer: Optional[list[Annotated[str, _one_of(OPTIMIZERS, "optimizer")]]] = None
+    lam: list[Rate] = Field(default_factory=lambda: [DEFAULT_LAMBDA], min_length=1)
+
+    @field_validator("lr_f", "lr_g", "optimizer", "lam")
+    @classmethod
+    def _not_empty(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list leaves nothing to try")
+            _no_repeats(v, "value")
+        return v
+
+
+class KDSpec(_Strict):
+    """KD@stage-2: CE + weight * ||f(x) - f_teacher(x)||^2 / d (Shafahi et al. 2020)."""
+    weight: float = Field(1.0, ge=0)
+    teacher: Optional[str] = None        # a pretrain objective; default the model's own source
+
+
+class DMSpec(_Strict):
+    """DM (Eq. 5): the radius (1/255) and PGD steps of LL's inner maximisation."""
+    eps: float = Field(2.0, gt=0)
+    steps: int = Field(1, gt=0)
+    rel_step: float = Field(2.5, gt=0)
+
+
+class SchedulerSpec(_Strict):
+    """ASHA early stopping on validation accuracy (epochs are Tune's time unit)."""
+    type: Literal["asha"] = "asha"
+    grace_period: int = Field(1, gt=0)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class ResourcesSpec(_Strict):
+    cpus: float = Field(1, gt=0)         # also the trial's torch threads
+    gpus: float = Field(0, ge=0)         # fractions share a GPU between trials
+
+
 class FinetuneSpec(_Strict):
+    """Stage 2 on Ray Tune: one trial per (dataset, backbone, method, λ, point of the space)."""
     datasets: list[str] = Field(min_length=1)
-    source: Optional[str] = None         # which pretrain objective to fine-tune; default the first
-    settings: list[Setting] = Field(default_factory=lambda: list(SETTINGS), min_length=1)
+    backbones: Optional[list[Backbone]] = None  # default: pretrain.backbones
+    methods: list[MethodName] = Field(default_factory=lambda: list(TABLE1), min_length=1)
+    source: Optional[str] = None         # the standard pre-training: default `standard` or the first
+    robust_source: Optional[str] = None  # the adversarial one: default the first that is not standard
     train: TrainSpec = Field(default_factory=TrainSpec)
-    overrides: dict[Setting, TrainSpec] = Field(default_factory=dict)  # per-setting changes
+    overrides: dict[MethodName, TrainSpec] = Field(default_factory=dict)  # per-method changes; they win over the space
+    space: SpaceSpec = Field(default_factory=SpaceSpec)
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, gt=0)    # random search: points drawn per (dataset, backbone, method, λ)
+    at: Objective = "pgd10_linf_2.0"     # AT@stage-2's adversarial objective (study.objectives)
+    kd: KDSpec = Field(default_factory=KDSpec)
+    dm: DMSpec = Field(default_factory=DMSpec)
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)  # held out of train for model selection
+    scheduler: Optional[SchedulerSpec] = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_concurrent_trials: Optional[int] = Field(None, gt=0)
+    max_failures: int = Field(1, ge=-1)  # retries of a failed trial, from its last checkpoint
+    checkpoint_every_s: float = Field(60.0, ge=0)  # a trial's checkpoints: at most this often (0: every epoch)
 
-    def train_for(self, setting: str) -> TrainSpec:
-        over = self.overrides.get(setting)
+    @field_validator("methods", "datasets")
+    @classmethod
+    def _distinct(cls, v):
+        _no_repeats(v, "entry")
+        return v
+
+    @model_validator(mode="after")
+    def _search(self):
+        if self.search == "grid":
+            for k in ("lr_f", "lr_g"):
+                if isinstance(getattr(self.space, k), Distribution):
+                    raise ValueError(f"space.{k}: a range needs search: random (grid search takes a list)")
+        if self.search == "grid" and self.num_samples != 1:
+            raise ValueError("num_samples is for search: random (a grid runs every point once)")
+        if check_objective(self.at) == "standard":
+            raise ValueError("at: AT@stage-2 needs an adversarial objective such as pgd10_linf_2.0")
+        return self
+
+    def train_for(self, method: str) -> TrainSpec:
+        over = self.overrides.get(method)
         changes = over.model_dump(exclude_unset=True) if over else {}
-        return TrainSpec(**{**self.train.model_dump(exclude_unset=True), **changes})
+        base = self.train.model_dump(exclude_unset=True)
+        if "lr" in changes:  # an override's lr sets both rates, whatever the base set
+            base = {k: v for k, v in base.items() if k not in ("lr_f", "lr_g")}
+        return TrainSpec(**{**base, **changes})
+
+    def fixed_by_override(self, method: str) -> set[str]:
+        over = self.overrides.get(method)
+        return set(over.model_dump(exclude_unset=True)) if over else set()
 
 
-MODELS = ("pretrain",) + tuple(SETTINGS)  # what an attack may be limited to
+MODELS = ("pretrain",) + tuple(METHODS)  # what an attack may be limited to
 
 
 def _split_attack(spec) -> tuple[object, list | None]:
@@ -247,19 +365,47 @@ class JobConfig(_Strict):
             if p.dataset not in self.datasets:
                 raise _FieldError("pretrain.dataset", f"{p.dataset!r} is not a key of datasets "
                                   f"(have: {', '.join(self.datasets)})")
-        elif p.weights != "imagenet" and not Path(p.weights).expanduser().is_file():
-            raise _FieldError("pretrain.weights", f"weights file not found: {p.weights}")
+        else:
+            given = p.weights if isinstance(p.weights, dict) else {None: p.weights}
+            if not given:
+                raise _FieldError("pretrain.weights", "an empty mapping imports nothing")
+            for objective, w in given.items():
+                where = "pretrain.weights" + (f".{objective}" if objective else "")
+                if objective is not None:
+                    try:
+                        check_objective(objective)
+                    except ObjectiveError as err:
+                        raise _FieldError(where, str(err))
+                if w != "imagenet" and not Path(w).expanduser().is_file():
+                    raise _FieldError(where, f"weights file not found: {w}")
+            _no_repeats(p.objective_names(), "objective")
         if p.weights is not None and p.objectives != ["standard"]:
             raise _FieldError("pretrain.objectives", "imported weights are not trained here: "
-                              "leave objectives out with pretrain.weights")
+                              "leave objectives out with pretrain.weights (a mapping "
+                              "{objective: weights} names imported adversarial backbones)")
         if p.train.batch_size % p.scaling.workers:
             raise _FieldError("pretrain.train.batch_size", f"{p.train.batch_size} is not divisible "
                               f"by pretrain.scaling.workers ({p.scaling.workers}): each worker "
                               f"takes an equal share of the global batch")
-        source = self.finetune.source if self.finetune else None
-        if source is not None and source not in p.objective_names():
-            raise _FieldError("finetune.source", f"{source!r} is not one of pretrain.objectives "
-                              f"(have: {', '.join(p.objective_names())})")
+        ft = self.finetune
+        have = p.objective_names()
+        for field in ("source", "robust_source"):
+            name = getattr(ft, field) if ft else None
+            if name is not None and name not in have:
+                raise _FieldError(f"finetune.{field}", f"{name!r} is not one of pretrain.objectives "
+                                  f"(have: {', '.join(have)})")
+        if ft and ft.kd.teacher is not None and ft.kd.teacher not in have:
+            raise _FieldError("finetune.kd.teacher", f"{ft.kd.teacher!r} is not one of "
+                              f"pretrain.objectives (have: {', '.join(have)})")
+        robust = [m for m in (ft.methods if ft else []) if METHODS[m].source == "robust"]
+        if robust and self.robust_objective() is None:
+            raise _FieldError("finetune.methods", f"{', '.join(robust)} start(s) from an adversarially "
+                              f"pre-trained backbone: add one to pretrain.objectives "
+                              f"(e.g. pgd3_linf_4.0 or fgsm_linf_2.0)")
+        for i, b in enumerate(ft.backbones or [] if ft else []):
+            if b not in p.backbones:
+                raise _FieldError(f"finetune.backbones[{i}]", f"{b!r} is not pre-trained "
+                                  f"(pretrain.backbones: {', '.join(p.backbones)})")
         for i, d in enumerate(self.finetune.datasets if self.finetune else []):
             if d not in self.datasets:
                 raise _FieldError(f"finetune.datasets[{i}]", f"{d!r} is not a key of datasets "
@@ -283,8 +429,21 @@ class JobConfig(_Strict):
         return int(self.dataset_params(key).get("image_size", 224))
 
     def source_objective(self) -> str:
-        """The pretrain objective whose backbone the fine-tunes start from."""
-        return (self.finetune and self.finetune.source) or self.pretrain.objective_names()[0]
+        """The standard pre-training: the objective whose backbone fine-tunes start from."""
+        names = self.pretrain.objective_names()
+        if self.finetune and self.finetune.source:
+            return self.finetune.source
+        return "standard" if "standard" in names else names[0]
+
+    def robust_objective(self) -> Optional[str]:
+        """The adversarial pre-training (AT@stage-1, AT@stage-1&2, DM@stage-1&2), if any."""
+        if self.finetune and self.finetune.robust_source:
+            return self.finetune.robust_source
+        return next((n for n in self.pretrain.objective_names() if n != "standard"), None)
+
+    def finetune_backbones(self) -> list[str]:
+        return (self.finetune.backbones if self.finetune and self.finetune.backbones
+                else self.pretrain.backbones)
 
     def resolved(self) -> dict:
         return json.loads(self.model_dump_json())

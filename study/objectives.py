@@ -12,6 +12,15 @@ fine-tuning and every defense pick one by name in the job file:
 * ``fgsm_<linf|l2>_<eps>`` -- "fast" adversarial training (Wong et al. 2020): one FGSM
   step of 1.25 * eps from a uniformly random start. About half the cost of PGD-2.
 
+Stage 2's defenses add two that need more than a name (study.methods builds them):
+
+* ``distillation`` (KD@stage-2, after Shafahi et al. 2020): cross-entropy plus
+  ``weight`` times the mean squared distance between the fine-tuned features f(x) and
+  a frozen source model's, so fine-tuning does not forget the source's features.
+* ``discrepancy_mitigating`` (DM, the paper's Eq. 5): cross-entropy plus lambda times
+  LL(f(X)), the local-Lipschitz steepness of the features (Eq. 4), its inner
+  maximisation by PGD (study.attacks.steepest_neighbour).
+
 The attack comes from the one attack engine (study.attacks), which takes gradients with
 respect to the input only, so the k attack steps build no weight gradients. A mapping
 ``{name: pgd3_linf_4.0, rel_step: 2.0}`` overrides the attack's options.
@@ -101,6 +110,56 @@ def adversarial(attack: Attack, label_smoothing: float = 0.0, generator=None) ->
                         generator=generator).x_adv
         logits = model(x_adv)
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
+
+    return objective
+
+
+def distillation(teacher_f, weight: float, label_smoothing: float = 0.0) -> Callable:
+    """KD@stage-2: CE + weight * mean_i ||f(x_i) - f_source(x_i)||_2^2 / d, d the feature
+    dimension (so one weight suits every backbone). The teacher's features are computed
+    without a graph, in eval mode; it never trains."""
+    import torch
+
+    from study.engine import unwrap
+
+    teacher_f.eval()
+    for p in teacher_f.parameters():
+        p.requires_grad_(False)
+
+    def objective(model, images, labels):
+        m = unwrap(model)
+        feats = m.f(images)
+        logits = m.g(feats)
+        with torch.no_grad():
+            target = teacher_f(images)
+        kd = (feats.float() - target.float()).pow(2).mean()
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing) + weight * kd, logits
+
+    return objective
+
+
+def discrepancy_mitigating(lam: float, eps: float, steps: int = 1, rel_step: float = 2.5,
+                           label_smoothing: float = 0.0, generator=None) -> Callable:
+    """DM (Eq. 5): CE(y, g(f(x))) + lam * LL(f(X)), LL as in Eq. 4 at L-inf radius
+    ``eps`` (1/255 units) with ``steps`` PGD steps for the inner max. The clean and the
+    steepest points go through f in separate passes, so the CE term is exactly plain
+    cross-entropy (BatchNorm sees the clean batch alone) and lam = 0 is plain fine-tuning;
+    then the inner max is skipped, as it would be multiplied by 0."""
+    from study.attacks import _steepness, steepest_neighbour
+    from study.engine import unwrap
+
+    eps_pixels = eps / 255.0
+
+    def objective(model, images, labels):
+        m = unwrap(model)
+        feats = m.f(images)
+        logits = m.g(feats)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        if lam == 0:
+            return loss, logits
+        x_adv = steepest_neighbour(m.f, images, eps_pixels, steps, rel_step, generator)
+        ll = _steepness(feats.flatten(1).float(), m.f(x_adv).flatten(1).float(), images, x_adv).mean()
+        return loss + lam * ll, logits
 
     return objective
 

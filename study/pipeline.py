@@ -1,4 +1,5 @@
-"""Runs a job: data -> stage 1 (pre-train or import) -> stage 2 (fine-tune) -> results.
+"""Runs a job: data -> stage 1 (pre-train or import, Ray Train) -> stage 2 (the sweep of
+fine-tuning + attack trials, Ray Tune: study.sweep) -> results.
 
 Each stage's output is keyed by the hash of the config that made it
 (``OUT/checkpoints/<stage>-<hash>.pt`` beside ``.json`` with its metrics and MLflow
@@ -29,7 +30,7 @@ from study import distributed, evaluate, objectives, results, tracking
 from study.config import ConfigError, JobConfig
 from study.data.beton import atomic_write_text, config_hash, prepare
 from study.data.loaders import make_loader
-from study.engine import Trainer, accuracy
+from study.engine import accuracy
 from study.models import build_model, load_checkpoint, load_trunk_weights, save_checkpoint
 
 
@@ -87,7 +88,8 @@ class Stage:
         self.job, self.kind, self.ident = job, kind, ident
         self.key = config_hash(ident)
         stem = "-".join([kind] + [_safe(v) for k, v in ident.items()
-                                  if k in ("dataset", "backbone", "setting", "objective")])
+                                  if k in ("dataset", "backbone", "method", "objective")
+                                  and isinstance(v, str)])
         folder = job.out / "checkpoints"
         self.ckpt = folder / f"{stem}-{self.key}.pt"
         self.record_path = self.ckpt.with_suffix(".json")
@@ -104,10 +106,11 @@ class Stage:
         self.pending.unlink(missing_ok=True)
         return record
 
-    def start_run(self, name: str, resume: bool = False):
-        """A child run of the job. A run left RUNNING by a killed attempt is marked KILLED,
-        or, with ``resume`` (a stage that restores its own progress, as Ray Train does from
-        its storage), continued, so its metric history stays in one run."""
+    def start_run(self, name: str, resume: bool = False, parent_run_id: str | None = None):
+        """A child run of the job (of the active run, or of ``parent_run_id`` in a process
+        that has none, such as a Tune trial). A run left RUNNING by a killed attempt is
+        marked KILLED, or, with ``resume`` (a stage that restores its own progress, as Ray
+        Train and Tune do from their storage), continued, so no restart adds a run."""
         import mlflow
 
         run = None
@@ -116,46 +119,20 @@ class Stage:
             try:
                 if resume:
                     mlflow.MlflowClient().get_run(stale)
-                    run = mlflow.start_run(run_id=stale, nested=True)
+                    run = mlflow.start_run(run_id=stale, nested=parent_run_id is None)
                 else:
                     mlflow.MlflowClient().set_terminated(stale, status="KILLED")
             except Exception:
                 pass  # the run lives in another store; nothing to mend
         if run is None:
-            run = mlflow.start_run(run_name=name, nested=True)
+            run = (mlflow.start_run(run_name=name, parent_run_id=parent_run_id) if parent_run_id
+                   else mlflow.start_run(run_name=name, nested=True))
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.pending, run.info.run_id)
         mlflow.set_tags({"study.stage": self.kind, "study.stage_key": self.key,
                          **{f"study.{k}": str(v) for k, v in self.ident.items()
                             if k in ("dataset", "backbone", "setting", "objective", "source")}})
         return run
-
-
-def _train_and_log(job: Job, stage: Stage, model, setting: str, spec, key: str,
-                   run_name: str, params: dict) -> dict:
-    """Trains on dataset ``key``'s train split, measures AOI on its test split, and logs
-    params, per-epoch metrics, AOI, checkpoint and model to the stage's child run."""
-    import mlflow
-
-    s = spec.settings()
-    seed = job.cfg.seed
-    with stage.start_run(run_name) as run:
-        tracking.log_params(params)
-        tracking.log_yaml(params, "config.yaml")
-        train_loader = job.loader(key, "train", s.batch_size, train=True, seed=seed)
-        test_loader = job.loader(key, "test", job.cfg.eval.batch_size, train=False)
-        trainer = Trainer(model, s, setting, len(train_loader), job.device)
-
-        def on_epoch(m):
-            mlflow.log_metrics({k: float(v) for k, v in m.items() if k != "epoch"}, step=m["epoch"])
-            if job.progress:
-                log(f"  {run_name} epoch {m['epoch']}/{s.epochs}: loss {m['train_loss']:.3f}, "
-                    f"train acc {m['train_acc']:.1f}, test acc {m['test_acc']:.1f}, "
-                    f"{m['images_per_s']:.0f} img/s")
-
-        trainer.fit(train_loader, test_loader, on_epoch=on_epoch, progress=job.progress,
-                    desc=run_name, val_name="test_acc")
-        return _finish_model(job, stage, run, trainer.model, test_loader, trainer.history)
 
 
 def _finish_model(job: Job, stage: Stage, run, model, test_loader, history: list) -> dict:
@@ -177,8 +154,11 @@ def pretrain(job: Job, backbone: str, objective) -> Stage:
     cfg, p = job.cfg, job.cfg.pretrain
     key = p.dataset
     name = objectives.objective_name(objective)
-    ident = {"stage": "pretrain", "backbone": backbone, "seed": cfg.seed, "weights": p.weights}
-    if p.weights is None:
+    weights = p.weights_for(name)
+    ident = {"stage": "pretrain", "backbone": backbone, "seed": cfg.seed, "weights": weights}
+    if isinstance(p.weights, dict):  # imported backbones, one per objective
+        ident["objective"] = name
+    if weights is None:
         ident.update(dataset=cfg.dataset_name(key), data=cfg.dataset_params(key),
                      resolution=cfg.resolution(key), train=p.train.model_dump(), objective=name,
                      progressive=p.progressive.model_dump() if p.progressive else None)
@@ -188,15 +168,15 @@ def pretrain(job: Job, backbone: str, objective) -> Stage:
         return stage
 
     torch.manual_seed(cfg.seed)
-    if p.weights is not None:  # import instead of training
+    if weights is not None:  # import instead of training
         import mlflow
 
         model = build_model(backbone, 1000)
-        load_trunk_weights(model, p.weights)
+        load_trunk_weights(model, weights)
         with stage.start_run(f"import-{backbone}") as run:
-            tracking.log_params({"backbone": backbone, "weights": p.weights})
+            tracking.log_params({"backbone": backbone, "weights": weights, "objective": name})
             save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
-            mlflow.set_tag("study.weights", p.weights)
+            mlflow.set_tag("study.weights", weights)
             stage.finish({"run_id": run.info.run_id, "AOI": None, "checkpoint": str(stage.ckpt)})
         return stage
 
@@ -246,35 +226,6 @@ def _train_on_ray(job: Job, stage: Stage, backbone: str, objective, key: str, ru
         return _finish_model(job, stage, run, model, test_loader, state["history"])
 
 
-def finetune(job: Job, key: str, backbone: str, setting: str, source: Stage) -> Stage:
-    cfg = job.cfg
-    spec = cfg.finetune.train_for(setting)
-    ident = {"stage": "finetune", "dataset": cfg.dataset_name(key), "backbone": backbone,
-             "setting": setting, "seed": cfg.seed, "data": cfg.dataset_params(key),
-             "resolution": cfg.resolution(key), "train": spec.model_dump(),
-             "source": None if setting == "scratch" else source.key}
-    stage = Stage(job, "finetune", ident)
-    if stage.record is not None:
-        log(f"{setting} {backbone} on {cfg.dataset_name(key)}: done before, reusing")
-        return stage
-
-    log(f"{setting} {backbone} on {cfg.dataset_name(key)}")
-    torch.manual_seed(cfg.seed + 1)
-    if setting == "scratch":
-        model = build_model(backbone, job.num_classes(key))
-    else:
-        model = load_checkpoint(source.ckpt, backbone)
-        torch.manual_seed(cfg.seed + 1)
-        model.reset_classifier(job.num_classes(key))
-    params = {"stage": "finetune", "backbone": backbone, "dataset": cfg.dataset_name(key),
-              "setting": setting, "seed": cfg.seed, "source_stage": ident["source"],
-              "train": spec.model_dump()}
-    rec = _train_and_log(job, stage, model, setting, spec, key,
-                         f"{setting}-{backbone}-{cfg.dataset_name(key)}", params)
-    log(f"{setting} {backbone} on {cfg.dataset_name(key)}: AOI {rec['AOI']:.2f}")
-    return stage
-
-
 # -- evaluation ---------------------------------------------------------------------------
 def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
                    setting: str) -> tuple[list[dict], list]:
@@ -315,12 +266,30 @@ def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
     return records, flags
 
 
+def evaluate_stage_done(job: Job, stage: Stage, setting: str) -> bool:
+    """Whether a stage is trained, attacked by the whole suite and logged: nothing to run."""
+    if stage.record is None:
+        return False
+    path = stage.ckpt.with_name(stage.ckpt.stem + ".eval.json")
+    store = json.loads(path.read_text()) if path.is_file() else {}
+    cache = store.get("results", {})
+    attacks = job.cfg.eval.suite(setting)
+    if evaluate.missing(attacks, job.cfg.eval.max_images, job.cfg.seed, cache):
+        return False
+    return not attacks or set(cache) <= set(store.get("logged", []))
+
+
 def _rows(job: Job, key: str, backbone: str, setting: str, source: str | None, rec: dict,
-          records, flags):
+          records, flags, stage: Stage, point: dict | None = None):
     """Result rows of one model: the clean row, then one per attack. ``source`` is the
-    pre-training objective of a pre-trained model or of a fine-tune's backbone."""
+    pre-training objective of a pre-trained model or of a fine-tune's backbone; ``point``
+    a sweep trial's λ, rates and optimiser."""
+    point = point or {}
+    history = rec.get("history") or [{}]
     base = {"dataset": job.cfg.dataset_name(key), "backbone": backbone, "setting": setting,
-            "source": source}
+            "source": source, "lam": point.get("lam"), "lr_f": point.get("lr_f"),
+            "lr_g": point.get("lr_g"), "optimizer": point.get("optimizer"),
+            "val_acc": history[-1].get("val_acc"), "stage": stage.key}
     rows = [{**base, "AOI": rec["AOI"]}]
     for r in records:
         if r["probe"]:
@@ -355,6 +324,23 @@ def _parent_run(out: Path, cfg: JobConfig):
     return run
 
 
+def _select(rows: list[dict]) -> None:
+    """Marks, per (dataset, backbone, method, λ), the trial with the best validation
+    accuracy as ``selected`` (ties: the first); the paper's tables show only those, so
+    model selection never looks at the test split. Stage-1 rows have no rivals."""
+    best: dict = {}
+    for r in rows:
+        if r["setting"] == "pretrain" or r.get("attack"):
+            continue
+        k = (r["dataset"], r["backbone"], r["setting"], r.get("lam"))
+        val = -1.0 if r.get("val_acc") is None else r["val_acc"]
+        if k not in best or val > best[k][0]:
+            best[k] = (val, r["stage"])
+    picked = {stage for _, stage in best.values()}
+    for r in rows:
+        r["selected"] = r["setting"] == "pretrain" or r["stage"] in picked
+
+
 def run_job(cfg: JobConfig, out: Path, progress: bool = True):
     """Runs the job into ``out``; returns the results frame and its Markdown."""
     import mlflow
@@ -366,8 +352,7 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
     atomic_write_text(out / "job.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
 
     used = {cfg.pretrain.dataset} if cfg.pretrain.weights is None else set()
-    targets = cfg.finetune.datasets if cfg.finetune else []
-    used |= set(targets)
+    used |= set(cfg.finetune.datasets if cfg.finetune else [])
     for key in sorted(used):
         name = cfg.dataset_name(key)
         prepared = prepare(name, job.data_dir, root=cfg.dataset_root(key),
@@ -383,27 +368,34 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
                 tracking.log_params(cfg.resolved())
             rows, sanity = [], []
 
-            def add(stage, key, backbone, setting, source):
+            def add(stage, key, backbone, setting, source, point=None):
                 records, flags = evaluate_stage(job, stage, key, backbone, setting)
-                r, s = _rows(job, key, backbone, setting, source, stage.record, records, flags)
+                r, s_ = _rows(job, key, backbone, setting, source, stage.record, records, flags,
+                              stage, point)
                 rows.extend(r)
-                sanity.extend(s)
+                sanity.extend(s_)
 
-            source_name = cfg.source_objective()
-            sources = {}  # stage 1 first, all of it: then the local Ray can go
+            sources = {}
             for backbone in cfg.pretrain.backbones:
-                for objective in cfg.pretrain.objectives:
+                for objective in cfg.pretrain.objective_specs():
                     name = objectives.objective_name(objective)
                     sources[backbone, name] = stage = pretrain(job, backbone, objective)
                     if stage.record.get("AOI") is not None:  # trained here: it has a test split
                         add(stage, cfg.pretrain.dataset, backbone, "pretrain", name)
+            if cfg.finetune is not None:
+                from study import sweep
+
+                table = sweep.source_table(sources)
+                points = sweep.run(job, table, parent.info.run_id, parent.info.experiment_id)
+                for p in points:
+                    stage = sweep.stage_for(job, p, table)
+                    if stage.record is None:
+                        log(f"sweep: {sweep.label(p)} has no trained model (failed or stopped early)")
+                        continue
+                    add(stage, p["dataset"], p["backbone"], p["method"],
+                        sweep.source_name(cfg, p["method"]), p)
             distributed.release_ray()
-            for backbone in cfg.pretrain.backbones:
-                source = sources[backbone, source_name]
-                for key in targets:
-                    for setting in cfg.finetune.settings:
-                        add(finetune(job, key, backbone, setting, source), key, backbone, setting,
-                            None if setting == "scratch" else source_name)
+            _select(rows)
             df, md = results.write(rows, out, title=f"{cfg.name}: results", sanity=sanity)
             for name in ("results.csv", "results.md", "sanity.csv"):
                 mlflow.log_artifact(str(out / name))

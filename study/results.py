@@ -1,6 +1,11 @@
-"""The results table: one tidy row per (dataset, backbone, setting, source, attack).
+"""The results table: one tidy row per trained model and attack.
 
-``source`` is the pre-training objective (``standard``, ``pgd3_linf_4.0``, ...): of the
+``setting`` is ``pretrain`` for a stage-1 backbone, else the stage-2 method
+(study.methods: scratch, partial, full, at_stage2, dm_stage12, ...); ``lam``, ``lr_f``,
+``lr_g``, ``optimizer`` are the sweep trial's point, ``val_acc`` its validation accuracy
+and ``selected`` whether it is the trial that model selection (best ``val_acc`` per
+dataset, backbone, method and λ) puts in the paper's tables; ``stage`` is the model's
+key (its checkpoint is ``OUT/checkpoints/*-<stage>.pt``). ``source`` is the pre-training objective (``standard``, ``pgd3_linf_4.0``, ...): of the
 backbone itself for a ``pretrain`` row, of the backbone a fine-tune started from
 otherwise (empty for the standard model, which has none).
 
@@ -20,16 +25,19 @@ import pandas as pd
 from study import report
 from study.data.beton import atomic_write_text
 
-COLUMNS = ["dataset", "backbone", "setting", "source", "attack", "images", "AOI", "AAI", "DR", "flags",
-           "paper_AOI", "paper_AAI", "paper_DR"]
-SANITY_COLUMNS = ["dataset", "backbone", "setting", "source", "flag", "attack", "passed", "detail"]
+COLUMNS = ["dataset", "backbone", "setting", "source", "lam", "lr_f", "lr_g", "optimizer", "val_acc",
+           "selected", "attack", "images", "AOI", "AAI", "DR", "flags",
+           "paper_AOI", "paper_AAI", "paper_DR", "stage"]
+SANITY_COLUMNS = ["dataset", "backbone", "setting", "source", "lam", "flag", "attack", "passed", "detail",
+                  "stage"]
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
     rows = [{**report.paper_for_row(r["dataset"], r["setting"], r.get("attack")), **r} for r in rows]
     df = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("AOI", "AAI", "DR", "paper_AOI", "paper_AAI", "paper_DR"):
+    for col in ("AOI", "AAI", "DR", "val_acc", "paper_AOI", "paper_AAI", "paper_DR"):
         df[col] = pd.to_numeric(df[col], errors="coerce").round(2)
+    df["selected"] = df["selected"].fillna(True).astype(bool)
     df["images"] = pd.to_numeric(df["images"], errors="coerce").astype("Int64")
     return df
 
@@ -47,7 +55,7 @@ def sanity_markdown(sanity: pd.DataFrame) -> str:
     if bad.empty:
         names = ", ".join(dict.fromkeys(sanity.flag))
         return f"{head}\n\nChecked: {names}."
-    cols = ["dataset", "setting", "source", "flag", "attack", "detail"]
+    cols = ["dataset", "setting", "source", "lam", "flag", "attack", "detail"]
     return head + "\n\nFailed (shown, not hidden):\n\n" + to_markdown(bad[cols])
 
 
@@ -61,7 +69,7 @@ def write(rows: list[dict], out: Path, title: str = "",
     atomic_write_text(out / "results.csv", df.to_csv(index=False))
     atomic_write_text(out / "sanity.csv", san.to_csv(index=False))
     parts = [f"# {title}" if title else "", report.stage1(df), report.table1(df), report.table2(df),
-             sanity_markdown(san), "## All results\n\n" + to_markdown(df)]
+             report.table5(df), report.sweep(df), sanity_markdown(san), "## All results\n\n" + to_markdown(df)]
     md = "\n\n".join(p for p in parts if p) + "\n"
     atomic_write_text(out / "results.md", md)
     return df, md

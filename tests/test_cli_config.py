@@ -10,7 +10,7 @@ BASE = {
     "datasets": {"shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
                  "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}}},
     "pretrain": {"dataset": "shapes", "backbones": ["resnet18"], "train": {"epochs": 1}},
-    "finetune": {"datasets": ["alphabet"], "settings": ["scratch", "partial", "full"]},
+    "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "partial", "full"]},
     "eval": {"batch_size": 64},
 }
 
@@ -27,7 +27,25 @@ def _with(path, value):
 @pytest.mark.parametrize("path,value,message", [
     (("pretrain", "backbones"), ["resnet18", "resnet9"],
      "pretrain.backbones[1]: unknown backbone 'resnet9'"),
-    (("finetune", "settings"), ["full", "half"], "finetune.settings[1]: unknown setting 'half'"),
+    (("finetune", "methods"), ["full", "half"], "finetune.methods[1]: unknown method 'half'"),
+    (("finetune", "methods"), ["full", "dm_stage12"],
+     "finetune.methods: dm_stage12 start(s) from an adversarially pre-trained backbone"),
+    (("finetune", "methods"), ["full", "full"], "finetune.methods: entry 'full' is listed twice"),
+    (("finetune", "space"), {"lr_f": {"loguniform": [0.001, 0.1]}},
+     "finetune: space.lr_f: a range needs search: random"),
+    (("finetune", "space"), {"lr_f": {"loguniform": [0, 0.1]}}, "finetune.space.lr_f"),
+    (("finetune", "space"), {"lam": [-1.0]}, "finetune.space.lam[0]: Input should be greater than or equal to 0"),
+    (("finetune", "space"), {"lr_g": []}, "finetune.space.lr_g: an empty list"),
+    (("finetune", "num_samples"), 4, "finetune: num_samples is for search: random"),
+    (("finetune", "at"), "standard", "finetune: at: AT@stage-2 needs an adversarial objective"),
+    (("finetune", "at"), "pgd3_linf_-2", "finetune.at: attack 'pgd3_linf_-2': eps must not be negative"),
+    (("finetune", "kd"), {"teacher": "pgd3_linf_4.0"}, "finetune.kd.teacher: 'pgd3_linf_4.0' is not one of"),
+    (("finetune", "backbones"), ["resnet50"], "finetune.backbones[0]: 'resnet50' is not pre-trained"),
+    (("finetune", "val_fraction"), 0.0, "finetune.val_fraction: Input should be greater than 0"),
+    (("pretrain", "weights"), {"standard": "imagenet", "pgd3_linf_-4": "imagenet"},
+     "pretrain.weights.pgd3_linf_-4: attack 'pgd3_linf_-4': eps must not be negative"),
+    (("pretrain", "weights"), {"standard": "imagenet", "pgd3_linf_4.0": "/nonexistent.ckpt"},
+     "pretrain.weights.pgd3_linf_4.0: weights file not found"),
     (("datasets", "mnist"), {}, "datasets.mnist: unknown dataset 'mnist'"),
     (("pretrain", "train", "lr"), -0.1, "pretrain.train.lr: Input should be greater than or equal to 0"),
     (("pretrain", "train", "lr"), "0.1", "pretrain.train.lr: Input should be a valid number"),
@@ -86,7 +104,8 @@ def test_good_config_resolves_and_hashes():
 
 def test_demo_job_file_is_valid():
     cfg = config.load(cli.jobs_dir() / "demo.yaml")
-    assert cfg.finetune.settings == ["scratch", "partial", "full"]
+    assert cfg.finetune.methods == ["scratch", "partial", "full", "at_stage2", "dm_stage12"]
+    assert cfg.robust_objective() == "fgsm_linf_2.0" and cfg.source_objective() == "standard"
     names = [a.name for a in cfg.eval.suite()]  # Tables 1 and 2 need exactly these
     assert names == ["pgd10_linf_0.5", "pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0",
                      "autoattack_linf_0.5"]
@@ -171,3 +190,29 @@ def test_cluster_pretraining_job_is_valid_given_its_data(tmp_path):
     assert names[0] == "standard" and "pgd3_linf_8.0[rel_step=2.0]" in names
     assert "pgd3_l2_5.0[rel_step=2.0]" in names and "pgd3_l2_0.01[rel_step=2.0]" in names
     assert cfg.pretrain.scaling.use_gpu and cfg.finetune is None
+
+
+@pytest.mark.parametrize("name", ["table1", "table2", "table3", "table4", "table4_cifar10", "table5"])
+def test_paper_table_jobs_are_valid_given_their_data(tmp_path, name):
+    """The paper's job files validate once the data roots and weights they name exist
+    (here: empty stand-ins under tmp_path), and their sweeps have the paper's shape."""
+    from study import sweep
+
+    text = (cli.jobs_dir() / f"{name}.yaml").read_text().replace("/mnt/shared", str(tmp_path))
+    raw = yaml.safe_load(text)
+    for spec in raw["datasets"].values():
+        if "root" in spec:
+            (tmp_path / spec["root"]).mkdir(parents=True, exist_ok=True)
+    weights = raw["pretrain"].get("weights")
+    if isinstance(weights, dict):
+        for w in weights.values():
+            if w != "imagenet":
+                (tmp_path / w).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / w).write_bytes(b"")
+    cfg = config.parse(raw)
+    pts = sweep.points(cfg)
+    expected = {"table1": 7 * (9 + 3 + 9), "table2": 7 * (9 + 9), "table3": 5 * 7 * (1 + 4),
+                "table4": 2 * (4 + 4), "table4_cifar10": 2 * (4 + 4), "table5": 7 * (4 * 5 + 3 * 4)}
+    assert len(pts) == expected[name]
+    if name == "table5":
+        assert cfg.robust_objective() == "pgd3_linf_4.0" and cfg.source_objective() == "standard"

@@ -54,3 +54,112 @@ def test_adversarial_objective_trains_on_the_attack(trained):
     assert loss > clean  # it trains on harder inputs than the clean ones
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# -- stage 2's defenses: DM (Eq. 4-5) and KD ---------------------------------------------
+def _batch(trained, n=32):
+    model, batches = trained
+    return batches[0][0][:n], batches[0][1][:n]
+
+
+def test_dm_with_lambda_0_is_plain_cross_entropy(trained):
+    import copy
+
+    model, _ = trained
+    x, y = _batch(trained)
+    a, b = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    dm, _ = objectives.discrepancy_mitigating(0.0, eps=2.0)(a, x, y)
+    ce, _ = objectives.cross_entropy()(b, x, y)
+    assert torch.equal(dm, ce)
+    dm.backward()
+    ce.backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+
+
+def test_dm_adds_lambda_times_the_feature_steepness(trained):
+    import copy
+
+    from study.attacks import local_lipschitz, steepest_neighbour
+
+    model, _ = trained
+    x, y = _batch(trained)
+    m = copy.deepcopy(model).train()
+    lam = 0.01
+    loss, logits = objectives.discrepancy_mitigating(lam, eps=2.0, steps=2, generator=torch.Generator().manual_seed(1))(m, x, y)
+    ce = F.cross_entropy(logits, y)
+    # the same inner max, reproduced: LL = mean ||f(x) - f(x')||_1 / ||x - x'||_inf
+    x_adv = steepest_neighbour(copy.deepcopy(m.f), x, 2.0 / 255, steps=2, generator=torch.Generator().manual_seed(1))
+    assert (x_adv - x).abs().amax() <= 2.0 / 255 + 1e-7 and x_adv.min() >= 0 and x_adv.max() <= 1
+    m2 = copy.deepcopy(m)
+    with torch.no_grad():
+        fx, fa = m2.f(x).flatten(1), m2.f(x_adv).flatten(1)
+        ll = ((fx - fa).abs().sum(1) / (x - x_adv).flatten(1).abs().amax(1)).mean()
+    assert ll > 0
+    assert torch.allclose(loss - ce, lam * ll, rtol=0.05), (float(loss - ce), float(lam * ll))
+    with torch.no_grad():  # the measuring form of Eq. 4 agrees
+        assert float(local_lipschitz(copy.deepcopy(model).eval().f, x, 2.0 / 255, steps=3)) > 0
+
+
+def test_local_lipschitz_known_answers():
+    from torch import nn
+
+    from study.attacks import local_lipschitz
+
+    x = torch.rand(16, 3, 8, 8)
+    const = nn.Sequential(nn.Flatten(), nn.Linear(192, 5))
+    nn.init.zeros_(const[1].weight)
+    with torch.no_grad():
+        assert float(local_lipschitz(const, x, 4 / 255, steps=5)) == 0.0
+    # a linear map with one output: the max of |w . d| / ||d||_inf over the ball is ||w||_1,
+    # reached at d = eps * sign(w) (away from the [0, 1] walls)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(192, 1, bias=False))
+    x = 0.25 + 0.5 * torch.rand(16, 3, 8, 8)
+    with torch.no_grad():
+        ll = float(local_lipschitz(lin, x, 4 / 255, steps=5))
+    assert abs(ll - float(lin[1].weight.abs().sum())) < 1e-3 * ll
+
+
+def test_kd_keeps_features_near_the_teacher(trained):
+    import copy
+
+    model, _ = trained
+    x, y = _batch(trained)
+    teacher = copy.deepcopy(model).eval()
+    student = copy.deepcopy(model).eval()  # eval: BatchNorm as the teacher's, so f(x) agree
+    loss, logits = objectives.distillation(teacher.f, weight=5.0)(student, x, y)
+    assert torch.allclose(loss, F.cross_entropy(logits, y), atol=1e-6)  # same features: no penalty
+    with torch.no_grad():
+        for p in student.f.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss, logits = objectives.distillation(teacher.f, weight=5.0)(student, x, y)
+    with torch.no_grad():
+        gap = (student.f(x) - teacher.f(x)).pow(2).mean()
+    assert torch.allclose(loss, F.cross_entropy(logits, y) + 5.0 * gap, rtol=1e-4)
+    assert all(not p.requires_grad for p in teacher.f.parameters())
+
+
+def test_at_stage2_raises_aai_over_full_fine_tuning_on_alphabet(trained, tmp_path):
+    """Both fine-tune the same backbone on alphabet, one on clean images (full FT), one
+    on fast-AT adversarial images (AT@stage-2, the objective the sweep builds for it)."""
+    import copy
+
+    from study.attacks import parse_attack, robust_accuracy
+    from study.data.beton import prepare
+    from study.data.loaders import make_loader
+    from study.engine import Trainer, TrainSettings
+
+    model, test = trained
+    data = prepare("alphabet", tmp_path, params=dict(train_per_class=40, test_per_class=4, seed=7), workers=1)
+    train = make_loader(data["train"].beton, train=True, resolution=32, batch_size=64, workers=1, seed=0)
+    settings = TrainSettings(epochs=3, lr_f=0.01, lr_g=0.05)
+    aai = {}
+    for name, objective in [("full", objectives.cross_entropy()),
+                            ("at_stage2", objectives.build("fgsm_linf_8.0", generator=torch.Generator().manual_seed(0)))]:
+        torch.manual_seed(0)
+        m = copy.deepcopy(model)
+        m.reset_classifier(26)
+        Trainer(m, settings, "full", len(train), objective=objective).fit(train, progress=False)
+        r = robust_accuracy(m.eval(), test, parse_attack("pgd10_linf_8.0"))
+        aai[name] = r["AAI"]
+    assert aai["at_stage2"] > aai["full"] + 10, aai

@@ -1,5 +1,6 @@
-"""The whole spine end to end on a tiny job: data, pre-training, the three settings,
-MLflow (a real local server), results; then the models loaded back from MLflow."""
+"""The whole spine end to end on a tiny job: data, pre-training on Ray Train, a sweep of
+five fine-tuning trials on Ray Tune (Table 1's three methods, two lr of f where it
+trains), MLflow (a real local server), results; then the models loaded back from MLflow."""
 import os
 
 import pandas as pd
@@ -19,8 +20,9 @@ JOB = {
                  "alphabet": {"params": {"train_per_class": 5, "test_per_class": 2}}},
     "pretrain": {"dataset": "shapes", "backbones": ["resnet18"],
                  "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
-    "finetune": {"datasets": ["alphabet"], "settings": ["scratch", "partial", "full"],
-                 "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05}},
+    "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "partial", "full"],
+                 "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
+                 "space": {"lr_f": [0.01, 0.02]}},
     "eval": {"batch_size": 64, "max_images": 40,
              "attacks": ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0",
                          {"name": "autoattack_linf_16.0", "max_images": 6}]},
@@ -42,18 +44,27 @@ def tiny_run(tmp_path_factory, ray_local):
 def test_results_table(tiny_run):
     _, out = tiny_run
     df = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
-    assert list(df.columns) == ["dataset", "backbone", "setting", "source", "attack", "images", "AOI",
-                                "AAI", "DR", "flags", "paper_AOI", "paper_AAI", "paper_DR"]
+    assert list(df.columns) == ["dataset", "backbone", "setting", "source", "lam", "lr_f", "lr_g",
+                                "optimizer", "val_acc", "selected", "attack", "images", "AOI", "AAI",
+                                "DR", "flags", "paper_AOI", "paper_AAI", "paper_DR", "stage"]
     # the pre-training objective: the backbone's own, or the one a fine-tune started from
     sources = df.drop_duplicates(["dataset", "setting"]).set_index("setting").source
     assert sources.pretrain == "standard" and sources.full == sources.partial == "standard"
     assert pd.isna(sources.scratch)
-    models = [["shapes", "pretrain"], ["alphabet", "scratch"], ["alphabet", "partial"], ["alphabet", "full"]]
+    models = [["shapes", "pretrain", None], ["alphabet", "scratch", 0.01], ["alphabet", "scratch", 0.02],
+              ["alphabet", "partial", 0.01], ["alphabet", "full", 0.01], ["alphabet", "full", 0.02]]
     clean = df[df.attack.isna()]
-    assert clean[["dataset", "setting"]].values.tolist() == models
+    got = [[d, s, None if pd.isna(lr) else lr] for d, s, lr in clean[["dataset", "setting", "lr_f"]].values]
+    assert got == models
+    assert clean.stage.is_unique
+    # model selection: one trial per method, the best validation accuracy of its rivals
+    tuned = clean[clean.setting != "pretrain"]
+    assert tuned.val_acc.notna().all() and tuned.groupby("setting").selected.sum().eq(1).all()
+    for _, g in tuned.groupby("setting"):
+        assert g[g.selected].val_acc.iloc[0] == g.val_acc.max()
     attacked = df[df.attack.notna()]
-    assert attacked[["dataset", "setting"]].drop_duplicates().values.tolist() == models
-    for _, group in attacked.groupby(["dataset", "setting"], sort=False):
+    assert attacked.stage.drop_duplicates().tolist() == clean.stage.tolist()
+    for _, group in attacked.groupby("stage", sort=False):
         assert group.attack.tolist() == ATTACKS
         assert group.images.tolist() == [40, 40, 40, 6]
         assert (group.AAI <= group.AOI).all()
@@ -63,13 +74,14 @@ def test_results_table(tiny_run):
     assert df.AOI.between(0, 100).all()
     assert attacked["flags"].notna().all() and clean["flags"].isna().all()  # "ok" or the failed flags
     # the paper's alphabet numbers sit beside ours: Table 1 (PGD-10 at 0.5/255), Table 2 (FGSM)
-    full = df[(df.setting == "full") & (df.attack == "pgd10_linf_0.5")].iloc[0]
+    full = df[(df.setting == "full") & (df.attack == "pgd10_linf_0.5") & df.selected].iloc[0]
     assert (full.paper_AOI, full.paper_AAI, full.paper_DR) == (99.94, 2.9, 97.1)
     assert df[(df.setting == "scratch") & (df.attack == "fgsm_linf_0.5")].paper_AAI.iloc[0] == 99.87
     assert df[df.dataset == "shapes"].paper_AOI.isna().all()
     md = (out / "results.md").read_text()
     assert "## Table 1" in md and "## Table 2" in md and "## Sanity checks" in md
     assert "## Stage 1: pre-trained backbones on the source task" in md
+    assert "## Stage 2 sweep: every trial" in md and md.count("| ✓ |") == 3
     assert "| shapes | resnet18 | standard |" in md
     assert "full fine-tune | " in md and "(2.90)" in md and "(75.83)" in md
     sanity = pd.read_csv(out / "sanity.csv")
@@ -86,7 +98,7 @@ def test_mlflow_runs_and_models_give_the_reported_aoi(tiny_run):
 
     _, out = tiny_run
     df = pd.read_csv(out / "results.csv")
-    table = df[df.attack.isna()].set_index(["dataset", "setting"])["AOI"]  # the clean rows
+    table = df[df.attack.isna()].set_index("stage")["AOI"]  # the clean rows
     with LocalServer(out) as server:
         mlflow.set_tracking_uri(server.uri)
         try:
@@ -102,7 +114,7 @@ def _check_models(out, table):
     runs = mlflow.search_runs([exp.experiment_id])
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 6  # stage 1, and one per trial
     assert set(children["tags.mlflow.parentRunId"]) == set(parents["run_id"])
     for _, run in children.iterrows():
         client = mlflow.MlflowClient()
@@ -115,13 +127,15 @@ def _check_models(out, table):
         assert run["tags.study.sanity"] == "pass" or run["tags.study.sanity"].startswith("fail: ")
         assert run["metrics.sanity/in_ball"] == 1.0
         assert run["params.backbone"] == "resnet18"
-        dataset, setting = run["tags.study.dataset"], run["tags.study.setting"]
-        setting = "pretrain" if run["tags.study.stage"] == "pretrain" else setting
+        dataset, stage = run["tags.study.dataset"], run["tags.study.stage_key"]
+        if run["tags.study.stage"] == "finetune":
+            assert run["tags.study.method"] in ("scratch", "partial", "full")
+            assert [m.step for m in client.get_metric_history(run.run_id, "val_acc")] == [1, 2]
         model = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
         beton = out / "data" / dataset / "test.beton"
         loader = make_loader(beton, train=False, resolution=32, batch_size=64, workers=1)
-        assert abs(accuracy(model, loader, max_images=40) - table[(dataset, setting)]) <= 0.5
-        assert abs(run["metrics.AOI"] - table[(dataset, setting)]) <= 0.01
+        assert abs(accuracy(model, loader, max_images=40) - table[stage]) <= 0.5
+        assert abs(run["metrics.AOI"] - table[stage]) <= 0.01
 
 
 def test_running_again_skips_finished_stages(tiny_run, capsys):
@@ -131,10 +145,11 @@ def test_running_again_skips_finished_stages(tiny_run, capsys):
     evals = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.eval.json")}
     assert cli.main(["run", str(job), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("done before, reusing") == 4
+    assert "pretrain resnet18 (standard): done before, reusing" in printed
+    assert "sweep: all 5 trials done before, reusing" in printed  # Ray is not even started
     assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")} == mtimes
     assert evals == {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.eval.json")}
-    assert len(evals) == 4  # no attack ran again
+    assert len(evals) == 6  # no attack ran again
     pd.testing.assert_frame_equal(before, pd.read_csv(out / "results.csv"))
 
 

@@ -69,6 +69,21 @@ class ImageLoader:
             yield images.float().div_(255.0), labels.to(self.device, non_blocking=True).long()
 
 
+def holdout(count: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Splits indices 0..count-1 into (train, validation): a seeded random ``fraction``
+    held out for model selection, so choosing among trials never looks at the test split.
+    Both lists are sorted; the same count, fraction and seed give the same split."""
+    import numpy as np
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(count)
+    n_val = max(1, int(round(fraction * count)))
+    if n_val >= count:
+        raise ValueError(f"a validation split of {fraction} leaves no training images out of {count}")
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
 def make_loader(beton, *, train: bool, resolution: int, batch_size: int, dataset: str | None = None,
                 workers: int = 2, device: str | torch.device = "cpu", distributed: bool = False,
                 seed: int = 0, indices=None, drop_last: bool | None = None,

@@ -1,0 +1,343 @@
+"""Stage 2 on Ray Tune: one trial per (target dataset, backbone, method, λ, learning rates).
+
+The trial list is expanded here, deterministically, before Tune sees it (``points``):
+a grid over the job's space, or ``num_samples`` random draws (seeded) per dataset,
+backbone, method and λ; λ applies to the DM methods only, and a partial fine-tune has
+no lr of f to vary, so no two trials train the same model. Tune then runs the list as a
+single grid dimension, with the job's resources per trial, ``max_concurrent_trials``
+and an optional ASHA scheduler on validation accuracy.
+
+A trial (``trial``) is one trained model, a ``pipeline.Stage`` like every other:
+
+1. builds the model from its pre-trained checkpoint (``study.methods`` says which one,
+   which parameters train, and the objective: CE, AT, KD or DM);
+2. fine-tunes on the training split minus a held-out validation split
+   (``finetune.val_fraction``, seeded) and reports ``val_acc`` every epoch, with its
+   state as a Tune checkpoint (at most every ``checkpoint_every_s``), so a failed
+   trial resumes near where it stopped;
+3. measures AOI on the test split, writes the study checkpoint, logs the model, then
+   runs the attack suite and reports AOI, AAI and DR of every attack.
+
+Model selection -- which learning rates stand for a method in the tables -- uses
+``val_acc`` only, never the test split (``pipeline._select``).
+
+MLflow: every trial is a child run of the job's parent run (``mlflow.parentRunId``); a
+trial that restarts continues its own run and logs each epoch once, so a restart adds
+no run. Running the job again after the driver died restores the sweep from its Tune
+storage (``Tuner.restore``): finished trials are not run again, unfinished ones resume.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from study import distributed, objectives, tracking
+from study.config import Distribution, JobConfig
+from study.methods import METHODS
+
+STATE_FILE = "trainer.pt"
+
+
+# -- the trial list ---------------------------------------------------------------------
+def _draw(values, rng: random.Random):
+    if isinstance(values, Distribution):
+        if values.loguniform is not None:
+            lo, hi = values.loguniform
+            return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        return rng.uniform(*values.uniform)
+    return rng.choice(values)
+
+
+def points(cfg: JobConfig) -> list[dict]:
+    """Every trial of the job's sweep, in a stable order."""
+    ft = cfg.finetune
+    if ft is None:
+        return []
+    rng = random.Random(cfg.seed)
+    out, seen = [], set()
+    for key in ft.datasets:
+        for backbone in cfg.finetune_backbones():
+            for name in ft.methods:
+                method = METHODS[name]
+                base = ft.train_for(name).settings()
+                fixed = ft.fixed_by_override(name)  # an override wins over the space
+                if "lr" in fixed:
+                    fixed |= {"lr_f", "lr_g"}
+                if method.setting == "partial":  # f is frozen: its rate changes nothing
+                    fixed.add("lr_f")
+                dims = {}
+                for k in ("lr_f", "lr_g", "optimizer"):
+                    v = getattr(ft.space, k)
+                    dims[k] = v if v is not None and k not in fixed else [getattr(base, k)]
+                for lam in (ft.space.lam if method.objective == "dm" else [None]):
+                    if ft.search == "grid":
+                        combos = itertools.product(dims["lr_f"], dims["lr_g"], dims["optimizer"])
+                    else:
+                        combos = [tuple(_draw(dims[k], rng) for k in ("lr_f", "lr_g", "optimizer"))
+                                  for _ in range(ft.num_samples)]
+                    for lr_f, lr_g, opt in combos:
+                        p = {"dataset": key, "backbone": backbone, "method": name,
+                             "lam": None if lam is None else float(lam), "lr_f": float(lr_f),
+                             "lr_g": float(lr_g), "optimizer": opt}
+                        ident = tuple(sorted(p.items(), key=lambda kv: kv[0]))
+                        if ident not in seen:
+                            seen.add(ident)
+                            out.append(p)
+    return out
+
+
+def label(p: dict) -> str:
+    lam = f" λ={p['lam']:g}" if p["lam"] is not None else ""
+    return (f"{p['method']} {p['backbone']} {p['dataset']}{lam} "
+            f"lr_f={p['lr_f']:g} lr_g={p['lr_g']:g} {p['optimizer']}")
+
+
+# -- one trial --------------------------------------------------------------------------
+def train_spec(cfg: JobConfig, p: dict):
+    """The TrainSpec of a point: the method's spec with the point's rates and optimiser."""
+    spec = cfg.finetune.train_for(p["method"])
+    return spec.model_copy(update={"lr": None, "lr_f": p["lr_f"], "lr_g": p["lr_g"],
+                                   "optimizer": p["optimizer"]})
+
+
+def objective_spec(cfg: JobConfig, p: dict) -> dict:
+    """What the method minimises, as recorded in the stage's identity."""
+    ft, method = cfg.finetune, METHODS[p["method"]]
+    if method.objective == "at":
+        return {"kind": "at", "attack": objectives.check(ft.at)}
+    if method.objective == "kd":
+        return {"kind": "kd", "weight": ft.kd.weight,
+                "teacher": ft.kd.teacher or source_name(cfg, p["method"])}
+    if method.objective == "dm":
+        return {"kind": "dm", "lam": p["lam"], **ft.dm.model_dump()}
+    return {"kind": "ce"}
+
+
+def source_name(cfg: JobConfig, method: str) -> str | None:
+    kind = METHODS[method].source
+    if kind is None:
+        return None
+    return cfg.source_objective() if kind == "standard" else cfg.robust_objective()
+
+
+def source_table(stages: dict) -> dict:
+    """(backbone, objective) -> pre-trained Stage, as the plain {key, ckpt} a trial gets."""
+    return {bo: {"key": st.key, "ckpt": str(st.ckpt.resolve())} for bo, st in stages.items()}
+
+
+def stage_for(job, p: dict, sources: dict):
+    """The pipeline.Stage of a point; ``sources`` maps (backbone, objective) to the
+    pre-trained stage's {key, ckpt} (``source_table``)."""
+    from study.pipeline import Stage
+
+    cfg = job.cfg
+    src = source_name(cfg, p["method"])
+    obj = objective_spec(cfg, p)
+    if obj["kind"] == "kd":
+        obj["teacher_key"] = sources[p["backbone"], obj["teacher"]]["key"]
+    ident = {"stage": "finetune", "dataset": cfg.dataset_name(p["dataset"]), "backbone": p["backbone"],
+             "method": p["method"], "seed": cfg.seed, "data": cfg.dataset_params(p["dataset"]),
+             "resolution": cfg.resolution(p["dataset"]), "train": train_spec(cfg, p).model_dump(),
+             "objective": obj, "val_fraction": cfg.finetune.val_fraction,
+             "source": None if src is None else sources[p["backbone"], src]["key"]}
+    return Stage(job, "finetune", ident)
+
+
+def _objective(cfg: JobConfig, p: dict, spec: dict, sources: dict, device, generator):
+    from study.models import load_checkpoint
+
+    ls = train_spec(cfg, p).label_smoothing
+    if spec["kind"] == "at":
+        return objectives.build(cfg.finetune.at, ls, generator)
+    if spec["kind"] == "kd":
+        teacher = load_checkpoint(sources[p["backbone"], spec["teacher"]]["ckpt"], p["backbone"])
+        return objectives.distillation(teacher.f.to(device), spec["weight"], ls)
+    if spec["kind"] == "dm":
+        return objectives.discrepancy_mitigating(spec["lam"], spec["eps"], spec["steps"],
+                                                 spec["rel_step"], ls, generator)
+    return objectives.cross_entropy(ls)
+
+
+def trial(config: dict, context: dict) -> None:
+    """A Tune trial: fine-tune one point, then attack it (see the module docstring)."""
+    import mlflow
+    from ray import tune
+
+    from study import config as config_mod
+    from study.data.loaders import holdout, make_loader
+    from study.engine import Trainer
+    from study.models import build_model, load_checkpoint
+    from study.pipeline import Job, _finish_model, evaluate_stage, resolve_device
+
+    import logging
+
+    tracking.quiet_mlflow()
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint
+    p = config["point"]
+    cfg = config_mod.parse(context["job"])
+    torch.set_num_threads(max(1, int(context["cpus"])))
+    job = Job(cfg, Path(context["out"]), resolve_device(cfg.device), progress=False)
+    sources = {tuple(k.split("|", 1)): v for k, v in context["sources"].items()}
+    mlflow.set_tracking_uri(context["tracking_uri"])
+    mlflow.set_experiment(experiment_id=context["experiment_id"])
+    stage = stage_for(job, p, sources)
+    method = METHODS[p["method"]]
+    key, name = p["dataset"], label(p)
+    spec = train_spec(cfg, p)
+    s = spec.settings()
+    last: dict = {}
+
+    if stage.record is None:
+        torch.manual_seed(cfg.seed + 1)
+        num_classes = job.num_classes(key)
+        if method.source is None:
+            model = build_model(p["backbone"], num_classes)
+        else:
+            model = load_checkpoint(sources[p["backbone"], source_name(cfg, p["method"])]["ckpt"], p["backbone"])
+            torch.manual_seed(cfg.seed + 1)
+            model.reset_classifier(num_classes)
+        beton = job.beton(key, "train")
+        count = int(json.loads(beton.with_suffix(".json").read_text())["count"])
+        train_idx, val_idx = holdout(count, cfg.finetune.val_fraction, cfg.seed)
+        common = dict(resolution=cfg.resolution(key), dataset=cfg.dataset_name(key),
+                      workers=max(1, int(context["cpus"])), device=job.device,
+                      channels_last=job.device.type == "cuda")
+        train_loader = make_loader(beton, train=True, batch_size=s.batch_size, seed=cfg.seed,
+                                   indices=train_idx, **common)
+        val_loader = make_loader(beton, train=False, batch_size=cfg.eval.batch_size, indices=val_idx, **common)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        objective = _objective(cfg, p, objective_spec(cfg, p), sources, job.device, generator)
+        trainer = Trainer(model, s, method.setting, len(train_loader), job.device, objective)
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                trainer.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=job.device,
+                                                   weights_only=True))
+        params = {"stage": "finetune", "method": p["method"], "lam": p["lam"], "dataset": cfg.dataset_name(key),
+                  "backbone": p["backbone"], "seed": cfg.seed, "source_stage": stage.ident["source"],
+                  "objective": stage.ident["objective"], "val_fraction": cfg.finetune.val_fraction,
+                  "train": spec.model_dump(), "tune_trial": tune.get_context().get_trial_name()}
+        with stage.start_run(name, resume=True, parent_run_id=context["parent_run_id"]) as run:
+            if not run.data.params:
+                tracking.log_params(params)
+                tracking.log_yaml(params, "config.yaml")
+                mlflow.set_tags({"study.method": p["method"], "study.lam": str(p["lam"]),
+                                 "study.tune_trial": params["tune_trial"]})
+            client = mlflow.MlflowClient()
+            saved = [time.monotonic()]
+
+            def on_epoch(m: dict) -> None:
+                distributed.sync_history(client, run.info.run_id, trainer.history)
+                distributed.say(f"[study]   {name} epoch {m['epoch']}/{s.epochs}: loss {m['train_loss']:.3f}, "
+                                f"train acc {m['train_acc']:.1f}, val acc {m['val_acc']:.1f}, "
+                                f"{m['images_per_s']:.0f} img/s")
+                last.update(m)
+                if m["epoch"] == s.epochs:  # the last epoch reports after the attacks
+                    return
+                # a checkpoint (model + optimiser state) costs seconds to write: one per
+                # checkpoint_every_s at most, so short epochs do not spend their time saving
+                if time.monotonic() - saved[0] < cfg.finetune.checkpoint_every_s:
+                    tune.report(dict(m))
+                    return
+                with tempfile.TemporaryDirectory() as d:
+                    torch.save(trainer.state_dict(), Path(d) / STATE_FILE)
+                    tune.report(dict(m), checkpoint=tune.Checkpoint.from_directory(d))
+                saved[0] = time.monotonic()
+
+            trainer.fit(train_loader, val_loader, on_epoch=on_epoch, progress=False, desc=name,
+                        val_name="val_acc")
+            test_loader = job.loader(key, "test", cfg.eval.batch_size, train=False)
+            _finish_model(job, stage, run, trainer.model, test_loader, trainer.history)
+    rec = stage.record
+    records, _ = evaluate_stage(job, stage, key, p["backbone"], p["method"])
+    final = {**(last or rec["history"][-1]), "val_acc": rec["history"][-1]["val_acc"], "AOI": rec["AOI"]}
+    for r in records:
+        if not r["probe"]:
+            final.update({f"AAI/{r['attack']}": r["AAI"], f"DR/{r['attack']}": r["DR"],
+                          f"AOI/{r['attack']}": r["AOI"]})
+    distributed.say(f"[study] {name}: val acc {final['val_acc']:.2f}, AOI {rec['AOI']:.2f}"
+                    + "".join(f", AAI {r['attack']} {r['AAI']:.2f}" for r in records if not r["probe"]))
+    tune.report(final)
+
+
+# -- the sweep --------------------------------------------------------------------------
+def run(job, sources: dict, parent_run_id: str, experiment_id: str) -> list[dict]:
+    """Runs (or restores) the job's sweep on Ray Tune; returns the points. Skips Tune
+    when every point is trained and evaluated already. ``sources``: ``source_table``."""
+    import os
+
+    import mlflow
+    from ray import tune
+
+    from study.pipeline import evaluate_stage_done, log
+
+    cfg = job.cfg
+    pts = points(cfg)
+    if all(evaluate_stage_done(job, stage_for(job, p, sources), p["method"]) for p in pts):
+        log(f"sweep: all {len(pts)} trials done before, reusing")
+        return pts
+    # Tune warns when one-epoch trials snapshot its state often; that is the price of
+    # resuming every trial at its last epoch, and cheap on a local disk
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    ft = cfg.finetune
+    context = {"job": cfg.resolved(), "out": str(job.out.resolve()), "parent_run_id": parent_run_id,
+               "experiment_id": experiment_id, "tracking_uri": mlflow.get_tracking_uri(),
+               "cpus": ft.resources.cpus,
+               "sources": {f"{b}|{o}": v for (b, o), v in sources.items()}}
+    resources = {"cpu": ft.resources.cpus, "gpu": ft.resources.gpus}
+    trainable = tune.with_resources(tune.with_parameters(trial, context=context), resources)
+    storage = distributed.storage_path(cfg.ray.storage, job.out)
+    name = f"sweep-{cfg.hash()[:16]}"
+    path = f"{storage.rstrip('/')}/{name}"
+    log(f"sweep: {len(pts)} trials on Ray Tune ({resources['cpu']:g} CPU, {resources['gpu']:g} GPU each"
+        f"{', at most %d at once' % ft.max_concurrent_trials if ft.max_concurrent_trials else ''}), "
+        f"storage {path}")
+    restoring = tune.Tuner.can_restore(path)
+    if restoring:
+        log("sweep: restoring the sweep a previous driver left (finished trials are kept)")
+    tuner = make_tuner(trainable, pts, ft, storage, name,
+                       max_epochs=max(train_spec(cfg, p).epochs for p in pts), restore=restoring)
+    grid = tuner.fit()
+    failed = [r for r in grid if r.error is not None]
+    for r in failed:
+        log(f"sweep: trial {label(r.config['point'])} failed: {str(r.error).splitlines()[0][:300]}")
+    return pts
+
+
+def make_tuner(trainable, pts: list[dict], ft, storage: str, name: str, max_epochs: int,
+               restore: bool = False):
+    """The Tuner of a sweep over ``pts`` (one grid dimension, ``point``) with the
+    FinetuneSpec ``ft``'s scheduler, concurrency and failure policy; or, with ``restore``,
+    the one a previous driver left at ``storage/name``. The overhead benchmark builds its
+    Tuner here too, so it measures the sweep's own settings."""
+    from ray import tune
+
+    if restore:
+        return tune.Tuner.restore(f"{storage.rstrip('/')}/{name}", trainable,
+                                  resume_unfinished=True, resume_errored=True)
+    scheduler = None
+    if ft.scheduler is not None:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
+                                  grace_period=ft.scheduler.grace_period,
+                                  reduction_factor=ft.scheduler.reduction_factor)
+    return tune.Tuner(
+        trainable, param_space={"point": tune.grid_search(pts)},
+        tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
+                                    max_concurrent_trials=ft.max_concurrent_trials,
+                                    # one process serves trial after trial: no start-up
+                                    # and imports (seconds each) per trial
+                                    reuse_actors=True,
+                                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=ft.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))

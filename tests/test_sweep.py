@@ -1,0 +1,148 @@
+"""Stage 2's trial list (grid and random search), and the sweep on a local Ray: a driver
+killed mid-sweep, then the job run again, finishes the remaining trials only."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from study import config, sweep
+
+BASE = {
+    "name": "t",
+    "datasets": {"shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
+                 "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}}},
+    "pretrain": {"dataset": "shapes", "objectives": ["standard", "fgsm_linf_2.0"]},
+    "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "partial", "full", "dm_stage12"],
+                 "train": {"lr_f": 0.01, "lr_g": 0.1},
+                 "space": {"lr_f": [0.01, 0.03], "lr_g": [0.1], "lam": [0.0, 1.0, 500.0]}},
+}
+
+
+def _cfg(**finetune):
+    raw = copy.deepcopy(BASE)
+    raw["finetune"].update(finetune)
+    return config.parse(raw)
+
+
+def test_grid_points():
+    pts = sweep.points(_cfg())
+    by = {}
+    for p in pts:
+        by.setdefault(p["method"], []).append(p)
+    assert len(by["scratch"]) == len(by["full"]) == 2  # the lr_f grid
+    assert len(by["partial"]) == 1                      # f is frozen: its rate changes nothing
+    assert len(by["dm_stage12"]) == 6 and {p["lam"] for p in by["dm_stage12"]} == {0.0, 1.0, 500.0}
+    assert all(p["lam"] is None for m in ("scratch", "partial", "full") for p in by[m])
+    assert len({json.dumps(p, sort_keys=True) for p in pts}) == len(pts) == 11
+    assert sweep.points(_cfg()) == pts  # stable
+
+
+def test_an_override_wins_over_the_space():
+    pts = sweep.points(_cfg(overrides={"scratch": {"lr": 0.2}}))
+    scratch = [p for p in pts if p["method"] == "scratch"]
+    assert [(p["lr_f"], p["lr_g"]) for p in scratch] == [(0.2, 0.2)]
+
+
+def test_random_search_is_seeded_and_within_range():
+    cfg = _cfg(search="random", num_samples=5, methods=["full"],
+               space={"lr_f": {"loguniform": [0.001, 0.1]}, "optimizer": ["sgd", "adam"]})
+    pts = sweep.points(cfg)
+    assert len(pts) == 5 and all(0.001 <= p["lr_f"] <= 0.1 for p in pts)
+    assert {p["optimizer"] for p in pts} <= {"sgd", "adam"}
+    assert pts == sweep.points(cfg)
+
+
+def test_stage_identity_separates_trials(tmp_path):
+    from study.pipeline import Job
+
+    cfg = _cfg()
+    job = Job(cfg, tmp_path, None)
+    sources = {("resnet18", n): {"key": n, "ckpt": "x"} for n in ("standard", "fgsm_linf_2.0")}
+    keys = [sweep.stage_for(job, p, sources).key for p in sweep.points(cfg)]
+    assert len(set(keys)) == len(keys)
+    dm = [p for p in sweep.points(cfg) if p["method"] == "dm_stage12"][0]
+    assert sweep.stage_for(job, dm, sources).ident["source"] == "fgsm_linf_2.0"  # stage 1&2
+
+
+# -- the driver dies mid-sweep ------------------------------------------------------------
+def _job(tmp_path: Path, weights: Path) -> Path:
+    raw = {
+        "name": "killed", "seed": 0, "device": "cpu", "data": {"workers": 1},
+        "datasets": {"alphabet": {"params": {"train_per_class": 6, "test_per_class": 2}}},
+        "pretrain": {"backbones": ["resnet18"], "weights": str(weights)},
+        "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "full"],
+                     "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
+                     "space": {"lr_g": [0.05, 0.1]}, "max_concurrent_trials": 1},
+        "eval": {"batch_size": 64, "max_images": 26, "attacks": ["fgsm_linf_0.5"]},
+    }
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _finished(out: Path) -> dict:
+    """stage record -> its modification time, for trials trained and attacked."""
+    done = {}
+    for rec in (out / "checkpoints").glob("finetune-*.json"):
+        if rec.name.endswith(".eval.json"):
+            continue
+        ev = rec.with_name(rec.stem + ".eval.json")
+        if ev.is_file() and json.loads(ev.read_text()).get("logged"):
+            done[rec.name] = rec.stat().st_mtime_ns
+    return done
+
+
+def test_killed_driver_then_rerun_finishes_only_the_remaining_trials(tmp_path, ray_local, mlflow_server):
+    import mlflow
+    import torch
+
+    import torchvision
+
+    weights = tmp_path / "imagenet_like.pt"  # a torchvision-format ResNet-18, as downloaded
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    job, out = _job(tmp_path, weights), tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "MLFLOW_TRACKING_URI": mlflow_server}
+    cmd = [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and len(_finished(out)) < 1 and proc.poll() is None:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        before = _finished(out)
+        assert 1 <= len(before) < 4
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "restoring the sweep" in rerun.stdout
+    after = _finished(out)
+    assert len(after) == 4
+    for name, mtime in before.items():  # finished trials were not trained or attacked again
+        assert after[name] == mtime, name
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        exp = mlflow.get_experiment_by_name("killed")
+        runs = mlflow.search_runs([exp.experiment_id])
+    finally:
+        mlflow.set_tracking_uri(None)
+    trials = runs[runs["tags.study.stage"] == "finetune"]
+    assert len(trials) == 4 and trials["tags.study.stage_key"].is_unique  # no run twice
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(parent) == 1 and set(trials["tags.mlflow.parentRunId"]) == set(parent.run_id)
+    assert trials["metrics.AAI/fgsm_linf_0.5"].notna().all() and trials["metrics.val_acc"].notna().all()
+    df = __import__("pandas").read_csv(out / "results.csv")
+    clean = df[df.attack.isna()]
+    assert len(clean) == 4 and clean.groupby("setting").selected.sum().tolist() == [1, 1]

@@ -146,3 +146,23 @@ def test_killed_driver_then_rerun_finishes_only_the_remaining_trials(tmp_path, r
     df = __import__("pandas").read_csv(out / "results.csv")
     clean = df[df.attack.isna()]
     assert len(clean) == 4 and clean.groupby("setting").selected.sum().tolist() == [1, 1]
+
+
+def test_asha_stops_weak_trials_early(tmp_path, ray_local):
+    """The sweep's Tuner with the job's ASHA scheduler: trials whose validation accuracy
+    trails stop at a rung, the best runs every epoch."""
+    from ray import tune
+
+    def _toy_trial(config):  # nested: pickled by value, Ray workers cannot import tests/
+        p = config["point"]
+        for epoch in range(1, 9):  # a learning curve whose height is the point's "quality"
+            tune.report({"val_acc": p["quality"] * epoch})
+
+    ft = _cfg(scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2},
+              max_concurrent_trials=2).finetune
+    pts = [{"quality": q} for q in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)]
+    tuner = sweep.make_tuner(tune.with_resources(_toy_trial, {"cpu": 1}), pts, ft, str(tmp_path), "asha",
+                             max_epochs=8)
+    grid = tuner.fit()
+    epochs = {r.config["point"]["quality"]: r.metrics["training_iteration"] for r in grid}
+    assert epochs[8.0] == 8 and min(epochs.values()) < 8, epochs

@@ -61,15 +61,20 @@ class Job:
     def beton(self, key: str, split: str) -> Path:
         return self.data_dir / self.cfg.dataset_name(key) / f"{split}.beton"
 
-    def loader(self, key: str, split: str, batch_size: int, train: bool, seed: int = 0):
+    def loader(self, key: str, split: str, batch_size: int, train: bool, seed: int = 0,
+               indices=None, workers: int | None = None):
+        """An FFCV loader over a split (``indices``: a subset of it, e.g. the validation
+        hold-out); ``workers`` defaults to data.workers."""
         return make_loader(self.beton(key, split), train=train, resolution=self.cfg.resolution(key),
                            batch_size=batch_size, dataset=self.cfg.dataset_name(key),
-                           workers=self.cfg.data.workers, device=self.device, seed=seed,
-                           channels_last=self.device.type == "cuda")
+                           workers=workers or self.cfg.data.workers, device=self.device, seed=seed,
+                           indices=indices, channels_last=self.device.type == "cuda")
+
+    def manifest(self, key: str, split: str) -> dict:
+        return json.loads(self.beton(key, split).with_suffix(".json").read_text())
 
     def num_classes(self, key: str) -> int:
-        manifest = json.loads(self.beton(key, "train").with_suffix(".json").read_text())
-        return int(manifest["num_classes"])
+        return int(self.manifest(key, "train")["num_classes"])
 
     def aoi(self, model, loader) -> float:
         return accuracy(model, loader, self.device, max_images=self.cfg.eval.max_images)
@@ -93,6 +98,7 @@ class Stage:
         folder = job.out / "checkpoints"
         self.ckpt = folder / f"{stem}-{self.key}.pt"
         self.record_path = self.ckpt.with_suffix(".json")
+        self.eval_path = self.ckpt.with_name(self.ckpt.stem + ".eval.json")  # attack results
         self.pending = self.ckpt.with_suffix(".run")
 
     @property
@@ -238,7 +244,7 @@ def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
     attacks = job.cfg.eval.suite(setting)
     if not attacks:
         return [], []
-    path = stage.ckpt.with_name(stage.ckpt.stem + ".eval.json")
+    path = stage.eval_path
     store = json.loads(path.read_text()) if path.is_file() else {}
     cache = store.setdefault("results", {})
     name = stage.ckpt.stem.rsplit("-", 1)[0]
@@ -270,7 +276,7 @@ def evaluate_stage_done(job: Job, stage: Stage, setting: str) -> bool:
     """Whether a stage is trained, attacked by the whole suite and logged: nothing to run."""
     if stage.record is None:
         return False
-    path = stage.ckpt.with_name(stage.ckpt.stem + ".eval.json")
+    path = stage.eval_path
     store = json.loads(path.read_text()) if path.is_file() else {}
     cache = store.get("results", {})
     attacks = job.cfg.eval.suite(setting)

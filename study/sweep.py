@@ -29,7 +29,6 @@ storage (``Tuner.restore``): finished trials are not run again, unfinished ones 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 import tempfile
@@ -170,13 +169,13 @@ def trial(config: dict, context: dict) -> None:
     import mlflow
     from ray import tune
 
+    import logging
+
     from study import config as config_mod
-    from study.data.loaders import holdout, make_loader
+    from study.data.loaders import holdout
     from study.engine import Trainer
     from study.models import build_model, load_checkpoint
     from study.pipeline import Job, _finish_model, evaluate_stage, resolve_device
-
-    import logging
 
     tracking.quiet_mlflow()
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint
@@ -203,17 +202,15 @@ def trial(config: dict, context: dict) -> None:
             model = load_checkpoint(sources[p["backbone"], source_name(cfg, p["method"])]["ckpt"], p["backbone"])
             torch.manual_seed(cfg.seed + 1)
             model.reset_classifier(num_classes)
-        beton = job.beton(key, "train")
-        count = int(json.loads(beton.with_suffix(".json").read_text())["count"])
+        count = int(job.manifest(key, "train")["count"])
         train_idx, val_idx = holdout(count, cfg.finetune.val_fraction, cfg.seed)
-        common = dict(resolution=cfg.resolution(key), dataset=cfg.dataset_name(key),
-                      workers=max(1, int(context["cpus"])), device=job.device,
-                      channels_last=job.device.type == "cuda")
-        train_loader = make_loader(beton, train=True, batch_size=s.batch_size, seed=cfg.seed,
-                                   indices=train_idx, **common)
-        val_loader = make_loader(beton, train=False, batch_size=cfg.eval.batch_size, indices=val_idx, **common)
+        threads = max(1, int(context["cpus"]))  # the trial's own CPUs, not data.workers
+        train_loader = job.loader(key, "train", s.batch_size, train=True, seed=cfg.seed,
+                                  indices=train_idx, workers=threads)
+        val_loader = job.loader(key, "train", cfg.eval.batch_size, train=False,
+                                indices=val_idx, workers=threads)
         generator = torch.Generator().manual_seed(cfg.seed)
-        objective = _objective(cfg, p, objective_spec(cfg, p), sources, job.device, generator)
+        objective = _objective(cfg, p, stage.ident["objective"], sources, job.device, generator)
         trainer = Trainer(model, s, method.setting, len(train_loader), job.device, objective)
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:

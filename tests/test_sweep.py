@@ -160,7 +160,9 @@ def test_asha_stops_weak_trials_early(tmp_path, ray_local):
 
     ft = _cfg(scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2},
               max_concurrent_trials=2).finetune
-    pts = [{"quality": q} for q in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)]
+    # strongest first: ASHA judges a trial at a rung against those that reached it before,
+    # so in this order every later (weaker) trial meets a better one there
+    pts = [{"quality": q} for q in (8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0)]
     tuner = sweep.make_tuner(tune.with_resources(_toy_trial, {"cpu": 1}), pts, ft, str(tmp_path), "asha",
                              max_epochs=8)
     grid = tuner.fit()

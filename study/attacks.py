@@ -15,9 +15,21 @@ parameter ever accumulates a gradient. For evaluation (``early_stop=True``) a sa
 counts as broken as soon as *any* iterate -- the random start included -- is
 misclassified, and from then on it costs no compute; adversarial training calls the
 same engine with ``early_stop=False`` and gets the last iterate of every sample.
+
+Mixed precision (``precision``: ``auto`` | ``fp32`` | ``bf16``): an evaluation may take
+its ascent steps in bfloat16, which halves the cost of a step where the hardware has
+bf16 units (CUDA, or a CPU with AVX512-BF16/AMX), while keeping every verdict in fp32:
+bf16 logits only *propose* that a sample broke, and the sample counts as broken only
+when an fp32 forward pass of that very iterate confirms it; otherwise it stays in the
+attack. So AAI is never lowered by rounding -- at worst a bf16 step misses a break an
+fp32 step would have found, which the benchmark checks against the reference's AAI.
+``auto`` means bf16 for evaluation where it is fast, fp32 otherwise; adversarial
+training (``early_stop=False``) uses fp32 unless ``bf16`` is asked for.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import re
 import time
@@ -46,6 +58,7 @@ class Attack:
     rel_step: float = 1.25     # step size = rel_step * eps / steps (the paper's 1.25)
     targeted: bool = False
     max_images: int | None = None  # a cap of its own (AutoAttack on CPU needs one)
+    precision: str = "auto"    # of the ascent steps; verdicts are always fp32 (see above)
 
     @property
     def name(self) -> str:
@@ -71,8 +84,9 @@ class Attack:
 def parse_attack(spec) -> Attack:
     """An Attack from a paper name (``pgd10_linf_0.5``) or a mapping
     ``{name: ..., eps: 1.0, random_start: true, restarts: 2, rel_step: 2.5, targeted: true,
-    max_images: 64}`` (``eps`` there overrides the name's). AutoAttack takes only ``eps``
-    and ``max_images``: its standard version fixes everything else."""
+    max_images: 64, precision: fp32}`` (``eps`` there overrides the name's). AutoAttack
+    takes only ``eps`` and ``max_images``: its standard version fixes everything else.
+    ``precision`` is not part of the name: it changes the arithmetic, not the attack."""
     options = {}
     if isinstance(spec, dict):
         options = dict(spec)
@@ -98,7 +112,8 @@ def parse_attack(spec) -> Attack:
     number, integer, flag = ((int, float), "a number"), (int, "an integer"), (bool, "true or false")
     allowed = {"eps": number, "max_images": integer}
     if not m["aa"]:
-        allowed.update(restarts=integer, random_start=flag, rel_step=number, targeted=flag)
+        allowed.update(restarts=integer, random_start=flag, rel_step=number, targeted=flag,
+                       precision=(str, "one of auto, fp32, bf16"))
     for key, value in options.items():
         if key not in allowed:
             raise AttackError(f"attack {spec!r}: unknown option {key!r} (allowed: {', '.join(allowed)})")
@@ -112,9 +127,43 @@ def parse_attack(spec) -> Attack:
         raise AttackError(f"attack {spec!r}: restarts must be >= 1 and rel_step > 0")
     if attack.restarts > 1 and not attack.random_start:
         raise AttackError(f"attack {spec!r}: restarts without random_start: true repeat one run")
+    if attack.precision not in PRECISIONS:
+        raise AttackError(f"attack {spec!r}: precision must be one of {', '.join(PRECISIONS)}, "
+                          f"got {attack.precision!r}")
     if attack.max_images is not None and attack.max_images < 1:
         raise AttackError(f"attack {spec!r}: max_images must be >= 1")
     return attack
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@functools.cache
+def _cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX: without them oneDNN emulates bf16, slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def step_dtype(attack: Attack, device: torch.device, early_stop: bool) -> torch.dtype | None:
+    """The autocast dtype of the ascent steps, None for plain fp32."""
+    if attack.precision == "fp32" or (attack.precision == "auto" and not early_stop):
+        return None
+    if attack.precision == "bf16":
+        return torch.bfloat16
+    fast = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+            else device.type == "cpu" and _cpu_has_bf16_units())
+    return torch.bfloat16 if fast else None
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 # -- geometry of the two norm balls ----------------------------------------------------
@@ -164,6 +213,21 @@ def _success(logits, labels, targeted: bool):
     return pred == labels if targeted else pred != labels
 
 
+# bf16 keeps 8 bits of mantissa, so its logits are off by about a percent of their
+# size: a sample whose bf16 margin is within that of the boundary goes to fp32 to
+# decide. (3 % sent twice as many samples to fp32 and found no more breaks.)
+BF16_MARGIN = 0.01
+
+
+def _near_success(logits, labels, targeted: bool):
+    """Success, or within BF16_MARGIN * max|logit| of it."""
+    tol = BF16_MARGIN * logits.abs().amax(1)
+    own = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+    margin = others - own if targeted else own - others  # > 0: not (yet) a success
+    return margin <= tol
+
+
 def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
             target: torch.Tensor | None = None, early_stop: bool = True,
             generator: torch.Generator | None = None) -> Outcome:
@@ -184,58 +248,143 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
         model.train(was_training)
 
 
-def _pgd(model, x, y, attack, target, early_stop, generator) -> Outcome:
-    eps, alpha = attack.eps_pixels, attack.step_pixels
-    x_adv = x.clone()
-    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    grad_norm = torch.full((len(x),), float("nan"), device=x.device)
-    targeted = target is not None
-    labels = target if targeted else y  # the loss is taken against these
-    sign = -1.0 if targeted else 1.0    # targeted: descend the loss of the target
-    for restart in range(attack.restarts):
-        active = (~fooled).nonzero().flatten() if early_stop else torch.arange(len(x), device=x.device)
-        if len(active) == 0:
-            break
-        x0, lab = x[active], labels[active]
-        cur = x0.clone()
-        if attack.random_start and eps > 0:
-            cur = (cur + _random_start(cur, attack.norm, eps, generator)).clamp(0, 1)
-        for step in range(attack.steps + 1):
-            last = step == attack.steps
-            if last:  # the final iterate is only classified: no graph
-                with torch.no_grad():
-                    logits = model(cur)
-            else:
-                cur.requires_grad_(True)
-                logits = model(cur)
-            ok = _success(logits, lab, targeted)
-            if early_stop:  # every sample still active is unbroken so far
-                fooled[active[ok]] = True
-                x_adv[active[ok]] = cur.detach()[ok]
-            elif last:
-                fooled = ok
-            if last:
+class _Pool:
+    """Samples under attack, each at its own step: ``ids`` (arrival order), ``x0`` (clean
+    images), ``cur`` (iterates), ``lab`` (the labels the loss is taken against: targets
+    when targeted), ``correct`` (fp32 verdict on the clean image), ``gn`` (input-gradient
+    norm at the first step), ``step`` and ``restart`` counters."""
+
+    FIELDS = ("ids", "x0", "cur", "lab", "correct", "gn", "step", "restart")
+
+    def __init__(self, **tensors):
+        self.__dict__.update(tensors)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def take(self, keep: torch.Tensor) -> "_Pool":
+        return _Pool(**{k: getattr(self, k)[keep] for k in self.FIELDS})
+
+    def join(self, other: "_Pool") -> "_Pool":
+        return _Pool(**{k: torch.cat([getattr(self, k), getattr(other, k)]) for k in self.FIELDS})
+
+
+def _start(x0, attack, generator):
+    """The first iterate: the clean image, or a random point of the ball (Madry)."""
+    if attack.random_start and attack.eps_pixels > 0:
+        return (x0 + _random_start(x0, attack.norm, attack.eps_pixels, generator)).clamp(0, 1)
+    return x0.clone()
+
+
+def _pgd_stream(model, chunks, attack: Attack, early_stop: bool, generator):
+    """PGD/FGSM over a stream of chunks ``(x, y, target|None)``. Yields ``(pool, fooled)``
+    of the samples that finish, as they finish: ``pool.cur`` is the iterate that broke a
+    sample, else its last one.
+
+    The samples of the stream flow through one pool of the first chunk's size: broken
+    samples leave (early stop) and new ones take their place, so every pass runs on a
+    full batch however many samples break -- on CPU a quarter of a batch costs over half
+    of a whole one, so shrinking batches would waste most of the early exit.
+
+    With ``early_stop`` the clean image counts as an iterate, classified in fp32 on
+    arrival: a sample the model already gets wrong (targeted: already in the target
+    class) never enters. Without it (adversarial training) every sample takes exactly
+    ``steps`` steps and ``fooled`` is the verdict on its last iterate."""
+    eps, alpha, steps = attack.eps_pixels, attack.step_pixels, attack.steps
+    sign = -1.0 if attack.targeted else 1.0  # targeted: descend the loss of the target
+    source, arrived = iter(chunks), 0
+    pool = pending = cap = device = dtype = None
+    nchw = False
+    while True:
+        while pool is None or len(pool) < cap:  # refill: pending first, then the source
+            if pending is not None and len(pending):
+                head = torch.arange(len(pending), device=device) < (cap - (len(pool) if pool else 0))
+                pool = pending.take(head) if pool is None else pool.join(pending.take(head))
+                pending = pending.take(~head)
+                continue
+            chunk = next(source, None)
+            if chunk is None:
                 break
-            loss = F.cross_entropy(logits, lab, reduction="none")
-            if early_stop:  # broken samples stop pulling on the gradient ...
-                loss = loss * (~ok)
-            grad, = torch.autograd.grad(loss.sum(), cur)
-            if restart == 0 and step == 0:
-                grad_norm[active] = _flat_norm(grad).flatten()
-            with torch.no_grad():
-                cur = x0 + _project(cur + sign * alpha * _ascent(grad, attack.norm) - x0,
-                                    attack.norm, eps)
-                cur = cur.clamp(0, 1)
-            if early_stop and ok.any():  # ... and leave the active set: no more compute for them
-                keep = ~ok
-                active, cur, x0, lab = active[keep], cur[keep], x0[keep], lab[keep]
-                if len(active) == 0:
-                    break
-        if not early_stop:
-            return Outcome(cur.detach(), fooled, grad_norm)
-        if len(active):
-            x_adv[active] = cur.detach()
-    return Outcome(x_adv.detach(), fooled, grad_norm)
+            x, y, target = chunk
+            x = x.detach()
+            if device is None:
+                device, cap = x.device, len(x)
+                dtype = step_dtype(attack, device, early_stop)
+                nchw = dtype is not None and device.type == "cpu"  # measured: bf16 convs on CPU prefer NCHW
+            if nchw:
+                x = x.contiguous()
+            lab = target if attack.targeted else y
+            n = len(x)
+            correct = torch.zeros(n, dtype=torch.bool, device=device)
+            done = torch.zeros(n, dtype=torch.bool, device=device)
+            if early_stop:
+                with torch.no_grad():
+                    pred = model(x).argmax(1)
+                correct = pred == y
+                done = pred == lab if attack.targeted else ~correct
+            zeros = torch.zeros(n, dtype=torch.long, device=device)
+            new = _Pool(ids=torch.arange(arrived, arrived + n, device=device), x0=x, cur=x, lab=lab,
+                        correct=correct, gn=torch.full((n,), float("nan"), device=device),
+                        step=zeros, restart=zeros)
+            arrived += n
+            if done.any():
+                yield new.take(done), done[done]
+            pending = new.take(~done)
+            pending.cur = _start(pending.x0, attack, generator)
+        if pool is None or len(pool) == 0:
+            return
+        # -- one pass: classify every iterate of the pool, step the unfinished ones
+        last = pool.step >= steps
+        need_grad = bool((~last).any())
+        with torch.enable_grad() if need_grad else torch.no_grad():
+            cur = pool.cur.requires_grad_(need_grad)
+            with _autocast(device, dtype):
+                logits = model(cur)
+            logits = logits.float()
+            if dtype is None:
+                ok = _success(logits, pool.lab, attack.targeted)
+            else:  # bf16 proposes every sample within its rounding of the boundary, fp32 confirms
+                ok = _near_success(logits.detach(), pool.lab, attack.targeted)
+                if ok.any():
+                    idx = ok.nonzero().flatten()
+                    with torch.no_grad():
+                        ok[idx] = _success(model(cur.detach()[idx]), pool.lab[idx], attack.targeted)
+            leave = last | ok if early_stop else last
+            again = leave & ~ok & (pool.restart < attack.restarts - 1) if early_stop else last & False
+            leave = leave & ~again  # a restart: a fresh random start, no step this pass
+            move = ~leave & ~again
+            if need_grad:
+                loss = F.cross_entropy(logits, pool.lab, reduction="none") * move  # the rest pull on nothing
+                grad, = torch.autograd.grad(loss.sum(), cur)
+        if leave.any():
+            out = pool.take(leave)
+            out.cur = out.cur.detach()
+            yield out, ok[leave]
+        with torch.no_grad():
+            nxt, step, restart, gn = pool.cur.detach(), pool.step + move.long(), pool.restart, pool.gn
+            if need_grad and move.any():
+                first = move & (pool.step == 0) & (pool.restart == 0)
+                gn = torch.where(first, _flat_norm(grad).flatten(), gn)
+                x0 = pool.x0[move]
+                nxt = nxt.clone()
+                nxt[move] = (x0 + _project(nxt[move] + sign * alpha * _ascent(grad[move], attack.norm) - x0,
+                                           attack.norm, eps)).clamp(0, 1)
+            if again.any():
+                nxt = nxt.clone()
+                nxt[again] = _start(pool.x0[again], attack, generator)
+                step = torch.where(again, torch.zeros_like(step), step)
+                restart = restart + again.long()
+            pool.cur, pool.step, pool.restart, pool.gn = nxt, step, restart, gn
+            pool = pool.take(~leave)
+
+
+def _pgd(model, x, y, attack, target, early_stop, generator) -> Outcome:
+    """One batch through the stream."""
+    x_adv, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    grad_norm = torch.full((len(x),), float("nan"), device=x.device)
+    for out, ok in _pgd_stream(model, [(x, y, target)], attack, early_stop, generator):
+        x_adv[out.ids], fooled[out.ids], grad_norm[out.ids] = out.cur.to(x_adv.dtype), ok, out.gn
+    return Outcome(x_adv, fooled, grad_norm)
 
 
 def _input_grad_norm(model, x, y) -> torch.Tensor:
@@ -299,40 +448,64 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
     caps = [c for c in (max_images, attack.max_images) if c is not None]
     cap = min(caps) if caps else None
     generator = torch.Generator().manual_seed(seed)
-    correct, robust, notes = [], [], []
-    n = vanished = 0
-    max_delta, in_range = 0.0, True
+    seen = {"n": 0}
+
+    def capped():
+        for x, y in batches:
+            if cap is not None:
+                if seen["n"] >= cap:
+                    return
+                x, y = x[: cap - seen["n"]], y[: cap - seen["n"]]
+            seen["n"] += len(x)
+            yield x, y, None
+
+    correct, robust = {}, {}  # by arrival id
+    notes, vanished, max_delta, in_range = [], 0, 0.0, True
     start = time.perf_counter()
-    for x, y in batches:
-        if cap is not None:
-            if n >= cap:
-                break
-            x, y = x[: cap - n], y[: cap - n]
-        with torch.no_grad():
-            was = model.training
-            ok = model.eval()(x).argmax(1) == y
-            model.train(was)
-        out = perturb(model, x, y, attack, generator=generator)
-        delta = (out.x_adv - x).flatten(1)
+
+    def account(ids, x0, x_adv, ok, fooled, grad_norm):
+        nonlocal vanished, max_delta, in_range
+        delta = (x_adv - x0).flatten(1)
         norms = delta.abs().amax(1) if attack.norm == "linf" else delta.norm(dim=1)
-        max_delta = max(max_delta, float(norms.max()) if len(x) else 0.0)
-        in_range &= bool(((out.x_adv >= 0) & (out.x_adv <= 1)).all())
-        unbroken = ok & ~out.fooled  # the clean image counts as an iterate: AAI <= AOI
+        max_delta = max(max_delta, float(norms.max()) if len(ids) else 0.0)
+        in_range &= bool(((x_adv >= 0) & (x_adv <= 1)).all())
+        unbroken = ok & ~fooled  # the clean image counts as an iterate: AAI <= AOI
         if attack.eps > 0:
-            g = out.grad_norm[unbroken]
+            g = grad_norm[unbroken]
             vanished += int(((g <= VANISHING) | ~torch.isfinite(g)).sum())
-        notes += [m for m in out.notes if m not in notes]
-        n += len(x)
-        correct.append(ok.cpu())
-        robust.append(unbroken.cpu())
-    correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
-    robust = torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool)
+        for i, c, r in zip(ids.tolist(), ok.tolist(), unbroken.tolist()):
+            correct[i], robust[i] = c, r
+
+    was = model.training
+    model.eval()
+    try:
+        if attack.kind == "autoattack":  # batch by batch, as the package works
+            first = 0
+            for x, y, _ in capped():
+                with torch.no_grad():
+                    ok = model(x).argmax(1) == y
+                out = perturb(model, x, y, attack, generator=generator)
+                notes += [m for m in out.notes if m not in notes]
+                ids = torch.arange(first, first + len(x))
+                first += len(x)
+                account(ids, x, out.x_adv, ok, out.fooled, out.grad_norm)
+        else:
+            for out, fooled in _pgd_stream(model, capped(), attack, True, generator):
+                account(out.ids, out.x0, out.cur, out.correct, fooled, out.gn)
+    finally:
+        model.train(was)
+    n = len(correct)
+    correct = torch.tensor([correct[i] for i in range(n)], dtype=torch.bool)
+    robust = torch.tensor([robust[i] for i in range(n)], dtype=torch.bool)
     aoi = 100.0 * float(correct.sum()) / max(n, 1)
     aai = 100.0 * float(robust.sum()) / max(n, 1)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = None if attack.kind == "autoattack" else step_dtype(attack, device, early_stop=True)
     return {"attack": attack.name, "images": n, "AOI": aoi, "AAI": aai,
             "DR": 100.0 * (aoi - aai) / aoi if aoi > 0 else float("nan"),
             "max_delta": max_delta, "eps_pixels": attack.eps_pixels, "in_range": in_range,
             "vanishing_gradients": vanished, "notes": notes,
+            "precision": "fp32" if dtype is None else "bf16",
             "seconds": time.perf_counter() - start, "correct": correct, "robust": robust}
 
 

@@ -25,6 +25,7 @@ def test_names_follow_the_paper():
     ({"name": "fgsm_linf_1", "restarts": True}, "restarts must be an integer"),
     ({"name": "fgsm_linf_1", "steps": 3}, "unknown option 'steps'"),
     ({"name": "pgd10_linf_1", "restarts": 3}, "restarts without random_start"),
+    ({"name": "pgd10_linf_1", "precision": "fp16"}, "precision must be one of auto, fp32, bf16"),
     (0.5, "an attack is a name"),
 ])
 def test_bad_attacks_are_refused(spec, message):
@@ -98,7 +99,7 @@ def test_early_stop_spends_no_compute_on_broken_samples():
     x = torch.full((64, 1, 4, 4), 0.5)
     x[:8] = 0.9  # 8 samples far from the boundary: the attack keeps going on them only
     y = (x.flatten(1).sum(1) - 8 > 0).long()
-    attack = parse_attack("pgd10_linf_1")
+    attack = parse_attack({"name": "pgd10_linf_1", "precision": "fp32"})  # bf16 is tested below
     out = perturb(model, x, y, attack)
     assert out.fooled[8:].all() and not out.fooled[:8].any()
     assert seen[0] == 64 and seen[-1] == 8  # broken samples leave, the robust 8 stay to the end
@@ -106,6 +107,54 @@ def test_early_stop_spends_no_compute_on_broken_samples():
     seen.clear()
     perturb(model, x, y, attack, early_stop=False)
     assert seen[:10] == [64] * 10
+
+
+def test_a_stream_of_batches_keeps_the_pool_full():
+    """Broken samples leave and the next batch's samples take their place: every pass but
+    the last few runs on a full batch, and the results come back in image order."""
+    seen = []
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _linear(torch.ones(16), -8.0)
+
+        def forward(self, x):
+            seen.append(len(x))
+            return self.net(x)
+
+    batches = []
+    for _ in range(3):
+        x = torch.full((64, 1, 4, 4), 0.5)
+        x[:8] = 0.9  # robust; the other 56 break at the first step
+        batches.append((x, (x.flatten(1).sum(1) - 8 > 0).long()))
+    res = robust_accuracy(Counting(), batches, parse_attack({"name": "pgd10_linf_1", "precision": "fp32"}))
+    assert res["AOI"] == 100 and res["AAI"] == pytest.approx(100 * 8 / 64)
+    assert res["robust"].tolist() == ([True] * 8 + [False] * 56) * 3
+    pooled = list(seen)
+    seen.clear()
+    for batch in batches:  # the same images one batch at a time: as many sample-passes ...
+        robust_accuracy(Counting(), [batch], parse_attack({"name": "pgd10_linf_1", "precision": "fp32"}))
+    assert sum(pooled) == sum(seen)
+    assert len(pooled) < 0.75 * len(seen)  # ... in fewer, fuller passes
+
+
+def test_bf16_steps_never_count_a_sample_broken_that_fp32_does_not(trained):
+    from study.models import inference_copy
+
+    model, batches = trained
+    fast = inference_copy(model)
+    for name in ("pgd10_linf_1.0", "fgsm_linf_2.0"):
+        half = parse_attack({"name": name, "precision": "bf16"})
+        out = perturb(fast, *batches[0], half)
+        assert out.fooled.any()
+        with torch.no_grad():
+            still = fast(out.x_adv.float()).argmax(1) == batches[0][1]
+        assert not (still & out.fooled).any(), name  # every break holds in fp32
+        exact = robust_accuracy(model, batches, parse_attack({"name": name, "precision": "fp32"}))
+        rounded = robust_accuracy(model, batches, half)
+        assert rounded["precision"] == "bf16" and exact["precision"] == "fp32"
+        assert rounded["AOI"] == exact["AOI"] and abs(rounded["AAI"] - exact["AAI"]) <= 3.0
 
 
 def test_eps_zero_gives_aai_equal_aoi_and_targeted_needs_targets():

@@ -16,9 +16,12 @@ case "$what" in
   *) echo "usage: ./run.sh demo [--out DIR] | ./run.sh test [pytest args]" >&2; exit 2 ;;
 esac
 
-# 1. Debian libraries FFCV 1.0.2 compiles against.
+# 1. Debian libraries FFCV 1.0.2 compiles against; for the tests also Chromium, which
+#    renders the report page headless.
+wanted=(libopencv-dev libturbojpeg0-dev pkg-config)
+[ "$what" = test ] && wanted+=(chromium)
 missing=()
-for pkg in libopencv-dev libturbojpeg0-dev pkg-config; do
+for pkg in "${wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -27,7 +30,7 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
-  say "Debian packages present: libopencv-dev libturbojpeg0-dev pkg-config"
+  say "Debian packages present: ${wanted[*]}"
 fi
 
 # 2. uv, from PyPI.

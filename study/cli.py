@@ -4,6 +4,8 @@
     study demo [--out DIR]               run jobs/demo.yaml on generated data
     study data prepare NAME --out DIR [--root DIR] [--param KEY=VALUE ...]
     study ui [--out DIR] [--port N]      the MLflow UI over OUT's store
+    study report [--experiment NAME] [--from OUT] --out DIR
+                                         the paper's tables and figures rebuilt from MLflow
 
 Exit codes: 0 done, 2 bad input (one line on stderr naming what is wrong), 1 failure.
 """
@@ -72,6 +74,28 @@ def cmd_ui(args) -> int:
     return serve_ui(Path(args.out), args.port)
 
 
+def cmd_report(args) -> int:
+    """From $MLFLOW_TRACKING_URI (a cluster's server), else from the store of a job
+    folder (--from OUT, served locally for the time it takes)."""
+    import os
+
+    from study import report, tracking
+
+    store = Path(args.source)
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not (store / tracking.DB_NAME).is_file():
+        print(f"study: error: no MLflow store at {store / tracking.DB_NAME} and no MLFLOW_TRACKING_URI",
+              file=sys.stderr)
+        return USAGE_ERROR
+    with tracking.tracking(store, quiet=True):
+        try:
+            page = report.from_mlflow(Path(args.out), args.experiment)
+        except LookupError as err:
+            print(f"study: error: {err}", file=sys.stderr)
+            return USAGE_ERROR
+    print(f"[study] report: {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="study", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("ui", help="serve the MLflow UI on a job's store")
     u.add_argument("--out", type=Path, default=Path("runs/demo"))
     u.add_argument("--port", type=int, default=5000)
+
+    rp = sub.add_parser("report", help="rebuild the paper's tables and figures from MLflow")
+    rp.add_argument("--out", type=Path, required=True, help="folder for index.html, index.md and the PNGs")
+    rp.add_argument("--experiment", help="one MLflow experiment (a job's name); default: all")
+    rp.add_argument("--from", dest="source", default="runs/demo",
+                    help="a job's OUT whose store to read when MLFLOW_TRACKING_URI is unset")
     return p
 
 
@@ -122,6 +152,8 @@ def main(argv=None) -> int:
             return cmd_data_prepare(args)
         if args.command == "ui":
             return cmd_ui(args)
+        if args.command == "report":
+            return cmd_report(args)
     except (ConfigError, DatasetError, ModelError) as err:
         print(f"study: error: {err}", file=sys.stderr)
         return USAGE_ERROR

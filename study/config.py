@@ -281,6 +281,45 @@ class FinetuneSpec(_Strict):
         return set(over.model_dump(exclude_unset=True)) if over else set()
 
 
+class CCASpec(_Strict):
+    images: int = Field(512, gt=1)       # test images whose activations are compared
+    max_rows: int = Field(4096, gt=1)    # spatial positions sampled per layer (SVCCA rows)
+    keep: float = Field(0.99, gt=0, le=1)  # variance the SVD step keeps
+
+
+class UAPSpec(_Strict):
+    eps: float = Field(10.0, gt=0)       # L-inf bound, 1/255 units (Poursaeed et al.: 10)
+    target: int = Field(0, ge=0)         # the class the UAP pushes to
+    steps: int = Field(200, gt=0)        # generator updates
+    lr: float = Field(2e-3, gt=0)
+    train_images: int = Field(512, gt=0)
+
+
+class MMDSpec(_Strict):
+    images: int = Field(256, gt=1)       # per side
+
+
+class LLSpec(_Strict):
+    eps: float = Field(2.0, gt=0)        # L-inf radius of Eq. 4's neighbourhood, 1/255 units
+    steps: int = Field(10, gt=0)
+    images: int = Field(128, gt=0)
+
+
+class AnalysesSpec(_Strict):
+    """Section 4's analyses (study.analyses) on Ray actors, after the sweep."""
+    enabled: bool = True
+    actors: int = Field(2, gt=0)         # at most this many actors run tasks in parallel
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)  # per actor
+    images: int = Field(512, gt=0)       # test images for the UAP attacks
+    # fine-tuning snapshots for Fig. 5a, as fractions of the training steps (scratch and
+    # full fine-tune only); the final model is the last point
+    snapshots: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.02, 0.1, 0.3])
+    cca: CCASpec = Field(default_factory=CCASpec)
+    uap: UAPSpec = Field(default_factory=UAPSpec)
+    mmd: MMDSpec = Field(default_factory=MMDSpec)
+    ll: LLSpec = Field(default_factory=LLSpec)
+
+
 MODELS = ("pretrain",) + tuple(METHODS)  # what an attack may be limited to
 
 
@@ -339,6 +378,7 @@ class JobConfig(_Strict):
     finetune: Optional[FinetuneSpec] = None   # None: a job that only pre-trains
     eval: EvalSpec = Field(default_factory=EvalSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+    analyses: AnalysesSpec = Field(default_factory=AnalysesSpec)
 
     @model_validator(mode="after")
     def _cross(self):

@@ -139,12 +139,13 @@ class Trainer:
         # bf16 keeps float32's range and needs no loss scaling; float16 does
         self.scaler = torch.amp.GradScaler("cuda") if self.amp and settings.amp_dtype == "float16" else None
         self.epoch = 0  # epochs completed
+        self.steps_done = 0  # optimiser steps completed
         self.history: list[dict] = []
 
     # -- state, for checkpoints that resume mid-run -------------------------------------
     def state_dict(self) -> dict:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "steps_done": self.steps_done,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "history": list(self.history), "settings": asdict(self.settings),
                 "setting": self.setting}
@@ -156,6 +157,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        self.steps_done = int(state.get("steps_done", 0))
 
     def _set_mode(self) -> None:
         self.model.train()
@@ -165,7 +167,8 @@ class Trainer:
     def lrs(self) -> dict:
         return {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
 
-    def train_epoch(self, loader: Iterable, progress: bool = True, desc: str = "") -> dict:
+    def train_epoch(self, loader: Iterable, progress: bool = True, desc: str = "",
+                    after_step: Callable[[int], None] | None = None) -> dict:
         from tqdm.auto import tqdm
 
         self._set_mode()
@@ -187,6 +190,9 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
             self.scheduler.step()
+            self.steps_done += 1
+            if after_step is not None:
+                after_step(self.steps_done)
             n = len(labels)
             loss_sum += loss.item() * n
             correct += (logits.argmax(1) == labels).sum().item()
@@ -199,18 +205,20 @@ class Trainer:
     def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
             on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
             desc: str = "", val_name: str = "val_acc",
-            before_epoch: Callable[[int], None] | None = None) -> list[dict]:
+            before_epoch: Callable[[int], None] | None = None,
+            after_step: Callable[[int], None] | None = None) -> list[dict]:
         """Trains from ``self.epoch`` (0, or where a loaded state left off) to the last epoch.
 
         ``val_loader``'s accuracy is recorded each epoch as ``val_name``; it is a monitor,
         nothing here selects a model by it. ``before_epoch(epoch)`` (0-based) runs first
-        each epoch, e.g. to set the loader's resolution (progressive resizing).
+        each epoch, e.g. to set the loader's resolution (progressive resizing);
+        ``after_step(steps_done)`` after each optimiser step (snapshots for Fig. 5a).
         """
         while self.epoch < self.settings.epochs:
             if before_epoch is not None:
                 before_epoch(self.epoch)
             lrs = self.lrs()  # the rates this epoch starts with
-            metrics = self.train_epoch(train_loader, progress, desc)
+            metrics = self.train_epoch(train_loader, progress, desc, after_step)
             if val_loader is not None:
                 metrics[val_name] = accuracy(self.model, val_loader, self.device, self.amp)
             self.epoch += 1

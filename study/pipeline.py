@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from study import distributed, evaluate, objectives, results, tracking
+from study import analyses, distributed, evaluate, objectives, report, results, tracking
 from study.config import ConfigError, JobConfig
 from study.data.beton import atomic_write_text, config_hash, prepare
 from study.data.loaders import make_loader
@@ -141,7 +141,8 @@ class Stage:
         return run
 
 
-def _finish_model(job: Job, stage: Stage, run, model, test_loader, history: list) -> dict:
+def _finish_model(job: Job, stage: Stage, run, model, test_loader, history: list,
+                  extra: dict | None = None) -> dict:
     """A trained model's last steps, whoever trained it: AOI on the test split, the study
     checkpoint, the model in MLflow, the stage's record."""
     import mlflow
@@ -152,7 +153,7 @@ def _finish_model(job: Job, stage: Stage, run, model, test_loader, history: list
     tracking.log_model(model)
     model.to(job.device)
     return stage.finish({"run_id": run.info.run_id, "AOI": aoi, "history": history,
-                         "checkpoint": str(stage.ckpt)})
+                         "checkpoint": str(stage.ckpt), **(extra or {})})
 
 
 def pretrain(job: Job, backbone: str, objective) -> Stage:
@@ -285,6 +286,18 @@ def evaluate_stage_done(job: Job, stage: Stage, setting: str) -> bool:
     return not attacks or set(cache) <= set(store.get("logged", []))
 
 
+def _source_data(cfg: JobConfig, setting: str) -> str | None:
+    """What a model's backbone was pre-trained on (Table 4 compares these)."""
+    from study.methods import METHODS
+
+    if setting != "pretrain" and METHODS[setting].source is None:
+        return None
+    w = cfg.pretrain.weights
+    if w is None:
+        return cfg.pretrain.dataset  # the job's key: a folder dataset's name says little
+    return "imagenet" if isinstance(w, dict) or w == "imagenet" else Path(str(w)).stem
+
+
 def _rows(job: Job, key: str, backbone: str, setting: str, source: str | None, rec: dict,
           records, flags, stage: Stage, point: dict | None = None):
     """Result rows of one model: the clean row, then one per attack. ``source`` is the
@@ -293,7 +306,8 @@ def _rows(job: Job, key: str, backbone: str, setting: str, source: str | None, r
     point = point or {}
     history = rec.get("history") or [{}]
     base = {"dataset": job.cfg.dataset_name(key), "backbone": backbone, "setting": setting,
-            "source": source, "lam": point.get("lam"), "lr_f": point.get("lr_f"),
+            "source": source, "source_data": _source_data(job.cfg, setting),
+            "lam": point.get("lam"), "lr_f": point.get("lr_f"),
             "lr_g": point.get("lr_g"), "optimizer": point.get("optimizer"),
             "val_acc": history[-1].get("val_acc"), "stage": stage.key}
     rows = [{**base, "AOI": rec["AOI"]}]
@@ -374,7 +388,10 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
                 tracking.log_params(cfg.resolved())
             rows, sanity = [], []
 
+            stages = {}
+
             def add(stage, key, backbone, setting, source, point=None):
+                stages[stage.key] = stage
                 records, flags = evaluate_stage(job, stage, key, backbone, setting)
                 r, s_ = _rows(job, key, backbone, setting, source, stage.record, records, flags,
                               stage, point)
@@ -400,9 +417,42 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
                         continue
                     add(stage, p["dataset"], p["backbone"], p["method"],
                         sweep.source_name(cfg, p["method"]), p)
-            distributed.release_ray()
             _select(rows)
+            found = {}
+            if cfg.finetune is not None and cfg.analyses.enabled:
+                found = _analyse(job, rows, stages, sources)
+            distributed.release_ray()
             df, md = results.write(rows, out, title=f"{cfg.name}: results", sanity=sanity)
             for name in ("results.csv", "results.md", "sanity.csv"):
                 mlflow.log_artifact(str(out / name))
+            if found:
+                mlflow.log_metrics(analyses.metrics(found))
+                mlflow.log_artifacts(str(out / "analyses"), "analyses")
+            page = report.build(df, found, out / "report", title=cfg.name)
+            mlflow.log_artifacts(str(out / "report"), "report")
+            log(f"report: {page}")
     return df, md
+
+
+def _analyse(job: Job, rows: list[dict], stages: dict, sources: dict) -> dict:
+    """Section 4's analyses on the selected models of each target dataset (first
+    fine-tuning backbone): pre-trained (the standard source), fine-tuned, standard."""
+    from study import sweep
+
+    cfg = job.cfg
+    backbone = cfg.finetune_backbones()[0]
+    pre = sources.get((backbone, cfg.source_objective()))
+    models: dict = {}
+    for key in cfg.finetune.datasets:
+        m: dict = {"snapshots": {}}
+        if pre is not None and pre.ckpt.is_file():
+            m["pretrained"] = str(pre.ckpt)
+        for r in rows:
+            if (r["dataset"] == cfg.dataset_name(key) and r["backbone"] == backbone and r.get("selected")
+                    and not r.get("attack") and r["setting"] in ("full", "scratch")):
+                st = stages[r["stage"]]
+                m[r["setting"]] = str(st.ckpt)
+                m["snapshots"][r["setting"]] = (st.record or {}).get("snapshots", [])
+        models[key] = m
+    del sweep
+    return analyses.run(job, models, log=log)

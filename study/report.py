@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import pandas as pd
 
@@ -182,3 +183,385 @@ def sweep(df: pd.DataFrame) -> str:
             "backbone, method and λ (the test split is never used to choose).\n\n"
             + _md(["dataset", "backbone", "method", "λ", "lr_f", "lr_g", "optimizer", "val acc", "AOI",
                    f"AAI {TABLE1_ATTACK}", "selected"], rows))
+
+
+def _mean_over_datasets(df: pd.DataFrame, setting: str, attack: str, by: str) -> dict:
+    """Per value of ``by``: mean AOI, AAI and DR over the datasets of the selected
+    ``setting`` models (Table 3 averages the paper's seven targets)."""
+    out = {}
+    hit = df[(df.setting == setting) & (df.attack == attack) & df.selected.astype(bool)]
+    for value, g in hit.groupby(by, sort=False):
+        out[value] = {m: float(g[m].mean()) for m in ("AOI", "AAI", "DR")} | {"datasets": g.dataset.nunique()}
+    return out
+
+
+def table3(df: pd.DataFrame) -> str:
+    """Table 3: the full fine-tune of each backbone, averaged over the target datasets
+    (the paper: over its seven)."""
+    means = _mean_over_datasets(df, "full", TABLE1_ATTACK, "backbone")
+    if len(means) < 2:
+        return ""
+    rows = []
+    for backbone, m in means.items():
+        p = {k: paper_value("table3", f"full_finetune:{backbone}", k, "mean7") for k in ("AOI", "AAI", "DR")}
+        rows.append([backbone, str(m["datasets"])] + [f"{_fmt(m[k])} ({_fmt(p[k])})" for k in ("AOI", "AAI", "DR")])
+    return (f"## Table 3: backbones (full fine-tune, {TABLE1_ATTACK}, mean over target datasets)\n\n"
+            + _md(["backbone", "datasets", "AOI", "AAI", "DR"], rows))
+
+
+SOURCE_ALIAS = {"animals10": "imagenet10animals", "imagenet10animals": "imagenet10animals", "cifar10": "cifar10"}
+
+
+def table4(df: pd.DataFrame) -> str:
+    """Table 4: the full fine-tune by the data its backbone was pre-trained on."""
+    hit = df[(df.setting == "full") & (df.attack == TABLE1_ATTACK) & df.selected.astype(bool)]
+    if "source_data" not in hit or hit.source_data.nunique() < 2:
+        return ""
+    rows = []
+    for (src, dataset), g in hit.groupby(["source_data", "dataset"], sort=False):
+        r = g.iloc[0]
+        ps = f"source:{SOURCE_ALIAS.get(str(src), src)}"
+        p = {k: paper_value("table4", ps, k, dataset) for k in ("AOI", "AAI")}
+        rows.append([str(src), dataset] + [f"{_fmt(r[k])} ({_fmt(p[k])})" for k in ("AOI", "AAI")])
+    return (f"## Table 4: source data (full fine-tune, {TABLE1_ATTACK})\n\n"
+            + _md(["pre-trained on", "target", "AOI", "AAI"], rows))
+
+
+# -- figures, claims and the page --------------------------------------------------------
+
+FIGURES = {
+    "fig3": "Figure 3: SVCCA similarity (×100) of the fine-tuned (FT), pre-trained (PT) and "
+            "standard (ST) models, (a) bottom layer (layer1), (b) all four layers.",
+    "fig4": "Figure 4: targeted UAPs of the fine-tuned and the standard model (scaled to [0, 1] to be seen).",
+    "fig5": "Figure 5: (a) each model's UAP against snapshots taken along its own training "
+            "(success rate); (b) DR that the pre-trained model's UAP causes on the fine-tuned and the standard model.",
+    "fig6": "Figure 6: MMD² between source and target embeddings of the pre-trained model "
+            "against the fine-tuned model's DR (Table 1's attack).",
+}
+PAPER_FINDINGS = {
+    "fig3": "Paper: the fine-tuned model is closer to the pre-trained than to the standard model, on the "
+            "bottom layer and on all layers, for most datasets.",
+    "fig4": "Paper: the fine-tuned model's UAP shows no semantics; the standard model's shows the target letter's edges.",
+    "fig5": "Paper: (a) the fine-tuned model is fooled by its UAP from the very beginning of training; "
+            "(b) the pre-trained UAP raises the fine-tuned model's DR clearly, the standard model's trivially.",
+    "fig6": "Paper: DR grows with MMD; above MMD 1.0 DR is almost 100 %.",
+}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> None:
+    import io
+
+    from study.data.beton import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, wrap=True, transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def figures(df: pd.DataFrame, found: dict, folder) -> dict:
+    """Figures 3-6 as PNG files in ``folder``; returns name -> file name. A figure whose
+    numbers this run lacks still gets its file, saying what is missing."""
+    import numpy as np
+
+    plt = _plt()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = found.get("datasets", {})
+    names = list(data)
+    out = {}
+
+    # Figure 3: CCA, two panels of grouped bars
+    pairs = [("fine-tuned|pre-trained", "FT/PT"), ("fine-tuned|standard", "FT/ST"), ("pre-trained|standard", "PT/ST")]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    have = [d for d in names if data[d].get("cca")]
+    for ax, part, title in zip(axes, ("bottom", "all"), ("(a) bottom layer", "(b) all layers")):
+        if not have:
+            _empty(ax, "no CCA in this run")
+            continue
+        x = np.arange(len(have))
+        for i, (pair, label) in enumerate(pairs):
+            vals = [100 * data[d]["cca"].get(pair, {}).get(part, float("nan")) for d in have]
+            ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=label)
+        ax.set_xticks(x, have)
+        ax.set_ylim(0, 100)
+        ax.set_title(title)
+        ax.set_ylabel("SVCCA ×100")
+    axes[0].legend(fontsize=8)
+    _save(fig, folder / "fig3_cca.png")
+    out["fig3"] = "fig3_cca.png"
+
+    # Figure 4: the UAP images, fine-tuned and standard, per dataset
+    uaps = [(d, k, v) for d in names for k, v in data[d].get("uap", {}).items()]
+    fig, axes = plt.subplots(1, max(1, len(uaps)), figsize=(2.6 * max(1, len(uaps)), 2.8), squeeze=False)
+    if not uaps:
+        _empty(axes[0][0], "no UAP in this run")
+    for ax, (d, k, v) in zip(axes[0], uaps):
+        pt = Path(v["png"]).with_suffix(".pt")
+        if pt.is_file():
+            import torch
+
+            delta = torch.load(pt, weights_only=True).float()
+            img = ((delta - delta.min()) / (delta.max() - delta.min()).clamp_min(1e-12)).permute(1, 2, 0).numpy()
+            ax.imshow(img, interpolation="nearest")
+            ax.set_axis_off()
+        else:
+            _empty(ax, "perturbation file missing")
+        ax.set_title(f"{d}, {'fine-tuned' if k == 'full' else 'standard'}\nsuccess {v['success']:.1f} %",
+                     fontsize=8)
+    _save(fig, folder / "fig4_uap.png")
+    out["fig4"] = "fig4_uap.png"
+
+    # Figure 5: (a) along training, (b) transfer DR
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    drawn = False
+    for d in names:
+        for k, v in data[d].get("uap", {}).items():
+            pts = [(p["step"], p["success"]) for p in v.get("along_training", []) if p["step"] is not None]
+            if pts:
+                a.plot(*zip(*pts), marker="o", label=f"{d}, {'fine-tuned' if k == 'full' else 'standard'}")
+                drawn = True
+    if drawn:
+        a.set_xlabel("training step")
+        a.set_ylabel("UAP success rate (%)")
+        a.set_ylim(0, 100)
+        a.legend(fontsize=8)
+        a.set_title("(a) UAP against training snapshots")
+    else:
+        _empty(a, "no snapshots in this run")
+    trans = [d for d in names if data[d].get("uap_transfer")]
+    if trans:
+        x = np.arange(len(trans))
+        for i, who in enumerate(("fine-tuned", "standard")):
+            b.bar(x + (i - 0.5) * 0.35, [data[d]["uap_transfer"]["DR"].get(who, float("nan")) for d in trans],
+                  0.35, label=who)
+        b.set_xticks(x, trans)
+        b.set_ylabel("DR under the pre-trained UAP (%)")
+        b.legend(fontsize=8)
+        b.set_title("(b) pre-trained model's UAP")
+    else:
+        _empty(b, "no source data here for the pre-trained UAP")
+    _save(fig, folder / "fig5_uap_attacks.png")
+    out["fig5"] = "fig5_uap_attacks.png"
+
+    # Figure 6: MMD vs DR of the full fine-tune
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    xs, ys, ls = [], [], []
+    for d in names:
+        r = _pick(df, d, "full", TABLE1_ATTACK) if len(df) else None
+        if "mmd" in data[d] and r is not None:
+            xs.append(data[d]["mmd"]["mmd2"])
+            ys.append(float(r["DR"]))
+            ls.append(d)
+    if xs:
+        ax.scatter(xs, ys)
+        for x_, y_, l_ in zip(xs, ys, ls):
+            ax.annotate(l_, (x_, y_), fontsize=8)
+        ax.set_xlabel("MMD² (source, target)")
+        ax.set_ylabel(f"DR of the full fine-tune (%), {TABLE1_ATTACK}")
+    else:
+        _empty(ax, "no MMD in this run")
+    _save(fig, folder / "fig6_mmd_dr.png")
+    out["fig6"] = "fig6_mmd_dr.png"
+    return out
+
+
+def _verdict(ok: bool | None, detail: str) -> dict:
+    return {"verdict": "undetermined" if ok is None else ("agree" if ok else "disagree"), "detail": detail}
+
+
+def claims(df: pd.DataFrame, found: dict) -> list[dict]:
+    """The paper's main claims, each checked on this run's numbers: agree, disagree, or
+    undetermined (with the reason) where the run lacks what the claim needs."""
+    out = []
+    data = found.get("datasets", {})
+    datasets = list(dict.fromkeys(df.dataset[df.attack == TABLE1_ATTACK])) if len(df) else []
+
+    def dr(d, s):
+        r = _pick(df, d, s, TABLE1_ATTACK)
+        return None if r is None or pd.isna(r["DR"]) else float(r["DR"])
+
+    pairs = [(d, dr(d, "full"), dr(d, "scratch")) for d in datasets]
+    pairs = [p for p in pairs if p[1] is not None and p[2] is not None]
+    out.append({"claim": "Fine-tuned models have a higher DR than standard ones.",
+                **_verdict(all(f > s for _, f, s in pairs) if pairs else None,
+                           "; ".join(f"{d}: DR full {f:.1f} vs standard {s:.1f}" for d, f, s in pairs)
+                           or "no full fine-tune and standard model under " + TABLE1_ATTACK)})
+    pairs = [(d, dr(d, "partial"), dr(d, "full")) for d in datasets]
+    pairs = [p for p in pairs if p[1] is not None and p[2] is not None]
+    out.append({"claim": "Partial fine-tuning is worse (higher DR) than full fine-tuning.",
+                **_verdict(all(p > f for _, p, f in pairs) if pairs else None,
+                           "; ".join(f"{d}: DR partial {p:.1f} vs full {f:.1f}" for d, p, f in pairs)
+                           or "no partial and full fine-tune under " + TABLE1_ATTACK)})
+    trans = [(d, v["uap_transfer"]["DR"]) for d, v in data.items() if v.get("uap_transfer")]
+    trans = [(d, t["fine-tuned"], t["standard"]) for d, t in trans if "fine-tuned" in t and "standard" in t]
+    out.append({"claim": "The pre-trained model's UAP transfers to fine-tuned models but not to standard ones.",
+                **_verdict(all(f > s for _, f, s in trans) if trans else None,
+                           "; ".join(f"{d}: DR under it, fine-tuned {f:.1f} vs standard {s:.1f}" for d, f, s in trans)
+                           or "no UAP transfer in this run")})
+    pts = [(d, v["mmd"]["mmd2"], dr(d, "full")) for d, v in data.items() if "mmd" in v]
+    pts = [p for p in pts if p[2] is not None]
+    if len(pts) >= 2:
+        rho = pd.Series([p[1] for p in pts]).corr(pd.Series([p[2] for p in pts]), method="spearman")
+        ok = None if pd.isna(rho) else bool(rho > 0)
+        detail = f"Spearman ρ(MMD², DR) = {rho:.2f} over {len(pts)} target datasets"
+    else:
+        ok, detail = None, (f"needs at least two target datasets with MMD and DR, this run has {len(pts)}"
+                            + (f" ({pts[0][0]}: MMD² {pts[0][1]:.3f}, DR {pts[0][2]:.1f})" if pts else ""))
+    out.append({"claim": "DR grows with the MMD between source and target.", **_verdict(ok, detail)})
+    rows = []
+    for d in datasets:
+        hit = df[(df.dataset == d) & (df.attack == TABLE1_ATTACK) & df.selected.astype(bool)
+                 & df.setting.isin([m for m in TABLE5 if m != "full"] + ["dm_stage2"])]
+        if hit.setting.eq("dm_stage12").any() and hit.setting.nunique() > 1:
+            best = hit.loc[hit.AAI.idxmax()]
+            dm = hit[hit.setting == "dm_stage12"].AAI.max()
+            rows.append((d, best.setting, float(best.AAI), float(dm)))
+    out.append({"claim": "DM@stage-1&2 gives the best AAI among the defenses.",
+                **_verdict(all(s == "dm_stage12" or dm >= a for _, s, a, dm in rows) if rows else None,
+                           "; ".join(f"{d}: best {MODEL_NAME.get(s, s)} {a:.1f}, DM@stage-1&2 {dm:.1f}"
+                                     for d, s, a, dm in rows)
+                           or "needs DM@stage-1&2 and another defense under " + TABLE1_ATTACK)})
+    return out
+
+
+def analyses_markdown(found: dict) -> str:
+    data = found.get("datasets", {})
+    if not data:
+        return ""
+    rows = []
+    for d, v in data.items():
+        cca = v.get("cca", {})
+        cell = lambda pair, part: _fmt(100 * cca[pair][part]) if pair in cca else "–"  # noqa: E731
+        uap = v.get("uap", {})
+        tr = v.get("uap_transfer", {}).get("DR", {})
+        ll = v.get("ll", {})
+        rows.append([d, cell("fine-tuned|pre-trained", "bottom"), cell("fine-tuned|standard", "bottom"),
+                     cell("pre-trained|standard", "bottom"), cell("fine-tuned|pre-trained", "all"),
+                     cell("fine-tuned|standard", "all"), cell("pre-trained|standard", "all"),
+                     _fmt(uap.get("full", {}).get("success")), _fmt(uap.get("scratch", {}).get("success")),
+                     _fmt(tr.get("fine-tuned")), _fmt(tr.get("standard")),
+                     "–" if "mmd" not in v else f"{v['mmd']['mmd2']:.4f}",
+                     _fmt(ll.get("pre-trained")), _fmt(ll.get("standard")), _fmt(ll.get("fine-tuned"))])
+    return ("## Analyses (Section 4)\n\nSVCCA ×100 (bottom layer | all layers), UAP success rates (%), DR under "
+            "the pre-trained model's UAP, MMD² of source and target embeddings, LL (Eq. 4) of f.\n\n"
+            + _md(["dataset", "FT/PT bottom", "FT/ST bottom", "PT/ST bottom", "FT/PT all", "FT/ST all",
+                   "PT/ST all", "UAP success FT", "UAP success ST", "pre-trained UAP: DR FT",
+                   "pre-trained UAP: DR ST", "MMD²", "LL PT", "LL ST", "LL FT"], rows))
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em}
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.agree{color:#17702b;font-weight:bold}
+.disagree{color:#b3261e;font-weight:bold}.undetermined{color:#8a6d00;font-weight:bold}
+figure{margin:1.5em 0}figcaption{font-size:.9em;color:#444}"""
+
+
+def build(df: pd.DataFrame, found: dict, folder, title: str = "study") -> Path:
+    """The report: ``index.md`` and a static ``index.html`` with Tables 1-5 (the paper's
+    values beside ours), Figures 3-6 as PNG, the analyses and a line per main claim.
+    Every table and figure is there even when this run lacks its numbers (it then says
+    so), so the page's shape never depends on the job. Returns the HTML path."""
+    import html
+
+    import markdown
+
+    from study.data.beton import atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    figs = figures(df, found, folder)
+    checked = claims(df, found)
+    empty = {"table1": table1, "table2": table2, "table3": table3, "table4": table4, "table5": table5}
+    tables = []
+    for name, fn in empty.items():
+        body = fn(df) if len(df) else ""
+        tables.append(body or f"## {name.replace('table', 'Table ')}\n\n*This run has no models for this table.*")
+    claim_md = "\n".join(f"- **{c['verdict']}** — {c['claim']} ({c['detail']})" for c in checked)
+    fig_md = "\n\n".join(f"![{FIGURES[k]}]({v})\n\n*{FIGURES[k]}* {PAPER_FINDINGS[k]}" for k, v in figs.items())
+    md = "\n\n".join(p for p in [f"# {title}: report", "## The paper's claims, checked on this run", claim_md,
+                                 *tables, analyses_markdown(found), "## Figures", fig_md] if p) + "\n"
+    atomic_write_text(folder / "index.md", md)
+    body = []
+    body.append(f"<h1>{html.escape(title)}: report</h1>")
+    body.append("<h2>The paper's claims, checked on this run</h2><ul>")
+    for c in checked:
+        body.append(f'<li class="claim"><span class="{c["verdict"]}">{c["verdict"]}</span> — '
+                    f"{html.escape(c['claim'])} <small>({html.escape(c['detail'])})</small></li>")
+    body.append("</ul>")
+    for t in tables + [analyses_markdown(found)]:
+        if t:
+            body.append(markdown.markdown(t, extensions=["tables"]))
+    body.append("<h2>Figures</h2>")
+    for k, v in figs.items():
+        body.append(f'<figure id="{k}"><img src="{v}" alt="{html.escape(FIGURES[k])}">'
+                    f"<figcaption>{html.escape(FIGURES[k])} {html.escape(PAPER_FINDINGS[k])}</figcaption></figure>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}: report</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
+    atomic_write_text(folder / "index.html", page)
+    return folder / "index.html"
+
+
+def from_mlflow(folder, experiment: str | None = None, log=print) -> Path:
+    """Rebuilds the report from the tracking server in use: for each experiment (or the
+    one named), the newest finished job run that logged ``results.csv``; their results
+    are merged (the paper's tables come from several jobs) and so are their analyses."""
+    import json
+    import tempfile
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            known = ", ".join(e.name for e in client.search_experiments()) or "none"
+            raise LookupError(f"no MLflow experiment named {experiment!r} (known: {known})")
+        exps = [exp]
+    else:
+        exps = [e for e in client.search_experiments() if e.name != "Default"]
+    frames, found, names = [], {"datasets": {}}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for exp in exps:
+            runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                                      order_by=["attributes.start_time DESC"], max_results=200)
+            for run in runs:
+                if run.data.tags.get("mlflow.parentRunId"):
+                    continue
+                have = {a.path for a in client.list_artifacts(run.info.run_id)}
+                if "results.csv" not in have:
+                    continue
+                d = Path(tmp) / run.info.run_id
+                d.mkdir()
+                frames.append(pd.read_csv(client.download_artifacts(run.info.run_id, "results.csv", str(d))))
+                if "analyses" in have:
+                    a = Path(client.download_artifacts(run.info.run_id, "analyses", str(d)))
+                    if (a / "analyses.json").is_file():
+                        got = json.loads((a / "analyses.json").read_text())
+                        for ds, v in got.get("datasets", {}).items():
+                            for u in v.get("uap", {}).values():  # the images now lie here
+                                u["png"] = str(a / Path(u["png"]).name)
+                            found["datasets"].setdefault(ds, {}).update(v)
+                names.append(exp.name)
+                log(f"report: {exp.name}: run {run.info.run_id} ({run.info.run_name})")
+                break
+        if not frames:
+            raise LookupError("no finished job run with results.csv in "
+                              + (f"experiment {experiment!r}" if experiment else "any experiment"))
+        df = pd.concat(frames, ignore_index=True).drop_duplicates(subset=["stage", "attack"], keep="first")
+        df["selected"] = df["selected"].fillna(True).astype(bool)
+        return build(df, found, folder, title=" + ".join(names))

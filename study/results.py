@@ -7,7 +7,8 @@ and ``selected`` whether it is the trial that model selection (best ``val_acc`` 
 dataset, backbone, method and λ) puts in the paper's tables; ``stage`` is the model's
 key (its checkpoint is ``OUT/checkpoints/*-<stage>.pt``). ``source`` is the pre-training objective (``standard``, ``pgd3_linf_4.0``, ...): of the
 backbone itself for a ``pretrain`` row, of the backbone a fine-tune started from
-otherwise (empty for the standard model, which has none).
+otherwise (empty for the standard model, which has none); ``source_data`` the data it
+was pre-trained on (the source task, ``imagenet`` for imported weights).
 
 ``OUT/results.csv`` is for machines, ``OUT/results.md`` and the console for people.
 AOI, AAI and DR are percentages; a clean row (empty attack) has the AOI of the whole
@@ -25,10 +26,10 @@ import pandas as pd
 from study import report
 from study.data.beton import atomic_write_text
 
-COLUMNS = ["dataset", "backbone", "setting", "source", "lam", "lr_f", "lr_g", "optimizer", "val_acc",
+COLUMNS = ["dataset", "backbone", "setting", "source", "source_data", "lam", "lr_f", "lr_g", "optimizer", "val_acc",
            "selected", "attack", "images", "AOI", "AAI", "DR", "flags",
            "paper_AOI", "paper_AAI", "paper_DR", "stage"]
-SANITY_COLUMNS = ["dataset", "backbone", "setting", "source", "lam", "flag", "attack", "passed", "detail",
+SANITY_COLUMNS = ["dataset", "backbone", "setting", "source", "source_data", "lam", "flag", "attack", "passed", "detail",
                   "stage"]
 
 
@@ -69,7 +70,7 @@ def write(rows: list[dict], out: Path, title: str = "",
     atomic_write_text(out / "results.csv", df.to_csv(index=False))
     atomic_write_text(out / "sanity.csv", san.to_csv(index=False))
     parts = [f"# {title}" if title else "", report.stage1(df), report.table1(df), report.table2(df),
-             report.table5(df), report.sweep(df), sanity_markdown(san), "## All results\n\n" + to_markdown(df)]
+             report.table3(df), report.table4(df), report.table5(df), report.sweep(df), sanity_markdown(san), "## All results\n\n" + to_markdown(df)]
     md = "\n\n".join(p for p in parts if p) + "\n"
     atomic_write_text(out / "results.md", md)
     return df, md

@@ -164,6 +164,18 @@ def _objective(cfg: JobConfig, p: dict, spec: dict, sources: dict, device, gener
     return objectives.cross_entropy(ls)
 
 
+def snapshot_steps(cfg: JobConfig, method: str, total: int) -> set[int]:
+    """The optimiser steps after which a trial keeps a snapshot of its model: Fig. 5a's
+    fractions of training, for the standard model and the full fine-tune only."""
+    if not cfg.analyses.enabled or method not in ("scratch", "full"):
+        return set()
+    return {min(total - 1, max(1, round(f * total))) for f in cfg.analyses.snapshots} - {0}
+
+
+def snapshot_path(stage, step: int) -> Path:
+    return stage.ckpt.with_name(f"{stage.ckpt.stem}.step{step}.pt")
+
+
 def trial(config: dict, context: dict) -> None:
     """A Tune trial: fine-tune one point, then attack it (see the module docstring)."""
     import mlflow
@@ -174,7 +186,7 @@ def trial(config: dict, context: dict) -> None:
     from study import config as config_mod
     from study.data.loaders import holdout
     from study.engine import Trainer
-    from study.models import build_model, load_checkpoint
+    from study.models import build_model, load_checkpoint, save_checkpoint
     from study.pipeline import Job, _finish_model, evaluate_stage, resolve_device
 
     tracking.quiet_mlflow()
@@ -248,10 +260,20 @@ def trial(config: dict, context: dict) -> None:
                     tune.report(dict(m), checkpoint=tune.Checkpoint.from_directory(d))
                 saved[0] = time.monotonic()
 
+            total = s.epochs * len(train_loader)
+            snap_at = snapshot_steps(cfg, p["method"], total)
+
+            def after_step(step: int) -> None:  # Fig. 5a attacks the model along its training
+                if step in snap_at:
+                    save_checkpoint(trainer.model, snapshot_path(stage, step), {"stage_key": stage.key})
+
             trainer.fit(train_loader, val_loader, on_epoch=on_epoch, progress=False, desc=name,
-                        val_name="val_acc")
+                        val_name="val_acc", after_step=after_step)
             test_loader = job.loader(key, "test", cfg.eval.batch_size, train=False)
-            _finish_model(job, stage, run, trainer.model, test_loader, trainer.history)
+            snaps = [{"step": k, "of": total, "checkpoint": str(snapshot_path(stage, k))}
+                     for k in sorted(snap_at) if snapshot_path(stage, k).is_file()]
+            _finish_model(job, stage, run, trainer.model, test_loader, trainer.history,
+                          extra={"snapshots": snaps, "steps": total})
     rec = stage.record
     records, _ = evaluate_stage(job, stage, key, p["backbone"], p["method"])
     final = {**(last or rec["history"][-1]), "val_acc": rec["history"][-1]["val_acc"], "AOI": rec["AOI"]}

@@ -23,6 +23,9 @@ JOB = {
     "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "partial", "full"],
                  "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
                  "space": {"lr_f": [0.01, 0.02]}},
+    "analyses": {"actors": 2, "images": 52, "snapshots": [0.25, 0.5],
+                 "cca": {"images": 52, "max_rows": 512}, "uap": {"steps": 4, "train_images": 32},
+                 "mmd": {"images": 50}, "ll": {"images": 8, "steps": 2}},
     "eval": {"batch_size": 64, "max_images": 40,
              "attacks": ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0",
                          {"name": "autoattack_linf_16.0", "max_images": 6}]},
@@ -44,12 +47,14 @@ def tiny_run(tmp_path_factory, ray_local):
 def test_results_table(tiny_run):
     _, out = tiny_run
     df = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
-    assert list(df.columns) == ["dataset", "backbone", "setting", "source", "lam", "lr_f", "lr_g",
+    assert list(df.columns) == ["dataset", "backbone", "setting", "source", "source_data", "lam", "lr_f", "lr_g",
                                 "optimizer", "val_acc", "selected", "attack", "images", "AOI", "AAI",
                                 "DR", "flags", "paper_AOI", "paper_AAI", "paper_DR", "stage"]
     # the pre-training objective: the backbone's own, or the one a fine-tune started from
     sources = df.drop_duplicates(["dataset", "setting"]).set_index("setting").source
     assert sources.pretrain == "standard" and sources.full == sources.partial == "standard"
+    data = df.drop_duplicates(["dataset", "setting"]).set_index("setting").source_data
+    assert data.full == data.pretrain == "shapes" and pd.isna(data.scratch)
     assert pd.isna(sources.scratch)
     models = [["shapes", "pretrain", None], ["alphabet", "scratch", 0.01], ["alphabet", "scratch", 0.02],
               ["alphabet", "partial", 0.01], ["alphabet", "full", 0.01], ["alphabet", "full", 0.02]]
@@ -189,3 +194,35 @@ def test_study_ui_serves_the_store(tiny_run):
 
 def test_study_ui_without_a_store_is_an_error(tmp_path):
     assert cli.main(["ui", "--out", str(tmp_path)]) == 1
+
+
+def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tiny_run, tmp_path):
+    import json
+
+    _, out = tiny_run
+    found = json.loads((out / "analyses" / "analyses.json").read_text())
+    a = found["datasets"]["alphabet"]
+    assert set(a) == {"cca", "uap", "uap_transfer", "mmd", "ll"}
+    assert set(a["cca"]) == {"fine-tuned|pre-trained", "fine-tuned|standard", "pre-trained|standard"}
+    assert all(0 <= v["bottom"] <= 1 and 0 <= v["all"] <= 1 for v in a["cca"].values())
+    assert set(a["uap"]) == {"full", "scratch"} and set(a["ll"]) == {"pre-trained", "standard", "fine-tuned"}
+    for u in a["uap"].values():  # the bound holds, and the snapshots along training were attacked
+        assert u["max_abs"] <= u["eps_pixels"] and (out / "analyses" / os.path.basename(u["png"])).is_file()
+        steps = [p["step"] for p in u["along_training"]]
+        total = steps[-1]  # 25 % and 50 % of the training steps, then the final model
+        assert total >= 4 and steps == [round(0.25 * total), round(0.5 * total), total]
+    # two actors, and their tasks overlapped in time
+    tasks = found["tasks"]
+    assert found["actors"] == 2 and len({t["pid"] for t in tasks}) == 2
+    spans = sorted((t["started"], t["ended"]) for t in tasks)
+    assert any(b[0] < a_[1] for a_, b in zip(spans, spans[1:]))
+    page = (out / "report" / "index.html").read_text()
+    assert page.count('class="claim"') == 5 and page.count("<figure") == 4
+    # study report: the same page rebuilt from what MLflow holds
+    rebuilt = tmp_path / "report"
+    assert cli.main(["report", "--from", str(out), "--experiment", "tiny", "--out", str(rebuilt)]) == 0
+    again = (rebuilt / "index.md").read_text()
+    first = (out / "report" / "index.md").read_text()
+    assert again.split("## Figures")[0].replace("tiny", "") == first.split("## Figures")[0].replace("tiny", "")
+    assert sorted(p.name for p in rebuilt.glob("fig*.png")) == sorted(p.name for p in (out / "report").glob("fig*.png"))
+    assert cli.main(["report", "--from", str(out), "--experiment", "nope", "--out", str(rebuilt)]) == 2

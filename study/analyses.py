@@ -1,0 +1,450 @@
+"""The paper's analyses (Section 4), served by Ray actors.
+
+- **CCA** (Fig. 3): mean SVCCA correlation (Raghu et al. 2017: an SVD keeping 99 % of the
+  variance, then CCA) between two models' activations on the same test images, for the
+  bottom layer (``layer1``, the paper's conv2_x) and over all four layers (the mean of
+  the four layers' SVCCA). A conv layer's rows are its spatial positions, as in SVCCA.
+- **UAP** (Fig. 4, 5): a targeted universal perturbation made by a GAP encoder-decoder
+  (Poursaeed et al. 2018) from a fixed noise input, bounded in L-inf by ``eps * tanh``.
+  Fig. 5a attacks the snapshots kept along a model's fine-tuning with that model's UAP;
+  Fig. 5b attacks the fine-tuned and the standard model with the pre-trained model's UAP
+  (made on the source task) and reports the DR it causes.
+- **MMD** (Fig. 6): unbiased RBF-kernel MMD^2 with the median-heuristic bandwidth between
+  the pre-trained model's embeddings of source and target test images.
+- **LL** (Eq. 4): the local Lipschitz steepness of f (``study.attacks.local_lipschitz``)
+  for the pre-trained (source) and the standard (target-trained) feature extractors.
+
+``Analyst`` is a Ray actor: it holds the models it has loaded on its device and serves
+tasks; ``run`` fans the tasks of every target dataset out over a pool of actors.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from study.attacks import local_lipschitz
+
+# -- SVCCA -----------------------------------------------------------------------------
+
+
+def _svd_keep(a: torch.Tensor, keep: float) -> torch.Tensor:
+    """The centred rows of ``a`` in the top singular directions holding ``keep`` of the
+    variance (directions with no variance are always dropped)."""
+    _, s, vt = torch.linalg.svd(a, full_matrices=False)
+    var = s ** 2
+    k = int((torch.cumsum(var, 0) / var.sum() < keep - 1e-12).sum()) + 1
+    k = min(k, int((s > s[0] * 1e-8).sum()))
+    return a @ vt[:k].T
+
+
+def cca_correlations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The canonical correlations of two centred, full-column-rank row sets."""
+    qa, _ = torch.linalg.qr(a)
+    qb, _ = torch.linalg.qr(b)
+    return torch.linalg.svdvals(qa.T @ qb).clamp(0.0, 1.0)
+
+
+def svcca(a: torch.Tensor, b: torch.Tensor, keep: float = 0.99) -> float:
+    """Mean SVCCA correlation of two representations of the same rows: (n, d_a), (n, d_b)."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"SVCCA needs the same rows on both sides, got {a.shape[0]} and {b.shape[0]}")
+    a = a.double().flatten(1)
+    b = b.double().flatten(1)
+    a = _svd_keep(a - a.mean(0), keep)
+    b = _svd_keep(b - b.mean(0), keep)
+    return float(cca_correlations(a, b).mean())
+
+
+def layer_rows(act: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C, H, W) activations as (N*H*W, C) rows, one per spatial position; ``rows``
+    picks a subset (the same for every model compared)."""
+    r = act.permute(0, 2, 3, 1).reshape(-1, act.shape[1]) if act.dim() == 4 else act.flatten(1)
+    return r if rows is None else r[rows]
+
+
+# -- MMD -------------------------------------------------------------------------------
+
+
+def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> float:
+    """Unbiased MMD^2 (Gretton et al. 2012) with the RBF kernel exp(-|a-b|^2 / (2 s^2));
+    s^2 defaults to half the median squared distance over the pooled samples."""
+    x, y = x.double().flatten(1), y.double().flatten(1)
+    m, n = len(x), len(y)
+    if m < 2 or n < 2:
+        raise ValueError("MMD needs at least two samples on each side")
+    z = torch.cat([x, y])
+    d2 = torch.cdist(z, z).pow(2)
+    if bandwidth is None:
+        off = d2[~torch.eye(len(z), dtype=torch.bool)]
+        s2 = float(off.median()) / 2 or 1.0
+    else:
+        s2 = float(bandwidth) ** 2
+    k = torch.exp(-d2 / (2 * s2))
+    kxx, kyy, kxy = k[:m, :m], k[m:, m:], k[:m, m:]
+    return float((kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
+                 + (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1)) - 2 * kxy.mean())
+
+
+# -- GAP: a generator of universal perturbations ----------------------------------------
+
+
+class _Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class GapGenerator(nn.Module):
+    """Poursaeed et al.'s ResNet encoder-decoder, made small: a fixed noise image in, a
+    perturbation out, bounded by ``eps`` (pixels, L-inf) through ``eps * tanh``, so it
+    can never exceed the bound."""
+
+    def __init__(self, side: int, eps: float, width: int = 16, blocks: int = 2, seed: int = 0):
+        super().__init__()
+        if eps <= 0:
+            raise ValueError(f"UAP: eps must be positive, got {eps}")
+        self.eps = float(eps)
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("z", torch.rand(1, 3, side, side, generator=g))
+        c = width
+        self.net = nn.Sequential(
+            nn.Conv2d(3, c, 7, padding=3, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(True),
+            *[_Residual(2 * c) for _ in range(blocks)],
+            nn.ConvTranspose2d(2 * c, c, 3, stride=2, padding=1, output_padding=1, bias=False),
+            nn.BatchNorm2d(c), nn.ReLU(True),
+            nn.Conv2d(c, 3, 7, padding=3))
+
+    def forward(self) -> torch.Tensor:
+        # eps as the largest float32 not above it: float32(eps) itself may round up
+        e = torch.tensor(self.eps, dtype=torch.float32, device=self.z.device)
+        if float(e) > self.eps:
+            e = torch.nextafter(e, torch.zeros_like(e))
+        return (e * torch.tanh(self.net(self.z))[0]).clamp(-e, e)
+
+
+def train_uap(model: nn.Module, batches, target: int, eps: float, steps: int, lr: float = 2e-3,
+              seed: int = 0, side: int | None = None) -> torch.Tensor:
+    """A targeted UAP for ``model``: the generator learns to make every image of
+    ``batches`` (an iterable of (x, y), cycled) classify as ``target``. Returns the
+    perturbation (3, H, W), detached, |delta| <= eps."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("UAP: no training images")
+    side = side or batches[0][0].shape[-1]
+    torch.manual_seed(seed)
+    gen = GapGenerator(side, eps, seed=seed)
+    opt = torch.optim.Adam(gen.parameters(), lr=lr, betas=(0.5, 0.999))
+    model.eval()
+    for step in range(steps):
+        x, _ = batches[step % len(batches)]
+        delta = gen()
+        logits = model((x + delta).clamp(0, 1))
+        loss = F.cross_entropy(logits, torch.full((len(x),), target, dtype=torch.long))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    gen.eval()
+    with torch.no_grad():
+        return gen().detach()
+
+
+def _fit(delta: torch.Tensor, side: int) -> torch.Tensor:
+    """A UAP made at another resolution, resized (its bound is kept: interpolation does
+    not exceed the extremes)."""
+    if delta.shape[-1] == side:
+        return delta
+    return F.interpolate(delta[None], size=(side, side), mode="bilinear", align_corners=False)[0]
+
+
+@torch.no_grad()
+def uap_effect(model: nn.Module, batches, delta: torch.Tensor, target: int | None) -> dict:
+    """On ``batches``: accuracy clean and under ``delta``, and (targeted) the success rate,
+    the share of images not of class ``target`` that ``delta`` sends to ``target``."""
+    model.eval()
+    n = clean = hit = others = under = 0
+    for x, y in batches:
+        d = _fit(delta, x.shape[-1])
+        p0 = model(x).argmax(1)
+        p = model((x + d).clamp(0, 1)).argmax(1)
+        n += len(y)
+        clean += int((p0 == y).sum())
+        under += int((p == y).sum())
+        if target is not None:
+            mask = y != target
+            others += int(mask.sum())
+            hit += int((p[mask] == target).sum())
+    aoi, acc = 100.0 * clean / max(n, 1), 100.0 * under / max(n, 1)
+    return {"images": n, "AOI": aoi, "acc_under_uap": acc,
+            "DR": 100.0 * (aoi - acc) / aoi if aoi > 0 else float("nan"),
+            "success": 100.0 * hit / max(others, 1) if target is not None else None}
+
+
+def save_perturbation_png(delta: torch.Tensor, path: Path, title: str = "") -> None:
+    """The perturbation scaled to [0, 1] for the eye (Fig. 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from study.data.beton import atomic_write_bytes
+
+    d = delta.detach().float()
+    img = ((d - d.min()) / (d.max() - d.min()).clamp_min(1e-12)).permute(1, 2, 0).numpy()
+    fig, ax = plt.subplots(figsize=(2.4, 2.6))
+    ax.imshow(img, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=8)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# -- the actor ----------------------------------------------------------------------------
+
+
+class Analyst:
+    """Serves analysis tasks for one job. Models are loaded once per actor (BatchNorm
+    folded, eval mode, on the actor's device) and kept for the tasks that follow."""
+
+    def __init__(self, job_config: dict, out: str, threads: int = 1):
+        from study import config as config_mod
+        from study.pipeline import Job, resolve_device
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.cfg = config_mod.parse(job_config)
+        self.job = Job(self.cfg, Path(out), resolve_device(self.cfg.device), progress=False)
+        self.spec = self.cfg.analyses
+        self._models: dict[str, nn.Module] = {}
+
+    def model(self, ckpt: str) -> nn.Module:
+        from study.models import inference_copy, load_checkpoint
+
+        if ckpt not in self._models:
+            self._models[ckpt] = inference_copy(load_checkpoint(Path(ckpt))).to(self.job.device)
+        return self._models[ckpt]
+
+    def batches(self, key: str, split: str, images: int, train: bool = False) -> list:
+        out, n = [], 0
+        for x, y in self.job.loader(key, split, self.cfg.eval.batch_size, train=train, seed=self.cfg.seed,
+                                    workers=1):
+            x, y = x[: images - n].clone().contiguous().to(self.job.device), y[: images - n].clone()
+            out.append((x, y.to(self.job.device)))
+            n += len(y)
+            if n >= images:
+                break
+        return out
+
+    def run(self, task: dict) -> dict:
+        import os
+
+        start, t0 = time.time(), time.perf_counter()
+        result = getattr(self, "_" + task["kind"])(**task["args"])
+        return {"task": task, "result": result, "seconds": time.perf_counter() - t0,
+                "pid": os.getpid(), "started": start, "ended": time.time()}
+
+    # each task returns plain data (numbers, lists, file paths)
+    def _cca(self, key: str, models: dict) -> dict:
+        """SVCCA of each pair of ``models`` (name -> checkpoint): bottom layer and all."""
+        batches = self.batches(key, "test", self.spec.cca.images)
+        acts = {}
+        with torch.no_grad():
+            for name, ckpt in models.items():
+                m = self.model(ckpt)
+                per = [m.layers(x) for x, _ in batches]
+                acts[name] = {layer: torch.cat([p[layer] for p in per]) for layer in per[0]}
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        out = {}
+        names = list(models)
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        for a, b in pairs:
+            per_layer = {}
+            for layer in acts[a]:
+                ra, rb = layer_rows(acts[a][layer]), layer_rows(acts[b][layer])
+                rows = torch.randperm(len(ra), generator=g)[: self.spec.cca.max_rows]
+                per_layer[layer] = svcca(ra[rows], rb[rows], self.spec.cca.keep)
+            out[f"{a}|{b}"] = {"bottom": per_layer["layer1"],
+                               "all": sum(per_layer.values()) / len(per_layer), "layers": per_layer}
+        return out
+
+    def _uap(self, key: str, name: str, ckpt: str, snapshots: list, png: str) -> dict:
+        """A model's own targeted UAP, its success on the model and on its snapshots."""
+        u = self.spec.uap
+        model = self.model(ckpt)
+        train = self.batches(key, "train", u.train_images, train=False)
+        delta = train_uap(model, train, u.target, u.eps / 255.0, u.steps, u.lr, self.cfg.seed)
+        test = self.batches(key, "test", self.spec.images)
+        own = uap_effect(model, test, delta, u.target)
+        along = []
+        for snap in snapshots:
+            eff = uap_effect(self.model(snap["checkpoint"]), test, delta, u.target)
+            along.append({"step": snap["step"], "success": eff["success"]})
+        along.append({"step": snapshots[-1]["of"] if snapshots else None, "success": own["success"]})
+        save_perturbation_png(delta, Path(png), f"{name}: UAP to class {u.target}")
+        torch.save(delta, Path(png).with_suffix(".pt"))
+        return {"success": own["success"], "max_abs": float(delta.abs().max()),
+                "eps_pixels": u.eps / 255.0, "along_training": along, "png": png}
+
+    def _uap_transfer(self, source_key: str, key: str, pretrained: str, models: dict) -> dict:
+        """The pre-trained model's UAP (made on the source task) against target models:
+        the DR it causes on each."""
+        u = self.spec.uap
+        src = self.batches(source_key, "train", u.train_images)
+        delta = train_uap(self.model(pretrained), src, u.target, u.eps / 255.0, u.steps, u.lr, self.cfg.seed)
+        test = self.batches(key, "test", self.spec.images)
+        own = uap_effect(self.model(pretrained), self.batches(source_key, "test", self.spec.images), delta,
+                         u.target)
+        return {"source_success": own["success"],
+                "DR": {name: uap_effect(self.model(c), test, delta, None)["DR"] for name, c in models.items()}}
+
+    def _mmd(self, source_key: str, key: str, pretrained: str) -> dict:
+        m = self.model(pretrained)
+        with torch.no_grad():
+            es = torch.cat([m.f(x) for x, _ in self.batches(source_key, "test", self.spec.mmd.images)])
+            et = torch.cat([m.f(x) for x, _ in self.batches(key, "test", self.spec.mmd.images)])
+        return {"mmd2": mmd2(es, et), "images": [len(es), len(et)]}
+
+    def _ll(self, key: str, models: dict) -> dict:
+        spec = self.spec.ll
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        out = {}
+        batches = self.batches(key, "test", spec.images)
+        for name, ckpt in models.items():
+            f = self.model(ckpt).f
+            vals, n = 0.0, 0
+            for x, _ in batches:
+                with torch.no_grad():
+                    v = local_lipschitz(f, x, spec.eps / 255.0, spec.steps, generator=g)
+                vals += float(v) * len(x)
+                n += len(x)
+            out[name] = vals / max(n, 1)
+        return out
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+
+def plan(job, models: dict) -> list[dict]:
+    """The tasks for every target dataset. ``models``: dataset key -> {"pretrained",
+    "full", "scratch": checkpoint path, "snapshots": {"full"|"scratch": [...]}} (the
+    selected trials); a dataset missing a model gets no task that needs it."""
+    cfg = job.cfg
+    src = cfg.pretrain.dataset if cfg.pretrain.weights is None else None
+    source_ok = src is not None and job.beton(src, "test").is_file() and job.beton(src, "train").is_file()
+    folder = job.out / "analyses"
+    tasks = []
+    for key, m in models.items():
+        trio = {k: m[k] for k in ("full", "pretrained", "scratch") if m.get(k)}
+        names = {"full": "fine-tuned", "pretrained": "pre-trained", "scratch": "standard"}
+        if len(trio) >= 2:
+            tasks.append({"kind": "cca", "dataset": key,
+                          "args": {"key": key, "models": {names[k]: v for k, v in trio.items()}}})
+        for k in ("full", "scratch"):
+            if m.get(k):
+                tasks.append({"kind": "uap", "dataset": key, "model": k,
+                              "args": {"key": key, "name": names[k], "ckpt": m[k],
+                                       "snapshots": m.get("snapshots", {}).get(k, []),
+                                       "png": str(folder / f"uap-{key}-{k}.png")}})
+        if m.get("pretrained") and source_ok:
+            both = {names[k]: m[k] for k in ("full", "scratch") if m.get(k)}
+            if both:
+                tasks.append({"kind": "uap_transfer", "dataset": key,
+                              "args": {"source_key": src, "key": key, "pretrained": m["pretrained"],
+                                       "models": both}})
+            tasks.append({"kind": "mmd", "dataset": key,
+                          "args": {"source_key": src, "key": key, "pretrained": m["pretrained"]}})
+        ll = {names[k]: m[k] for k in ("pretrained", "scratch", "full") if m.get(k)}
+        if ll:
+            tasks.append({"kind": "ll", "dataset": key, "args": {"key": key, "models": ll}})
+    return tasks
+
+
+def run(job, models: dict, log=print) -> dict:
+    """Runs the analyses on a pool of Ray actors; writes ``OUT/analyses/analyses.json``
+    (atomically) and returns it. Reuses a previous result for the same models and spec."""
+    import ray
+    from ray.util import ActorPool
+
+    from study import distributed
+    from study.data.beton import atomic_write_text, config_hash
+
+    cfg = job.cfg
+    spec = cfg.analyses
+    folder = job.out / "analyses"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "analyses.json"
+    tasks = plan(job, models)
+    key = config_hash({"tasks": tasks, "spec": spec.model_dump()})
+    if path.is_file():
+        prev = json.loads(path.read_text())
+        if prev.get("key") == key:
+            log(f"analyses: {len(tasks)} tasks done before, reusing {path}")
+            return prev
+    if not tasks:
+        log("analyses: nothing to analyse (no fine-tuned model)")
+        return {"key": key, "datasets": {}}
+    distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    n = min(spec.actors, len(tasks))
+    actor = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(Analyst)
+    actors = [actor.remote(cfg.resolved(), str(job.out.resolve()), max(1, int(spec.resources.cpus)))
+              for _ in range(n)]
+    log(f"analyses: {len(tasks)} tasks on {n} Ray actor(s) "
+        f"({spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU each)")
+    from tqdm.auto import tqdm
+
+    done = []
+    pool = ActorPool(actors)
+    start = time.perf_counter()
+    with tqdm(total=len(tasks), desc="analyses", disable=not job.progress, leave=False) as bar:
+        for r in pool.map_unordered(lambda a, t: a.run.remote(t), tasks):
+            done.append(r)
+            t = r["task"]
+            log(f"analyses: {t['kind']} on {t['dataset']}{' (' + t['model'] + ')' if 'model' in t else ''} "
+                f"in {r['seconds']:.1f} s")
+            bar.update(1)
+    for a in actors:
+        ray.kill(a)
+    out: dict = {"key": key, "seconds": time.perf_counter() - start, "actors": n, "datasets": {},
+                 "tasks": [{"kind": r["task"]["kind"], "dataset": r["task"]["dataset"],
+                            "model": r["task"].get("model"), "pid": r["pid"], "started": r["started"],
+                            "ended": r["ended"]} for r in done]}
+    for r in sorted(done, key=lambda r: tasks.index(r["task"])):
+        t = r["task"]
+        slot = out["datasets"].setdefault(cfg.dataset_name(t["dataset"]), {})
+        if t["kind"] == "uap":
+            slot.setdefault("uap", {})[t["model"]] = r["result"]
+        else:
+            slot[t["kind"]] = r["result"]
+    atomic_write_text(path, json.dumps(out, indent=2))
+    return out
+
+
+def metrics(result: dict) -> dict:
+    """Flat MLflow metrics of an analyses result."""
+    m = {}
+    for key, a in result.get("datasets", {}).items():
+        for pair, v in a.get("cca", {}).items():
+            tag = pair.replace("|", "_vs_").replace("-", "")
+            m[f"cca/{key}/{tag}/bottom"] = v["bottom"]
+            m[f"cca/{key}/{tag}/all"] = v["all"]
+        for model, v in a.get("uap", {}).items():
+            m[f"uap/{key}/{model}/success"] = v["success"]
+        for name, dr in a.get("uap_transfer", {}).get("DR", {}).items():
+            m[f"uap_transfer/{key}/{name.replace('-', '')}/DR"] = dr
+        if "mmd" in a:
+            m[f"mmd2/{key}"] = a["mmd"]["mmd2"]
+        for name, v in a.get("ll", {}).items():
+            m[f"ll/{key}/{name.replace('-', '')}"] = v
+    return m

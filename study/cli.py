@@ -4,6 +4,8 @@
     study demo [--out DIR]               run jobs/demo.yaml on generated data
     study data prepare NAME --out DIR [--root DIR] [--param KEY=VALUE ...]
     study ui [--out DIR] [--port N]      the MLflow UI over OUT's store
+    study plan JOB.yaml [--costs FILE] [--measure]
+                                         trials, stages and GPU-hours, before anything starts
     study report [--experiment NAME] [--from OUT] --out DIR
                                          the paper's tables and figures rebuilt from MLflow
 
@@ -43,6 +45,15 @@ def cmd_run(args, job_path: Path) -> int:
     from study import config
 
     cfg = config.load(job_path)  # everything is checked before anything starts
+    if cfg.limits.gpu_hours is not None:  # the budget, against the measured costs
+        from study import plan
+
+        est = plan.estimate(cfg, plan.load_costs(Path(cfg.limits.costs).expanduser()))
+        if est["unknown"] or est["seconds"] / 3600 > cfg.limits.gpu_hours:
+            raise config.ConfigError(
+                f"limits.gpu_hours: the estimate is {est['seconds'] / 3600:,.1f} GPU-hours against a limit "
+                f"of {cfg.limits.gpu_hours:g}" + (f" (not counted: {'; '.join(est['unknown'])})"
+                                                   if est["unknown"] else ""))
     out = Path(args.out or Path("runs") / cfg.name)
     from study.pipeline import run_job
 
@@ -72,6 +83,21 @@ def cmd_ui(args) -> int:
     from study.tracking import serve_ui
 
     return serve_ui(Path(args.out), args.port)
+
+
+def cmd_plan(args) -> int:
+    from study import config, plan
+
+    cfg = config.load(args.job, check_paths=False)  # the data may lie on the cluster only
+    costs = args.costs or (Path(cfg.limits.costs).expanduser() if cfg.limits.costs else None)
+    costs = costs or Path.home() / ".cache" / "study" / "costs.json"
+    try:
+        table = plan.costs_for(cfg, costs, not args.no_measure)
+    except ValueError as err:
+        raise config.ConfigError(str(err)) from None
+    print(plan.render(cfg, plan.estimate(cfg, table)))
+    print(f"costs: {costs}")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -121,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", type=Path, default=Path("runs/demo"))
     u.add_argument("--port", type=int, default=5000)
 
+    pl = sub.add_parser("plan", help="trials, stages and a GPU-hour estimate, without starting anything")
+    pl.add_argument("job", type=Path)
+    pl.add_argument("--costs", type=Path, help="per-image costs file (default: the job's limits.costs)")
+    pl.add_argument("--no-measure", action="store_true",
+                    help="use the costs file as it is (default: time what it lacks on this machine's "
+                         "device, a few seconds per backbone, and store it there)")
+
     rp = sub.add_parser("report", help="rebuild the paper's tables and figures from MLflow")
     rp.add_argument("--out", type=Path, required=True, help="folder for index.html, index.md and the PNGs")
     rp.add_argument("--experiment", help="one MLflow experiment (a job's name); default: all")
@@ -154,6 +187,8 @@ def main(argv=None) -> int:
             return cmd_ui(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "plan":
+            return cmd_plan(args)
     except (ConfigError, DatasetError, ModelError) as err:
         print(f"study: error: {err}", file=sys.stderr)
         return USAGE_ERROR

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
@@ -20,6 +21,9 @@ from study.engine import OPTIMIZERS, SCHEDULES, TrainSettings
 from study.methods import DEFAULT_LAMBDA, METHODS, TABLE1
 from study.models import BACKBONES
 from study.objectives import ObjectiveError, check as check_objective
+
+
+_CHECK_PATHS: ContextVar[bool] = ContextVar("check_paths", default=True)
 
 
 class ConfigError(ValueError):
@@ -305,6 +309,24 @@ class LLSpec(_Strict):
     images: int = Field(128, gt=0)
 
 
+class LimitsSpec(_Strict):
+    """What the job may use on a real cluster. ``gpus``: the most GPUs it holds at once
+    (checked against its resource requests here); ``gpu_hours``: its budget, checked by
+    ``study run`` against ``study plan``'s estimate before anything starts."""
+    gpus: Optional[float] = Field(None, ge=0)
+    gpu_hours: Optional[float] = Field(None, gt=0)
+    costs: Optional[str] = None          # per-image costs (study plan --measure) the check uses
+
+    @model_validator(mode="after")
+    def _costs(self):
+        if self.gpu_hours is not None and not self.costs:
+            raise ValueError("gpu_hours needs costs: a file written by `study plan JOB --measure "
+                             "--costs FILE` on a GPU node")
+        if self.costs and _CHECK_PATHS.get() and not Path(self.costs).expanduser().is_file():
+            raise ValueError(f"costs file not found: {self.costs}")
+        return self
+
+
 class AnalysesSpec(_Strict):
     """Section 4's analyses (study.analyses) on Ray actors, after the sweep."""
     enabled: bool = True
@@ -379,6 +401,7 @@ class JobConfig(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     analyses: AnalysesSpec = Field(default_factory=AnalysesSpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
 
     @model_validator(mode="after")
     def _cross(self):
@@ -396,7 +419,7 @@ class JobConfig(_Strict):
                 if root is None:
                     raise _FieldError(f"datasets.{key}.root", f"dataset {name!r} needs a data root "
                                       f"(datasets.{key}.root or data.root)")
-                if not Path(root).expanduser().is_dir():
+                if _CHECK_PATHS.get() and not Path(root).expanduser().is_dir():
                     raise _FieldError(f"datasets.{key}.root", f"data root does not exist: {root}")
         p = self.pretrain
         if p.weights is None:
@@ -416,7 +439,7 @@ class JobConfig(_Strict):
                         check_objective(objective)
                     except ObjectiveError as err:
                         raise _FieldError(where, str(err))
-                if w != "imagenet" and not Path(w).expanduser().is_file():
+                if w != "imagenet" and _CHECK_PATHS.get() and not Path(w).expanduser().is_file():
                     raise _FieldError(where, f"weights file not found: {w}")
             _no_repeats(p.objective_names(), "objective")
         if p.weights is not None and p.objectives != ["standard"]:
@@ -450,6 +473,23 @@ class JobConfig(_Strict):
             if d not in self.datasets:
                 raise _FieldError(f"finetune.datasets[{i}]", f"{d!r} is not a key of datasets "
                                   f"(have: {', '.join(self.datasets)})")
+        cap = self.limits.gpus
+        if cap is not None:  # the largest GPU request of any stage must fit the limit
+            sc = p.scaling
+            if p.weights is None and sc.use_gpu and sc.workers * sc.gpus_per_worker > cap:
+                raise _FieldError("pretrain.scaling", f"{sc.workers} workers x {sc.gpus_per_worker:g} GPU "
+                                  f"exceed limits.gpus ({cap:g})")
+            if ft is not None and ft.resources.gpus > 0:
+                most = ft.resources.gpus * (ft.max_concurrent_trials or 10 ** 9)
+                if ft.max_concurrent_trials is None or most > cap:
+                    raise _FieldError("finetune.max_concurrent_trials",
+                                      f"trials of {ft.resources.gpus:g} GPU each could hold more than limits.gpus "
+                                      f"({cap:g}): set max_concurrent_trials to at most "
+                                      f"{int(cap // ft.resources.gpus)}")
+            a = self.analyses.resources
+            if ft is not None and self.analyses.enabled and a.gpus * self.analyses.actors > cap:
+                raise _FieldError("analyses.actors", f"{self.analyses.actors} actors x {a.gpus:g} GPU "
+                                  f"exceed limits.gpus ({cap:g})")
         return self
 
     # -- derived --------------------------------------------------------------------
@@ -518,16 +558,21 @@ def _one_line(err: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg  # _cross's errors carry their own field path
 
 
-def parse(raw: dict, source: str = "job") -> JobConfig:
+def parse(raw: dict, source: str = "job", check_paths: bool = True) -> JobConfig:
+    """A checked job. ``check_paths=False`` skips the checks that data roots and weights
+    files exist (``study plan`` on a laptop, for a job whose data lies on the cluster)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a job file must be a YAML mapping")
+    token = _CHECK_PATHS.set(check_paths)
     try:
         return JobConfig(**raw)
     except ValidationError as err:
         raise ConfigError(_one_line(err)) from None
+    finally:
+        _CHECK_PATHS.reset(token)
 
 
-def load(path) -> JobConfig:
+def load(path, check_paths: bool = True) -> JobConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"job file not found: {path}")
@@ -535,4 +580,4 @@ def load(path) -> JobConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return parse(raw, str(path))
+    return parse(raw, str(path), check_paths)

@@ -1,0 +1,299 @@
+"""``study plan JOB.yaml``: what a job will run and what it will cost, before anything
+starts (no Ray, no data preparation, no MLflow).
+
+The estimate multiplies image counts by per-image costs *measured* on a device: a
+training step (forward, backward, optimiser), an attack step (forward and input-only
+backward of the BatchNorm-folded model) and an inference pass, per backbone and
+resolution, a few timed batches each. ``study plan`` times what its costs file lacks on
+this machine's device and stores it there (``--no-measure``: never); run it once on a
+GPU node of the cluster, then plan anywhere with ``--costs FILE`` (a job's ``limits.costs`` names the file that ``study
+run`` checks ``limits.gpu_hours`` against). Costs measured on a CPU give CPU-hours, and
+the printout says so.
+
+What it counts: stage 1 (epochs x train images x (1 + attack steps) for adversarial
+objectives), every stage-2 trial (the same, on train minus the validation share, plus a
+validation pass each epoch) and the attack suite on every model (steps + 1 passes per
+test image; AutoAttack counted as 1000 attack steps per image, a rough upper bound of
+its standard version). The analyses are small beside these and are not counted.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from study.attacks import parse_attack
+from study.config import JobConfig
+
+# Published split sizes (train, test) of the datasets that are read from disk.
+KNOWN_SIZES = {"cifar10": (50000, 10000), "pets": (3680, 3669), "flowers": (2040, 6149),
+               "cars": (8144, 8041), "food": (75750, 25250), "imagenet": (1281167, 50000)}
+AUTOATTACK_STEPS = 1000
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def split_sizes(cfg: JobConfig, key: str) -> tuple[int, int] | None:
+    """(train, test) images of a dataset of the job, or None where unknown: generated
+    sets from their parameters, disk sets from their published sizes or by counting
+    the image files of an ImageFolder root that exists here."""
+    from study.data.registry import get_info, resolve_params
+
+    name = cfg.dataset_name(key)
+    info = get_info(name)
+    if info.generated:
+        from study.data.registry import build_split
+
+        params = resolve_params(name, cfg.dataset_params(key))
+        classes = len(build_split(name, "test", params=params).classes)
+        return classes * params["train_per_class"], classes * params["test_per_class"]
+    if name in KNOWN_SIZES:
+        return KNOWN_SIZES[name]
+    root = cfg.dataset_root(key)
+    if root and Path(root).expanduser().is_dir():
+        base = Path(root).expanduser()
+
+        def count(*names):
+            for n in names:
+                if (base / n).is_dir():
+                    return sum(1 for f in (base / n).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            return 0
+
+        train, test = count("train"), count("test", "val")
+        return (train, test) if train and test else None
+    return None
+
+
+def resolution(cfg: JobConfig, key: str) -> int:
+    from study.data.registry import get_info, resolve_params
+
+    spec = cfg.datasets[key]
+    if spec.resolution:
+        return spec.resolution
+    name = cfg.dataset_name(key)
+    if get_info(name).generated:
+        return int(resolve_params(name, cfg.dataset_params(key)).get("image_size", 32))
+    return 224
+
+
+# -- measured per-image costs ---------------------------------------------------------
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _timed(fn, repeats: int, device) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def measure(backbone: str, side: int, device: torch.device, amp: bool = True, batch: int | None = None,
+            repeats: int = 3) -> dict:
+    """Seconds per image of a training step, an attack step and an inference pass."""
+    from torch.nn import functional as F
+
+    from study.engine import autocast
+    from study.models import build_model, inference_copy
+
+    batch = batch or (64 if device.type == "cuda" else 8)
+    model = build_model(backbone, 100).to(device)
+    amp = amp and device.type == "cuda"
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.rand(batch, 3, side, side, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+
+    def train():
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    fast = inference_copy(model.eval())
+
+    def attack():
+        xx = x.clone().requires_grad_(True)
+        with autocast(device, amp):
+            loss = F.cross_entropy(fast(xx).float(), y)
+        torch.autograd.grad(loss, xx)
+
+    def infer():
+        with torch.no_grad(), autocast(device, amp):
+            fast(x)
+
+    model.train()
+    t_train = _timed(train, repeats, device)
+    return {"train": t_train / batch, "attack": _timed(attack, repeats, device) / batch,
+            "infer": _timed(infer, repeats, device) / batch, "batch": batch}
+
+
+def load_costs(path: Path | None) -> dict:
+    if path and Path(path).is_file():
+        return json.loads(Path(path).read_text())
+    return {"device": None, "costs": {}}
+
+
+def costs_for(cfg: JobConfig, path: Path | None, measure_here: bool, log=print) -> dict:
+    """The costs file's entries, measuring (and storing) what the job needs and the file
+    lacks when ``measure_here``."""
+    from study.data.beton import atomic_write_text
+    from study.pipeline import resolve_device
+
+    table = load_costs(path)
+    need = {(b, resolution(cfg, k)) for k in _targets(cfg) for b in _backbones(cfg)}
+    if cfg.pretrain.weights is None:
+        need |= {(b, resolution(cfg, cfg.pretrain.dataset)) for b in cfg.pretrain.backbones}
+    device = resolve_device(cfg.device)
+    here = _device_name(device)
+    for b, side in sorted(need):
+        k = f"{b}@{side}"
+        if k in table["costs"] or not measure_here:
+            continue
+        if table["device"] not in (None, here):
+            raise ValueError(f"{path} holds costs measured on {table['device']}, this is {here}: "
+                             f"use another --costs file")
+        log(f"plan: measuring {b} at {side}px on {here} ...")
+        table["costs"][k] = measure(b, side, device)
+        table["device"] = here
+    if path and measure_here:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(path), json.dumps(table, indent=2))
+    return table
+
+
+def _targets(cfg: JobConfig) -> list[str]:
+    return list(cfg.finetune.datasets) if cfg.finetune else []
+
+
+def _backbones(cfg: JobConfig) -> list[str]:
+    return cfg.finetune_backbones() if cfg.finetune else list(cfg.pretrain.backbones)
+
+
+def _attack_steps(spec) -> int:
+    """Attack steps per image of an objective or attack name (0 for standard)."""
+    if isinstance(spec, dict):
+        spec = spec.get("name", "standard")
+    name = str(spec).split("[")[0]
+    if name == "standard":
+        return 0
+    a = parse_attack(name)
+    return AUTOATTACK_STEPS if a.kind == "autoattack" else a.steps * a.restarts
+
+
+def estimate(cfg: JobConfig, costs: dict) -> dict:
+    """Trials, stages and device-seconds of the job; ``unknown`` lists what could not be
+    counted (a dataset of unknown size, a backbone without a measured cost)."""
+    from study import sweep
+    from study.methods import METHODS
+
+    unknown: list[str] = []
+    c = costs.get("costs", {})
+
+    def cost(backbone, key):
+        return c.get(f"{backbone}@{resolution(cfg, key)}")
+
+    def suite_seconds(backbone, key, setting, n_test):
+        k = cost(backbone, key)
+        cap = cfg.eval.max_images
+        total = 0.0
+        for a in cfg.eval.suite(setting):
+            n = min(x for x in (n_test, cap, a.max_images) if x is not None)
+            steps = AUTOATTACK_STEPS if a.kind == "autoattack" else a.steps * a.restarts
+            total += n * (steps * k["attack"] + 2 * k["infer"])
+        return total + n_test * k["infer"]
+
+    stages = []
+    seconds = 0.0
+    if cfg.pretrain.weights is None:
+        key = cfg.pretrain.dataset
+        size = split_sizes(cfg, key)
+        t = cfg.pretrain.train
+        for b in cfg.pretrain.backbones:
+            for obj in cfg.pretrain.objective_specs():
+                k = cost(b, key)
+                if size is None or k is None:
+                    unknown.append(f"stage 1 {b} on {key}: " + ("size unknown" if size is None else "no cost"))
+                    continue
+                steps = _attack_steps(obj)
+                s = t.epochs * size[0] * (k["train"] + steps * k["attack"]) \
+                    + suite_seconds(b, key, "pretrain", size[1])
+                seconds += s
+                stages.append({"stage": "pretrain", "backbone": b, "objective": str(obj), "seconds": s})
+    pts = sweep.points(cfg) if cfg.finetune else []
+    per_method: dict = {}
+    for p in pts:
+        key, b = p["dataset"], p["backbone"]
+        size, k = split_sizes(cfg, key), cost(b, key)
+        per_method.setdefault((key, p["method"]), 0)
+        per_method[key, p["method"]] += 1
+        if size is None or k is None:
+            msg = f"{key}: " + ("size unknown (prepare it, or give its root)" if size is None
+                                else f"no measured cost for {b}")
+            if msg not in unknown:
+                unknown.append(msg)
+            continue
+        ft = cfg.finetune
+        spec = sweep.train_spec(cfg, p)
+        obj = sweep.objective_spec(cfg, p)
+        steps = _attack_steps(obj.get("attack", obj.get("name", "standard")) if isinstance(obj, dict) else obj)
+        if METHODS[p["method"]].objective == "dm":
+            steps = ft.dm.steps + 1  # the steepest neighbour, then f on both points
+        n_train = size[0] * (1 - ft.val_fraction)
+        step_cost = k["infer"] if METHODS[p["method"]].setting == "partial" else k["train"]
+        s = spec.epochs * (n_train * (step_cost + steps * k["attack"]) + size[0] * ft.val_fraction * k["infer"])
+        s += suite_seconds(b, key, p["method"], size[1])
+        seconds += s
+    return {"trials": len(pts), "per_method": per_method, "stages": stages, "seconds": seconds,
+            "unknown": unknown, "device": costs.get("device")}
+
+
+def render(cfg: JobConfig, est: dict) -> str:
+    lines = [f"job {cfg.name}"]
+    if cfg.pretrain.weights is None:
+        lines.append(f"stage 1: pre-train {', '.join(cfg.pretrain.backbones)} on {cfg.pretrain.dataset} "
+                     f"({', '.join(cfg.pretrain.objective_names())}), Ray Train, "
+                     f"{cfg.pretrain.scaling.workers} worker(s)")
+    else:
+        lines.append("stage 1: imported weights, nothing to train")
+    if cfg.finetune:
+        ft = cfg.finetune
+        lines.append(f"stage 2: {est['trials']} trials on Ray Tune, {ft.resources.gpus:g} GPU and "
+                     f"{ft.resources.cpus:g} CPU each" + (f", at most {ft.max_concurrent_trials} at once"
+                                                          if ft.max_concurrent_trials else ""))
+        by_ds: dict = {}
+        for (key, method), n in est["per_method"].items():
+            by_ds.setdefault(key, []).append(f"{method} {n}")
+        for key, parts in by_ds.items():
+            lines.append(f"  {key}: {', '.join(parts)}")
+        if cfg.analyses.enabled:
+            lines.append(f"analyses: CCA, UAP, MMD, LL on {cfg.analyses.actors} Ray actor(s)")
+    lines.append(f"attacks on every model: {', '.join(a.name for a in cfg.eval.suite())}")
+    hours = est["seconds"] / 3600
+    where = est["device"] or "no measured costs"
+    kind = "GPU-hours" if est["device"] and not str(est["device"]).startswith("cpu") else "device-hours (CPU)"
+    lines.append(f"estimate: {hours:,.1f} {kind}, from per-image costs measured on {where}")
+    if kind != "GPU-hours" and est["device"]:
+        lines.append("  (costs measured on a CPU: run `study plan JOB --costs FILE` on a GPU node for GPU-hours)")
+    for u in est["unknown"]:
+        lines.append(f"  not counted: {u}")
+    lim = cfg.limits
+    if lim.gpu_hours is not None:
+        verdict = "within" if hours <= lim.gpu_hours else "OVER"
+        lines.append(f"limits: {lim.gpu_hours:g} GPU-hours: {verdict}"
+                     + (f"; at most {lim.gpus:g} GPUs at once" if lim.gpus is not None else ""))
+    return "\n".join(lines)

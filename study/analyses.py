@@ -252,8 +252,11 @@ class Analyst:
 
         start, t0 = time.time(), time.perf_counter()
         result = getattr(self, "_" + task["kind"])(**task["args"])
+        import ray
+
         return {"task": task, "result": result, "seconds": time.perf_counter() - t0,
-                "pid": os.getpid(), "started": start, "ended": time.time()}
+                "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "started": start, "ended": time.time()}
 
     # each task returns plain data (numbers, lists, file paths)
     def _cca(self, key: str, models: dict) -> dict:
@@ -418,7 +421,8 @@ def run(job, models: dict, log=print) -> dict:
         ray.kill(a)
     out: dict = {"key": key, "seconds": time.perf_counter() - start, "actors": n, "datasets": {},
                  "tasks": [{"kind": r["task"]["kind"], "dataset": r["task"]["dataset"],
-                            "model": r["task"].get("model"), "pid": r["pid"], "started": r["started"],
+                            "model": r["task"].get("model"), "pid": r["pid"], "node": r["node"],
+                            "started": r["started"],
                             "ended": r["ended"]} for r in done]}
     for r in sorted(done, key=lambda r: tasks.index(r["task"])):
         t = r["task"]

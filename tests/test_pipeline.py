@@ -1,6 +1,7 @@
-"""The whole spine end to end on a tiny job: data, pre-training on Ray Train, a sweep of
-five fine-tuning trials on Ray Tune (Table 1's three methods, two lr of f where it
-trains), MLflow (a real local server), results; then the models loaded back from MLflow."""
+"""The whole study end to end on a tiny job, on the test session's local Ray:
+data, pre-training on Ray Train, a sweep of five fine-tuning trials on Ray Tune (Table
+1's three methods, two lr of f where it trains), the analyses on two actors, MLflow (a real local server), results and the report; then the models loaded
+back from MLflow and the report rebuilt from it."""
 import os
 
 import pandas as pd

@@ -268,7 +268,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         # the dashboard serves Ray's state API, which Ray Train's clean-up polls; it
         # listens on 127.0.0.1 only
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1")
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1")
         _STARTED_HERE = True
 
 

@@ -41,7 +41,7 @@ def ray_local():
     """One local Ray (2 CPUs) for the whole test session."""
     import ray
 
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1")
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1")  # never a stale cluster
     yield ray
     ray.shutdown()
 

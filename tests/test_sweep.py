@@ -80,6 +80,7 @@ def _job(tmp_path: Path, weights: Path) -> Path:
                      "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
                      "space": {"lr_g": [0.05, 0.1]}, "max_concurrent_trials": 1},
         "eval": {"batch_size": 64, "max_images": 26, "attacks": ["fgsm_linf_0.5"]},
+        "analyses": {"enabled": False},  # the sweep is what this test kills; test_pipeline runs them
     }
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(raw))

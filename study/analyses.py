@@ -191,25 +191,15 @@ def uap_effect(model: nn.Module, batches, delta: torch.Tensor, target: int | Non
 
 def save_perturbation_png(delta: torch.Tensor, path: Path, title: str = "") -> None:
     """The perturbation scaled to [0, 1] for the eye (Fig. 4)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from study.data.beton import atomic_write_bytes
+    from study.report import _plt, _save
 
     d = delta.detach().float()
     img = ((d - d.min()) / (d.max() - d.min()).clamp_min(1e-12)).permute(1, 2, 0).numpy()
-    fig, ax = plt.subplots(figsize=(2.4, 2.6))
+    fig, ax = _plt().subplots(figsize=(2.4, 2.6))
     ax.imshow(img, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(title, fontsize=8)
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save(fig, path)
 
 
 # -- the actor ----------------------------------------------------------------------------

@@ -437,8 +437,6 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
 def _analyse(job: Job, rows: list[dict], stages: dict, sources: dict) -> dict:
     """Section 4's analyses on the selected models of each target dataset (first
     fine-tuning backbone): pre-trained (the standard source), fine-tuned, standard."""
-    from study import sweep
-
     cfg = job.cfg
     backbone = cfg.finetune_backbones()[0]
     pre = sources.get((backbone, cfg.source_objective()))
@@ -454,5 +452,4 @@ def _analyse(job: Job, rows: list[dict], stages: dict, sources: dict) -> dict:
                 m[r["setting"]] = str(st.ckpt)
                 m["snapshots"][r["setting"]] = (st.record or {}).get("snapshots", [])
         models[key] = m
-    del sweep
     return analyses.run(job, models, log=log)

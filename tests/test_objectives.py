@@ -85,18 +85,20 @@ def test_dm_adds_lambda_times_the_feature_steepness(trained):
     model, _ = trained
     x, y = _batch(trained)
     m = copy.deepcopy(model).train()
+    m0 = copy.deepcopy(m)  # replays the same sequence: BatchNorm's running stats move with it
     lam = 0.01
     loss, logits = objectives.discrepancy_mitigating(lam, eps=2.0, steps=2, generator=torch.Generator().manual_seed(1))(m, x, y)
     ce = F.cross_entropy(logits, y)
     # the same inner max, reproduced: LL = mean ||f(x) - f(x')||_1 / ||x - x'||_inf
-    x_adv = steepest_neighbour(copy.deepcopy(m.f), x, 2.0 / 255, steps=2, generator=torch.Generator().manual_seed(1))
-    assert (x_adv - x).abs().amax() <= 2.0 / 255 + 1e-7 and x_adv.min() >= 0 and x_adv.max() <= 1
-    m2 = copy.deepcopy(m)
     with torch.no_grad():
-        fx, fa = m2.f(x).flatten(1), m2.f(x_adv).flatten(1)
+        fx = m0.f(x).flatten(1)
+    x_adv = steepest_neighbour(m0.f, x, 2.0 / 255, steps=2, generator=torch.Generator().manual_seed(1))
+    assert (x_adv - x).abs().amax() <= 2.0 / 255 + 1e-7 and x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        fa = m0.f(x_adv).flatten(1)
         ll = ((fx - fa).abs().sum(1) / (x - x_adv).flatten(1).abs().amax(1)).mean()
     assert ll > 0
-    assert torch.allclose(loss - ce, lam * ll, rtol=0.05), (float(loss - ce), float(lam * ll))
+    assert torch.allclose((loss - ce).detach(), lam * ll, rtol=1e-3), (float(loss - ce), float(lam * ll))
     with torch.no_grad():  # the measuring form of Eq. 4 agrees
         assert float(local_lipschitz(copy.deepcopy(model).eval().f, x, 2.0 / 255, steps=3)) > 0
 

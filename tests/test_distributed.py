@@ -1,5 +1,6 @@
-"""Stage 1 on Ray Train (local Ray, 2 CPUs): 2 workers against 1, a worker killed mid-run,
-the same on a fake 2-node cluster, and MLflow's epoch history exactly once."""
+"""Stage 1 on Ray Train: one worker on the session's local Ray (and a rerun restored from
+storage), against two workers on a fake 2-node cluster with one of them killed mid-run;
+MLflow's epoch history exactly once."""
 import json
 import os
 import signal
@@ -76,36 +77,25 @@ def _assert_each_epoch_once(client, run_id, epochs):
         assert steps == list(range(1, epochs + 1)), (key, steps)
 
 
-def test_two_workers_match_one_and_a_killed_worker_resumes(ray_local, small_alphabet, tmp_path,
-                                                            mlflow_server):
-    beton = small_alphabet["train"].beton
-    one = distributed.fit(_cfg(beton, desc="one"), name="one", storage=str(tmp_path), workers=1)
+@pytest.fixture(scope="module")
+def one_worker(ray_local, small_alphabet, tmp_path_factory):
+    """The reference: one worker on the session's local Ray, trained once for the module."""
+    storage = tmp_path_factory.mktemp("train-one")
+    state = distributed.fit(_cfg(small_alphabet["train"].beton, desc="one"), name="one",
+                            storage=str(storage), workers=1)
+    return state, storage
 
-    client, run_id = _run(mlflow_server, "two-killed")
-    killed = []
-    watcher = kill_after_first_checkpoint(tmp_path, "two", killed)
-    two = distributed.fit(_cfg(beton, desc="two", run_id=run_id, tracking_uri=mlflow_server),
-                          name="two", storage=str(tmp_path), workers=2, max_failures=2)
-    watcher.join(timeout=1)
 
-    # same progress: the loss falls on both, to a similar level (one global batch size)
-    for h in (one["history"], two["history"]):
-        assert [m["epoch"] for m in h] == list(range(1, EPOCHS + 1))
-        assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"]
-    assert abs(one["history"][-1]["train_loss"] - two["history"][-1]["train_loss"]) \
-        < 0.35 * one["history"][0]["train_loss"]
-    # DDP kept the workers' weights identical at every epoch, before and after the restart
-    assert all(m["workers_in_sync"] == 1.0 for m in two["history"])
-    # a worker was killed mid-run; the group came back from a checkpoint, not from scratch
-    assert killed, "no worker was found to kill"
-    assert two["history"][-1]["restarts"] >= 1
-    assert two["history"][0]["restarts"] == 0
-    assert two["epoch"] == EPOCHS
-    _assert_each_epoch_once(client, run_id, EPOCHS)
-
+def test_one_worker_learns_and_a_rerun_is_restored_from_storage(one_worker, small_alphabet):
+    one, storage = one_worker
+    h = one["history"]
+    assert [m["epoch"] for m in h] == list(range(1, EPOCHS + 1))
+    assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"]
+    assert one["epoch"] == EPOCHS and all(m["restarts"] == 0 for m in h)
     # a driver that died after training: the same run again is restored from storage,
     # nothing is trained twice
-    again = distributed.fit(_cfg(beton, desc="one"), name="one", storage=str(tmp_path), workers=1)
+    again = distributed.fit(_cfg(small_alphabet["train"].beton, desc="one"), name="one",
+                            storage=str(storage), workers=1)
     assert again["history"] == one["history"]
     assert all(torch.equal(v, again["model"][k]) for k, v in one["model"].items())
 
@@ -138,9 +128,11 @@ finally:
 """
 
 
-def test_the_same_on_a_fake_two_node_cluster(small_alphabet, tmp_path, mlflow_server):
-    """A separate process: the session's Ray stays as it is, the cluster lives and dies
-    with the subprocess."""
+def test_two_workers_on_a_fake_two_node_cluster_match_one_and_a_killed_worker_resumes(
+        one_worker, small_alphabet, tmp_path, mlflow_server):
+    """DDP over two Ray nodes (ray.cluster_utils.Cluster), one worker SIGKILLed mid-run.
+    A separate process: the session's Ray stays as it is, the cluster lives and dies with
+    the subprocess."""
     client, run_id = _run(mlflow_server, "two-nodes-killed")
     script = tmp_path / "two_nodes.py"
     script.write_text(TWO_NODES)
@@ -151,10 +143,16 @@ def test_the_same_on_a_fake_two_node_cluster(small_alphabet, tmp_path, mlflow_se
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(lines[-1][len("RESULT "):])
-    assert res["killed"] and res["epoch"] == EPOCHS
-    h = res["history"]
-    assert [m["epoch"] for m in h] == list(range(1, EPOCHS + 1))
-    assert h[-1]["restarts"] >= 1 and all(m["workers_in_sync"] == 1.0 for m in h)
+    h, one = res["history"], one_worker[0]["history"]
+    assert [m["epoch"] for m in h] == list(range(1, EPOCHS + 1)) and res["epoch"] == EPOCHS
+    # same progress as one worker: the loss falls to a similar level (one global batch size)
+    assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"]
+    assert abs(one[-1]["train_loss"] - h[-1]["train_loss"]) < 0.35 * one[0]["train_loss"]
+    # DDP kept the workers' weights identical at every epoch, before and after the restart
+    assert all(m["workers_in_sync"] == 1.0 for m in h)
+    # a worker was killed mid-run; the group came back from a checkpoint, not from scratch
+    assert res["killed"], "no worker was found to kill"
+    assert h[0]["restarts"] == 0 and h[-1]["restarts"] >= 1
     _assert_each_epoch_once(client, run_id, EPOCHS)
 
 

@@ -54,3 +54,113 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     with LocalServer(root) as server:
         yield server.uri
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(ok, seconds: float, what: str, procs=()) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{what}: `ray start` exited with {p.returncode}")
+        time.sleep(1)
+    raise TimeoutError(f"{what} did not come up in {seconds} s")
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _kill_with_token(token: str) -> None:
+    """SIGKILLs every process that carries this cluster's auth token in its environment:
+    the nodes' daemons and workers, whatever process group they ended up in."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("RAY_AUTH_TOKEN") == token:
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A real two-node Ray cluster on 127.0.0.1, the way a cluster is made by hand: a head
+    (`ray start --head`, 1 CPU) and a second node joined to it (`ray start --address`,
+    1 CPU), with Ray's token authentication (a token of this cluster's own). Each
+    `ray start --block` runs in its own process group, so the clean-up stops exactly these
+    two nodes (never the session's local Ray), also when a test fails. The second node has
+    a temp dir of its own: two raylets on one machine would otherwise unpack and
+    garbage-collect the job's working directory in the same folder, and a worker's
+    cwd vanishes under it (FileNotFoundError in os.getcwd)."""
+    import secrets
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    ray_cli = str(bin_dir / "ray")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
+               PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}")
+    root = tmp_path_factory.mktemp("ray-cluster")
+    short = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # Unix socket paths: at most 107 bytes
+    port, dash = _free_port(), _free_port()
+    common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    procs = []
+
+    def start(name, *args):
+        with open(root / f"{name}.log", "w") as log:
+            procs.append(subprocess.Popen([ray_cli, "start", *args, *common], env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+
+    def alive_nodes() -> int:
+        probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(address=%r, logging_level='ERROR'); "
+                                "print('NODES', sum(n['Alive'] for n in ray.nodes()))" % f"127.0.0.1:{port}"],
+                               env=env, capture_output=True, text=True, timeout=120)
+        lines = [x for x in probe.stdout.splitlines() if x.startswith("NODES ")]
+        return int(lines[-1].split()[1]) if lines else 0
+
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        start("head", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+              f"--ray-client-server-port={_free_port()}", f"--temp-dir={short / 'head'}")
+        _wait_for(lambda: _port_open(port), 120, "the head's GCS", procs)
+        start("node2", f"--address=127.0.0.1:{port}", f"--temp-dir={short / 'node2'}")  # joins while the head's dashboard starts
+        _wait_for(lambda: subprocess.run([ray_cli, "job", "list", "--address", address], env=env,
+                                         capture_output=True).returncode == 0, 180, "the head's job API", procs)
+        _wait_for(lambda: alive_nodes() == 2, 180, "the second node", procs)
+        yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env, "ray": ray_cli, "logs": root}
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_with_token(env["RAY_AUTH_TOKEN"])  # whatever is left of these two nodes, and only of them
+        for p in procs:
+            p.wait(timeout=30)
+        shutil.rmtree(short, ignore_errors=True)

@@ -17,7 +17,7 @@ import torch
 from study import distributed
 from study.engine import TrainSettings
 
-EPOCHS = 5
+EPOCHS = 4
 
 
 def _cfg(beton, **kw):

@@ -1,5 +1,6 @@
-"""The whole study end to end on a tiny job, on the test session's local Ray:
-data, pre-training on Ray Train, a sweep of five fine-tuning trials on Ray Tune (Table
+"""The whole study end to end on a tiny job, submitted the way users submit jobs (`ray job
+submit --working-dir .`) to a real two-node Ray cluster on 127.0.0.1 (`ray start --head`
+and a second `ray start --address`): data, pre-training on Ray Train, a sweep of five fine-tuning trials on Ray Tune (Table
 1's three methods, two lr of f where it trains), the analyses on two actors, MLflow (a real local server), results and the report; then the models loaded
 back from MLflow and the report rebuilt from it."""
 import os
@@ -19,7 +20,8 @@ JOB = {
     "data": {"workers": 1},
     "datasets": {"shapes": {"params": {"train_per_class": 3, "test_per_class": 1}},
                  "alphabet": {"params": {"train_per_class": 5, "test_per_class": 2}}},
-    "pretrain": {"dataset": "shapes", "backbones": ["resnet18"],
+    "pretrain": {"dataset": "shapes", "backbones": ["resnet18"],  # DDP over the cluster's two nodes
+                 "scaling": {"workers": 2, "cpus_per_worker": 1},
                  "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
     "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "partial", "full"],
                  "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
@@ -35,13 +37,20 @@ ATTACKS = ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0", "autoattack_linf
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, ray_local):
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+def tiny_run(tmp_path_factory, ray_cluster):
+    """The tiny job through `ray job submit --working-dir . --runtime-env
+    jobs/runtime_env.yaml`, followed to its end; the cluster's nodes stop after the module."""
+    import subprocess
+
     root = tmp_path_factory.mktemp("tiny")
     job = root / "tiny.yaml"
     job.write_text(yaml.safe_dump(JOB))
     out = root / "out"
-    assert cli.main(["run", str(job), "--out", str(out), "--quiet"]) == 0
+    done = subprocess.run(
+        [ray_cluster["ray"], "job", "submit", "--address", ray_cluster["address"], "--working-dir", ".",
+         "--runtime-env", "jobs/runtime_env.yaml", "--", "study", "run", str(job), "--out", str(out), "--quiet"],
+        cwd=cli.jobs_dir().parent, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
     return job, out
 
 
@@ -215,6 +224,7 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     # two actors, and their tasks overlapped in time
     tasks = found["tasks"]
     assert found["actors"] == 2 and len({t["pid"] for t in tasks}) == 2
+    assert len({t["node"] for t in tasks}) == 2  # one actor on each node (1 CPU each)
     spans = sorted((t["started"], t["ended"]) for t in tasks)
     assert any(b[0] < a_[1] for a_, b in zip(spans, spans[1:]))
     page = (out / "report" / "index.html").read_text()

@@ -114,6 +114,7 @@ def ray_cluster(tmp_path_factory):
     import subprocess
     import sys
     import tempfile
+    import time
     from pathlib import Path
 
     bin_dir = Path(sys.executable).parent
@@ -148,7 +149,22 @@ def ray_cluster(tmp_path_factory):
         _wait_for(lambda: subprocess.run([ray_cli, "job", "list", "--address", address], env=env,
                                          capture_output=True).returncode == 0, 180, "the head's job API", procs)
         _wait_for(lambda: alive_nodes() == 2, 180, "the second node", procs)
-        yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env, "ray": ray_cli, "logs": root}
+
+        def submit(*entrypoint, cwd, timeout=900):
+            """`ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- ...`,
+            followed to its end. The job API answers before the head's job agent has
+            registered; until then a submission is refused (and nothing is submitted)."""
+            cmd = [ray_cli, "job", "submit", "--address", address, "--working-dir", ".",
+                   "--runtime-env", "jobs/runtime_env.yaml", "--", *entrypoint]
+            for _ in range(30):
+                done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+                if "No available agent to submit job" not in done.stdout + done.stderr:
+                    return done
+                time.sleep(2)
+            return done
+
+        yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env, "ray": ray_cli, "logs": root,
+               "submit": submit}
     finally:
         for p in procs:
             try:

@@ -144,7 +144,7 @@ def test_bf16_steps_never_count_a_sample_broken_that_fp32_does_not(trained):
 
     model, batches = trained
     fast = inference_copy(model)
-    for name in ("pgd10_linf_1.0", "fgsm_linf_2.0"):
+    for name in ("pgd10_linf_2.0", "fgsm_linf_4.0"):  # 1/255: some runs train a model that keeps every sample
         half = parse_attack({"name": name, "precision": "bf16"})
         out = perturb(fast, *batches[0], half)
         assert out.fooled.any()

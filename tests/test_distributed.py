@@ -1,5 +1,4 @@
-"""Stage 1 on Ray Train: one worker on the session's local Ray (and a rerun restored from
-storage), against two workers on a fake 2-node cluster with one of them killed mid-run;
+"""Stage 1 on Ray Train: one worker on the session's local Ray, against two workers on a fake 2-node cluster with one of them killed mid-run;
 MLflow's epoch history exactly once."""
 import json
 import os
@@ -86,18 +85,12 @@ def one_worker(ray_local, small_alphabet, tmp_path_factory):
     return state, storage
 
 
-def test_one_worker_learns_and_a_rerun_is_restored_from_storage(one_worker, small_alphabet):
-    one, storage = one_worker
+def test_one_worker_learns(one_worker):
+    one, _ = one_worker
     h = one["history"]
     assert [m["epoch"] for m in h] == list(range(1, EPOCHS + 1))
     assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"]
     assert one["epoch"] == EPOCHS and all(m["restarts"] == 0 for m in h)
-    # a driver that died after training: the same run again is restored from storage,
-    # nothing is trained twice
-    again = distributed.fit(_cfg(small_alphabet["train"].beton, desc="one"), name="one",
-                            storage=str(storage), workers=1)
-    assert again["history"] == one["history"]
-    assert all(torch.equal(v, again["model"][k]) for k, v in one["model"].items())
 
 
 TWO_NODES = r"""

@@ -40,16 +40,11 @@ ATTACKS = ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0", "autoattack_linf
 def tiny_run(tmp_path_factory, ray_cluster):
     """The tiny job through `ray job submit --working-dir . --runtime-env
     jobs/runtime_env.yaml`, followed to its end; the cluster's nodes stop after the module."""
-    import subprocess
-
     root = tmp_path_factory.mktemp("tiny")
     job = root / "tiny.yaml"
     job.write_text(yaml.safe_dump(JOB))
     out = root / "out"
-    done = subprocess.run(
-        [ray_cluster["ray"], "job", "submit", "--address", ray_cluster["address"], "--working-dir", ".",
-         "--runtime-env", "jobs/runtime_env.yaml", "--", "study", "run", str(job), "--out", str(out), "--quiet"],
-        cwd=cli.jobs_dir().parent, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
+    done = ray_cluster["submit"]("study", "run", str(job), "--out", str(out), "--quiet", cwd=cli.jobs_dir().parent)
     assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
     return job, out
 

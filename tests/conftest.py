@@ -107,7 +107,10 @@ def ray_cluster(tmp_path_factory):
     two nodes (never the session's local Ray), also when a test fails. The second node has
     a temp dir of its own: two raylets on one machine would otherwise unpack and
     garbage-collect the job's working directory in the same folder, and a worker's
-    cwd vanishes under it (FileNotFoundError in os.getcwd)."""
+    cwd vanishes under it (FileNotFoundError in os.getcwd). Every node's agents get free
+    ports of their own: on the defaults (52365 ...) a second node, or the session's local
+    Ray, holds the head's job-agent port, the head's agent never registers, and every
+    submission is refused with "No available agent to submit job"."""
     import secrets
     import shutil
     import signal
@@ -129,8 +132,11 @@ def ray_cluster(tmp_path_factory):
     procs = []
 
     def start(name, *args):
+        ports = [f"--{flag}={_free_port()}" for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "node-manager-port", "object-manager-port")]
         with open(root / f"{name}.log", "w") as log:
-            procs.append(subprocess.Popen([ray_cli, "start", *args, *common], env=env, stdout=log,
+            procs.append(subprocess.Popen([ray_cli, "start", *args, *common, *ports], env=env, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
 
     def alive_nodes() -> int:
@@ -156,12 +162,15 @@ def ray_cluster(tmp_path_factory):
             registered; until then a submission is refused (and nothing is submitted)."""
             cmd = [ray_cli, "job", "submit", "--address", address, "--working-dir", ".",
                    "--runtime-env", "jobs/runtime_env.yaml", "--", *entrypoint]
-            for _ in range(30):
+            deadline = time.monotonic() + 120
+            while True:
                 done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
                 if "No available agent to submit job" not in done.stdout + done.stderr:
                     return done
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the head's job agent never registered:\n"
+                                       + (root / "head.log").read_text()[-3000:])
                 time.sleep(2)
-            return done
 
         yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env, "ray": ray_cli, "logs": root,
                "submit": submit}

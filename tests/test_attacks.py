@@ -181,8 +181,11 @@ def test_on_a_trained_model_stronger_attacks_never_give_higher_aai(trained):
     assert aai["pgd10_linf_0.0"] == clean["AOI"]
     assert aai["pgd20_linf_2.0"] <= aai["pgd10_linf_2.0"] <= aai["pgd5_linf_2.0"]
     # From the clean image the paper's step (1.25 eps / steps) reaches the corner FGSM
-    # jumps to, and then keeps climbing: PGD is at least as strong.
-    assert aai["pgd10_linf_2.0"] <= aai["fgsm_linf_2.0"]
+    # jumps to wherever the gradient's sign holds for 8 of 10 steps, and then keeps
+    # climbing. That is not a theorem for every image (a sign that flips keeps PGD inside
+    # the ball), so one image of slack; a broken PGD loses by far more.
+    one_image = 100 / sum(len(y) for _, y in batches)
+    assert aai["pgd10_linf_2.0"] <= aai["fgsm_linf_2.0"] + one_image
     assert aai["pgd10_linf_2.0"] <= aai["pgd10_linf_1.0"] <= aai["pgd10_linf_0.5"] <= clean["AOI"]
     rs = {"name": "pgd5_linf_1.0", "random_start": True}
     one = robust_accuracy(model, batches, parse_attack(rs), seed=3)["AAI"]

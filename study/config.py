@@ -237,6 +237,9 @@ class FinetuneSpec(_Strict):
     datasets: list[str] = Field(min_length=1)
     backbones: Optional[list[Backbone]] = None  # default: pretrain.backbones
     methods: list[MethodName] = Field(default_factory=lambda: list(TABLE1), min_length=1)
+    # per-dataset method lists that replace `methods` there, e.g. {shapes10: [full]} to
+    # add a cheap target that only Fig. 6 (MMD against DR) needs
+    methods_for: dict[str, list[MethodName]] = Field(default_factory=dict)
     source: Optional[str] = None         # the standard pre-training: default `standard` or the first
     robust_source: Optional[str] = None  # the adversarial one: default the first that is not standard
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -259,6 +262,22 @@ class FinetuneSpec(_Strict):
     def _distinct(cls, v):
         _no_repeats(v, "entry")
         return v
+
+    @field_validator("methods_for")
+    @classmethod
+    def _distinct_each(cls, v):
+        for key, methods in v.items():
+            if not methods:
+                raise ValueError(f"{key}: give at least one method")
+            _no_repeats(methods, f"{key}: entry")
+        return v
+
+    def methods_of(self, dataset: str) -> list[str]:
+        """The methods that run on ``dataset``."""
+        return self.methods_for.get(dataset, self.methods)
+
+    def all_methods(self) -> list[str]:
+        return list(dict.fromkeys(self.methods + [m for ms in self.methods_for.values() for m in ms]))
 
     @model_validator(mode="after")
     def _search(self):
@@ -345,24 +364,32 @@ class AnalysesSpec(_Strict):
 MODELS = ("pretrain",) + tuple(METHODS)  # what an attack may be limited to
 
 
-def _split_attack(spec) -> tuple[object, list | None]:
-    """An attack entry without its ``settings`` (which models it runs on), and those."""
-    if isinstance(spec, dict) and "settings" in spec:
-        rest = {k: v for k, v in spec.items() if k != "settings"}
-        return rest, spec["settings"]
-    return spec, None
+_LIMITS = ("settings", "datasets")  # what an attack entry may be limited to
+
+
+def _split_attack(spec) -> tuple[object, dict]:
+    """An attack entry without its limits (``settings``: the models it runs on,
+    ``datasets``: the datasets), and those limits."""
+    if isinstance(spec, dict) and any(k in spec for k in _LIMITS):
+        rest = {k: v for k, v in spec.items() if k not in _LIMITS}
+        return rest, {k: spec[k] for k in _LIMITS if k in spec}
+    return spec, {}
 
 
 def _check_attack(spec):
-    spec_, only = _split_attack(spec)
+    spec_, limits = _split_attack(spec)
     try:
         attack = parse_attack(spec_)
     except AttackError as err:
         raise ValueError(str(err)) from None
+    only = limits.get("settings")
     if only is not None:
         if not isinstance(only, list) or not only or any(m not in MODELS for m in only):
             raise ValueError(f"attack {attack.name!r}: settings must be a list drawn from "
                              f"{', '.join(MODELS)}, got {only!r}")
+    data = limits.get("datasets")
+    if data is not None and (not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data)):
+        raise ValueError(f"attack {attack.name!r}: datasets must be a list of keys of datasets, got {data!r}")
     return spec
 
 
@@ -370,7 +397,8 @@ class EvalSpec(_Strict):
     batch_size: int = Field(256, gt=0)
     max_images: Optional[int] = Field(None, gt=0)  # cap on evaluated test images
     # the attack suite, by the paper's names, or {name: ..., <option>: ...} mappings;
-    # `settings: [scratch, full]` limits an (expensive) attack to those models
+    # `settings: [scratch, full]` limits an (expensive) attack to those models,
+    # `datasets: [alphabet]` to those datasets
     attacks: list[Annotated[Any, AfterValidator(_check_attack)]] = \
         Field(default_factory=list)
 
@@ -380,13 +408,16 @@ class EvalSpec(_Strict):
         _no_repeats([parse_attack(_split_attack(s)[0]).name for s in specs], "attack")
         return specs
 
-    def suite(self, setting: str | None = None) -> list[Attack]:
-        """The attacks, or those that run on models of ``setting``."""
+    def suite(self, setting: str | None = None, dataset: str | None = None) -> list[Attack]:
+        """The attacks, or those that run on models of ``setting`` on ``dataset``."""
         out = []
         for spec in self.attacks:
-            spec, only = _split_attack(spec)
-            if setting is None or only is None or setting in only:
-                out.append(parse_attack(spec))
+            spec, limits = _split_attack(spec)
+            if setting is not None and setting not in limits.get("settings", [setting]):
+                continue
+            if dataset is not None and dataset not in limits.get("datasets", [dataset]):
+                continue
+            out.append(parse_attack(spec))
         return out
 
 
@@ -460,7 +491,7 @@ class JobConfig(_Strict):
         if ft and ft.kd.teacher is not None and ft.kd.teacher not in have:
             raise _FieldError("finetune.kd.teacher", f"{ft.kd.teacher!r} is not one of "
                               f"pretrain.objectives (have: {', '.join(have)})")
-        robust = [m for m in (ft.methods if ft else []) if METHODS[m].source == "robust"]
+        robust = [m for m in (ft.all_methods() if ft else []) if METHODS[m].source == "robust"]
         if robust and self.robust_objective() is None:
             raise _FieldError("finetune.methods", f"{', '.join(robust)} start(s) from an adversarially "
                               f"pre-trained backbone: add one to pretrain.objectives "
@@ -473,6 +504,15 @@ class JobConfig(_Strict):
             if d not in self.datasets:
                 raise _FieldError(f"finetune.datasets[{i}]", f"{d!r} is not a key of datasets "
                                   f"(have: {', '.join(self.datasets)})")
+        for d in (self.finetune.methods_for if self.finetune else {}):
+            if d not in self.finetune.datasets:
+                raise _FieldError(f"finetune.methods_for.{d}", f"{d!r} is not one of finetune.datasets "
+                                  f"(have: {', '.join(self.finetune.datasets)})")
+        for i, spec in enumerate(self.eval.attacks):
+            for d in _split_attack(spec)[1].get("datasets", []):
+                if d not in self.datasets:
+                    raise _FieldError(f"eval.attacks[{i}].datasets", f"{d!r} is not a key of datasets "
+                                      f"(have: {', '.join(self.datasets)})")
         cap = self.limits.gpus
         if cap is not None:  # the largest GPU request of any stage must fit the limit
             sc = p.scaling

@@ -242,7 +242,7 @@ def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
     atomically), so a rerun or a resumed job attacks only what is missing; the model is
     loaded only then. New results go to the stage's MLflow run (tracking.log_evaluation).
     """
-    attacks = job.cfg.eval.suite(setting)
+    attacks = job.cfg.eval.suite(setting, key)
     if not attacks:
         return [], []
     path = stage.eval_path
@@ -273,14 +273,14 @@ def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
     return records, flags
 
 
-def evaluate_stage_done(job: Job, stage: Stage, setting: str) -> bool:
+def evaluate_stage_done(job: Job, stage: Stage, setting: str, key: str) -> bool:
     """Whether a stage is trained, attacked by the whole suite and logged: nothing to run."""
     if stage.record is None:
         return False
     path = stage.eval_path
     store = json.loads(path.read_text()) if path.is_file() else {}
     cache = store.get("results", {})
-    attacks = job.cfg.eval.suite(setting)
+    attacks = job.cfg.eval.suite(setting, key)
     if evaluate.missing(attacks, job.cfg.eval.max_images, job.cfg.seed, cache):
         return False
     return not attacks or set(cache) <= set(store.get("logged", []))

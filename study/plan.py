@@ -211,7 +211,7 @@ def estimate(cfg: JobConfig, costs: dict) -> dict:
         k = cost(backbone, key)
         cap = cfg.eval.max_images
         total = 0.0
-        for a in cfg.eval.suite(setting):
+        for a in cfg.eval.suite(setting, key):
             n = min(x for x in (n_test, cap, a.max_images) if x is not None)
             steps = AUTOATTACK_STEPS if a.kind == "autoattack" else a.steps * a.restarts
             total += n * (steps * k["attack"] + 2 * k["infer"])

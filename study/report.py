@@ -418,7 +418,8 @@ def claims(df: pd.DataFrame, found: dict) -> list[dict]:
     if len(pts) >= 2:
         rho = pd.Series([p[1] for p in pts]).corr(pd.Series([p[2] for p in pts]), method="spearman")
         ok = None if pd.isna(rho) else bool(rho > 0)
-        detail = f"Spearman ρ(MMD², DR) = {rho:.2f} over {len(pts)} target datasets"
+        detail = (f"Spearman ρ(MMD², DR) = {rho:.2f} over {len(pts)} target datasets: "
+                  + ", ".join(f"{d} MMD² {m:.3f} DR {r:.1f}" for d, m, r in sorted(pts, key=lambda p: p[1])))
     else:
         ok, detail = None, (f"needs at least two target datasets with MMD and DR, this run has {len(pts)}"
                             + (f" ({pts[0][0]}: MMD² {pts[0][1]:.3f}, DR {pts[0][2]:.1f})" if pts else ""))

@@ -63,7 +63,7 @@ def points(cfg: JobConfig) -> list[dict]:
     out, seen = [], set()
     for key in ft.datasets:
         for backbone in cfg.finetune_backbones():
-            for name in ft.methods:
+            for name in ft.methods_of(key):
                 method = METHODS[name]
                 base = ft.train_for(name).settings()
                 fixed = ft.fixed_by_override(name)  # an override wins over the space
@@ -299,7 +299,7 @@ def run(job, sources: dict, parent_run_id: str, experiment_id: str) -> list[dict
 
     cfg = job.cfg
     pts = points(cfg)
-    if all(evaluate_stage_done(job, stage_for(job, p, sources), p["method"]) for p in pts):
+    if all(evaluate_stage_done(job, stage_for(job, p, sources), p["method"], p["dataset"]) for p in pts):
         log(f"sweep: all {len(pts)} trials done before, reusing")
         return pts
     # Tune warns when one-epoch trials snapshot its state often; that is the price of

@@ -79,6 +79,13 @@ def _with(path, value):
     (("finetune", "source"), "pgd3_linf_4.0", "finetune.source: 'pgd3_linf_4.0' is not one of pretrain.objectives"),
     (("pretrain", "progressive"), {"min_res": 192, "max_res": 160, "start_ramp": 1, "end_ramp": 2},
      "pretrain.progressive: progressive needs min_res <= max_res"),
+    (("finetune", "methods_for"), {"shapes": ["full"]}, "finetune.methods_for.shapes: 'shapes' is not one of"),
+    (("finetune", "methods_for"), {"alphabet": ["fine"]}, "finetune.methods_for.alphabet[0]: unknown method 'fine'"),
+    (("finetune", "methods_for"), {"alphabet": ["dm_stage12"]},
+     "finetune.methods: dm_stage12 start(s) from an adversarially pre-trained backbone"),
+    (("eval", "attacks"), [{"name": "pgd10_linf_0.5", "datasets": ["pets"]}],
+     "eval.attacks[0].datasets: 'pets' is not a key of datasets"),
+    (("datasets", "shapes", "params", "by"), "colour", "datasets.shapes: by must be shape_texture or shape"),
 ])
 def test_bad_configs_give_one_line_naming_the_field(path, value, message):
     with pytest.raises(config.ConfigError) as err:
@@ -100,6 +107,24 @@ def test_good_config_resolves_and_hashes():
     over = config.parse(_with(("finetune", "overrides"), {"scratch": {"lr": 0.5}}))
     assert over.finetune.train_for("scratch").settings().lr_g == 0.5
     assert over.finetune.train_for("full").settings().lr_g == 0.1
+
+
+def test_methods_and_attacks_limited_per_dataset():
+    raw = _with(("datasets", "near"), {"name": "shapes", "params": {"by": "shape", "train_per_class": 2,
+                                                                    "test_per_class": 1}})
+    raw["finetune"] |= {"datasets": ["alphabet", "near"], "methods_for": {"near": ["full"]}}
+    raw["eval"]["attacks"] = ["fgsm_linf_0.5", {"name": "pgd10_linf_0.5", "settings": ["full"],
+                                                "datasets": ["alphabet"]}]
+    cfg = config.parse(raw)
+    assert cfg.finetune.methods_of("near") == ["full"]
+    assert cfg.finetune.methods_of("alphabet") == ["scratch", "partial", "full"]
+    from study import sweep
+
+    assert [(p["dataset"], p["method"]) for p in sweep.points(cfg)] == [
+        ("alphabet", "scratch"), ("alphabet", "partial"), ("alphabet", "full"), ("near", "full")]
+    suite = lambda s, d: [a.name for a in cfg.eval.suite(s, d)]  # noqa: E731
+    assert suite("full", "alphabet") == ["fgsm_linf_0.5", "pgd10_linf_0.5"]
+    assert suite("full", "near") == suite("scratch", "alphabet") == ["fgsm_linf_0.5"]
 
 
 def test_demo_job_file_is_valid():

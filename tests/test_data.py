@@ -117,3 +117,11 @@ def test_progressive_resizing_changes_the_training_crop(small_alphabet):
     loader.set_resolution(24)
     x, _ = next(iter(loader))
     assert x.shape[-2:] == (24, 24) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_shapes_by_shape_is_a_ten_class_target_of_mixed_textures():
+    near = build_split("shapes", "train", params={"train_per_class": 4, "by": "shape", "seed": 1})
+    assert near.classes == list(synthetic.SHAPES) and len(near) == 40
+    assert [near[i][1] for i in range(12)] == [i % 10 for i in range(12)]
+    with pytest.raises(ValueError, match="by must be"):
+        synthetic.Shapes("train", 1, by="colour")

@@ -160,8 +160,9 @@ register(DatasetInfo(
     "shapes", _generated(synthetic.Shapes), generated=True, write_mode="raw",
     crop_scale=(0.5, 1.0), flip=True, eval_crop_ratio=1.0,
     params=dict(train_per_class=200, test_per_class=40, image_size=32, seed=0, noise_std=0.06,
-                min_scale=0.5),
-    description="50 (shape, texture) classes; the demo's stand-in for ImageNet"))
+                min_scale=0.5, by="shape_texture"),
+    description="50 (shape, texture) classes; the demo's stand-in for ImageNet "
+                "(by: shape gives the 10 shapes as classes)"))
 register(DatasetInfo("cifar10", _torchvision(_cifar10), max_resolution=32,
                      crop_scale=(0.35, 1.0), eval_crop_ratio=1.0,
                      description="torchvision CIFAR10 (cifar-10-batches-py under root)"))

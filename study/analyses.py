@@ -416,7 +416,7 @@ def run(job, models: dict, log=print) -> dict:
                             "ended": r["ended"]} for r in done]}
     for r in sorted(done, key=lambda r: tasks.index(r["task"])):
         t = r["task"]
-        slot = out["datasets"].setdefault(cfg.dataset_name(t["dataset"]), {})
+        slot = out["datasets"].setdefault(t["dataset"], {})  # the job's key, as in results
         if t["kind"] == "uap":
             slot.setdefault("uap", {})[t["model"]] = r["result"]
         else:

@@ -59,7 +59,8 @@ class Job:
         return d if d.is_absolute() else self.out / d
 
     def beton(self, key: str, split: str) -> Path:
-        return self.data_dir / self.cfg.dataset_name(key) / f"{split}.beton"
+        # by the job's key, not the dataset's name: two keys may share a name (shapes, shapes10)
+        return self.data_dir / key / f"{split}.beton"
 
     def loader(self, key: str, split: str, batch_size: int, train: bool, seed: int = 0,
                indices=None, workers: int | None = None):
@@ -305,7 +306,8 @@ def _rows(job: Job, key: str, backbone: str, setting: str, source: str | None, r
     a sweep trial's λ, rates and optimiser."""
     point = point or {}
     history = rec.get("history") or [{}]
-    base = {"dataset": job.cfg.dataset_name(key), "backbone": backbone, "setting": setting,
+    # the job's key names the dataset in results (unique in a job; the paper's name in its job files)
+    base = {"dataset": key, "backbone": backbone, "setting": setting,
             "source": source, "source_data": _source_data(job.cfg, setting),
             "lam": point.get("lam"), "lr_f": point.get("lr_f"),
             "lr_g": point.get("lr_g"), "optimizer": point.get("optimizer"),
@@ -370,15 +372,21 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
     out.mkdir(parents=True, exist_ok=True)
     job = Job(cfg, out, device, progress)
     atomic_write_text(out / "job.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    wants_gpu = cfg.pretrain.scaling.use_gpu or (cfg.finetune is not None and cfg.finetune.resources.gpus > 0)
+    if wants_gpu and device.type == "cpu":
+        # The driver itself attacks the stage-1 models (and writes the .beton files): on a
+        # cluster's CPU head that is slow. `ray job submit --entrypoint-num-gpus 1` runs it on a GPU node.
+        log("this driver has no GPU, though the job's workers use GPUs: it attacks the stage-1 models on "
+            "CPU (on a cluster, submit with `ray job submit --entrypoint-num-gpus 1`)")
 
     used = {cfg.pretrain.dataset} if cfg.pretrain.weights is None else set()
     used |= set(cfg.finetune.datasets if cfg.finetune else [])
     for key in sorted(used):
         name = cfg.dataset_name(key)
         prepared = prepare(name, job.data_dir, root=cfg.dataset_root(key),
-                           params=cfg.dataset_params(key), workers=cfg.data.workers)
+                           params=cfg.dataset_params(key), workers=cfg.data.workers, folder=key)
         for split, p in prepared.items():
-            log(f"data {name}/{split}: {p.manifest['count']} images, "
+            log(f"data {key}/{split}: {p.manifest['count']} images, "
                 f"{'written' if p.written else 'already prepared'} ({p.beton})")
 
     with tracking.tracking(out, quiet=not progress):
@@ -446,7 +454,7 @@ def _analyse(job: Job, rows: list[dict], stages: dict, sources: dict) -> dict:
         if pre is not None and pre.ckpt.is_file():
             m["pretrained"] = str(pre.ckpt)
         for r in rows:
-            if (r["dataset"] == cfg.dataset_name(key) and r["backbone"] == backbone and r.get("selected")
+            if (r["dataset"] == key and r["backbone"] == backbone and r.get("selected")
                     and not r.get("attack") and r["setting"] in ("full", "scratch")):
                 st = stages[r["stage"]]
                 m[r["setting"]] = str(st.ckpt)

@@ -1,6 +1,7 @@
 """Known answers of the analyses, and the report page (rendered in headless Chromium)."""
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,23 @@ def _fake_results():
     return results.frame(rows)
 
 
+def _screenshot(page, tmp_path):
+    """The page rendered by headless Chromium: a 1200x3000 screenshot with text and figures on it."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is missing: ./run.sh installs it"
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000",
+                    f"--screenshot={shot}", page.as_uri()], check=True, timeout=120,
+                   capture_output=True)
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    assert img.size == (1200, 3000)
+    assert len(set(img.resize((60, 150)).tobytes())) > 20  # rendered text and figures, not a blank page
+
+
 def test_report_page_has_every_table_figure_and_claim(tmp_path):
     found = {"datasets": {"alphabet": {
         "cca": {"fine-tuned|pre-trained": {"bottom": 0.9, "all": 0.7},
@@ -99,16 +117,34 @@ def test_report_page_has_every_table_figure_and_claim(tmp_path):
     worse.loc[worse.setting == "dm_stage12", "AAI"] = 1.0
     assert report.claims(worse, found)[4]["verdict"] == "disagree"
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is missing: ./run.sh installs it"
-    shot = tmp_path / "shot.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000",
-                    f"--screenshot={shot}", page.as_uri()], check=True, timeout=120,
-                   capture_output=True)
-    from PIL import Image
+    _screenshot(page, tmp_path)
 
-    img = Image.open(shot).convert("L")
-    assert img.size == (1200, 3000)
-    assert len(set(img.resize((60, 150)).tobytes())) > 20  # rendered text and figures, not a blank page
+
+DEMO = Path(__file__).parent / "fixtures" / "demo"
+
+
+def test_the_demo_report_opens_with_every_table_figure_and_a_verdict_per_claim(tmp_path):
+    """The demo's own numbers: ``results.csv`` and ``analyses/`` copied from a real
+    ``study demo`` run (see fixtures/demo/README.md), rebuilt into the report page."""
+    import json
+
+    import pandas as pd
+
+    got = tmp_path / "analyses"
+    shutil.copytree(DEMO / "analyses", got)
+    found = json.loads((got / "analyses.json").read_text())
+    for ds in found["datasets"].values():
+        for u in ds.get("uap", {}).values():  # the images now lie here
+            u["png"] = str(got / Path(u["png"]).name)
+    df = pd.read_csv(DEMO / "results.csv")
+    page = report.build(df, found, tmp_path / "report", title="demo")
+    html = page.read_text()
+    for n in range(1, 6):
+        assert f"Table {n}" in html and f"## Table {n}\n\n*This run has no models" not in (
+            tmp_path / "report" / "index.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "report").glob("fig*.png")) == [
+        "fig3.png", "fig4.png", "fig5.png", "fig6.png"]
+    checked = report.claims(df, found)
+    assert len(checked) == 5 and html.count('class="claim"') == 5
+    assert {c["verdict"] for c in checked} <= {"agree", "disagree"}, checked  # each decided by this run
+    _screenshot(page, tmp_path)

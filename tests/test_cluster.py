@@ -44,6 +44,9 @@ def test_cluster_yaml_passes_rays_validation_and_opens_no_port_to_the_world():
     head = " ".join(raw["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head  # the job API: through `ray dashboard` only
     assert "mlflow server" in " ".join(raw["head_setup_commands"])
+    # a job's driver may land on any node (--entrypoint-num-gpus): each one finds MLflow
+    assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in " ".join(raw["worker_start_ray_commands"])
+    assert "MLFLOW_TRACKING_URI=" in head
     assert any("uv sync --locked" in c for c in raw["setup_commands"])
     assert any("libturbojpeg0-dev" in c for c in raw["setup_commands"])
 

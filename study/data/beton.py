@@ -62,8 +62,8 @@ def split_config(name: str, split: str, root=None, params=None) -> dict:
     }
 
 
-def paths(out: Path, name: str, split: str) -> tuple[Path, Path]:
-    folder = Path(out) / name
+def paths(out: Path, folder: str, split: str) -> tuple[Path, Path]:
+    folder = Path(out) / folder
     return folder / f"{split}.beton", folder / f"{split}.json"
 
 
@@ -102,14 +102,16 @@ def check_beton(path: Path, manifest: dict | None = None) -> None:
                          f"{manifest.get('count')}")
 
 
-def prepare_split(name: str, split: str, out, root=None, params=None, workers: int = 2) -> Prepared:
-    """Writes ``out/<name>/<split>.beton`` once; a second call with the same config does nothing."""
+def prepare_split(name: str, split: str, out, root=None, params=None, workers: int = 2,
+                  folder: str | None = None) -> Prepared:
+    """Writes ``out/<folder>/<split>.beton`` once (``folder``: the job's key for the
+    dataset, default its name); a second call with the same config does nothing."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
     cfg = split_config(name, split, root, params)
     digest = config_hash(cfg)
-    beton, manifest_path = paths(out, name, split)
+    beton, manifest_path = paths(out, folder or name, split)
     old = read_manifest(manifest_path)
     if old is not None and old.get("config_hash") == digest:
         try:
@@ -145,6 +147,7 @@ def prepare_split(name: str, split: str, out, root=None, params=None, workers: i
     return Prepared(beton, manifest, written=True)
 
 
-def prepare(name: str, out, root=None, params=None, workers: int = 2):
-    """Both splits of a dataset; returns {split: Prepared}."""
-    return {s: prepare_split(name, s, out, root, params, workers) for s in ("train", "test")}
+def prepare(name: str, out, root=None, params=None, workers: int = 2, folder: str | None = None):
+    """Both splits of a dataset; returns {split: Prepared}. Two datasets of one name with
+    different params (a job's ``shapes`` and ``shapes10``) need folders of their own."""
+    return {s: prepare_split(name, s, out, root, params, workers, folder) for s in ("train", "test")}

@@ -129,11 +129,11 @@ def table2(df: pd.DataFrame) -> str:
     for dataset in dict.fromkeys(df.dataset[models]):
         rows = []
         for setting in ("scratch", "full"):
-            cells = []
-            for a in attacks:
-                r = _pick(df, dataset, setting, a)
-                p = paper_for_row(dataset, setting, a)["paper_AAI"]
-                cells.append(f"{_fmt(None if r is None else r['AAI'])} ({_fmt(p)})")
+            picked = [_pick(df, dataset, setting, a) for a in attacks]
+            if all(r is None for r in picked):
+                continue  # a model this job did not train on this dataset
+            cells = [f"{_fmt(None if r is None else r['AAI'])} ({_fmt(paper_for_row(dataset, setting, a)['paper_AAI'])})"
+                     for a, r in zip(attacks, picked)]
             rows.append([MODEL_NAME[setting]] + cells)
         blocks.append(f"**{dataset}**, AAI ours (paper)\n\n" + _md(["model"] + attacks, rows))
     if not blocks:

@@ -125,3 +125,22 @@ def test_shapes_by_shape_is_a_ten_class_target_of_mixed_textures():
     assert [near[i][1] for i in range(12)] == [i % 10 for i in range(12)]
     with pytest.raises(ValueError, match="by must be"):
         synthetic.Shapes("train", 1, by="colour")
+
+
+def test_two_datasets_of_one_name_keep_their_own_betons(tmp_path):
+    """A job's `shapes` (the source) and `shapes10` (a target of the same generator):
+    each key has its folder, so neither overwrites the other's .beton."""
+    from study import config as config_mod
+    from study.pipeline import Job
+
+    cfg = config_mod.parse({"name": "t", "datasets": {
+        "shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
+        "shapes10": {"name": "shapes", "params": {"by": "shape", "train_per_class": 2, "test_per_class": 1}}},
+        "pretrain": {"dataset": "shapes", "backbones": ["resnet18"]},
+        "finetune": {"datasets": ["shapes10"], "methods": ["full"]}})
+    job = Job(cfg, tmp_path, torch.device("cpu"))
+    for key in ("shapes", "shapes10"):
+        prepare(cfg.dataset_name(key), job.data_dir, params=cfg.dataset_params(key), workers=1, folder=key)
+    assert job.beton("shapes", "train") != job.beton("shapes10", "train")
+    assert (job.num_classes("shapes"), job.num_classes("shapes10")) == (50, 10)
+    assert job.manifest("shapes", "train")["count"] == 100 and job.manifest("shapes10", "train")["count"] == 20

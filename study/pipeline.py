@@ -167,7 +167,7 @@ def pretrain(job: Job, backbone: str, objective) -> Stage:
     if isinstance(p.weights, dict):  # imported backbones, one per objective
         ident["objective"] = name
     if weights is None:
-        ident.update(dataset=cfg.dataset_name(key), data=cfg.dataset_params(key),
+        ident.update(dataset=cfg.dataset_name(key), data=cfg.dataset_params(key), root=cfg.dataset_root(key),
                      resolution=cfg.resolution(key), train=p.train.model_dump(), objective=name,
                      progressive=p.progressive.model_dump() if p.progressive else None)
     stage = Stage(job, "pretrain", ident)

@@ -143,6 +143,7 @@ def stage_for(job, p: dict, sources: dict):
         obj["teacher_key"] = sources[p["backbone"], obj["teacher"]]["key"]
     ident = {"stage": "finetune", "dataset": cfg.dataset_name(p["dataset"]), "backbone": p["backbone"],
              "method": p["method"], "seed": cfg.seed, "data": cfg.dataset_params(p["dataset"]),
+             "root": cfg.dataset_root(p["dataset"]),  # two folder datasets differ only here
              "resolution": cfg.resolution(p["dataset"]), "train": train_spec(cfg, p).model_dump(),
              "objective": obj, "val_fraction": cfg.finetune.val_fraction,
              "source": None if src is None else sources[p["backbone"], src]["key"]}

@@ -144,3 +144,22 @@ def test_two_datasets_of_one_name_keep_their_own_betons(tmp_path):
     assert job.beton("shapes", "train") != job.beton("shapes10", "train")
     assert (job.num_classes("shapes"), job.num_classes("shapes10")) == (50, 10)
     assert job.manifest("shapes", "train")["count"] == 100 and job.manifest("shapes10", "train")["count"] == 20
+
+
+def test_two_folder_datasets_give_two_fine_tuned_models(tmp_path):
+    """Two ImageFolder targets with the same params differ only by their root: their
+    fine-tuned models must not share a stage (one would reuse the other's checkpoint)."""
+    from study import config as config_mod
+    from study import sweep
+    from study.pipeline import Job
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    cfg = config_mod.parse({"name": "t", "datasets": {
+        "shapes": {}, "a": {"name": "folder", "root": str(tmp_path / "a")},
+        "b": {"name": "folder", "root": str(tmp_path / "b")}},
+        "pretrain": {"dataset": "shapes", "backbones": ["resnet18"]},
+        "finetune": {"datasets": ["a", "b"], "methods": ["scratch"]}})
+    job = Job(cfg, tmp_path, torch.device("cpu"))
+    keys = {sweep.stage_for(job, p, {}).key for p in sweep.points(cfg)}
+    assert len(keys) == 2

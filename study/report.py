@@ -517,11 +517,23 @@ def build(df: pd.DataFrame, found: dict, folder, title: str = "study") -> Path:
     return folder / "index.html"
 
 
+def read_analyses(folder) -> dict:
+    """``folder/analyses.json`` with each UAP image's path pointing into ``folder`` (the
+    run wrote paths under its own OUT; a download or a copy moves the images)."""
+    import json
+
+    folder = Path(folder)
+    found = json.loads((folder / "analyses.json").read_text())
+    for v in found.get("datasets", {}).values():
+        for u in v.get("uap", {}).values():
+            u["png"] = str(folder / Path(u["png"]).name)
+    return found
+
+
 def from_mlflow(folder, experiment: str | None = None, log=print) -> Path:
     """Rebuilds the report from the tracking server in use: for each experiment (or the
     one named), the newest finished job run that logged ``results.csv``; their results
     are merged (the paper's tables come from several jobs) and so are their analyses."""
-    import json
     import tempfile
 
     import mlflow
@@ -552,10 +564,7 @@ def from_mlflow(folder, experiment: str | None = None, log=print) -> Path:
                 if "analyses" in have:
                     a = Path(client.download_artifacts(run.info.run_id, "analyses", str(d)))
                     if (a / "analyses.json").is_file():
-                        got = json.loads((a / "analyses.json").read_text())
-                        for ds, v in got.get("datasets", {}).items():
-                            for u in v.get("uap", {}).values():  # the images now lie here
-                                u["png"] = str(a / Path(u["png"]).name)
+                        for ds, v in read_analyses(a).get("datasets", {}).items():
                             found["datasets"].setdefault(ds, {}).update(v)
                 names.append(exp.name)
                 log(f"report: {exp.name}: run {run.info.run_id} ({run.info.run_name})")

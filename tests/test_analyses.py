@@ -126,16 +126,11 @@ DEMO = Path(__file__).parent / "fixtures" / "demo"
 def test_the_demo_report_opens_with_every_table_figure_and_a_verdict_per_claim(tmp_path):
     """The demo's own numbers: ``results.csv`` and ``analyses/`` copied from a real
     ``study demo`` run (see fixtures/demo/README.md), rebuilt into the report page."""
-    import json
-
     import pandas as pd
 
     got = tmp_path / "analyses"
     shutil.copytree(DEMO / "analyses", got)
-    found = json.loads((got / "analyses.json").read_text())
-    for ds in found["datasets"].values():
-        for u in ds.get("uap", {}).values():  # the images now lie here
-            u["png"] = str(got / Path(u["png"]).name)
+    found = report.read_analyses(got)
     df = pd.read_csv(DEMO / "results.csv")
     page = report.build(df, found, tmp_path / "report", title="demo")
     html = page.read_text()

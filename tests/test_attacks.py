@@ -157,6 +157,55 @@ def test_bf16_steps_never_count_a_sample_broken_that_fp32_does_not(trained):
         assert rounded["AOI"] == exact["AOI"] and abs(rounded["AAI"] - exact["AAI"]) <= 3.0
 
 
+def test_bf16_judges_every_last_iterate_in_fp32():
+    """A model whose bf16 logits never show a break (they lean 5 towards the true class)
+    is still broken wherever fp32 breaks it: the last iterate's verdict is fp32's."""
+    class Lying(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _linear(torch.ones(16), -7.75)  # fp32 margin 0.25 on x = 0.5
+
+        def forward(self, x):
+            logits = self.net(x)
+            if torch.is_autocast_enabled(x.device.type):
+                logits = logits + torch.tensor([0.0, 5.0])
+            return logits
+
+    x, y = torch.full((32, 1, 4, 4), 0.5), torch.ones(32, dtype=torch.long)
+    half = robust_accuracy(Lying(), [(x, y)], parse_attack({"name": "pgd10_linf_8", "precision": "bf16"}))
+    exact = robust_accuracy(Lying(), [(x, y)], parse_attack({"name": "pgd10_linf_8", "precision": "fp32"}))
+    assert half["precision"] == "bf16" and half["AOI"] == exact["AOI"] == 100
+    assert half["AAI"] == exact["AAI"] == 0  # bf16 alone would have called all 32 robust
+
+
+def test_bf16_samples_near_a_break_share_their_fp32_passes():
+    """Samples that bf16 calls broken wait and are judged together, not one fp32 pass
+    per bf16 pass; their verdicts are those of a plain fp32 attack."""
+    calls, sizes = [], []
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _linear(torch.ones(16), -7.0)
+
+        def forward(self, x):
+            calls.append("bf16" if torch.is_autocast_enabled(x.device.type) else "fp32")
+            sizes.append((calls[-1], len(x)))
+            return self.net(x)
+
+    torch.manual_seed(0)
+    batches = []
+    for _ in range(4):  # fp32 margins from -0.28 to 1: the samples break at different steps
+        x = (0.5 - torch.rand(64, 1, 1, 1) * 0.08).expand(64, 1, 4, 4).contiguous()
+        batches.append((x, torch.ones(64, dtype=torch.long)))
+    half = robust_accuracy(Counting(), batches, parse_attack({"name": "pgd10_linf_8", "precision": "bf16"}))
+    verdicts = calls.count("fp32") - len(batches)  # less the clean pass of each batch
+    assert calls.count("bf16") >= 10 and verdicts < 0.7 * calls.count("bf16"), str(sizes)
+    exact = robust_accuracy(Counting(), batches, parse_attack({"name": "pgd10_linf_8", "precision": "fp32"}))
+    assert half["robust"].tolist() == exact["robust"].tolist()
+    assert half["correct"].tolist() == exact["correct"].tolist()
+
+
 def test_eps_zero_gives_aai_equal_aoi_and_targeted_needs_targets():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))

@@ -214,7 +214,6 @@ def _success(logits, labels, targeted: bool):
     return pred == labels if targeted else pred != labels
 
 
-
 def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
             target: torch.Tensor | None = None, early_stop: bool = True,
             generator: torch.Generator | None = None) -> Outcome:
@@ -278,9 +277,8 @@ def _pgd_stream(model, chunks, attack: Attack, early_stop: bool, generator):
     ``steps`` steps and ``fooled`` is the verdict on its last iterate.
 
     bf16 evaluation: a sample whose bf16 logits say it broke leaves the pool with that
-    iterate and with the next one (its gradient came with the same
-    pass) and waits for an fp32 pass, and so does every last iterate, as soon as its step
-    makes it. The waiting samples are judged together once they fill a quarter of the
+    iterate and with the next one (its gradient came with the same pass) and waits for an
+    fp32 pass, and so does every last iterate, as soon as its step makes it. The waiting samples are judged together once they fill a quarter of the
     pool, or at once when the stream runs dry. A break ends there; any other goes back to
     the queue and carries on from its next iterate, so the wait costs no step. So every
     final verdict is fp32, and a last iterate costs an fp32 forward pass instead of a bf16
@@ -415,13 +413,13 @@ def _pgd_stream(model, chunks, attack: Attack, early_stop: bool, generator):
                 step = torch.where(again, torch.zeros_like(step), step)
                 restart = restart + again.long()
             pool.gn = gn
-            final = move & (step >= steps) if defer else park  # a last iterate: judged in fp32 only
+            final = move & (step >= steps) if defer else torch.zeros_like(move)  # judged in fp32 only
             wait = park | final
             if wait.any():  # cur: the iterate to judge; nxt: where it goes on from
-                judge = pool.cur.clone()
-                judge[final] = nxt[final]
                 waiting = pool.take(wait)
-                waiting.cur, waiting.nxt, waiting.step = judge[wait], nxt[wait], step[wait]
+                ahead = final[wait].view(-1, *([1] * (nxt.dim() - 1)))
+                waiting.cur = torch.where(ahead, nxt[wait], waiting.cur)
+                waiting.nxt, waiting.step = nxt[wait], step[wait]
                 held = waiting if held is None else held.join(waiting)
             pool.cur, pool.step, pool.restart = nxt, step, restart
             pool = pool.take(~leave & ~wait)

@@ -10,7 +10,9 @@ after a warm-up. Run it on a demo model:
     ./run.sh demo                         # once, to have a full fine-tuned ResNet-18
     uv run --group bench python benchmarks/attack_speed.py --out runs/demo
 
-It prints, per eps, both times, the speed ratio (reference time / ours) and both AAIs.
+It prints, per eps, both times, the speed ratio (reference time / ours), the range of
+the ratios of the single interleaved pairs (how much the machine's noise moves it) and
+both AAIs. ``--device cuda`` runs both sides on a GPU.
 Ours counts a sample as broken if *any* iterate breaks it; the reference looks at its
 last iterate only, so our AAI is expected to be at most the reference's.
 """
@@ -37,6 +39,11 @@ def find_model(out: Path, setting: str) -> tuple[Path, Path]:
         if ckpt.is_file() and beton.is_file():
             return ckpt, beton
     sys.exit(f"no finished '{setting}' model in {out}/checkpoints: run ./run.sh demo first")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":  # the clock must not stop while kernels are still queued
+        torch.cuda.synchronize(device)
 
 
 def reference(model, batches, attack, seed):
@@ -75,6 +82,7 @@ def main(argv=None) -> int:
                     help="L-inf eps in 1/255 (0.01: almost no sample breaks)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--random-start", action="store_true",
                     help="both sides start at a random point of the ball (Madry's PGD)")
     args = ap.parse_args(argv)
@@ -86,22 +94,25 @@ def main(argv=None) -> int:
     from study.models import load_checkpoint
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     ckpt, beton = find_model(args.out, args.setting)
-    model = load_checkpoint(ckpt).eval()
+    model = load_checkpoint(ckpt).eval().to(device)
     for p in model.parameters():  # neither side needs weight gradients
         p.requires_grad_(False)
     side = json.loads(beton.with_suffix(".json").read_text())["resolution"][0]
     loader = make_loader(beton, train=False, resolution=side, batch_size=args.batch_size, workers=2)
     batches, n = [], 0
     for x, y in loader:  # the same tensors for both sides
-        x, y = x[: args.images - n].clone().contiguous(), y[: args.images - n].clone()  # FFCV reuses its buffers
+        x, y = x[: args.images - n].contiguous().to(device, copy=True), y[: args.images - n].to(device, copy=True)  # FFCV reuses its buffers
         batches.append((x, y))
         n += len(y)
         if n >= args.images:
             break
     print(f"model {ckpt.name} ({model.backbone_name}), {n} images of {beton.parent.name}, "
-          f"batch {args.batch_size}, {args.threads} threads, {args.repeats} repeats")
-    print(f"{'eps/255':>8} {'ours s':>8} {'ref s':>8} {'speed-up':>9} {'AOI':>7} {'AAI ours':>9} {'AAI ref':>8}")
+          f"batch {args.batch_size}, {device}"
+          f"{f', {args.threads} threads' if device.type == 'cpu' else ''}, {args.repeats} repeats")
+    print(f"{'eps/255':>8} {'ours s':>8} {'ref s':>8} {'speed-up':>9} {'pairs':>13} {'AOI':>7} "
+          f"{'AAI ours':>9} {'AAI ref':>8}")
     rows = []
     for eps in args.eps:
         attack = parse_attack({"name": f"pgd10_linf_{eps}", "random_start": args.random_start})
@@ -109,15 +120,20 @@ def main(argv=None) -> int:
         reference(model, batches[:1], attack, 0)
         t_ours, t_ref = [], []
         for rep in range(args.repeats):
+            sync(device)
             t = time.perf_counter()
             aoi, aai = ours(model, batches, attack, rep)
+            sync(device)
             t_ours.append(time.perf_counter() - t)
             t = time.perf_counter()
             aoi_ref, aai_ref = reference(model, batches, attack, rep)
+            sync(device)
             t_ref.append(time.perf_counter() - t)
         a, b = statistics.median(t_ours), statistics.median(t_ref)
+        pairs = [r / o for o, r in zip(t_ours, t_ref)]  # each pair ran back to back
         rows.append((eps, a, b, aoi, aai, aai_ref))
-        print(f"{eps:8.2f} {a:8.2f} {b:8.2f} {b / a:8.2f}x {aoi:7.2f} {aai:9.2f} {aai_ref:8.2f}", flush=True)
+        print(f"{eps:8.2f} {a:8.2f} {b:8.2f} {b / a:8.2f}x {min(pairs):5.2f}-{max(pairs):.2f}x "
+              f"{aoi:7.2f} {aai:9.2f} {aai_ref:8.2f}", flush=True)
     print()
     for eps, a, b, aoi, aai, aai_ref in rows:
         broken = 100.0 - aai / max(aoi, 1e-9) * 100.0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 BACKBONES = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2")
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -82,12 +83,105 @@ class StudyModel(nn.Module):
         self.g = nn.Linear(self.g.in_features, num_classes).to(self.g.weight.device)
 
 
+class PhaseConv2d(nn.Conv2d):
+    """A convolution whose input gradient on CPU is one stride-1 convolution giving all
+    ``stride**2`` phases of it (output pixel ``s*a + r`` sees its own sub-kernel of the
+    weights), interleaved by ``pixel_shuffle``: the polyphase form of the transposed
+    convolution, the same gradient up to float rounding. For the stem of the inference
+    copy: oneDNN's own backward of a convolution whose input has 3 channels took 12 of
+    the 76 ms of an attack pass of the demo's ResNet-18 (bf16, batch 256, 32 px), five
+    times its forward; this takes 6. Other devices use the native backward.
+    Square strides, no dilation or groups (``from_conv`` keeps any other conv as it is)."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> nn.Conv2d:
+        if (type(conv) is not nn.Conv2d or conv.stride[0] != conv.stride[1] or conv.dilation != (1, 1)
+                or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
+            return conv
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+        new.load_state_dict(conv.state_dict())
+        new.weight.requires_grad_(conv.weight.requires_grad)
+        if new.bias is not None:
+            new.bias.requires_grad_(conv.bias.requires_grad)
+        return new
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._phases = {}  # (dtype, layout, weight version): the phase kernel
+
+    def _taps(self, dim: int) -> tuple[int, int]:
+        """Offsets u of the gradient rows feeding output pixel ``s*a + r``: the weight row
+        ``r + p - s*u`` must exist, for some phase r."""
+        s, k, p = self.stride[0], self.kernel_size[dim], self.padding[dim]
+        return (min((r + p - k) // s + 1 for r in range(s)), max((r + p) // s for r in range(s)))
+
+    def phase_kernel(self, dtype, channels_last: bool) -> torch.Tensor:
+        key = (dtype, channels_last, self.weight._version)
+        if key not in self._phases:
+            s, w = self.stride[0], self.weight.detach()
+            (lo_h, hi_h), (lo_w, hi_w) = self._taps(0), self._taps(1)
+            k = w.new_zeros(self.in_channels, s, s, self.out_channels, hi_h - lo_h + 1, hi_w - lo_w + 1)
+            for r in range(s):
+                for t in range(hi_h - lo_h + 1):
+                    kh = r + self.padding[0] - s * (t + lo_h)
+                    for q in range(s):
+                        for v in range(hi_w - lo_w + 1):
+                            kw = q + self.padding[1] - s * (v + lo_w)
+                            if 0 <= kh < self.kernel_size[0] and 0 <= kw < self.kernel_size[1]:
+                                k[:, r, q, :, t, v] = w[:, :, kh, kw].t()
+            k = k.reshape(self.in_channels * s * s, self.out_channels, *k.shape[-2:]).to(dtype)
+            self._phases = {key: k.contiguous(memory_format=torch.channels_last) if channels_last else k}
+        return self._phases[key]
+
+    def input_grad(self, grad: torch.Tensor, size) -> torch.Tensor:
+        """The gradient of the input (of spatial ``size``) from the output's ``grad``."""
+        s, (h, w) = self.stride[0], size
+        a, b = -(-h // s), -(-w // s)  # phase rows and columns
+        (lo_h, hi_h), (lo_w, hi_w) = self._taps(0), self._taps(1)
+        # rows lo .. hi around each phase row; the convolution's own (symmetric) padding
+        # and a crop: a padded copy of the gradient costs more than the convolution
+        ph = max(-lo_h, a - 1 + hi_h - (grad.shape[-2] - 1), 0)
+        pw = max(-lo_w, b - 1 + hi_w - (grad.shape[-1] - 1), 0)
+        kernel = self.phase_kernel(grad.dtype, grad.is_contiguous(memory_format=torch.channels_last))
+        out = F.conv2d(grad, kernel, padding=(ph, pw))[..., ph + lo_h:ph + lo_h + a, pw + lo_w:pw + lo_w + b]
+        return F.pixel_shuffle(out, s)[..., :h, :w]
+
+    def forward(self, x):
+        return _PhaseConv.apply(x, self.weight, self.bias, self)
+
+
+class _PhaseConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv):
+        ctx.conv, ctx.size, ctx.x_dtype = conv, x.shape[-2:], x.dtype
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        conv, gx = ctx.conv, None
+        if ctx.needs_input_grad[0]:
+            if grad.device.type == "cpu":
+                gx = conv.input_grad(grad, ctx.size)
+            else:
+                shape = (grad.shape[0], conv.in_channels, *ctx.size)
+                gx = torch.nn.grad.conv2d_input(shape, weight.to(grad.dtype), grad, conv.stride, conv.padding)
+            gx = gx.to(ctx.x_dtype)
+        gw = (torch.nn.grad.conv2d_weight(x, weight.shape, grad.to(x.dtype), conv.stride, conv.padding)
+              if ctx.needs_input_grad[1] else None)
+        gb = grad.sum((0, 2, 3)).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
 def inference_copy(model: StudyModel) -> StudyModel:
     """A frozen copy of ``model`` for evaluation: every BatchNorm folded into the
     convolution before it (in eval mode BN is an affine map, so the function is the same
-    up to float rounding) and channels_last memory. Attacks run 10+ forward/backward
-    passes per image, and this makes each one about 15 % cheaper on CPU. The original is
-    not touched; the copy has no parameter that requires a gradient."""
+    up to float rounding), channels_last memory and the stem's input gradient in its
+    polyphase form (``PhaseConv2d``). Attacks run 10+ forward/backward passes per image,
+    and these make each one about a quarter cheaper on CPU. The original is not touched;
+    the copy has no parameter that requires a gradient."""
     import copy
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -108,6 +202,7 @@ def inference_copy(model: StudyModel) -> StudyModel:
             fold(block, [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")])
             if block.downsample is not None:
                 fold(block.downsample, [("0", "1")])
+    trunk.conv1 = PhaseConv2d.from_conv(trunk.conv1)
     for p in fast.parameters():
         p.requires_grad_(False)
     return fast.to(memory_format=torch.channels_last)

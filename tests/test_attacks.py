@@ -261,7 +261,7 @@ def test_autoattack_names_and_options():
 
 
 def test_inference_copy_is_the_same_function_and_leaves_the_model_alone(trained):
-    from study.models import inference_copy
+    from study.models import PhaseConv2d, inference_copy
 
     model, batches = trained
     x = batches[0][0][:32]
@@ -272,6 +272,13 @@ def test_inference_copy_is_the_same_function_and_leaves_the_model_alone(trained)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     assert not any(p.requires_grad for p in fast.parameters())
+    # the input gradient (the stem's in its polyphase form) is the model's too
+    assert isinstance(fast.f.backbone.conv1, PhaseConv2d)
+    grads = []
+    for m in (model.eval(), fast):
+        xx = x.clone().requires_grad_(True)
+        grads += torch.autograd.grad(nn.functional.cross_entropy(m(xx), batches[0][1][:32]), xx)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-3 * float(grads[0].abs().max()))
 
 
 def test_autoattack_is_not_above_pgd_on_the_same_images(trained):

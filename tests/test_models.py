@@ -143,3 +143,64 @@ def test_robustness_checkpoint_of_another_architecture_is_refused(tmp_path):
     truncated.write_bytes(path.read_bytes()[:4096])
     with pytest.raises(ModelError, match="cut.ckpt: cannot be read"):
         load_trunk_weights(build_model("resnet18", 3), str(truncated))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,side", [
+    (7, 2, 3, 32), (7, 2, 3, 33),      # torchvision's stem, even and odd sides
+    (3, 2, 1, 15), (1, 2, 0, 9),       # a phase with no weight at all (1x1, stride 2)
+    (5, 3, 2, 20), ((3, 5), 2, (1, 2), 17), (2, 2, 3, 11),  # padding wider than the kernel
+    (3, 1, 1, 10)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_phase_conv_has_the_native_gradients(kernel, stride, padding, side, channels_last):
+    """The polyphase input gradient is the transposed convolution's, whatever the kernel,
+    stride, padding, side (odd, non-square) and layout; weight and bias gradients too."""
+    from study.models import PhaseConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel, stride, padding)
+    phase = PhaseConv2d.from_conv(conv)
+    assert type(phase) is PhaseConv2d
+    x = torch.randn(4, 3, side, side + 1)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = conv(a), phase(b)
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    assert b.grad.shape == a.grad.shape and b.grad.dtype == a.grad.dtype
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(phase.weight.grad, conv.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(phase.bias.grad, conv.bias.grad, rtol=1e-5, atol=1e-5)
+    # under bf16 autocast the gradient is bf16 arithmetic of the same sum, back in fp32
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = conv(a), phase(b)
+    assert yb.dtype == torch.bfloat16
+    ga, = torch.autograd.grad((ya.float() * g).sum(), a)
+    gb, = torch.autograd.grad((yb.float() * g).sum(), b)
+    assert gb.dtype == torch.float32
+    torch.testing.assert_close(gb, ga, rtol=0.05, atol=0.05 * float(ga.abs().max()))
+
+
+def test_phase_conv_keeps_what_it_cannot_do_and_follows_weight_changes():
+    from study.models import PhaseConv2d
+
+    for conv in (torch.nn.Conv2d(3, 8, 3, (2, 1)), torch.nn.Conv2d(3, 8, 3, dilation=2),
+                 torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.Conv2d(3, 8, 3, padding="same"),
+                 torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")):
+        assert PhaseConv2d.from_conv(conv) is conv
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 7, 2, 3)
+    phase = PhaseConv2d.from_conv(conv)
+    x = torch.randn(2, 3, 16, 16)
+    g = torch.randn(2, 8, 8, 8)
+    phase.input_grad(g, (16, 16))  # the phase kernel is cached ...
+    with torch.no_grad():
+        conv.weight.mul_(-2)
+        phase.weight.mul_(-2)  # ... and rebuilt once the weights change in place
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (conv(a) * g).sum().backward()
+    (phase(b) * g).sum().backward()
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5)

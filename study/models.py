@@ -93,6 +93,8 @@ class PhaseConv2d(nn.Conv2d):
     times its forward; this takes 6. Other devices use the native backward.
     Square strides, no dilation or groups (``from_conv`` keeps any other conv as it is)."""
 
+    PHASE_DEVICES = frozenset({"cpu"})  # measured there only
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> nn.Conv2d:
         if (type(conv) is not nn.Conv2d or conv.stride[0] != conv.stride[1] or conv.dilation != (1, 1)
@@ -163,7 +165,7 @@ class _PhaseConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         conv, gx = ctx.conv, None
         if ctx.needs_input_grad[0]:
-            if grad.device.type == "cpu":
+            if grad.device.type in conv.PHASE_DEVICES:
                 gx = conv.input_grad(grad, ctx.size)
             else:
                 shape = (grad.shape[0], conv.in_channels, *ctx.size)

@@ -90,7 +90,7 @@ class PhaseConv2d(nn.Conv2d):
     convolution, the same gradient up to float rounding. For the stem of the inference
     copy: oneDNN's own backward of a convolution whose input has 3 channels took 12 of
     the 76 ms of an attack pass of the demo's ResNet-18 (bf16, batch 256, 32 px), five
-    times its forward; this takes 6. Other devices use the native backward.
+    times its forward; this takes 5. Other devices use the native backward.
     Square strides, no dilation or groups (``from_conv`` keeps any other conv as it is)."""
 
     PHASE_DEVICES = frozenset({"cpu"})  # measured there only
@@ -110,7 +110,7 @@ class PhaseConv2d(nn.Conv2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._phases = {}  # (dtype, layout, weight version): the phase kernel
+        self._phase = (None, None)  # (dtype, layout, weight version), the phase kernel
 
     def _taps(self, dim: int) -> tuple[int, int]:
         """Offsets u of the gradient rows feeding output pixel ``s*a + r``: the weight row
@@ -120,7 +120,7 @@ class PhaseConv2d(nn.Conv2d):
 
     def phase_kernel(self, dtype, channels_last: bool) -> torch.Tensor:
         key = (dtype, channels_last, self.weight._version)
-        if key not in self._phases:
+        if self._phase[0] != key:
             s, w = self.stride[0], self.weight.detach()
             (lo_h, hi_h), (lo_w, hi_w) = self._taps(0), self._taps(1)
             k = w.new_zeros(self.in_channels, s, s, self.out_channels, hi_h - lo_h + 1, hi_w - lo_w + 1)
@@ -133,8 +133,8 @@ class PhaseConv2d(nn.Conv2d):
                             if 0 <= kh < self.kernel_size[0] and 0 <= kw < self.kernel_size[1]:
                                 k[:, r, q, :, t, v] = w[:, :, kh, kw].t()
             k = k.reshape(self.in_channels * s * s, self.out_channels, *k.shape[-2:]).to(dtype)
-            self._phases = {key: k.contiguous(memory_format=torch.channels_last) if channels_last else k}
-        return self._phases[key]
+            self._phase = (key, k.contiguous(memory_format=torch.channels_last) if channels_last else k)
+        return self._phase[1]
 
     def input_grad(self, grad: torch.Tensor, size) -> torch.Tensor:
         """The gradient of the input (of spatial ``size``) from the output's ``grad``."""

@@ -261,7 +261,7 @@ def test_autoattack_names_and_options():
 
 
 def test_inference_copy_is_the_same_function_and_leaves_the_model_alone(trained):
-    from study.models import PhaseConv2d, inference_copy
+    from study.models import PhaseConv2d, SmallMapConv2d, inference_copy
 
     model, batches = trained
     x = batches[0][0][:32]
@@ -272,8 +272,13 @@ def test_inference_copy_is_the_same_function_and_leaves_the_model_alone(trained)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     assert not any(p.requires_grad for p in fast.parameters())
-    # the input gradient (the stem's in its polyphase form) is the model's too
+    # the input gradient (the stem's in its polyphase form, layer3 and layer4 on their
+    # 2x2 and 1x1 maps as dense matrices) is the model's too
     assert isinstance(fast.f.backbone.conv1, PhaseConv2d)
+    small = [m for m in fast.modules() if isinstance(m, SmallMapConv2d)]
+    assert len(small) == sum(isinstance(m, nn.Conv2d) for m in model.modules()) - 1
+    dense = [m for m in small if m._dense]
+    assert x.shape[-1] == 32 and len(dense) == 7  # 3 in layer3, 4 in layer4
     grads = []
     for m in (model.eval(), fast):
         xx = x.clone().requires_grad_(True)

@@ -210,3 +210,82 @@ def test_phase_conv_keeps_what_it_cannot_do_and_follows_weight_changes(monkeypat
     (conv(a) * g).sum().backward()
     (phase(b) * g).sum().backward()
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5)
+
+
+def _dense_maps(conv) -> set:
+    """The (h, w, dtype) of the dense matrices a SmallMapConv2d keeps."""
+    return {key[:3] for key in conv._dense}
+
+
+@pytest.mark.parametrize("kernel,stride,padding,groups,dilation,side", [
+    (3, 1, 1, 1, 1, (1, 1)), (3, 1, 1, 1, 1, (2, 2)),   # layer4 and layer3 of a 32-px ResNet
+    (3, 2, 1, 1, 1, (2, 2)), (3, 1, 1, 1, 1, (1, 2)),   # stride 2 into 1x1; a non-square map
+    (3, 1, 2, 2, 1, (2, 1)), (3, 1, 2, 1, 2, (2, 2)),   # groups; dilation; output larger than input
+    (5, 1, 0, 1, 1, (6, 6)), (3, 1, 1, 1, 1, (4, 4))])  # maps as large as the kernel: the conv
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_small_map_conv_is_the_convolution(kernel, stride, padding, groups, dilation, side, channels_last):
+    """On a map with fewer pixels than kernel taps, the dense matrix gives the convolution's
+    output (in the input's layout) and its input gradient; elsewhere the convolution runs."""
+    from study.models import SmallMapConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, kernel, stride, padding, dilation, groups).requires_grad_(False)
+    small = SmallMapConv2d.from_conv(conv)
+    x = torch.randn(5, 4, *side)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = conv(a), small(b)
+    dense = side[0] * side[1] * groups < kernel * kernel
+    assert _dense_maps(small) == ({(*side, torch.float32)} if dense else set())
+    assert yb.shape == ya.shape and yb.dtype == ya.dtype
+    assert yb.is_contiguous(memory_format=torch.channels_last) == ya.is_contiguous(memory_format=torch.channels_last)
+    assert yb.is_contiguous() == ya.is_contiguous()
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ya)
+    ga, = torch.autograd.grad((ya * g).sum(), a)
+    gb, = torch.autograd.grad((yb * g).sum(), b)
+    torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-5)
+    # under bf16 autocast: bf16 arithmetic of the same sums, from a matrix cast once
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = conv(a), small(b)
+    assert yb.dtype == ya.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), ya.float(), rtol=0.02, atol=0.02 * float(ya.detach().abs().max()))
+    ga, = torch.autograd.grad((ya.float() * g).sum(), a)
+    gb, = torch.autograd.grad((yb.float() * g).sum(), b)
+    assert gb.dtype == torch.float32
+    torch.testing.assert_close(gb, ga, rtol=0.05, atol=0.05 * float(ga.abs().max()))
+    assert _dense_maps(small) == ({(*side, torch.float32), (*side, torch.bfloat16)} if dense else set())
+    # a matrix first needed under autocast is still built in fp32
+    small = SmallMapConv2d.from_conv(conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small(x)
+    torch.testing.assert_close(small(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_small_map_conv_follows_weight_changes_and_leaves_trainable_weights_alone(monkeypatch):
+    from study.models import SmallMapConv2d, PhaseConv2d
+
+    stem = PhaseConv2d.from_conv(torch.nn.Conv2d(3, 8, 7, 2, 3))
+    assert SmallMapConv2d.from_conv(stem) is stem  # another form is kept as it is
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    small = SmallMapConv2d.from_conv(conv)
+    x = torch.randn(3, 8, 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small(x).float().sum().backward()  # a weight that wants its gradient: the convolution itself
+    assert not small._dense and small.weight.grad is not None
+    small.requires_grad_(False)
+    conv.requires_grad_(False)
+    torch.testing.assert_close(small(x), conv(x), rtol=1e-5, atol=1e-5)  # the matrix is kept ...
+    with torch.no_grad():
+        conv.weight.mul_(-2)
+        small.weight.mul_(-2)  # ... and rebuilt once the weights change in place
+    torch.testing.assert_close(small(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert _dense_maps(small) == {(2, 2, torch.float32)}
+    # off the CPU (where it was not measured) the convolution runs
+    monkeypatch.setattr(SmallMapConv2d, "DENSE_DEVICES", frozenset())
+    small._dense.clear()
+    torch.testing.assert_close(small(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert not _dense_maps(small)

@@ -83,6 +83,18 @@ class StudyModel(nn.Module):
         self.g = nn.Linear(self.g.in_features, num_classes).to(self.g.weight.device)
 
 
+def _as(cls, conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` as a ``cls``, a subclass of Conv2d: the same hyperparameters, weights and
+    requires_grad flags."""
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+              conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+              device=conv.weight.device, dtype=conv.weight.dtype)
+    new.load_state_dict(conv.state_dict())
+    for name, p in new.named_parameters():
+        p.requires_grad_(getattr(conv, name).requires_grad)
+    return new
+
+
 class PhaseConv2d(nn.Conv2d):
     """A convolution whose input gradient on CPU is one stride-1 convolution giving all
     ``stride**2`` phases of it (output pixel ``s*a + r`` sees its own sub-kernel of the
@@ -100,13 +112,7 @@ class PhaseConv2d(nn.Conv2d):
         if (type(conv) is not nn.Conv2d or conv.stride[0] != conv.stride[1] or conv.dilation != (1, 1)
                 or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
             return conv
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                  bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
-        new.load_state_dict(conv.state_dict())
-        new.weight.requires_grad_(conv.weight.requires_grad)
-        if new.bias is not None:
-            new.bias.requires_grad_(conv.bias.requires_grad)
-        return new
+        return _as(cls, conv)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -196,16 +202,7 @@ class SmallMapConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> nn.Conv2d:
-        if type(conv) is not nn.Conv2d:
-            return conv
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                  device=conv.weight.device, dtype=conv.weight.dtype)
-        new.load_state_dict(conv.state_dict())
-        new.weight.requires_grad_(conv.weight.requires_grad)
-        if new.bias is not None:
-            new.bias.requires_grad_(conv.bias.requires_grad)
-        return new
+        return _as(cls, conv) if type(conv) is nn.Conv2d else conv
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 
-def find_model(out: Path, setting: str) -> tuple[Path, Path]:
-    """The checkpoint of the ``setting`` model of a finished job in OUT, and its test .beton."""
-    for record in sorted((out / "checkpoints").glob(f"finetune-*-{setting}-*.json")):
+def find_model(out: Path, method: str) -> tuple[Path, Path]:
+    """The checkpoint of the ``method`` model of a finished job in OUT, and its test .beton."""
+    for record in sorted((out / "checkpoints").glob(f"finetune-*-{method}-*.json")):
         if record.name.endswith(".eval.json"):
             continue
         ckpt = record.with_suffix(".pt")
@@ -38,7 +38,7 @@ def find_model(out: Path, setting: str) -> tuple[Path, Path]:
         beton = out / "data" / dataset / "test.beton"
         if ckpt.is_file() and beton.is_file():
             return ckpt, beton
-    sys.exit(f"no finished '{setting}' model in {out}/checkpoints: run ./run.sh demo first")
+    sys.exit(f"no finished '{method}' model in {out}/checkpoints: run ./run.sh demo first")
 
 
 def sync(device: torch.device) -> None:
@@ -67,15 +67,16 @@ def reference(model, batches, attack, seed):
 
 def ours(model, batches, attack, seed):
     from study.attacks import robust_accuracy
+    from study.fastcopy import inference_copy
 
-    r = robust_accuracy(model, batches, attack, seed=seed)
+    r = robust_accuracy(inference_copy(model), batches, attack, seed=seed)  # as evaluate does
     return r["AOI"], r["AAI"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo", type=Path, help="a finished demo OUT")
-    ap.add_argument("--setting", default="full", help="which model of OUT (default: full fine-tune)")
+    ap.add_argument("--method", default="full", help="which model of OUT (default: full fine-tune)")
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--eps", type=float, nargs="+", default=[0.5, 2.0, 0.01],
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    ckpt, beton = find_model(args.out, args.setting)
+    ckpt, beton = find_model(args.out, args.method)
     model = load_checkpoint(ckpt).eval().to(device)
     for p in model.parameters():  # neither side needs weight gradients
         p.requires_grad_(False)

@@ -28,7 +28,7 @@ def throughput(backbone, objective, x, y, device, amp, steps, repeats) -> list[f
     torch.manual_seed(0)
     model = build_model(backbone, int(y.max()) + 1)
     settings = TrainSettings(epochs=1, batch_size=len(x), lr_f=0.01, lr_g=0.01, amp=amp)
-    trainer = Trainer(model, settings, "scratch", steps, device,
+    trainer = Trainer(model, settings, "f+g", steps, device,
                       objectives.build(objective, generator=torch.Generator().manual_seed(0)))
     if trainer.amp:
         x = x.contiguous(memory_format=torch.channels_last)

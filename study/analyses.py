@@ -2,7 +2,8 @@
 
 - **CCA** (Fig. 3): mean SVCCA correlation (Raghu et al. 2017: an SVD keeping 99 % of the
   variance, then CCA) between two models' activations on the same test images, for the
-  bottom layer (``layer1``, the paper's conv2_x) and over all four layers (the mean of
+  bottom layer (the first of the backbone's four stages, ``layer1`` of a ResNet: the
+  paper's conv2_x) and over all four layers (the mean of
   the four layers' SVCCA). A conv layer's rows are its spatial positions, as in SVCCA.
 - **UAP** (Fig. 4, 5): a targeted universal perturbation made by a GAP encoder-decoder
   (Poursaeed et al. 2018) from a fixed noise input, bounded in L-inf by ``eps * tanh``.
@@ -27,7 +28,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from study import distributed
 from study.attacks import local_lipschitz
+from study.config import JobConfig, parse
+from study.data.beton import atomic_write_text, config_hash
+from study.fastcopy import inference_copy
+from study.models import load_checkpoint
+from study.report import pyplot, save_png
+from study.stages import Job, resolve_device
 
 # -- SVCCA -----------------------------------------------------------------------------
 
@@ -191,15 +199,13 @@ def uap_effect(model: nn.Module, batches, delta: torch.Tensor, target: int | Non
 
 def save_perturbation_png(delta: torch.Tensor, path: Path, title: str = "") -> None:
     """The perturbation scaled to [0, 1] for the eye (Fig. 4)."""
-    from study.report import _plt, _save
-
     d = delta.detach().float()
     img = ((d - d.min()) / (d.max() - d.min()).clamp_min(1e-12)).permute(1, 2, 0).numpy()
-    fig, ax = _plt().subplots(figsize=(2.4, 2.6))
+    fig, ax = pyplot().subplots(figsize=(2.4, 2.6))
     ax.imshow(img, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(title, fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 # -- the actor ----------------------------------------------------------------------------
@@ -210,20 +216,16 @@ class Analyst:
     folded, eval mode, on the actor's device) and kept for the tasks that follow."""
 
     def __init__(self, job_config: dict, out: str, threads: int = 1):
-        from study import config as config_mod
-        from study.pipeline import Job, resolve_device
-
         torch.set_num_threads(max(1, int(threads)))
-        self.cfg = config_mod.parse(job_config)
+        self.cfg: JobConfig = parse(job_config)
         self.job = Job(self.cfg, Path(out), resolve_device(self.cfg.device), progress=False)
         self.spec = self.cfg.analyses
         self._models: dict[str, nn.Module] = {}
 
     def model(self, ckpt: str) -> nn.Module:
-        from study.models import inference_copy, load_checkpoint
-
         if ckpt not in self._models:
-            self._models[ckpt] = inference_copy(load_checkpoint(Path(ckpt))).to(self.job.device)
+            model = load_checkpoint(Path(ckpt))
+            self._models[ckpt] = inference_copy(model, self.cfg.eval.fast_copy).to(self.job.device)
         return self._models[ckpt]
 
     def batches(self, key: str, split: str, images: int, train: bool = False) -> list:
@@ -268,7 +270,8 @@ class Analyst:
                 ra, rb = layer_rows(acts[a][layer]), layer_rows(acts[b][layer])
                 rows = torch.randperm(len(ra), generator=g)[: self.spec.cca.max_rows]
                 per_layer[layer] = svcca(ra[rows], rb[rows], self.spec.cca.keep)
-            out[f"{a}|{b}"] = {"bottom": per_layer["layer1"],
+            bottom = next(iter(per_layer))  # the family's first stage (layer1 of a ResNet)
+            out[f"{a}|{b}"] = {"bottom": per_layer[bottom],
                                "all": sum(per_layer.values()) / len(per_layer), "layers": per_layer}
         return out
 
@@ -329,6 +332,27 @@ class Analyst:
 # -- the driver -----------------------------------------------------------------------------
 
 
+def models_of(job: Job, rows: list[dict], stages: dict, sources: dict) -> dict:
+    """The models Section 4 analyses on each target dataset (first fine-tuning backbone):
+    the pre-trained (the standard source), and the selected fine-tuned and standard ones."""
+    cfg = job.cfg
+    backbone = cfg.finetune_backbones()[0]
+    pre = sources.get((backbone, cfg.source_objective()))
+    models: dict = {}
+    for key in cfg.finetune.datasets:
+        m: dict = {"snapshots": {}}
+        if pre is not None and pre.ckpt.is_file():
+            m["pretrained"] = str(pre.ckpt)
+        for r in rows:
+            if (r["dataset"] == key and r["backbone"] == backbone and r.get("selected")
+                    and not r.get("attack") and r["method"] in ("full", "scratch")):
+                st = stages[r["stage"]]
+                m[r["method"]] = str(st.ckpt)
+                m["snapshots"][r["method"]] = (st.record or {}).get("snapshots", [])
+        models[key] = m
+    return models
+
+
 def plan(job, models: dict) -> list[dict]:
     """The tasks for every target dataset. ``models``: dataset key -> {"pretrained",
     "full", "scratch": checkpoint path, "snapshots": {"full"|"scratch": [...]}} (the
@@ -369,9 +393,6 @@ def run(job, models: dict, log=print) -> dict:
     (atomically) and returns it. Reuses a previous result for the same models and spec."""
     import ray
     from ray.util import ActorPool
-
-    from study import distributed
-    from study.data.beton import atomic_write_text, config_hash
 
     cfg = job.cfg
     spec = cfg.analyses

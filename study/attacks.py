@@ -60,6 +60,7 @@ class Attack:
     targeted: bool = False
     max_images: int | None = None  # a cap of its own (AutoAttack on CPU needs one)
     precision: str = "auto"    # of the ascent steps; verdicts are always fp32 (see above)
+    loss: str = "ce"           # what the steps ascend: cross-entropy, or "cw" (C&W's margin)
 
     @property
     def name(self) -> str:
@@ -68,8 +69,7 @@ class Attack:
         shown beside the paper's number for the standard attack."""
         head = f"pgd{self.steps}" if self.kind == "pgd" else self.kind
         base = parse_attack(f"{head}_{self.norm}_{float(self.eps)!r}")
-        extra = [f"{k}={getattr(self, k)}" for k in ("restarts", "random_start", "rel_step", "targeted")
-                 if getattr(self, k) != getattr(base, k)]
+        extra = [f"{k}={getattr(self, k)}" for k in NAMED if getattr(self, k) != getattr(base, k)]
         return f"{head}_{self.norm}_{float(self.eps)!r}" + (f"[{','.join(extra)}]" if extra else "")
 
     @property
@@ -82,18 +82,51 @@ class Attack:
         return self.rel_step * self.eps_pixels / self.steps
 
 
+NAMED = ("restarts", "random_start", "rel_step", "targeted", "loss")  # options a name shows
+LOSSES = ("ce", "cw")
+
+
+def _bracket(spec: str) -> tuple[str, dict]:
+    """A name with options in brackets, as ``Attack.name`` writes them
+    (``pgd10_linf_0.5[loss=cw,rel_step=2.5]``): the bare name and the options."""
+    m = re.match(r"^(?P<base>[^\[]+)\[(?P<opts>[^\]]*)\]$", spec.strip())
+    if not m:
+        return spec, {}
+    options = {}
+    for part in filter(None, (p.strip() for p in m["opts"].split(","))):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise AttackError(f"attack {spec!r}: options in brackets are key=value, got {part!r}")
+        words = {"True": True, "False": False, "true": True, "false": False}
+        if value in words:
+            options[key] = words[value]
+        else:
+            try:
+                options[key] = int(value)
+            except ValueError:
+                try:
+                    options[key] = float(value)
+                except ValueError:
+                    options[key] = value
+    return m["base"], options
+
+
 def parse_attack(spec) -> Attack:
-    """An Attack from a paper name (``pgd10_linf_0.5``) or a mapping
-    ``{name: ..., eps: 1.0, random_start: true, restarts: 2, rel_step: 2.5, targeted: true,
+    """An Attack from a paper name (``pgd10_linf_0.5``, options in brackets as
+    ``Attack.name`` writes them: ``pgd10_linf_0.5[loss=cw]``) or a mapping ``{name: ...,
+    eps: 1.0, random_start: true, restarts: 2, rel_step: 2.5, targeted: true, loss: cw,
     max_images: 64, precision: fp32}`` (``eps`` there overrides the name's). AutoAttack
-    takes only ``eps`` and ``max_images``: its standard version fixes everything else.
-    ``precision`` is not part of the name: it changes the arithmetic, not the attack."""
+    takes only ``eps`` and ``max_images``: its standard version fixes everything else,
+    its losses included. ``precision`` is not part of the name: it changes the
+    arithmetic, not the attack."""
     options = {}
     if isinstance(spec, dict):
         options = dict(spec)
         spec = options.pop("name", None)
     if not isinstance(spec, str):
         raise AttackError(f"an attack is a name like 'pgd10_linf_0.5', got {spec!r}")
+    spec, named = _bracket(spec)
+    options = {**named, **options}
     m = _NAME.match(spec.strip())
     if not m:
         if re.match(r"^\w+_(linf|l2)_-", spec):
@@ -114,8 +147,11 @@ def parse_attack(spec) -> Attack:
     allowed = {"eps": number, "max_images": integer}
     if not m["aa"]:
         allowed.update(restarts=integer, random_start=flag, rel_step=number, targeted=flag,
-                       precision=(str, "one of auto, fp32, bf16"))
+                       precision=(str, "one of auto, fp32, bf16"), loss=(str, "one of ce, cw"))
     for key, value in options.items():
+        if key == "loss" and m["aa"]:
+            raise AttackError(f"attack {spec!r}: AutoAttack's standard version fixes its own losses "
+                              f"(APGD-CE, APGD-T, FAB-T, Square); loss applies to pgd and fgsm")
         if key not in allowed:
             raise AttackError(f"attack {spec!r}: unknown option {key!r} (allowed: {', '.join(allowed)})")
         types, words = allowed[key]
@@ -128,6 +164,8 @@ def parse_attack(spec) -> Attack:
         raise AttackError(f"attack {spec!r}: restarts must be >= 1 and rel_step > 0")
     if attack.restarts > 1 and not attack.random_start:
         raise AttackError(f"attack {spec!r}: restarts without random_start: true repeat one run")
+    if attack.loss not in LOSSES:
+        raise AttackError(f"attack {spec!r}: loss must be one of {', '.join(LOSSES)}, got {attack.loss!r}")
     if attack.precision not in PRECISIONS:
         raise AttackError(f"attack {spec!r}: precision must be one of {', '.join(PRECISIONS)}, "
                           f"got {attack.precision!r}")
@@ -261,8 +299,55 @@ def _start(x0, attack, generator):
     return x0.clone()
 
 
-def _pgd_stream(model, chunks, attack: Attack, early_stop: bool, generator):
-    """PGD/FGSM over a stream of chunks ``(x, y, target|None)``. Yields ``(pool, fooled)``
+def ascend(x0: torch.Tensor, cur: torch.Tensor, grad: torch.Tensor, attack: Attack) -> torch.Tensor:
+    """One step of the paper's update from iterate ``cur`` of clean images ``x0``: ``step``
+    along the gradient's sign (L-inf) or direction (L2), descending for a targeted attack,
+    then projected into the eps-ball around ``x0`` and into [0, 1]."""
+    sign = -1.0 if attack.targeted else 1.0  # targeted: descend the loss of the target
+    moved = cur + sign * attack.step_pixels * _ascent(grad, attack.norm)
+    return (x0 + _project(moved - x0, attack.norm, attack.eps_pixels)).clamp(0, 1)
+
+
+def margin_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Carlini & Wagner's margin per sample: the best other logit minus the label's
+    (positive once the sample is misclassified; targeted, ``labels`` are the targets)."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return other - true
+
+
+def attack_loss(attack: Attack):
+    """The per-sample loss the attack ascends (``loss``: ``ce`` or ``cw``)."""
+    if attack.loss == "cw":
+        return margin_loss
+    return lambda logits, labels: F.cross_entropy(logits, labels, reduction="none")
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
+        target: torch.Tensor | None = None, generator: torch.Generator | None = None,
+        loss=None) -> torch.Tensor:
+    """The paper's PGD (FGSM: one step) on a fixed batch: ``attack.steps`` ascent steps of
+    ``attack``'s loss from its start (the clean image, or a random point of the ball), each
+    taken by ``ascend``; returns the last iterate, detached, with no early exit: what
+    adversarial training trains on. ``loss(logits, labels)`` (per sample) replaces the
+    attack's own, for objectives that ascend something else (TRADES' KL). Gradients are
+    taken with respect to the input only; the model's mode is the caller's."""
+    lab = target if attack.targeted else y
+    loss_fn = loss or attack_loss(attack)
+    x0 = x.detach()
+    cur = _start(x0, attack, generator)
+    for _ in range(attack.steps):
+        cur = cur.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(model(cur).float(), lab).sum()
+        grad, = torch.autograd.grad(loss, cur)
+        with torch.no_grad():
+            cur = ascend(x0, cur.detach(), grad, attack)
+    return cur.detach()
+
+
+class _Stream:
+    """PGD/FGSM (``ascend``, as ``pgd`` takes it) over a stream of chunks ``(x, y, target|None)``. Yields ``(pool, fooled)``
     of the samples that finish, as they finish: ``pool.cur`` is the iterate that broke a
     sample, else its last one.
 
@@ -288,148 +373,192 @@ def _pgd_stream(model, chunks, attack: Attack, early_stop: bool, generator):
     their size, so a middle iterate that fp32 would call a break may pass unseen; with
     the last iterates judged in fp32, proposing every sample within 1 % of a break as
     well found not one more break on the demo's models (8 models and eps, 1560 images)."""
-    eps, alpha, steps = attack.eps_pixels, attack.step_pixels, attack.steps
-    sign = -1.0 if attack.targeted else 1.0  # targeted: descend the loss of the target
-    source, arrived = iter(chunks), 0
-    pool = pending = held = cap = device = dtype = None
-    nchw = defer = judged = False
-    while True:
-        while pool is None or len(pool) < cap:  # refill: pending first, then the source
-            if pending is not None and len(pending):
-                head = torch.arange(len(pending), device=device) < (cap - (len(pool) if pool else 0))
-                pool = pending.take(head) if pool is None else pool.join(pending.take(head))
-                pending = pending.take(~head)
+
+    def __init__(self, model, chunks, attack: Attack, early_stop: bool, generator):
+        self.model, self.attack, self.early_stop, self.generator = model, attack, early_stop, generator
+        self.loss = attack_loss(attack)
+        self.source, self.arrived = iter(chunks), 0
+        self.pool = self.pending = self.held = self.cap = self.device = self.dtype = None
+        self.nchw = self.defer = self.judged = False
+
+    def __iter__(self):
+        steps = self.attack.steps
+        while True:
+            yield from self._refill()
+            dry = self.pool is None or len(self.pool) < self.cap  # nothing left to wait for
+            idle = self.pool is None or len(self.pool) == 0
+            # a last iterate can wait for company; a sample that may go on waits while the
+            # stream has others to fill its place, and not once it runs dry
+            held = self.held
+            if held is not None and (idle or not self.judged and (
+                    4 * len(held) >= self.cap or dry and bool((held.step < steps).any()))):
+                self.judged = True  # at most one fp32 pass of the waiting between two passes
+                yield from self._judge()
                 continue
-            chunk = next(source, None)
+            if idle:
+                return
+            self.judged = False
+            yield from self._pass()
+
+    # -- the phases ----------------------------------------------------------------------
+    def _refill(self):
+        """Fills the pool to its size: the pending samples first, then new chunks."""
+        while self.pool is None or len(self.pool) < self.cap:
+            if self.pending is not None and len(self.pending):
+                room = self.cap - (len(self.pool) if self.pool is not None else 0)
+                head = torch.arange(len(self.pending), device=self.device) < room
+                taken = self.pending.take(head)
+                self.pool = taken if self.pool is None else self.pool.join(taken)
+                self.pending = self.pending.take(~head)
+                continue
+            chunk = next(self.source, None)
             if chunk is None:
-                break
-            x, y, target = chunk
-            x = x.detach()
-            if device is None:
-                device, cap = x.device, len(x)
-                dtype = step_dtype(attack, device, early_stop)
-                nchw = dtype is not None and device.type == "cpu"  # measured: bf16 convs on CPU prefer NCHW
-                defer = early_stop and dtype is not None
-            if nchw:
-                x = x.contiguous()
-            lab = target if attack.targeted else y
-            n = len(x)
-            correct = torch.zeros(n, dtype=torch.bool, device=device)
-            done = torch.zeros(n, dtype=torch.bool, device=device)
-            if early_stop:
-                with torch.no_grad():
-                    pred = model(x).argmax(1)
-                correct = pred == y
-                done = pred == lab if attack.targeted else ~correct
-            zeros = torch.zeros(n, dtype=torch.long, device=device)
-            new = _Pool(ids=torch.arange(arrived, arrived + n, device=device), x0=x, cur=x, lab=lab,
-                        correct=correct, gn=torch.full((n,), float("nan"), device=device),
-                        step=zeros, restart=zeros)
-            arrived += n
-            if done.any():
-                yield new.take(done), done[done]
-            pending = new.take(~done)
-            pending.cur = _start(pending.x0, attack, generator)
-        dry = pool is None or len(pool) < cap  # nothing left to wait for
-        idle = pool is None or len(pool) == 0
-        # a last iterate can wait for company; a sample that may go on waits while the
-        # stream has others to fill its place, and not once it runs dry
-        if held is not None and (idle or not judged and (
-                4 * len(held) >= cap or dry and bool((held.step < steps).any()))):
-            judged = True  # -- the waiting samples' fp32 pass (at most one between two passes)
+                return
+            yield from self._arrive(*chunk)
+
+    def _arrive(self, x, y, target):
+        """A new chunk: classified clean in fp32 (with early stop), the rest pending from
+        their start."""
+        a = self.attack
+        x = x.detach()
+        if self.device is None:
+            self.device, self.cap = x.device, len(x)
+            self.dtype = step_dtype(a, self.device, self.early_stop)
+            self.nchw = self.dtype is not None and self.device.type == "cpu"  # measured: bf16 convs on CPU prefer NCHW
+            self.defer = self.early_stop and self.dtype is not None
+        if self.nchw:
+            x = x.contiguous()
+        lab = target if a.targeted else y
+        n = len(x)
+        correct = torch.zeros(n, dtype=torch.bool, device=self.device)
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        if self.early_stop:
             with torch.no_grad():
-                ok = _success(model(held.cur), held.lab, attack.targeted)
-            if ok.any():
-                yield held.take(ok), ok[ok]
-            rest = held.take(~ok)
-            held = None
-            fin = (rest.step >= steps) & (rest.restart >= attack.restarts - 1)
-            if fin.any():
-                yield rest.take(fin), ok[:0].new_zeros(int(fin.sum()))
-            rest = rest.take(~fin)
-            if len(rest):
-                over = rest.step >= steps  # a restart from a fresh random start
-                rest.cur = rest.nxt
-                if over.any():
-                    rest.cur = rest.cur.clone()
-                    rest.cur[over] = _start(rest.x0[over], attack, generator)
-                rest.step = torch.where(over, torch.zeros_like(rest.step), rest.step + 1)
-                rest.restart = rest.restart + over.long()
-                final = rest.step >= steps  # its next iterate is its last: it waits for fp32 again
-                if final.any():
-                    held = rest.take(final)
-                rest = rest.take(~final)
-                del rest.nxt
-                if len(rest):
-                    pending = rest if pending is None or not len(pending) else rest.join(pending)
-            continue
-        if idle:
+                pred = self.model(x).argmax(1)
+            correct = pred == y
+            done = pred == lab if a.targeted else ~correct
+        zeros = torch.zeros(n, dtype=torch.long, device=self.device)
+        new = _Pool(ids=torch.arange(self.arrived, self.arrived + n, device=self.device), x0=x, cur=x, lab=lab,
+                    correct=correct, gn=torch.full((n,), float("nan"), device=self.device), step=zeros,
+                    restart=zeros)
+        self.arrived += n
+        if done.any():
+            yield new.take(done), done[done]
+        self.pending = new.take(~done)
+        self.pending.cur = _start(self.pending.x0, a, self.generator)
+
+    def _judge(self):
+        """The waiting samples' fp32 pass: breaks end, last iterates end, the rest go on
+        from their next iterate (a restart from a fresh start where a run is over)."""
+        held, a = self.held, self.attack
+        with torch.no_grad():
+            ok = _success(self.model(held.cur), held.lab, a.targeted)
+        if ok.any():
+            yield held.take(ok), ok[ok]
+        rest = held.take(~ok)
+        self.held = None
+        fin = (rest.step >= a.steps) & (rest.restart >= a.restarts - 1)
+        if fin.any():
+            yield rest.take(fin), ok[:0].new_zeros(int(fin.sum()))
+        rest = rest.take(~fin)
+        if not len(rest):
             return
-        judged = False
-        # -- one pass: classify every iterate of the pool, step the unfinished ones
-        last = pool.step >= steps
+        over = rest.step >= a.steps  # a restart from a fresh random start
+        rest.cur = rest.nxt
+        if over.any():
+            rest.cur = rest.cur.clone()
+            rest.cur[over] = _start(rest.x0[over], a, self.generator)
+        rest.step = torch.where(over, torch.zeros_like(rest.step), rest.step + 1)
+        rest.restart = rest.restart + over.long()
+        final = rest.step >= a.steps  # its next iterate is its last: it waits for fp32 again
+        if final.any():
+            self.held = rest.take(final)
+        rest = rest.take(~final)
+        del rest.nxt
+        if len(rest):
+            self.pending = rest if self.pending is None or not len(self.pending) else rest.join(self.pending)
+
+    def _verdicts(self, logits, cur, last):
+        """(broken, parked) per sample of the pool from this pass's logits: fp32 decides at
+        once; bf16 proposes and fp32 confirms, or, deferred, parks the sample to wait."""
+        pool, targeted = self.pool, self.attack.targeted
+        none = torch.zeros_like(last)
+        if self.dtype is None:
+            return _success(logits, pool.lab, targeted), none
+        if self.defer:  # broken in bf16: fp32 decides later (see above)
+            return none, _success(logits.detach(), pool.lab, targeted)
+        ok = _success(logits.detach(), pool.lab, targeted)
+        if ok.any():
+            idx = ok.nonzero().flatten()
+            with torch.no_grad():
+                ok[idx] = _success(self.model(cur.detach()[idx]), pool.lab[idx], targeted)
+        return ok, none
+
+    def _pass(self):
+        """One pass: classify every iterate of the pool, step the unfinished ones."""
+        pool, a = self.pool, self.attack
+        last = pool.step >= a.steps
         need_grad = bool((~last).any())
-        park = torch.zeros_like(last)
+        grad = None
         with torch.enable_grad() if need_grad else torch.no_grad():
             cur = pool.cur.requires_grad_(need_grad)
-            with _autocast(device, dtype):
-                logits = model(cur)
+            with _autocast(self.device, self.dtype):
+                logits = self.model(cur)
             logits = logits.float()
-            if dtype is None:
-                ok = _success(logits, pool.lab, attack.targeted)
-            elif defer:  # broken in bf16: fp32 decides later (see above)
-                ok, park = torch.zeros_like(last), _success(logits.detach(), pool.lab, attack.targeted)
-            else:  # bf16 proposes, fp32 confirms
-                ok = _success(logits.detach(), pool.lab, attack.targeted)
-                if ok.any():
-                    idx = ok.nonzero().flatten()
-                    with torch.no_grad():
-                        ok[idx] = _success(model(cur.detach()[idx]), pool.lab[idx], attack.targeted)
-            leave = (last | ok) & ~park if early_stop else last
-            again = leave & ~ok & (pool.restart < attack.restarts - 1) if early_stop else last & False
+            ok, park = self._verdicts(logits, cur, last)
+            leave = (last | ok) & ~park if self.early_stop else last
+            again = leave & ~ok & (pool.restart < a.restarts - 1) if self.early_stop else last & False
             leave = leave & ~again  # a restart: a fresh random start, no step this pass
             move = ~leave & ~again & ~park
             stepping = (move | park) & ~last  # the waiting ones take their next iterate along
             if need_grad:
-                loss = F.cross_entropy(logits, pool.lab, reduction="none") * stepping  # the rest pull on nothing
+                loss = self.loss(logits, pool.lab) * stepping  # the rest pull on nothing
                 grad, = torch.autograd.grad(loss.sum(), cur)
         if leave.any():
             out = pool.take(leave)
             out.cur = out.cur.detach()
             yield out, ok[leave]
         with torch.no_grad():
-            pool.cur = pool.cur.detach()
-            nxt, step, restart, gn = pool.cur, pool.step + move.long(), pool.restart, pool.gn
-            if need_grad and stepping.any():
-                first = stepping & (pool.step == 0) & (pool.restart == 0)
-                gn = torch.where(first, _flat_norm(grad).flatten(), gn)
-                x0 = pool.x0[stepping]
-                nxt = nxt.clone()
-                nxt[stepping] = (x0 + _project(nxt[stepping] + sign * alpha * _ascent(grad[stepping], attack.norm)
-                                               - x0, attack.norm, eps)).clamp(0, 1)
-            if again.any():
-                nxt = nxt.clone()
-                nxt[again] = _start(pool.x0[again], attack, generator)
-                step = torch.where(again, torch.zeros_like(step), step)
-                restart = restart + again.long()
-            pool.gn = gn
-            final = move & (step >= steps) if defer else torch.zeros_like(move)  # judged in fp32 only
-            wait = park | final
-            if wait.any():  # cur: the iterate to judge; nxt: where it goes on from
-                waiting = pool.take(wait)
-                ahead = final[wait].view(-1, *([1] * (nxt.dim() - 1)))
-                waiting.cur = torch.where(ahead, nxt[wait], waiting.cur)
-                waiting.nxt, waiting.step = nxt[wait], step[wait]
-                held = waiting if held is None else held.join(waiting)
-            pool.cur, pool.step, pool.restart = nxt, step, restart
-            pool = pool.take(~leave & ~wait)
+            self._advance(grad, leave, move, park, again, stepping)
+
+    def _advance(self, grad, leave, move, park, again, stepping):
+        """The pool after a pass: next iterates, restarts, and the samples that now wait."""
+        pool, a = self.pool, self.attack
+        pool.cur = pool.cur.detach()
+        nxt, step, restart, gn = pool.cur, pool.step + move.long(), pool.restart, pool.gn
+        if grad is not None and stepping.any():
+            first = stepping & (pool.step == 0) & (pool.restart == 0)
+            gn = torch.where(first, _flat_norm(grad).flatten(), gn)
+            nxt = nxt.clone()
+            nxt[stepping] = ascend(pool.x0[stepping], nxt[stepping], grad[stepping], a)
+        if again.any():
+            nxt = nxt.clone()
+            nxt[again] = _start(pool.x0[again], a, self.generator)
+            step = torch.where(again, torch.zeros_like(step), step)
+            restart = restart + again.long()
+        pool.gn = gn
+        final = move & (step >= a.steps) if self.defer else torch.zeros_like(move)  # judged in fp32 only
+        wait = park | final
+        if wait.any():  # cur: the iterate to judge; nxt: where it goes on from
+            waiting = pool.take(wait)
+            ahead = final[wait].view(-1, *([1] * (nxt.dim() - 1)))
+            waiting.cur = torch.where(ahead, nxt[wait], waiting.cur)
+            waiting.nxt, waiting.step = nxt[wait], step[wait]
+            self.held = waiting if self.held is None else self.held.join(waiting)
+        pool.cur, pool.step, pool.restart = nxt, step, restart
+        self.pool = pool.take(~leave & ~wait)
 
 
 def _pgd(model, x, y, attack, target, early_stop, generator) -> Outcome:
-    """One batch through the stream."""
+    """One batch: through the stream with early stop, else the fixed-batch ``pgd``."""
+    if not early_stop:
+        x_adv = pgd(model, x, y, attack, target, generator)
+        with torch.no_grad():
+            fooled = _success(model(x_adv), target if attack.targeted else y, attack.targeted)
+        return Outcome(x_adv, fooled, _input_grad_norm(model, x, y))
     x_adv, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
     grad_norm = torch.full((len(x),), float("nan"), device=x.device)
-    for out, ok in _pgd_stream(model, [(x, y, target)], attack, early_stop, generator):
+    for out, ok in _Stream(model, [(x, y, target)], attack, True, generator):
         x_adv[out.ids], fooled[out.ids], grad_norm[out.ids] = out.cur.to(x_adv.dtype), ok, out.gn
     return Outcome(x_adv, fooled, grad_norm)
 
@@ -487,11 +616,8 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
     the sanity checks need: per-sample clean and robust correctness, the largest
     perturbation norm, whether every adversarial image stays in [0, 1], the count of
     vanished input gradients and AutoAttack's own warnings. The cap is the smaller of
-    ``max_images`` and the attack's own."""
-    from study.models import StudyModel, inference_copy
-
-    if isinstance(model, StudyModel):  # BN folded: the same function, cheaper steps
-        model = inference_copy(model)
+    ``max_images`` and the attack's own. ``model`` is attacked as it is: evaluations
+    pass the inference copy (``study.fastcopy``)."""
     caps = [c for c in (max_images, attack.max_images) if c is not None]
     cap = min(caps) if caps else None
     generator = torch.Generator().manual_seed(seed)
@@ -537,7 +663,7 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
                 first += len(x)
                 account(ids, x, out.x_adv, ok, out.fooled, out.grad_norm)
         else:
-            for out, fooled in _pgd_stream(model, capped(), attack, True, generator):
+            for out, fooled in _Stream(model, capped(), attack, True, generator):
                 account(out.ids, out.x0, out.cur, out.correct, fooled, out.gn)
     finally:
         model.train(was)
@@ -590,7 +716,7 @@ def steepest_neighbour(f: nn.Module, x: torch.Tensor, eps: float, steps: int = 1
         f.train(was)
 
 
-def _steepness(fx: torch.Tensor, fx_adv: torch.Tensor, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+def steepness(fx: torch.Tensor, fx_adv: torch.Tensor, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
     """Per sample ||f(x) - f(x')||_1 / ||x - x'||_inf (Eq. 4's ratio)."""
     dist = (x - x_adv).flatten(1).abs().amax(1).clamp_min(1e-12)
     return (fx - fx_adv).abs().sum(1) / dist
@@ -607,4 +733,4 @@ def local_lipschitz(f: nn.Module, x: torch.Tensor, eps: float, steps: int = 10,
         x_adv = steepest_neighbour(f, x, eps, steps, rel_step, generator)
     both = f(torch.cat([x, x_adv])).flatten(1)  # one pass: BatchNorm sees both halves together
     fx, fx_adv = both[: len(x)], both[len(x):]
-    return _steepness(fx, fx_adv, x, x_adv).mean()
+    return steepness(fx, fx_adv, x, x_adv).mean()

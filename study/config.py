@@ -12,15 +12,15 @@ from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+                      model_serializer, model_validator)
 
 from study.attacks import Attack, AttackError, parse_attack
 from study.data.beton import config_hash
 from study.data.registry import DatasetError, build_split, get_info, resolve_params
-from study.engine import OPTIMIZERS, SCHEDULES, TrainSettings
+from study.engine import OPTIMIZERS, TrainSettings, one_of
 from study.methods import DEFAULT_LAMBDA, METHODS, TABLE1
 from study.models import BACKBONES
-from study.objectives import ObjectiveError, check as check_objective
+from study.objectives import KINDS, ObjectiveError, check as check_objective
 
 
 _CHECK_PATHS: ContextVar[bool] = ContextVar("check_paths", default=True)
@@ -35,35 +35,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _one_of(known, what):
-    def check(v):
-        if v not in known:
-            raise ValueError(f"unknown {what} {v!r} (known: {', '.join(known)})")
-        return v
-
-    return AfterValidator(check)
+Backbone = Annotated[str, one_of(BACKBONES, "backbone")]
+MethodName = Annotated[str, one_of(list(METHODS), "method")]
 
 
-Backbone = Annotated[str, _one_of(BACKBONES, "backbone")]
-MethodName = Annotated[str, _one_of(list(METHODS), "method")]
-
-
-class TrainSpec(_Strict):
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(128, gt=0)
-    optimizer: Annotated[str, _one_of(OPTIMIZERS, "optimizer")] = "sgd"
-    lr: Optional[float] = Field(None, ge=0)    # shorthand: lr_f = lr_g = lr
+class TrainSpec(TrainSettings):
+    """The engine's TrainSettings as a job file writes them, plus ``lr``, a shorthand for
+    lr_f = lr_g (each defaults to lr, else 0.1)."""
+    lr: Optional[float] = Field(None, ge=0)
     lr_f: Optional[float] = Field(None, ge=0)
     lr_g: Optional[float] = Field(None, ge=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Annotated[str, _one_of(SCHEDULES, "schedule")] = "cosine"
-    step_every: int = Field(30, gt=0)
-    gamma: float = Field(0.1, gt=0)
-    warmup_epochs: float = Field(0.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    amp: bool = True
-    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
 
     def settings(self) -> TrainSettings:
         d = self.model_dump(exclude={"lr"})
@@ -194,7 +175,7 @@ class SpaceSpec(_Strict):
     spec's value. λ applies to the DM methods only and is always a grid dimension."""
     lr_f: Optional[list[Rate] | Distribution] = None
     lr_g: Optional[list[Rate] | Distribution] = None
-    optimizer: Optional[list[Annotated[str, _one_of(OPTIMIZERS, "optimizer")]]] = None
+    optimizer: Optional[list[Annotated[str, one_of(OPTIMIZERS, "optimizer")]]] = None
     lam: list[Rate] = Field(default_factory=lambda: [DEFAULT_LAMBDA], min_length=1)
 
     @field_validator("lr_f", "lr_g", "optimizer", "lam")
@@ -362,63 +343,72 @@ class AnalysesSpec(_Strict):
 
 
 MODELS = ("pretrain",) + tuple(METHODS)  # what an attack may be limited to
+_LIMITS = ("methods", "datasets")
 
 
-_LIMITS = ("settings", "datasets")  # what an attack entry may be limited to
+class AttackEntry(BaseModel):
+    """One attack of the suite, parsed once: the Attack, and the models (``methods``:
+    ``pretrain`` or stage-2 methods) and dataset keys it is limited to (None: all). A job
+    file writes a name or a mapping ``{name: ..., <option>: ..., methods: [...],
+    datasets: [...]}``; the entry dumps back to what was written."""
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
+    attack: Attack
+    methods: Optional[tuple[str, ...]] = None
+    datasets: Optional[tuple[str, ...]] = None
+    written: Any = None
 
-def _split_attack(spec) -> tuple[object, dict]:
-    """An attack entry without its limits (``settings``: the models it runs on,
-    ``datasets``: the datasets), and those limits."""
-    if isinstance(spec, dict) and any(k in spec for k in _LIMITS):
-        rest = {k: v for k, v in spec.items() if k not in _LIMITS}
-        return rest, {k: spec[k] for k in _LIMITS if k in spec}
-    return spec, {}
-
-
-def _check_attack(spec):
-    spec_, limits = _split_attack(spec)
-    try:
-        attack = parse_attack(spec_)
-    except AttackError as err:
-        raise ValueError(str(err)) from None
-    only = limits.get("settings")
-    if only is not None:
-        if not isinstance(only, list) or not only or any(m not in MODELS for m in only):
-            raise ValueError(f"attack {attack.name!r}: settings must be a list drawn from "
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, spec):
+        if isinstance(spec, AttackEntry):
+            return spec
+        rest, limits = spec, {}
+        if isinstance(spec, dict):
+            rest = {k: v for k, v in spec.items() if k not in _LIMITS}
+            limits = {k: spec[k] for k in _LIMITS if k in spec}
+        try:
+            attack = parse_attack(rest)
+        except AttackError as err:
+            raise ValueError(str(err)) from None
+        only, data = limits.get("methods"), limits.get("datasets")
+        if only is not None and (not isinstance(only, list) or not only or any(m not in MODELS for m in only)):
+            raise ValueError(f"attack {attack.name!r}: methods must be a list drawn from "
                              f"{', '.join(MODELS)}, got {only!r}")
-    data = limits.get("datasets")
-    if data is not None and (not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data)):
-        raise ValueError(f"attack {attack.name!r}: datasets must be a list of keys of datasets, got {data!r}")
-    return spec
+        if data is not None and (not isinstance(data, list) or not data
+                                 or not all(isinstance(d, str) for d in data)):
+            raise ValueError(f"attack {attack.name!r}: datasets must be a list of keys of datasets, got {data!r}")
+        return {"attack": attack, "methods": None if only is None else tuple(only),
+                "datasets": None if data is None else tuple(data), "written": spec}
+
+    @model_serializer
+    def _dump(self):
+        return self.written
+
+    def applies(self, method: str | None, dataset: str | None) -> bool:
+        return ((method is None or self.methods is None or method in self.methods)
+                and (dataset is None or self.datasets is None or dataset in self.datasets))
 
 
 class EvalSpec(_Strict):
     batch_size: int = Field(256, gt=0)
     max_images: Optional[int] = Field(None, gt=0)  # cap on evaluated test images
+    # the inference copy's CPU conversions (study.fastcopy), where the backbone allows them
+    fast_copy: bool = True
     # the attack suite, by the paper's names, or {name: ..., <option>: ...} mappings;
-    # `settings: [scratch, full]` limits an (expensive) attack to those models,
+    # `methods: [scratch, full]` limits an (expensive) attack to those models,
     # `datasets: [alphabet]` to those datasets
-    attacks: list[Annotated[Any, AfterValidator(_check_attack)]] = \
-        Field(default_factory=list)
+    attacks: list[AttackEntry] = Field(default_factory=list)
 
     @field_validator("attacks")
     @classmethod
-    def _distinct(cls, specs):
-        _no_repeats([parse_attack(_split_attack(s)[0]).name for s in specs], "attack")
-        return specs
+    def _distinct(cls, entries):
+        _no_repeats([e.attack.name for e in entries], "attack")
+        return entries
 
-    def suite(self, setting: str | None = None, dataset: str | None = None) -> list[Attack]:
-        """The attacks, or those that run on models of ``setting`` on ``dataset``."""
-        out = []
-        for spec in self.attacks:
-            spec, limits = _split_attack(spec)
-            if setting is not None and setting not in limits.get("settings", [setting]):
-                continue
-            if dataset is not None and dataset not in limits.get("datasets", [dataset]):
-                continue
-            out.append(parse_attack(spec))
-        return out
+    def suite(self, method: str | None = None, dataset: str | None = None) -> list[Attack]:
+        """The attacks, or those that run on models of ``method`` on ``dataset``."""
+        return [e.attack for e in self.attacks if e.applies(method, dataset)]
 
 
 class JobConfig(_Strict):
@@ -434,8 +424,9 @@ class JobConfig(_Strict):
     analyses: AnalysesSpec = Field(default_factory=AnalysesSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
 
+    # -- checks across sections, one per section ---------------------------------------
     @model_validator(mode="after")
-    def _cross(self):
+    def _check_datasets(self):
         for key, spec in self.datasets.items():
             name = spec.name or key
             try:
@@ -452,27 +443,17 @@ class JobConfig(_Strict):
                                       f"(datasets.{key}.root or data.root)")
                 if _CHECK_PATHS.get() and not Path(root).expanduser().is_dir():
                     raise _FieldError(f"datasets.{key}.root", f"data root does not exist: {root}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_pretrain(self):
         p = self.pretrain
         if p.weights is None:
             if p.dataset is None:
                 raise _FieldError("pretrain.dataset", "needed unless pretrain.weights imports weights")
-            if p.dataset not in self.datasets:
-                raise _FieldError("pretrain.dataset", f"{p.dataset!r} is not a key of datasets "
-                                  f"(have: {', '.join(self.datasets)})")
+            self._known_dataset("pretrain.dataset", p.dataset)
         else:
-            given = p.weights if isinstance(p.weights, dict) else {None: p.weights}
-            if not given:
-                raise _FieldError("pretrain.weights", "an empty mapping imports nothing")
-            for objective, w in given.items():
-                where = "pretrain.weights" + (f".{objective}" if objective else "")
-                if objective is not None:
-                    try:
-                        check_objective(objective)
-                    except ObjectiveError as err:
-                        raise _FieldError(where, str(err))
-                if w != "imagenet" and _CHECK_PATHS.get() and not Path(w).expanduser().is_file():
-                    raise _FieldError(where, f"weights file not found: {w}")
-            _no_repeats(p.objective_names(), "objective")
+            self._check_weights()
         if p.weights is not None and p.objectives != ["standard"]:
             raise _FieldError("pretrain.objectives", "imported weights are not trained here: "
                               "leave objectives out with pretrain.weights (a mapping "
@@ -481,55 +462,86 @@ class JobConfig(_Strict):
             raise _FieldError("pretrain.train.batch_size", f"{p.train.batch_size} is not divisible "
                               f"by pretrain.scaling.workers ({p.scaling.workers}): each worker "
                               f"takes an equal share of the global batch")
-        ft = self.finetune
+        return self
+
+    def _check_weights(self) -> None:
+        p = self.pretrain
+        given = p.weights if isinstance(p.weights, dict) else {None: p.weights}
+        if not given:
+            raise _FieldError("pretrain.weights", "an empty mapping imports nothing")
+        for objective, w in given.items():
+            where = "pretrain.weights" + (f".{objective}" if objective else "")
+            if objective is not None:
+                try:
+                    check_objective(objective)
+                except ObjectiveError as err:
+                    raise _FieldError(where, str(err))
+            if w != "imagenet" and _CHECK_PATHS.get() and not Path(w).expanduser().is_file():
+                raise _FieldError(where, f"weights file not found: {w}")
+        _no_repeats(p.objective_names(), "objective")
+
+    def _known_dataset(self, where: str, key: str) -> None:
+        if key not in self.datasets:
+            raise _FieldError(where, f"{key!r} is not a key of datasets (have: {', '.join(self.datasets)})")
+
+    @model_validator(mode="after")
+    def _check_finetune(self):
+        ft, p = self.finetune, self.pretrain
+        if ft is None:
+            return self
         have = p.objective_names()
         for field in ("source", "robust_source"):
-            name = getattr(ft, field) if ft else None
+            name = getattr(ft, field)
             if name is not None and name not in have:
                 raise _FieldError(f"finetune.{field}", f"{name!r} is not one of pretrain.objectives "
                                   f"(have: {', '.join(have)})")
-        if ft and ft.kd.teacher is not None and ft.kd.teacher not in have:
+        if ft.kd.teacher is not None and ft.kd.teacher not in have:
             raise _FieldError("finetune.kd.teacher", f"{ft.kd.teacher!r} is not one of "
                               f"pretrain.objectives (have: {', '.join(have)})")
-        robust = [m for m in (ft.all_methods() if ft else []) if METHODS[m].source == "robust"]
+        robust = [m for m in ft.all_methods() if METHODS[m].starts_from == "robust"]
         if robust and self.robust_objective() is None:
             raise _FieldError("finetune.methods", f"{', '.join(robust)} start(s) from an adversarially "
                               f"pre-trained backbone: add one to pretrain.objectives "
                               f"(e.g. pgd3_linf_4.0 or fgsm_linf_2.0)")
-        for i, b in enumerate(ft.backbones or [] if ft else []):
+        for i, b in enumerate(ft.backbones or []):
             if b not in p.backbones:
                 raise _FieldError(f"finetune.backbones[{i}]", f"{b!r} is not pre-trained "
                                   f"(pretrain.backbones: {', '.join(p.backbones)})")
-        for i, d in enumerate(self.finetune.datasets if self.finetune else []):
-            if d not in self.datasets:
-                raise _FieldError(f"finetune.datasets[{i}]", f"{d!r} is not a key of datasets "
-                                  f"(have: {', '.join(self.datasets)})")
-        for d in (self.finetune.methods_for if self.finetune else {}):
-            if d not in self.finetune.datasets:
+        for i, d in enumerate(ft.datasets):
+            self._known_dataset(f"finetune.datasets[{i}]", d)
+        for d in ft.methods_for:
+            if d not in ft.datasets:
                 raise _FieldError(f"finetune.methods_for.{d}", f"{d!r} is not one of finetune.datasets "
-                                  f"(have: {', '.join(self.finetune.datasets)})")
-        for i, spec in enumerate(self.eval.attacks):
-            for d in _split_attack(spec)[1].get("datasets", []):
-                if d not in self.datasets:
-                    raise _FieldError(f"eval.attacks[{i}].datasets", f"{d!r} is not a key of datasets "
-                                      f"(have: {', '.join(self.datasets)})")
-        cap = self.limits.gpus
-        if cap is not None:  # the largest GPU request of any stage must fit the limit
-            sc = p.scaling
-            if p.weights is None and sc.use_gpu and sc.workers * sc.gpus_per_worker > cap:
-                raise _FieldError("pretrain.scaling", f"{sc.workers} workers x {sc.gpus_per_worker:g} GPU "
-                                  f"exceed limits.gpus ({cap:g})")
-            if ft is not None and ft.resources.gpus > 0:
-                most = ft.resources.gpus * (ft.max_concurrent_trials or 10 ** 9)
-                if ft.max_concurrent_trials is None or most > cap:
-                    raise _FieldError("finetune.max_concurrent_trials",
-                                      f"trials of {ft.resources.gpus:g} GPU each could hold more than limits.gpus "
-                                      f"({cap:g}): set max_concurrent_trials to at most "
-                                      f"{int(cap // ft.resources.gpus)}")
-            a = self.analyses.resources
-            if ft is not None and self.analyses.enabled and a.gpus * self.analyses.actors > cap:
-                raise _FieldError("analyses.actors", f"{self.analyses.actors} actors x {a.gpus:g} GPU "
-                                  f"exceed limits.gpus ({cap:g})")
+                                  f"(have: {', '.join(ft.datasets)})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_eval(self):
+        for i, entry in enumerate(self.eval.attacks):
+            for d in entry.datasets or ():
+                self._known_dataset(f"eval.attacks[{i}].datasets", d)
+        return self
+
+    @model_validator(mode="after")
+    def _check_limits(self):
+        cap, p, ft = self.limits.gpus, self.pretrain, self.finetune
+        if cap is None:  # the largest GPU request of any stage must fit the limit
+            return self
+        sc = p.scaling
+        if p.weights is None and sc.use_gpu and sc.workers * sc.gpus_per_worker > cap:
+            raise _FieldError("pretrain.scaling", f"{sc.workers} workers x {sc.gpus_per_worker:g} GPU "
+                              f"exceed limits.gpus ({cap:g})")
+        if ft is not None and ft.resources.gpus > 0:
+            most = ft.resources.gpus * (ft.max_concurrent_trials or 10 ** 9)
+            if ft.max_concurrent_trials is None or most > cap:
+                raise _FieldError("finetune.max_concurrent_trials",
+                                  f"trials of {ft.resources.gpus:g} GPU each could hold more than limits.gpus "
+                                  f"({cap:g}): set max_concurrent_trials to at most "
+                                  f"{int(cap // ft.resources.gpus)}")
+        a = self.analyses.resources
+        if ft is not None and self.analyses.enabled and a.gpus * self.analyses.actors > cap:
+            raise _FieldError("analyses.actors", f"{self.analyses.actors} actors x {a.gpus:g} GPU "
+                              f"exceed limits.gpus ({cap:g})")
         return self
 
     # -- derived --------------------------------------------------------------------

@@ -26,6 +26,12 @@ from pathlib import Path
 
 import torch
 
+from study import objectives
+from study.data.loaders import make_loader
+from study.engine import Trainer, TrainSettings
+from study.models import build_model, unwrap
+from study.tracking import quiet_mlflow
+
 STATE_FILE = "state.pt"
 
 
@@ -102,16 +108,70 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+def _resume(trainer, cfg: dict, rank: int, device) -> int:
+    """Loads Ray Train's checkpoint into ``trainer``, if there is one; returns how often
+    this run came back from a checkpoint (a metric, for the record)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+    trainer.load_state_dict(state)
+    if rank == 0:
+        say(f"[study] {cfg['desc']}: resumed from the checkpoint of epoch {trainer.epoch}")
+    return int(state.get("restarts", 0)) + 1
+
+
+class _EpochEnd:
+    """What every worker does after an epoch: gather the group's numbers and weight
+    fingerprints, report to Ray Train (rank 0 with a checkpoint), log to MLflow once."""
+
+    def __init__(self, trainer, cfg: dict, rank: int, world: int, restarts: int, client):
+        self.trainer, self.cfg, self.rank, self.world = trainer, cfg, rank, world
+        self.restarts, self.client = restarts, client
+
+    def __call__(self, m: dict) -> None:  # m is trainer.history[-1]: what goes in the checkpoint
+        import ray.train
+
+        cfg, world = self.cfg, self.world
+        mine = (fingerprint(unwrap(self.trainer.model)), m["train_loss"], m["train_acc"], m["images_per_s"])
+        every = [mine]
+        if world > 1:
+            every = [None] * world
+            torch.distributed.all_gather_object(every, mine)
+        prints = [e[0] for e in every]
+        # the whole global batch's loss and accuracy (equal shards), and the group's speed
+        m["train_loss"] = sum(e[1] for e in every) / world
+        m["train_acc"] = sum(e[2] for e in every) / world
+        m["images_per_s"] = sum(e[3] for e in every)
+        m["workers_in_sync"] = float(len(set(prints)) == 1)
+        m["restarts"] = float(self.restarts)
+        if cfg.get("progressive"):
+            m["resolution"] = float(resolution_at(m["epoch"] - 1, cfg["progressive"], cfg["resolution"]))
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if self.rank == 0:
+                torch.save({**self.trainer.state_dict(), "run_id": cfg.get("run_id"), "restarts": self.restarts},
+                           Path(d) / STATE_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({**m, "fingerprints": prints}, checkpoint=ckpt,
+                             checkpoint_dir_name=f"epoch-{m['epoch']:04d}")
+        if self.client is not None:  # after report: the checkpoint of this epoch exists
+            sync_history(self.client, cfg["run_id"], self.trainer.history)
+        if self.rank == 0:
+            say(f"[study]   {cfg['desc']} epoch {m['epoch']}/{self.trainer.settings.epochs}: loss "
+                f"{m['train_loss']:.3f}, train acc {m['train_acc']:.1f}, "
+                f"{m['images_per_s']:.0f} img/s on {world} worker(s)"
+                + ("" if m["workers_in_sync"] else ", WORKERS OUT OF SYNC"))
+
+
 def train_loop(cfg: dict) -> None:
     """Runs on every Ray Train worker. ``cfg`` is plain data (see ``worker_config``)."""
     import ray
     import ray.train
     import ray.train.torch as rtt
-
-    from study import objectives
-    from study.data.loaders import make_loader
-    from study.engine import Trainer, TrainSettings, unwrap
-    from study.models import build_model
 
     # DDP on CPU: oneDNN lays out some 1x1-conv weight gradients with other strides than
     # DDP's buckets; a copy is made, nothing is wrong
@@ -125,7 +185,6 @@ def train_loop(cfg: dict) -> None:
     settings = TrainSettings(**cfg["train"])
     if settings.batch_size % world:
         raise ValueError(f"batch_size {settings.batch_size} is not divisible by {world} workers")
-
     if not Path(cfg["beton"]).is_file():  # a node that does not see the shared data dir
         raise FileNotFoundError(
             f"{cfg['beton']} is not on node {ray.util.get_node_ip_address()}: on a cluster, "
@@ -135,28 +194,16 @@ def train_loop(cfg: dict) -> None:
                          workers=cpus, device=device, distributed=world > 1, seed=cfg["seed"],
                          channels_last=device.type == "cuda")
     torch.manual_seed(cfg["seed"])  # DDP broadcasts rank 0's weights anyway
-    model = build_model(cfg["backbone"], cfg["num_classes"])
+    model = build_model(cfg["backbone"], cfg["num_classes"], cfg["resolution"])
     # each worker draws its own random starts for the attack
     generator = torch.Generator().manual_seed(cfg["seed"] * 1009 + rank)
     objective = objectives.build(cfg["objective"], settings.label_smoothing, generator)
-    trainer = Trainer(model, settings, "scratch", len(loader), device, objective)
+    trainer = Trainer(model, settings, "f+g", len(loader), device, objective)
     trainer.model = rtt.prepare_model(trainer.model, move_to_device=False)  # DDP if world > 1
-
-    restarts = 0  # how often this run came back from a checkpoint (a metric, for the record)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
-        trainer.load_state_dict(state)
-        restarts = int(state.get("restarts", 0)) + 1
-        if rank == 0:
-            say(f"[study] {cfg['desc']}: resumed from the checkpoint of epoch {trainer.epoch}")
-
+    restarts = _resume(trainer, cfg, rank, device)
     client = None
     if rank == 0 and cfg.get("run_id"):
         from mlflow import MlflowClient
-
-        from study.tracking import quiet_mlflow
 
         quiet_mlflow()
         client = MlflowClient(cfg["tracking_uri"])
@@ -167,39 +214,8 @@ def train_loop(cfg: dict) -> None:
         if cfg.get("progressive"):
             loader.set_resolution(resolution_at(epoch, cfg["progressive"], cfg["resolution"]))
 
-    def on_epoch(m: dict) -> None:  # m is trainer.history[-1]: what goes in the checkpoint
-        mine = (fingerprint(unwrap(trainer.model)), m["train_loss"], m["train_acc"], m["images_per_s"])
-        every = [mine]
-        if world > 1:
-            every = [None] * world
-            torch.distributed.all_gather_object(every, mine)
-        prints = [e[0] for e in every]
-        # the whole global batch's loss and accuracy (equal shards), and the group's speed
-        m["train_loss"] = sum(e[1] for e in every) / world
-        m["train_acc"] = sum(e[2] for e in every) / world
-        m["images_per_s"] = sum(e[3] for e in every)
-        m["workers_in_sync"] = float(len(set(prints)) == 1)
-        m["restarts"] = float(restarts)
-        if cfg.get("progressive"):
-            m["resolution"] = float(resolution_at(m["epoch"] - 1, cfg["progressive"], cfg["resolution"]))
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                torch.save({**trainer.state_dict(), "run_id": cfg.get("run_id"), "restarts": restarts},
-                           Path(d) / STATE_FILE)
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({**m, "fingerprints": prints}, checkpoint=ckpt,
-                             checkpoint_dir_name=f"epoch-{m['epoch']:04d}")
-        if client is not None:  # after report: the checkpoint of this epoch exists
-            sync_history(client, cfg["run_id"], trainer.history)
-        if rank == 0:
-            say(f"[study]   {cfg['desc']} epoch {m['epoch']}/{settings.epochs}: loss "
-                f"{m['train_loss']:.3f}, train acc {m['train_acc']:.1f}, "
-                f"{m['images_per_s']:.0f} img/s on {world} worker(s)"
-                + ("" if m["workers_in_sync"] else ", WORKERS OUT OF SYNC"))
-
-    trainer.fit(loader, None, on_epoch=on_epoch, progress=False, desc=cfg["desc"],
-                before_epoch=before_epoch)
+    trainer.fit(loader, None, on_epoch=_EpochEnd(trainer, cfg, rank, world, restarts, client), progress=False,
+                desc=cfg["desc"], before_epoch=before_epoch)
 
 
 # -- the driver side ------------------------------------------------------------------------

@@ -8,10 +8,14 @@ of their own. The loop takes any iterable of ``(images in [0,1], labels)`` and c
 ``on_epoch(metrics)`` after every epoch, so a Ray Train worker or a Ray Tune trial
 can report and checkpoint from there, and resume through ``state_dict``.
 
-Settings (the paper's names):
-* ``scratch`` -- the standard model: every parameter trains from random init.
-* ``partial`` -- g only; f is frozen, in eval mode so not even BatchNorm statistics move.
-* ``full``    -- f and g, f usually with the smaller learning rate.
+What trains (``trains``; the methods of ``study.methods`` pick it):
+* ``f+g`` -- every parameter: the standard model (from random init) and the full
+  fine-tune (f usually with the smaller learning rate).
+* ``g``   -- the classifier only (the partial fine-tune); f is frozen, in eval mode so
+  not even BatchNorm statistics move.
+
+``TrainSettings`` is the one list of training options: job files take it as it is
+(``study.config.TrainSpec`` adds only the ``lr`` shorthand).
 """
 from __future__ import annotations
 
@@ -19,47 +23,55 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable, Literal
 
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 
+from study.models import unwrap
 from study.objectives import cross_entropy
 
-SETTINGS = ("scratch", "partial", "full")
+TRAINS = ("f+g", "g")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 
 
-@dataclass
-class TrainSettings:
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr_f: float = 0.1          # learning rate of the feature extractor f
-    lr_g: float = 0.1          # learning rate of the classifier g
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    step_every: int = 30       # step schedule: epochs between decays
-    gamma: float = 0.1         # step schedule: decay factor
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    amp: bool = True           # autocast + channels_last, on CUDA only
-    amp_dtype: str = "bfloat16"  # or float16, which adds a gradient scaler
+def one_of(known, what):
+    """A validator: the value is one of ``known`` (the message names them)."""
+    def check(v):
+        if v not in known:
+            raise ValueError(f"unknown {what} {v!r} (known: {', '.join(known)})")
+        return v
+
+    return AfterValidator(check)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The StudyModel under a DDP (or similar) wrapper."""
-    return getattr(model, "module", model)
+class TrainSettings(BaseModel):
+    # strict: a number written as a string ("0.1") is a mistake, not something to guess at
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0)
+    optimizer: Annotated[str, one_of(OPTIMIZERS, "optimizer")] = "sgd"
+    lr_f: float = Field(0.1, ge=0)           # learning rate of the feature extractor f
+    lr_g: float = Field(0.1, ge=0)           # learning rate of the classifier g
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Annotated[str, one_of(SCHEDULES, "schedule")] = "cosine"
+    step_every: int = Field(30, gt=0)        # step schedule: epochs between decays
+    gamma: float = Field(0.1, gt=0)          # step schedule: decay factor
+    warmup_epochs: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: bool = True                         # autocast + channels_last, on CUDA only
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a gradient scaler
 
 
-def param_groups(model: nn.Module, setting: str, lr_f: float, lr_g: float) -> list[dict]:
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r} (known: {', '.join(SETTINGS)})")
+def param_groups(model: nn.Module, trains: str, lr_f: float, lr_g: float) -> list[dict]:
+    if trains not in TRAINS:
+        raise ValueError(f"unknown trains {trains!r} (known: {', '.join(TRAINS)})")
     m = unwrap(model)
-    train_f = setting != "partial"
+    train_f = trains == "f+g"
     for p in m.f.parameters():
         p.requires_grad_(train_f)
     groups = [{"name": "g", "params": list(m.g.parameters()), "lr": lr_g}]
@@ -122,17 +134,17 @@ def accuracy(model: nn.Module, loader: Iterable, device=None, amp: bool = False,
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, settings: TrainSettings, setting: str,
+    def __init__(self, model: nn.Module, settings: TrainSettings, trains: str,
                  steps_per_epoch: int, device: str | torch.device = "cpu",
                  objective: Callable | None = None):
         self.device = torch.device(device)
-        self.settings, self.setting = settings, setting
+        self.settings, self.trains = settings, trains
         self.amp = settings.amp and self.device.type == "cuda"
         self.model = model.to(self.device)
         if self.amp:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.objective = objective or cross_entropy(settings.label_smoothing)
-        groups = param_groups(self.model, setting, settings.lr_f, settings.lr_g)
+        groups = param_groups(self.model, trains, settings.lr_f, settings.lr_g)
         self.optimizer = make_optimizer(groups, settings)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(settings, steps_per_epoch))
@@ -147,8 +159,8 @@ class Trainer:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "steps_done": self.steps_done,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "history": list(self.history), "settings": asdict(self.settings),
-                "setting": self.setting}
+                "history": list(self.history), "settings": self.settings.model_dump(),
+                "trains": self.trains}
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.model).load_state_dict(state["model"])
@@ -161,7 +173,7 @@ class Trainer:
 
     def _set_mode(self) -> None:
         self.model.train()
-        if self.setting == "partial":
+        if self.trains == "g":
             unwrap(self.model).f.eval()  # frozen f: BatchNorm running stats stay put
 
     def lrs(self) -> dict:

@@ -29,6 +29,8 @@ import torch
 
 from study.attacks import Attack, robust_accuracy
 from study.data.beton import config_hash
+from study.fastcopy import inference_copy
+from study.models import StudyModel
 
 EPS0_IMAGES = 256  # the eps = 0 check needs few images: it must reproduce AOI exactly
 
@@ -46,7 +48,10 @@ def _mask(t: torch.Tensor) -> str:
 
 
 def attack_key(attack: Attack, cap: int | None, seed: int) -> str:
-    return config_hash({"attack": asdict(attack), "cap": cap, "seed": seed})
+    spec = asdict(attack)
+    if spec["loss"] == "ce":  # the default: keys from before the loss option stay valid
+        del spec["loss"]
+    return config_hash({"attack": spec, "cap": cap, "seed": seed})
 
 
 def eps0_probe(attacks: list[Attack]) -> Attack | None:
@@ -72,15 +77,20 @@ def missing(attacks: list[Attack], max_images: int | None, seed: int, cache: dic
 
 def evaluate(model, batches: Iterable, attacks: list[Attack], max_images: int | None = None,
              seed: int = 0, cache: dict | None = None,
-             on_result: Callable[[str, dict], None] | None = None) -> list[dict]:
+             on_result: Callable[[str, dict], None] | None = None, fast_copy: bool = True) -> list[dict]:
     """Runs every attack (and the eps = 0 probe) not already in ``cache`` (attack key ->
-    record) and returns the records in suite order, the probe last. ``on_result(key,
-    record)`` is called after each new one, so a caller can persist it at once."""
+    record) on the model's inference copy (``study.fastcopy``; ``fast_copy``: with its
+    CPU conversions) and returns the records in suite order, the probe last.
+    ``on_result(key, record)`` is called after each new one, so a caller can persist it
+    at once."""
     cache = {} if cache is None else cache
     records = []
+    frozen = None
     for attack, cap, is_probe, key in plan(attacks, max_images, seed):
         if key not in cache:
-            res = robust_accuracy(model, batches, attack, max_images=cap, seed=seed)
+            if frozen is None:  # one copy for the whole suite
+                frozen = inference_copy(model, fast_copy) if isinstance(model, StudyModel) else model
+            res = robust_accuracy(frozen, batches, attack, max_images=cap, seed=seed)
             rec = {k: v for k, v in res.items() if k not in ("correct", "robust")}
             rec.update(correct=_mask(res["correct"]), robust=_mask(res["robust"]),
                        spec=asdict(attack), probe=is_probe, key=key)
@@ -138,8 +148,8 @@ def sanity_flags(records: list[dict]) -> list[Flag]:
             if large["spec"]["eps"] > small["spec"]["eps"]:
                 flags.append(_cmp("monotone_eps", large, small))
 
-    def same_ball(a, b):
-        return a["spec"]["norm"] == b["spec"]["norm"] and a["spec"]["eps"] == b["spec"]["eps"]
+    def same_ball(a, b):  # and the same loss: a CW attack is no rival of a CE one
+        return all(a["spec"].get(k, "ce") == b["spec"].get(k, "ce") for k in ("norm", "eps", "loss"))
 
     untargeted = [r for r in main if not r["spec"]["targeted"]]
     for p in (r for r in untargeted if r["spec"]["kind"] == "pgd"):

@@ -24,14 +24,24 @@ Stage 2's defenses add two that need more than a name (study.methods builds them
 The attack comes from the one attack engine (study.attacks), which takes gradients with
 respect to the input only, so the k attack steps build no weight gradients. A mapping
 ``{name: pgd3_linf_4.0, rel_step: 2.0}`` overrides the attack's options.
+
+Stage 2's objectives are a registry, ``KINDS``: each kind (``ce``, ``at``, ``kd``,
+``dm``, ...) is one ``Kind`` entry that says what of the job goes into a trained model's
+identity (its stage hash), how the objective is built from that identity, which
+pre-trained backbone it needs besides its own (KD's teacher), and its cost in attack
+passes per training image for ``study plan``. A method (``study.methods``) names its
+kind; the sweep and the plan read the entry and nothing else.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch.nn import functional as F
 
-from study.attacks import Attack, AttackError, parse_attack
+from study.attacks import Attack, AttackError, parse_attack, pgd, steepest_neighbour, steepness
+from study.models import unwrap
 
 STANDARD = "standard"
 # Training defaults differ from evaluation ones: a random start (without one, training
@@ -72,7 +82,7 @@ def objective_name(spec) -> str:
     attack = training_attack(spec)
     head = f"pgd{attack.steps}" if attack.kind == "pgd" else "fgsm"
     plain = training_attack(f"{head}_{attack.norm}_{float(attack.eps)!r}")
-    extra = [f"{k}={getattr(attack, k)}" for k in ("random_start", "rel_step", "targeted")
+    extra = [f"{k}={getattr(attack, k)}" for k in ("random_start", "rel_step", "targeted", "loss")
              if getattr(attack, k) != getattr(plain, k)]
     return f"{head}_{attack.norm}_{float(attack.eps)!r}" + (f"[{','.join(extra)}]" if extra else "")
 
@@ -102,12 +112,14 @@ def adversarial(attack: Attack, label_smoothing: float = 0.0, generator=None) ->
     """Trains on the attack's last iterate (no early exit). The attack runs on the bare
     module (never through a DDP wrapper: its input-only backward must not trigger DDP's
     gradient all-reduce) and in eval mode, as MadryLab's AttackerModel does."""
-    from study.attacks import perturb
-    from study.engine import unwrap
-
     def objective(model, images, labels):
-        x_adv = perturb(unwrap(model), images, labels, attack, early_stop=False,
-                        generator=generator).x_adv
+        bare = unwrap(model)
+        was = bare.training
+        bare.eval()
+        try:
+            x_adv = pgd(bare, images, labels, attack, generator=generator)
+        finally:
+            bare.train(was)
         logits = model(x_adv)
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
 
@@ -118,10 +130,6 @@ def distillation(teacher_f, weight: float, label_smoothing: float = 0.0) -> Call
     """KD@stage-2: CE + weight * mean_i ||f(x_i) - f_source(x_i)||_2^2 / d, d the feature
     dimension (so one weight suits every backbone). The teacher's features are computed
     without a graph, in eval mode; it never trains."""
-    import torch
-
-    from study.engine import unwrap
-
     teacher_f.eval()
     for p in teacher_f.parameters():
         p.requires_grad_(False)
@@ -145,9 +153,6 @@ def discrepancy_mitigating(lam: float, eps: float, steps: int = 1, rel_step: flo
     steepest points go through f in separate passes, so the CE term is exactly plain
     cross-entropy (BatchNorm sees the clean batch alone) and lam = 0 is plain fine-tuning;
     then the inner max is skipped, as it would be multiplied by 0."""
-    from study.attacks import _steepness, steepest_neighbour
-    from study.engine import unwrap
-
     eps_pixels = eps / 255.0
 
     def objective(model, images, labels):
@@ -158,7 +163,7 @@ def discrepancy_mitigating(lam: float, eps: float, steps: int = 1, rel_step: flo
         if lam == 0:
             return loss, logits
         x_adv = steepest_neighbour(m.f, images, eps_pixels, steps, rel_step, generator)
-        ll = _steepness(feats.flatten(1).float(), m.f(x_adv).flatten(1).float(), images, x_adv).mean()
+        ll = steepness(feats.flatten(1).float(), m.f(x_adv).flatten(1).float(), images, x_adv).mean()
         return loss + lam * ll, logits
 
     return objective
@@ -169,3 +174,54 @@ def build(spec, label_smoothing: float = 0.0, generator=None) -> Callable:
     if check(spec) == STANDARD:
         return cross_entropy(label_smoothing)
     return adversarial(training_attack(spec), label_smoothing, generator)
+
+
+# -- stage 2's kinds ------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class Kind:
+    """One stage-2 objective kind (see the module docstring).
+
+    ``identity(ft, point, source)``: plain data of what the objective minimises, from the
+    job's FinetuneSpec ``ft``, the trial's ``point`` (λ, rates) and the name of the
+    pre-training objective the model starts from; it always holds ``kind``.
+    ``build(identity, label_smoothing, generator, teacher)``: the objective function.
+    ``teacher(identity)``: the pre-training objective whose frozen model it needs, or None.
+    ``passes(identity)``: attack passes (forward and input backward) per training image.
+    ``uses_lambda``: λ (``finetune.space.lam``) is a dimension of its trials."""
+    name: str
+    identity: Callable[..., dict]
+    build: Callable[..., Callable]
+    passes: Callable[[dict], int]
+    teacher: Callable[[dict], str | None] = lambda ident: None
+    uses_lambda: bool = False
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register(kind: Kind) -> Kind:
+    if kind.name in KINDS:
+        raise ValueError(f"objective kind {kind.name!r} is registered twice")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def _attack_passes(spec) -> int:
+    attack = training_attack(spec)
+    return attack.steps * attack.restarts
+
+
+register(Kind(name="ce", identity=lambda ft, point, source: {"kind": "ce"},
+              build=lambda ident, ls, generator, teacher: cross_entropy(ls),
+              passes=lambda ident: 0))
+register(Kind(name="at", identity=lambda ft, point, source: {"kind": "at", "attack": check(ft.at)},
+              build=lambda ident, ls, generator, teacher: adversarial(training_attack(ident["attack"]), ls, generator),
+              passes=lambda ident: _attack_passes(ident["attack"])))
+register(Kind(name="kd", identity=lambda ft, point, source: {"kind": "kd", "weight": ft.kd.weight,
+                                                             "teacher": ft.kd.teacher or source},
+              build=lambda ident, ls, generator, teacher: distillation(teacher.f, ident["weight"], ls),
+              teacher=lambda ident: ident["teacher"], passes=lambda ident: 0))
+register(Kind(name="dm", identity=lambda ft, point, source: {"kind": "dm", "lam": point["lam"], **ft.dm.model_dump()},
+              build=lambda ident, ls, generator, teacher: discrepancy_mitigating(
+                  ident["lam"], ident["eps"], ident["steps"], ident["rel_step"], ls, generator),
+              passes=lambda ident: ident["steps"] + 1, uses_lambda=True))

@@ -23,9 +23,19 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
+from study import sweep
 from study.attacks import parse_attack
 from study.config import JobConfig
+from study.data.beton import atomic_write_text
+from study.data.registry import build_split, get_info, resolve_params
+from study.engine import autocast
+from study.fastcopy import inference_copy
+from study.methods import METHODS
+from study.models import build_model
+from study.objectives import KINDS
+from study.stages import resolve_device
 
 # Published split sizes (train, test) of the datasets that are read from disk.
 KNOWN_SIZES = {"cifar10": (50000, 10000), "pets": (3680, 3669), "flowers": (2040, 6149),
@@ -38,13 +48,9 @@ def split_sizes(cfg: JobConfig, key: str) -> tuple[int, int] | None:
     """(train, test) images of a dataset of the job, or None where unknown: generated
     sets from their parameters, disk sets from their published sizes or by counting
     the image files of an ImageFolder root that exists here."""
-    from study.data.registry import get_info, resolve_params
-
     name = cfg.dataset_name(key)
     info = get_info(name)
     if info.generated:
-        from study.data.registry import build_split
-
         params = resolve_params(name, cfg.dataset_params(key))
         classes = len(build_split(name, "test", params=params).classes)
         return classes * params["train_per_class"], classes * params["test_per_class"]
@@ -66,8 +72,6 @@ def split_sizes(cfg: JobConfig, key: str) -> tuple[int, int] | None:
 
 
 def resolution(cfg: JobConfig, key: str) -> int:
-    from study.data.registry import get_info, resolve_params
-
     spec = cfg.datasets[key]
     if spec.resolution:
         return spec.resolution
@@ -103,13 +107,8 @@ def _timed(fn, repeats: int, device) -> float:
 def measure(backbone: str, side: int, device: torch.device, amp: bool = True, batch: int | None = None,
             repeats: int = 3) -> dict:
     """Seconds per image of a training step, an attack step and an inference pass."""
-    from torch.nn import functional as F
-
-    from study.engine import autocast
-    from study.models import build_model, inference_copy
-
     batch = batch or (64 if device.type == "cuda" else 8)
-    model = build_model(backbone, 100).to(device)
+    model = build_model(backbone, 100, side).to(device)
     amp = amp and device.type == "cuda"
     if amp:
         model = model.to(memory_format=torch.channels_last)
@@ -151,9 +150,6 @@ def load_costs(path: Path | None) -> dict:
 def costs_for(cfg: JobConfig, path: Path | None, measure_here: bool, log=print) -> dict:
     """The costs file's entries, measuring (and storing) what the job needs and the file
     lacks when ``measure_here``."""
-    from study.data.beton import atomic_write_text
-    from study.pipeline import resolve_device
-
     table = load_costs(path)
     need = {(b, resolution(cfg, k)) for k in _targets(cfg) for b in _backbones(cfg)}
     if cfg.pretrain.weights is None:
@@ -198,20 +194,17 @@ def _attack_steps(spec) -> int:
 def estimate(cfg: JobConfig, costs: dict) -> dict:
     """Trials, stages and device-seconds of the job; ``unknown`` lists what could not be
     counted (a dataset of unknown size, a backbone without a measured cost)."""
-    from study import sweep
-    from study.methods import METHODS
-
     unknown: list[str] = []
     c = costs.get("costs", {})
 
     def cost(backbone, key):
         return c.get(f"{backbone}@{resolution(cfg, key)}")
 
-    def suite_seconds(backbone, key, setting, n_test):
+    def suite_seconds(backbone, key, method, n_test):
         k = cost(backbone, key)
         cap = cfg.eval.max_images
         total = 0.0
-        for a in cfg.eval.suite(setting, key):
+        for a in cfg.eval.suite(method, key):
             n = min(x for x in (n_test, cap, a.max_images) if x is not None)
             steps = AUTOATTACK_STEPS if a.kind == "autoattack" else a.steps * a.restarts
             total += n * (steps * k["attack"] + 2 * k["infer"])
@@ -250,11 +243,9 @@ def estimate(cfg: JobConfig, costs: dict) -> dict:
         ft = cfg.finetune
         spec = sweep.train_spec(cfg, p)
         obj = sweep.objective_spec(cfg, p)
-        steps = _attack_steps(obj.get("attack", obj.get("name", "standard")) if isinstance(obj, dict) else obj)
-        if METHODS[p["method"]].objective == "dm":
-            steps = ft.dm.steps + 1  # the steepest neighbour, then f on both points
+        steps = KINDS[obj["kind"]].passes(obj)
         n_train = size[0] * (1 - ft.val_fraction)
-        step_cost = k["infer"] if METHODS[p["method"]].setting == "partial" else k["train"]
+        step_cost = k["infer"] if METHODS[p["method"]].trains == "g" else k["train"]
         s = spec.epochs * (n_train * (step_cost + steps * k["attack"]) + size[0] * ft.val_fraction * k["infer"])
         s += suite_seconds(b, key, p["method"], size[1])
         seconds += s

@@ -1,7 +1,8 @@
 """The paper's tables rebuilt from our results, with the published numbers beside ours.
 
 The published figures (Tables 1-5 of the paper) ship with the package in
-``study/paper/tables.csv``: ``table, setting, metric, dataset, value``. Our methods map
+``study/paper/tables.csv``: ``table, setting, metric, dataset, value`` (read with
+``setting`` as ``model``: the paper's name of a model). Our methods map
 to the paper's models through ``study.methods`` (scratch = "standard", partial =
 "partial_finetune", full = "full_finetune", at_stage2 = "at_stage2", ...). Tables show
 the trials that model selection picked (``selected``: best validation accuracy).
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from study.methods import METHODS, TABLE1, TABLE5
+from study.data.beton import atomic_write_bytes, atomic_write_text
+from study.methods import DEFAULT_LAMBDA, DEFENSES, METHODS, TABLE1, TABLE5
 
-PAPER_SETTING = {m.name: m.paper for m in METHODS.values() if m.paper}
+PAPER_NAME = {m.name: m.paper for m in METHODS.values() if m.paper}
 MODEL_NAME = {m.name: m.label for m in METHODS.values()}
 TABLE1_ATTACK = "pgd10_linf_0.5"
 TABLE2_ATTACKS = ("pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0", "autoattack_linf_0.5")
@@ -25,22 +27,22 @@ TABLE2_ATTACKS = ("pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0", "autoattac
 @lru_cache(maxsize=1)
 def paper() -> pd.DataFrame:
     with resources.files("study").joinpath("paper/tables.csv").open() as fh:
-        return pd.read_csv(fh)
+        return pd.read_csv(fh).rename(columns={"setting": "model"})
 
 
-def paper_value(table: str, setting: str, metric: str, dataset: str) -> float | None:
+def paper_value(table: str, model: str, metric: str, dataset: str) -> float | None:
     p = paper()
-    hit = p[(p.table == table) & (p.setting == setting) & (p.metric == metric) & (p.dataset == dataset)]
+    hit = p[(p.table == table) & (p.model == model) & (p.metric == metric) & (p.dataset == dataset)]
     return float(hit.value.iloc[0]) if len(hit) else None
 
 
-def paper_for_row(dataset: str, setting: str, attack: str | None) -> dict:
+def paper_for_row(dataset: str, method: str, attack: str | None) -> dict:
     """The paper's AOI/AAI/DR for one of our result rows, where it published them."""
-    ps = PAPER_SETTING.get(setting)
+    ps = PAPER_NAME.get(method)
     out = {"paper_AOI": None, "paper_AAI": None, "paper_DR": None}
     if ps is None:
         return out
-    if setting not in TABLE1:  # the defenses: Table 5, under Table 1's attack only
+    if method not in TABLE1:  # the defenses: Table 5, under Table 1's attack only
         out["paper_AOI"] = paper_value("table5", ps, "AOI", dataset)
         if attack == TABLE1_ATTACK:
             out["paper_AAI"] = paper_value("table5", ps, "AAI", dataset)
@@ -68,14 +70,12 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _pick(df: pd.DataFrame, dataset: str, setting: str, attack: str):
+def _pick(df: pd.DataFrame, dataset: str, method: str, attack: str):
     """The selected model's row (of the paper's λ for DM, else the largest λ run)."""
-    hit = df[(df.dataset == dataset) & (df.setting == setting) & (df.attack == attack)]
+    hit = df[(df.dataset == dataset) & (df.method == method) & (df.attack == attack)]
     if "selected" in hit:
         hit = hit[hit.selected.astype(bool)]
     if len(hit) > 1 and hit.lam.notna().any():
-        from study.methods import DEFAULT_LAMBDA
-
         paper_lam = hit[hit.lam == DEFAULT_LAMBDA]
         hit = paper_lam if len(paper_lam) else hit.sort_values("lam", ascending=False)
     return hit.iloc[0] if len(hit) else None
@@ -83,7 +83,7 @@ def _pick(df: pd.DataFrame, dataset: str, setting: str, attack: str):
 
 def stage1(df: pd.DataFrame) -> str:
     """The pre-trained backbones on their source task: AOI, and AAI under each attack."""
-    pre = df[df.setting == "pretrain"]
+    pre = df[df.method == "pretrain"]
     if pre.empty:
         return ""
     attacks = [a for a in dict.fromkeys(pre.attack.dropna()) if a]
@@ -106,12 +106,12 @@ def table1(df: pd.DataFrame) -> str:
     blocks = []
     for dataset in dict.fromkeys(df.dataset[df.attack == TABLE1_ATTACK]):
         rows = []
-        for setting in TABLE1:
-            r = _pick(df, dataset, setting, TABLE1_ATTACK)
+        for method in TABLE1:
+            r = _pick(df, dataset, method, TABLE1_ATTACK)
             if r is None:
                 continue
-            p = paper_for_row(dataset, setting, TABLE1_ATTACK)
-            rows.append([MODEL_NAME[setting]] + [f"{_fmt(r[m])} ({_fmt(p['paper_' + m])})"
+            p = paper_for_row(dataset, method, TABLE1_ATTACK)
+            rows.append([MODEL_NAME[method]] + [f"{_fmt(r[m])} ({_fmt(p['paper_' + m])})"
                                                  for m in ("AOI", "AAI", "DR")])
         if rows:
             blocks.append(f"**{dataset}**, ours (paper)\n\n" + _md(["model", "AOI", "AAI", "DR"], rows))
@@ -125,16 +125,16 @@ def table2(df: pd.DataFrame) -> str:
     """Table 2: AAI of the standard model and full fine-tune under the other criteria."""
     attacks = [a for a in TABLE2_ATTACKS if (df.attack == a).any()]
     blocks = []
-    models = df.attack.isin(attacks) & df.setting.isin(["scratch", "full"])
+    models = df.attack.isin(attacks) & df.method.isin(["scratch", "full"])
     for dataset in dict.fromkeys(df.dataset[models]):
         rows = []
-        for setting in ("scratch", "full"):
-            picked = [_pick(df, dataset, setting, a) for a in attacks]
+        for method in ("scratch", "full"):
+            picked = [_pick(df, dataset, method, a) for a in attacks]
             if all(r is None for r in picked):
                 continue  # a model this job did not train on this dataset
-            cells = [f"{_fmt(None if r is None else r['AAI'])} ({_fmt(paper_for_row(dataset, setting, a)['paper_AAI'])})"
+            cells = [f"{_fmt(None if r is None else r['AAI'])} ({_fmt(paper_for_row(dataset, method, a)['paper_AAI'])})"
                      for a, r in zip(attacks, picked)]
-            rows.append([MODEL_NAME[setting]] + cells)
+            rows.append([MODEL_NAME[method]] + cells)
         blocks.append(f"**{dataset}**, AAI ours (paper)\n\n" + _md(["model"] + attacks, rows))
     if not blocks:
         return ""
@@ -145,13 +145,13 @@ def table5(df: pd.DataFrame) -> str:
     """Table 5: the defenses (AOI and AAI under PGD-10 at 0.5/255), each DM λ on its own
     row, the paper's value (published for λ = 500) after ours."""
     shown = [m for m in TABLE5 + ("dm_stage2",) if m != "full"]
-    if not df.setting.isin(shown).any():
+    if not df.method.isin(shown).any():
         return ""
     blocks = []
-    for dataset in dict.fromkeys(df.dataset[(df.attack == TABLE1_ATTACK) & df.setting.isin(shown)]):
+    for dataset in dict.fromkeys(df.dataset[(df.attack == TABLE1_ATTACK) & df.method.isin(shown)]):
         rows = []
         for method in TABLE5 + ("dm_stage2",):
-            hit = df[(df.dataset == dataset) & (df.setting == method) & (df.attack == TABLE1_ATTACK)
+            hit = df[(df.dataset == dataset) & (df.method == method) & (df.attack == TABLE1_ATTACK)
                      & df.selected.astype(bool)]
             for _, r in hit.sort_values("lam").iterrows():
                 p = paper_for_row(dataset, method, TABLE1_ATTACK)
@@ -169,14 +169,14 @@ def table5(df: pd.DataFrame) -> str:
 def sweep(df: pd.DataFrame) -> str:
     """Every stage-2 trial: its point, validation accuracy, AOI and AAI under Table 1's
     attack, and whether model selection picked it."""
-    clean = df[(df.setting != "pretrain") & (df.attack.isna() | (df.attack == ""))]
+    clean = df[(df.method != "pretrain") & (df.attack.isna() | (df.attack == ""))]
     if len(clean) < 2:
         return ""
     rows = []
     for _, r in clean.iterrows():
         hit = df[(df.stage == r.stage) & (df.attack == TABLE1_ATTACK)]
         aai = hit.AAI.iloc[0] if len(hit) else None
-        rows.append([r.dataset, r.backbone, MODEL_NAME.get(r.setting, r.setting),
+        rows.append([r.dataset, r.backbone, MODEL_NAME.get(r.method, r.method),
                      "" if pd.isna(r.lam) else f"{r.lam:g}", f"{r.lr_f:g}", f"{r.lr_g:g}", str(r.optimizer),
                      _fmt(r.val_acc), _fmt(r.AOI), _fmt(aai), "✓" if r.selected else ""])
     return ("## Stage 2 sweep: every trial\n\nModel selection: best validation accuracy per dataset, "
@@ -185,11 +185,11 @@ def sweep(df: pd.DataFrame) -> str:
                    f"AAI {TABLE1_ATTACK}", "selected"], rows))
 
 
-def _mean_over_datasets(df: pd.DataFrame, setting: str, attack: str, by: str) -> dict:
+def _mean_over_datasets(df: pd.DataFrame, method: str, attack: str, by: str) -> dict:
     """Per value of ``by``: mean AOI, AAI and DR over the datasets of the selected
-    ``setting`` models (Table 3 averages the paper's seven targets)."""
+    ``method`` models (Table 3 averages the paper's seven targets)."""
     out = {}
-    hit = df[(df.setting == setting) & (df.attack == attack) & df.selected.astype(bool)]
+    hit = df[(df.method == method) & (df.attack == attack) & df.selected.astype(bool)]
     for value, g in hit.groupby(by, sort=False):
         out[value] = {m: float(g[m].mean()) for m in ("AOI", "AAI", "DR")} | {"datasets": g.dataset.nunique()}
     return out
@@ -214,7 +214,7 @@ SOURCE_ALIAS = {"animals10": "imagenet10animals", "imagenet10animals": "imagenet
 
 def table4(df: pd.DataFrame) -> str:
     """Table 4: the full fine-tune by the data its backbone was pre-trained on."""
-    hit = df[(df.setting == "full") & (df.attack == TABLE1_ATTACK) & df.selected.astype(bool)]
+    hit = df[(df.method == "full") & (df.attack == TABLE1_ATTACK) & df.selected.astype(bool)]
     if "source_data" not in hit or not hit.source_data.notna().any():
         return ""
     rows = []
@@ -248,7 +248,7 @@ PAPER_FINDINGS = {
 }
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,14 +257,12 @@ def _plt():
     return plt
 
 
-def _save(fig, path) -> None:
+def save_png(fig, path) -> None:
     import io
-
-    from study.data.beton import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -276,19 +274,24 @@ def _empty(ax, text: str) -> None:
 def figures(df: pd.DataFrame, found: dict, folder) -> dict:
     """Figures 3-6 as PNG files in ``folder``; returns name -> file name. A figure whose
     numbers this run lacks still gets its file, saying what is missing."""
-    import numpy as np
-
-    plt = _plt()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = found.get("datasets", {})
-    names = list(data)
     out = {}
+    for name, (draw, file) in {"fig3": (_fig3, "fig3_cca.png"), "fig4": (_fig4, "fig4_uap.png"),
+                               "fig5": (_fig5, "fig5_uap_attacks.png"), "fig6": (_fig6, "fig6_mmd_dr.png")}.items():
+        save_png(draw(df, data), folder / file)
+        out[name] = file
+    return out
 
-    # Figure 3: CCA, two panels of grouped bars
+
+def _fig3(df: pd.DataFrame, data: dict):
+    """CCA: two panels of grouped bars."""
+    import numpy as np
+
     pairs = [("fine-tuned|pre-trained", "FT/PT"), ("fine-tuned|standard", "FT/ST"), ("pre-trained|standard", "PT/ST")]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    have = [d for d in names if data[d].get("cca")]
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
+    have = [d for d in data if data[d].get("cca")]
     for ax, part, title in zip(axes, ("bottom", "all"), ("(a) bottom layer", "(b) all layers")):
         if not have:
             _empty(ax, "no CCA in this run")
@@ -302,19 +305,20 @@ def figures(df: pd.DataFrame, found: dict, folder) -> dict:
         ax.set_title(title)
         ax.set_ylabel("SVCCA ×100")
     axes[0].legend(fontsize=8)
-    _save(fig, folder / "fig3_cca.png")
-    out["fig3"] = "fig3_cca.png"
+    return fig
 
-    # Figure 4: the UAP images, fine-tuned and standard, per dataset
-    uaps = [(d, k, v) for d in names for k, v in data[d].get("uap", {}).items()]
-    fig, axes = plt.subplots(1, max(1, len(uaps)), figsize=(2.6 * max(1, len(uaps)), 2.8), squeeze=False)
+
+def _fig4(df: pd.DataFrame, data: dict):
+    """The UAP images, fine-tuned and standard, per dataset."""
+    import torch
+
+    uaps = [(d, k, v) for d in data for k, v in data[d].get("uap", {}).items()]
+    fig, axes = pyplot().subplots(1, max(1, len(uaps)), figsize=(2.6 * max(1, len(uaps)), 2.8), squeeze=False)
     if not uaps:
         _empty(axes[0][0], "no UAP in this run")
     for ax, (d, k, v) in zip(axes[0], uaps):
         pt = Path(v["png"]).with_suffix(".pt")
         if pt.is_file():
-            import torch
-
             delta = torch.load(pt, weights_only=True).float()
             img = ((delta - delta.min()) / (delta.max() - delta.min()).clamp_min(1e-12)).permute(1, 2, 0).numpy()
             ax.imshow(img, interpolation="nearest")
@@ -323,13 +327,16 @@ def figures(df: pd.DataFrame, found: dict, folder) -> dict:
             _empty(ax, "perturbation file missing")
         ax.set_title(f"{d}, {'fine-tuned' if k == 'full' else 'standard'}\nsuccess {v['success']:.1f} %",
                      fontsize=8)
-    _save(fig, folder / "fig4_uap.png")
-    out["fig4"] = "fig4_uap.png"
+    return fig
 
-    # Figure 5: (a) along training, (b) transfer DR
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+
+def _fig5(df: pd.DataFrame, data: dict):
+    """(a) UAP success along training, (b) the pre-trained UAP's DR."""
+    import numpy as np
+
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.2))
     drawn = False
-    for d in names:
+    for d in data:
         for k, v in data[d].get("uap", {}).items():
             pts = [(p["step"], p["success"]) for p in v.get("along_training", []) if p["step"] is not None]
             if pts:
@@ -343,7 +350,7 @@ def figures(df: pd.DataFrame, found: dict, folder) -> dict:
         a.set_title("(a) UAP against training snapshots")
     else:
         _empty(a, "no snapshots in this run")
-    trans = [d for d in names if data[d].get("uap_transfer")]
+    trans = [d for d in data if data[d].get("uap_transfer")]
     if trans:
         x = np.arange(len(trans))
         for i, who in enumerate(("fine-tuned", "standard")):
@@ -355,13 +362,14 @@ def figures(df: pd.DataFrame, found: dict, folder) -> dict:
         b.set_title("(b) pre-trained model's UAP")
     else:
         _empty(b, "no source data here for the pre-trained UAP")
-    _save(fig, folder / "fig5_uap_attacks.png")
-    out["fig5"] = "fig5_uap_attacks.png"
+    return fig
 
-    # Figure 6: MMD vs DR of the full fine-tune
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+
+def _fig6(df: pd.DataFrame, data: dict):
+    """MMD against the full fine-tune's DR."""
+    fig, ax = pyplot().subplots(figsize=(4.5, 3.2))
     xs, ys, ls = [], [], []
-    for d in names:
+    for d in data:
         r = _pick(df, d, "full", TABLE1_ATTACK) if len(df) else None
         if "mmd" in data[d] and r is not None:
             xs.append(data[d]["mmd"]["mmd2"])
@@ -375,9 +383,7 @@ def figures(df: pd.DataFrame, found: dict, folder) -> dict:
         ax.set_ylabel(f"DR of the full fine-tune (%), {TABLE1_ATTACK}")
     else:
         _empty(ax, "no MMD in this run")
-    _save(fig, folder / "fig6_mmd_dr.png")
-    out["fig6"] = "fig6_mmd_dr.png"
-    return out
+    return fig
 
 
 def _verdict(ok: bool | None, detail: str) -> dict:
@@ -427,11 +433,11 @@ def claims(df: pd.DataFrame, found: dict) -> list[dict]:
     rows = []
     for d in datasets:
         hit = df[(df.dataset == d) & (df.attack == TABLE1_ATTACK) & df.selected.astype(bool)
-                 & df.setting.isin([m for m in TABLE5 if m != "full"] + ["dm_stage2"])]
-        if hit.setting.eq("dm_stage12").any() and hit.setting.nunique() > 1:
+                 & df.method.isin(DEFENSES)]
+        if hit.method.eq("dm_stage12").any() and hit.method.nunique() > 1:
             best = hit.loc[hit.AAI.idxmax()]
-            dm = hit[hit.setting == "dm_stage12"].AAI.max()
-            rows.append((d, best.setting, float(best.AAI), float(dm)))
+            dm = hit[hit.method == "dm_stage12"].AAI.max()
+            rows.append((d, best.method, float(best.AAI), float(dm)))
     out.append({"claim": "DM@stage-1&2 gives the best AAI among the defenses.",
                 **_verdict(all(s == "dm_stage12" or dm >= a for _, s, a, dm in rows) if rows else None,
                            "; ".join(f"{d}: best {MODEL_NAME.get(s, s)} {a:.1f}, DM@stage-1&2 {dm:.1f}"
@@ -481,8 +487,6 @@ def build(df: pd.DataFrame, found: dict, folder, title: str = "study") -> Path:
 
     import markdown
 
-    from study.data.beton import atomic_write_text
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     figs = figures(df, found, folder)
@@ -515,6 +519,12 @@ def build(df: pd.DataFrame, found: dict, folder, title: str = "study") -> Path:
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
     atomic_write_text(folder / "index.html", page)
     return folder / "index.html"
+
+
+def read_results(path) -> pd.DataFrame:
+    """A ``results.csv``; one written before the column ``setting`` was named ``method``
+    reads as the new one."""
+    return pd.read_csv(path).rename(columns={"setting": "method"})
 
 
 def read_analyses(folder) -> dict:
@@ -560,7 +570,7 @@ def from_mlflow(folder, experiment: str | None = None, log=print) -> Path:
                     continue
                 d = Path(tmp) / run.info.run_id
                 d.mkdir()
-                frames.append(pd.read_csv(client.download_artifacts(run.info.run_id, "results.csv", str(d))))
+                frames.append(read_results(client.download_artifacts(run.info.run_id, "results.csv", str(d))))
                 if "analyses" in have:
                     a = Path(client.download_artifacts(run.info.run_id, "analyses", str(d)))
                     if (a / "analyses.json").is_file():

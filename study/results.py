@@ -1,6 +1,6 @@
 """The results table: one tidy row per trained model and attack.
 
-``setting`` is ``pretrain`` for a stage-1 backbone, else the stage-2 method
+``method`` is ``pretrain`` for a stage-1 backbone, else the stage-2 method
 (study.methods: scratch, partial, full, at_stage2, dm_stage12, ...); ``lam``, ``lr_f``,
 ``lr_g``, ``optimizer`` are the sweep trial's point, ``val_acc`` its validation accuracy
 and ``selected`` whether it is the trial that model selection (best ``val_acc`` per
@@ -23,18 +23,70 @@ from pathlib import Path
 
 import pandas as pd
 
-from study import report
+from study import evaluate, report
+from study.config import JobConfig
 from study.data.beton import atomic_write_text
+from study.methods import METHODS
 
-COLUMNS = ["dataset", "backbone", "setting", "source", "source_data", "lam", "lr_f", "lr_g", "optimizer", "val_acc",
+COLUMNS = ["dataset", "backbone", "method", "source", "source_data", "lam", "lr_f", "lr_g", "optimizer", "val_acc",
            "selected", "attack", "images", "AOI", "AAI", "DR", "flags",
            "paper_AOI", "paper_AAI", "paper_DR", "stage"]
-SANITY_COLUMNS = ["dataset", "backbone", "setting", "source", "source_data", "lam", "flag", "attack", "passed", "detail",
+SANITY_COLUMNS = ["dataset", "backbone", "method", "source", "source_data", "lam", "flag", "attack", "passed", "detail",
                   "stage"]
 
 
+def source_data(cfg: JobConfig, method: str) -> str | None:
+    """What a model's backbone was pre-trained on (Table 4 compares these)."""
+    if method != "pretrain" and METHODS[method].starts_from is None:
+        return None
+    w = cfg.pretrain.weights
+    if w is None:
+        return cfg.pretrain.dataset  # the job's key: a folder dataset's name says little
+    return "imagenet" if isinstance(w, dict) or w == "imagenet" else Path(str(w)).stem
+
+
+def model_rows(cfg: JobConfig, model: dict, record: dict, records: list[dict], flags: list,
+               point: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """Result rows of one model (``model``: its dataset key, backbone, method, source
+    objective and stage key): the clean row, then one per attack; and its sanity rows.
+    ``point`` is a sweep trial's λ, rates and optimiser."""
+    point = point or {}
+    history = record.get("history") or [{}]
+    # the job's key names the dataset in results (unique in a job; the paper's name in its job files)
+    base = {**model, "source_data": source_data(cfg, model["method"]),
+            **{k: point.get(k) for k in ("lam", "lr_f", "lr_g", "optimizer")},
+            "val_acc": history[-1].get("val_acc")}
+    rows = [{**base, "AOI": record["AOI"]}]
+    for r in records:
+        if r["probe"]:
+            continue
+        bad = [f.name for f in evaluate.failed(flags, r["attack"])]
+        rows.append({**base, "attack": r["attack"], "images": r["images"], "AOI": r["AOI"],
+                     "AAI": r["AAI"], "DR": r["DR"], "flags": "; ".join(bad) if bad else "ok"})
+    sanity = [{**base, "flag": f.name, "attack": f.attack, "passed": f.passed, "detail": f.detail}
+              for f in flags]
+    return rows, sanity
+
+
+def select(rows: list[dict]) -> None:
+    """Marks, per (dataset, backbone, method, λ), the trial with the best validation
+    accuracy as ``selected`` (ties: the first); the paper's tables show only those, so
+    model selection never looks at the test split. Stage-1 rows have no rivals."""
+    best: dict = {}
+    for r in rows:
+        if r["method"] == "pretrain" or r.get("attack"):
+            continue
+        k = (r["dataset"], r["backbone"], r["method"], r.get("lam"))
+        val = -1.0 if r.get("val_acc") is None else r["val_acc"]
+        if k not in best or val > best[k][0]:
+            best[k] = (val, r["stage"])
+    picked = {stage for _, stage in best.values()}
+    for r in rows:
+        r["selected"] = r["method"] == "pretrain" or r["stage"] in picked
+
+
 def frame(rows: list[dict]) -> pd.DataFrame:
-    rows = [{**report.paper_for_row(r["dataset"], r["setting"], r.get("attack")), **r} for r in rows]
+    rows = [{**report.paper_for_row(r["dataset"], r["method"], r.get("attack")), **r} for r in rows]
     df = pd.DataFrame(rows, columns=COLUMNS)
     for col in ("AOI", "AAI", "DR", "val_acc", "paper_AOI", "paper_AAI", "paper_DR"):
         df[col] = pd.to_numeric(df[col], errors="coerce").round(2)
@@ -56,7 +108,7 @@ def sanity_markdown(sanity: pd.DataFrame) -> str:
     if bad.empty:
         names = ", ".join(dict.fromkeys(sanity.flag))
         return f"{head}\n\nChecked: {names}."
-    cols = ["dataset", "setting", "source", "lam", "flag", "attack", "detail"]
+    cols = ["dataset", "method", "source", "lam", "flag", "attack", "detail"]
     return head + "\n\nFailed (shown, not hidden):\n\n" + to_markdown(bad[cols])
 
 

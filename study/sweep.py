@@ -7,10 +7,10 @@ no lr of f to vary, so no two trials train the same model. Tune then runs the li
 single grid dimension, with the job's resources per trial, ``max_concurrent_trials``
 and an optional ASHA scheduler on validation accuracy.
 
-A trial (``trial``) is one trained model, a ``pipeline.Stage`` like every other:
+A trial (``trial``) is one trained model, a ``stages.Stage`` like every other:
 
 1. builds the model from its pre-trained checkpoint (``study.methods`` says which one,
-   which parameters train, and the objective: CE, AT, KD or DM);
+   which parameters train, and the objective's kind in ``study.objectives.KINDS``);
 2. fine-tunes on the training split minus a held-out validation split
    (``finetune.val_fraction``, seeded) and reports ``val_acc`` every epoch, with its
    state as a Tune checkpoint (at most every ``checkpoint_every_s``), so a failed
@@ -19,7 +19,7 @@ A trial (``trial``) is one trained model, a ``pipeline.Stage`` like every other:
    runs the attack suite and reports AOI, AAI and DR of every attack.
 
 Model selection -- which learning rates stand for a method in the tables -- uses
-``val_acc`` only, never the test split (``pipeline._select``).
+``val_acc`` only, never the test split (``results.select``).
 
 MLflow: every trial is a child run of the job's parent run (``mlflow.parentRunId``); a
 trial that restarts continues its own run and logs each epoch once, so a restart adds
@@ -29,6 +29,7 @@ storage (``Tuner.restore``): finished trials are not run again, unfinished ones 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import random
 import tempfile
@@ -37,9 +38,14 @@ from pathlib import Path
 
 import torch
 
-from study import distributed, objectives, tracking
-from study.config import Distribution, JobConfig
+from study import distributed, tracking
+from study.config import Distribution, JobConfig, parse
+from study.data.loaders import holdout
+from study.engine import Trainer
 from study.methods import METHODS
+from study.models import build_model, load_checkpoint, save_checkpoint
+from study.objectives import KINDS
+from study.stages import Job, Stage, evaluate_stage, evaluate_stage_done, finish_model, log, resolve_device
 
 STATE_FILE = "trainer.pt"
 
@@ -69,13 +75,13 @@ def points(cfg: JobConfig) -> list[dict]:
                 fixed = ft.fixed_by_override(name)  # an override wins over the space
                 if "lr" in fixed:
                     fixed |= {"lr_f", "lr_g"}
-                if method.setting == "partial":  # f is frozen: its rate changes nothing
+                if method.trains == "g":  # f is frozen: its rate changes nothing
                     fixed.add("lr_f")
                 dims = {}
                 for k in ("lr_f", "lr_g", "optimizer"):
                     v = getattr(ft.space, k)
                     dims[k] = v if v is not None and k not in fixed else [getattr(base, k)]
-                for lam in (ft.space.lam if method.objective == "dm" else [None]):
+                for lam in (ft.space.lam if KINDS[method.objective].uses_lambda else [None]):
                     if ft.search == "grid":
                         combos = itertools.product(dims["lr_f"], dims["lr_g"], dims["optimizer"])
                     else:
@@ -107,20 +113,14 @@ def train_spec(cfg: JobConfig, p: dict):
 
 
 def objective_spec(cfg: JobConfig, p: dict) -> dict:
-    """What the method minimises, as recorded in the stage's identity."""
-    ft, method = cfg.finetune, METHODS[p["method"]]
-    if method.objective == "at":
-        return {"kind": "at", "attack": objectives.check(ft.at)}
-    if method.objective == "kd":
-        return {"kind": "kd", "weight": ft.kd.weight,
-                "teacher": ft.kd.teacher or source_name(cfg, p["method"])}
-    if method.objective == "dm":
-        return {"kind": "dm", "lam": p["lam"], **ft.dm.model_dump()}
-    return {"kind": "ce"}
+    """What the method minimises, as recorded in the stage's identity (its kind's entry)."""
+    method = METHODS[p["method"]]
+    return KINDS[method.objective].identity(cfg.finetune, p, source_name(cfg, p["method"]))
 
 
 def source_name(cfg: JobConfig, method: str) -> str | None:
-    kind = METHODS[method].source
+    """The pre-training objective whose backbone ``method`` starts from (None: scratch)."""
+    kind = METHODS[method].starts_from
     if kind is None:
         return None
     return cfg.source_objective() if kind == "standard" else cfg.robust_objective()
@@ -131,38 +131,31 @@ def source_table(stages: dict) -> dict:
     return {bo: {"key": st.key, "ckpt": str(st.ckpt.resolve())} for bo, st in stages.items()}
 
 
-def stage_for(job, p: dict, sources: dict):
-    """The pipeline.Stage of a point; ``sources`` maps (backbone, objective) to the
-    pre-trained stage's {key, ckpt} (``source_table``)."""
-    from study.pipeline import Stage
-
+def stage_for(job, p: dict, sources: dict) -> Stage:
+    """The Stage of a point; ``sources`` maps (backbone, objective) to the pre-trained
+    stage's {key, ckpt} (``source_table``)."""
     cfg = job.cfg
     src = source_name(cfg, p["method"])
     obj = objective_spec(cfg, p)
-    if obj["kind"] == "kd":
-        obj["teacher_key"] = sources[p["backbone"], obj["teacher"]]["key"]
+    teacher = KINDS[obj["kind"]].teacher(obj)
+    if teacher is not None:
+        obj["teacher_key"] = sources[p["backbone"], teacher]["key"]
     ident = {"stage": "finetune", "dataset": cfg.dataset_name(p["dataset"]), "backbone": p["backbone"],
              "method": p["method"], "seed": cfg.seed, "data": cfg.dataset_params(p["dataset"]),
              "root": cfg.dataset_root(p["dataset"]),  # two folder datasets differ only here
              "resolution": cfg.resolution(p["dataset"]), "train": train_spec(cfg, p).model_dump(),
              "objective": obj, "val_fraction": cfg.finetune.val_fraction,
-             "source": None if src is None else sources[p["backbone"], src]["key"]}
+             "source_stage": None if src is None else sources[p["backbone"], src]["key"]}
     return Stage(job, "finetune", ident)
 
 
-def _objective(cfg: JobConfig, p: dict, spec: dict, sources: dict, device, generator):
-    from study.models import load_checkpoint
-
-    ls = train_spec(cfg, p).label_smoothing
-    if spec["kind"] == "at":
-        return objectives.build(cfg.finetune.at, ls, generator)
-    if spec["kind"] == "kd":
-        teacher = load_checkpoint(sources[p["backbone"], spec["teacher"]]["ckpt"], p["backbone"])
-        return objectives.distillation(teacher.f.to(device), spec["weight"], ls)
-    if spec["kind"] == "dm":
-        return objectives.discrepancy_mitigating(spec["lam"], spec["eps"], spec["steps"],
-                                                 spec["rel_step"], ls, generator)
-    return objectives.cross_entropy(ls)
+def _objective(cfg: JobConfig, p: dict, ident: dict, sources: dict, device, generator):
+    """The objective function of a point, from its identity (and its teacher, if any)."""
+    kind = KINDS[ident["kind"]]
+    teacher = kind.teacher(ident)
+    if teacher is not None:
+        teacher = load_checkpoint(sources[p["backbone"], teacher]["ckpt"], p["backbone"]).to(device)
+    return kind.build(ident, train_spec(cfg, p).label_smoothing, generator, teacher)
 
 
 def snapshot_steps(cfg: JobConfig, method: str, total: int) -> set[int]:
@@ -177,112 +170,124 @@ def snapshot_path(stage, step: int) -> Path:
     return stage.ckpt.with_name(f"{stage.ckpt.stem}.step{step}.pt")
 
 
+def _model(job: Job, p: dict, sources: dict):
+    """A point's model before fine-tuning: random init, or its source backbone with a new g."""
+    cfg, key = job.cfg, p["dataset"]
+    torch.manual_seed(cfg.seed + 1)
+    num_classes = job.num_classes(key)
+    src = source_name(cfg, p["method"])
+    if src is None:
+        return build_model(p["backbone"], num_classes, cfg.resolution(key))
+    model = load_checkpoint(sources[p["backbone"], src]["ckpt"], p["backbone"])
+    torch.manual_seed(cfg.seed + 1)
+    model.reset_classifier(num_classes)
+    return model
+
+
+class _Reporter:
+    """A trial's per-epoch work: the epoch into MLflow, a line, and a Tune report with the
+    trainer's state as a checkpoint at most every ``checkpoint_every_s`` (a checkpoint
+    costs seconds to write, so short epochs do not spend their time saving). The last
+    epoch reports after the attacks."""
+
+    def __init__(self, trainer, run_id: str, name: str, epochs: int, every_s: float):
+        import mlflow
+
+        self.trainer, self.run_id, self.name, self.epochs, self.every_s = trainer, run_id, name, epochs, every_s
+        self.client, self.saved, self.last = mlflow.MlflowClient(), time.monotonic(), {}
+
+    def __call__(self, m: dict) -> None:
+        from ray import tune
+
+        distributed.sync_history(self.client, self.run_id, self.trainer.history)
+        distributed.say(f"[study]   {self.name} epoch {m['epoch']}/{self.epochs}: loss {m['train_loss']:.3f}, "
+                        f"train acc {m['train_acc']:.1f}, val acc {m['val_acc']:.1f}, "
+                        f"{m['images_per_s']:.0f} img/s")
+        self.last.update(m)
+        if m["epoch"] == self.epochs:
+            return
+        if time.monotonic() - self.saved < self.every_s:
+            tune.report(dict(m))
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(self.trainer.state_dict(), Path(d) / STATE_FILE)
+            tune.report(dict(m), checkpoint=tune.Checkpoint.from_directory(d))
+        self.saved = time.monotonic()
+
+
+def _fine_tune(job: Job, stage: Stage, p: dict, sources: dict, context: dict) -> dict:
+    """Trains a point's model, resuming from Tune's checkpoint, and finishes its stage;
+    returns the last epoch's metrics."""
+    import mlflow
+    from ray import tune
+
+    cfg, key, name = job.cfg, p["dataset"], label(p)
+    spec = train_spec(cfg, p)
+    s = spec.settings()
+    model = _model(job, p, sources)
+    train_idx, val_idx = holdout(int(job.manifest(key, "train")["count"]), cfg.finetune.val_fraction, cfg.seed)
+    threads = max(1, int(context["cpus"]))  # the trial's own CPUs, not data.workers
+    train_loader = job.loader(key, "train", s.batch_size, train=True, seed=cfg.seed, indices=train_idx,
+                              workers=threads)
+    val_loader = job.loader(key, "train", cfg.eval.batch_size, train=False, indices=val_idx, workers=threads)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    objective = _objective(cfg, p, stage.ident["objective"], sources, job.device, generator)
+    trainer = Trainer(model, s, METHODS[p["method"]].trains, len(train_loader), job.device, objective)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=job.device, weights_only=True))
+    params = {"stage": "finetune", "method": p["method"], "lam": p["lam"], "dataset": cfg.dataset_name(key),
+              "backbone": p["backbone"], "seed": cfg.seed, "source_stage": stage.ident["source_stage"],
+              "objective": stage.ident["objective"], "val_fraction": cfg.finetune.val_fraction,
+              "train": spec.model_dump(), "tune_trial": tune.get_context().get_trial_name()}
+    with stage.start_run(name, resume=True, parent_run_id=context["parent_run_id"]) as run:
+        if not run.data.params:
+            tracking.log_params(params)
+            tracking.log_yaml(params, "config.yaml")
+            mlflow.set_tags({"study.lam": str(p["lam"]), "study.tune_trial": params["tune_trial"]})
+        report = _Reporter(trainer, run.info.run_id, name, s.epochs, cfg.finetune.checkpoint_every_s)
+        total = s.epochs * len(train_loader)
+        snap_at = snapshot_steps(cfg, p["method"], total)
+
+        def after_step(step: int) -> None:  # Fig. 5a attacks the model along its training
+            if step in snap_at:
+                save_checkpoint(trainer.model, snapshot_path(stage, step), {"stage_key": stage.key})
+
+        trainer.fit(train_loader, val_loader, on_epoch=report, progress=False, desc=name,
+                    val_name="val_acc", after_step=after_step)
+        test_loader = job.loader(key, "test", cfg.eval.batch_size, train=False)
+        snaps = [{"step": k, "of": total, "checkpoint": str(snapshot_path(stage, k))}
+                 for k in sorted(snap_at) if snapshot_path(stage, k).is_file()]
+        finish_model(job, stage, run, trainer.model, test_loader, trainer.history,
+                     extra={"snapshots": snaps, "steps": total})
+    return report.last
+
+
 def trial(config: dict, context: dict) -> None:
     """A Tune trial: fine-tune one point, then attack it (see the module docstring)."""
     import mlflow
     from ray import tune
 
-    import logging
-
-    from study import config as config_mod
-    from study.data.loaders import holdout
-    from study.engine import Trainer
-    from study.models import build_model, load_checkpoint, save_checkpoint
-    from study.pipeline import Job, _finish_model, evaluate_stage, resolve_device
-
     tracking.quiet_mlflow()
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint
     p = config["point"]
-    cfg = config_mod.parse(context["job"])
+    cfg = parse(context["job"])
     torch.set_num_threads(max(1, int(context["cpus"])))
     job = Job(cfg, Path(context["out"]), resolve_device(cfg.device), progress=False)
     sources = {tuple(k.split("|", 1)): v for k, v in context["sources"].items()}
     mlflow.set_tracking_uri(context["tracking_uri"])
     mlflow.set_experiment(experiment_id=context["experiment_id"])
     stage = stage_for(job, p, sources)
-    method = METHODS[p["method"]]
-    key, name = p["dataset"], label(p)
-    spec = train_spec(cfg, p)
-    s = spec.settings()
-    last: dict = {}
-
-    if stage.record is None:
-        torch.manual_seed(cfg.seed + 1)
-        num_classes = job.num_classes(key)
-        if method.source is None:
-            model = build_model(p["backbone"], num_classes)
-        else:
-            model = load_checkpoint(sources[p["backbone"], source_name(cfg, p["method"])]["ckpt"], p["backbone"])
-            torch.manual_seed(cfg.seed + 1)
-            model.reset_classifier(num_classes)
-        count = int(job.manifest(key, "train")["count"])
-        train_idx, val_idx = holdout(count, cfg.finetune.val_fraction, cfg.seed)
-        threads = max(1, int(context["cpus"]))  # the trial's own CPUs, not data.workers
-        train_loader = job.loader(key, "train", s.batch_size, train=True, seed=cfg.seed,
-                                  indices=train_idx, workers=threads)
-        val_loader = job.loader(key, "train", cfg.eval.batch_size, train=False,
-                                indices=val_idx, workers=threads)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        objective = _objective(cfg, p, stage.ident["objective"], sources, job.device, generator)
-        trainer = Trainer(model, s, method.setting, len(train_loader), job.device, objective)
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                trainer.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=job.device,
-                                                   weights_only=True))
-        params = {"stage": "finetune", "method": p["method"], "lam": p["lam"], "dataset": cfg.dataset_name(key),
-                  "backbone": p["backbone"], "seed": cfg.seed, "source_stage": stage.ident["source"],
-                  "objective": stage.ident["objective"], "val_fraction": cfg.finetune.val_fraction,
-                  "train": spec.model_dump(), "tune_trial": tune.get_context().get_trial_name()}
-        with stage.start_run(name, resume=True, parent_run_id=context["parent_run_id"]) as run:
-            if not run.data.params:
-                tracking.log_params(params)
-                tracking.log_yaml(params, "config.yaml")
-                mlflow.set_tags({"study.method": p["method"], "study.lam": str(p["lam"]),
-                                 "study.tune_trial": params["tune_trial"]})
-            client = mlflow.MlflowClient()
-            saved = [time.monotonic()]
-
-            def on_epoch(m: dict) -> None:
-                distributed.sync_history(client, run.info.run_id, trainer.history)
-                distributed.say(f"[study]   {name} epoch {m['epoch']}/{s.epochs}: loss {m['train_loss']:.3f}, "
-                                f"train acc {m['train_acc']:.1f}, val acc {m['val_acc']:.1f}, "
-                                f"{m['images_per_s']:.0f} img/s")
-                last.update(m)
-                if m["epoch"] == s.epochs:  # the last epoch reports after the attacks
-                    return
-                # a checkpoint (model + optimiser state) costs seconds to write: one per
-                # checkpoint_every_s at most, so short epochs do not spend their time saving
-                if time.monotonic() - saved[0] < cfg.finetune.checkpoint_every_s:
-                    tune.report(dict(m))
-                    return
-                with tempfile.TemporaryDirectory() as d:
-                    torch.save(trainer.state_dict(), Path(d) / STATE_FILE)
-                    tune.report(dict(m), checkpoint=tune.Checkpoint.from_directory(d))
-                saved[0] = time.monotonic()
-
-            total = s.epochs * len(train_loader)
-            snap_at = snapshot_steps(cfg, p["method"], total)
-
-            def after_step(step: int) -> None:  # Fig. 5a attacks the model along its training
-                if step in snap_at:
-                    save_checkpoint(trainer.model, snapshot_path(stage, step), {"stage_key": stage.key})
-
-            trainer.fit(train_loader, val_loader, on_epoch=on_epoch, progress=False, desc=name,
-                        val_name="val_acc", after_step=after_step)
-            test_loader = job.loader(key, "test", cfg.eval.batch_size, train=False)
-            snaps = [{"step": k, "of": total, "checkpoint": str(snapshot_path(stage, k))}
-                     for k in sorted(snap_at) if snapshot_path(stage, k).is_file()]
-            _finish_model(job, stage, run, trainer.model, test_loader, trainer.history,
-                          extra={"snapshots": snaps, "steps": total})
+    last = _fine_tune(job, stage, p, sources, context) if stage.record is None else {}
     rec = stage.record
-    records, _ = evaluate_stage(job, stage, key, p["backbone"], p["method"])
+    records, _ = evaluate_stage(job, stage, p["dataset"], p["backbone"], p["method"])
     final = {**(last or rec["history"][-1]), "val_acc": rec["history"][-1]["val_acc"], "AOI": rec["AOI"]}
     for r in records:
         if not r["probe"]:
             final.update({f"AAI/{r['attack']}": r["AAI"], f"DR/{r['attack']}": r["DR"],
                           f"AOI/{r['attack']}": r["AOI"]})
-    distributed.say(f"[study] {name}: val acc {final['val_acc']:.2f}, AOI {rec['AOI']:.2f}"
+    distributed.say(f"[study] {label(p)}: val acc {final['val_acc']:.2f}, AOI {rec['AOI']:.2f}"
                     + "".join(f", AAI {r['attack']} {r['AAI']:.2f}" for r in records if not r["probe"]))
     tune.report(final)
 
@@ -295,8 +300,6 @@ def run(job, sources: dict, parent_run_id: str, experiment_id: str) -> list[dict
 
     import mlflow
     from ray import tune
-
-    from study.pipeline import evaluate_stage_done, log
 
     cfg = job.cfg
     pts = points(cfg)

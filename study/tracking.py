@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from study.data.beton import atomic_write_text
+
 DB_NAME = "mlflow.db"
 ARTIFACTS_NAME = "mlartifacts"
 LOG_NAME = "mlflow-server.log"
@@ -228,6 +230,29 @@ def log_evaluation(run_id: str, records: list[dict], flags: list, logged: set) -
     client.log_dict(run_id, [f.__dict__ for f in flags], "sanity.json")
     bad = sorted({f.name for f in flags if not f.passed})
     client.set_tag(run_id, "study.sanity", "pass" if not bad else "fail: " + ", ".join(bad))
+
+
+def parent_run(out: Path, name: str, config_hash: str):
+    """The job's parent run: resumed when this OUT already ran the same config."""
+    import json
+
+    import mlflow
+
+    exp_id = get_or_create_experiment(name)
+    mlflow.set_experiment(experiment_id=exp_id)  # child runs land beside their parent
+    state = Path(out) / "job.json"
+    if state.is_file():
+        prev = json.loads(state.read_text())
+        if prev.get("config_hash") == config_hash:
+            try:
+                mlflow.MlflowClient().get_run(prev["parent_run_id"])
+                return mlflow.start_run(run_id=prev["parent_run_id"])
+            except Exception:
+                pass  # another store, or the run was deleted: start afresh
+    run = mlflow.start_run(experiment_id=exp_id, run_name=name)
+    atomic_write_text(state, json.dumps({"config_hash": config_hash, "experiment_id": exp_id,
+                                         "parent_run_id": run.info.run_id}, indent=2))
+    return run
 
 
 def get_or_create_experiment(name: str) -> str:

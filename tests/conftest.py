@@ -66,7 +66,7 @@ def trained(tmp_path_factory):
                         workers=1, seed=0)
     test = make_loader(data["test"].beton, train=False, resolution=32, batch_size=104, workers=1)
     model = build_model("resnet18", 26)
-    Trainer(model, TrainSettings(epochs=6, lr_f=0.05, lr_g=0.05), "scratch", len(train)).fit(
+    Trainer(model, TrainSettings(epochs=6, lr_f=0.05, lr_g=0.05), "f+g", len(train)).fit(
         train, progress=False)
     return model.eval(), [(x.clone(), y.clone()) for x, y in test]  # FFCV reuses its buffers
 

@@ -61,7 +61,7 @@ def _fake_results():
     rows = []
     for setting, aoi, aai in (("scratch", 90, 80), ("partial", 60, 5), ("full", 92, 40),
                               ("at_stage2", 85, 70), ("dm_stage12", 88, 75)):
-        base = {"dataset": "alphabet", "backbone": "resnet18", "setting": setting, "selected": True,
+        base = {"dataset": "alphabet", "backbone": "resnet18", "method": setting, "selected": True,
                 "stage": setting, "lam": 1e-3 if setting.startswith("dm") else None}
         rows.append({**base, "AOI": aoi})
         rows.append({**base, "attack": "pgd10_linf_0.5", "AOI": aoi, "AAI": aai, "DR": 100 * (aoi - aai) / aoi})
@@ -114,7 +114,7 @@ def test_report_page_has_every_table_figure_and_claim(tmp_path):
     assert html.count('class="claim"') == 5
     # a run that contradicts a claim says so
     worse = df.copy()
-    worse.loc[worse.setting == "dm_stage12", "AAI"] = 1.0
+    worse.loc[worse.method == "dm_stage12", "AAI"] = 1.0
     assert report.claims(worse, found)[4]["verdict"] == "disagree"
 
     _screenshot(page, tmp_path)
@@ -126,12 +126,11 @@ DEMO = Path(__file__).parent / "fixtures" / "demo"
 def test_the_demo_report_opens_with_every_table_figure_and_a_verdict_per_claim(tmp_path):
     """The demo's own numbers: ``results.csv`` and ``analyses/`` copied from a real
     ``study demo`` run (see fixtures/demo/README.md), rebuilt into the report page."""
-    import pandas as pd
 
     got = tmp_path / "analyses"
     shutil.copytree(DEMO / "analyses", got)
     found = report.read_analyses(got)
-    df = pd.read_csv(DEMO / "results.csv")
+    df = report.read_results(DEMO / "results.csv")  # written before `setting` became `method`
     page = report.build(df, found, tmp_path / "report", title="demo")
     html = page.read_text()
     for n in range(1, 6):

@@ -140,7 +140,7 @@ def test_a_stream_of_batches_keeps_the_pool_full():
 
 
 def test_bf16_steps_never_count_a_sample_broken_that_fp32_does_not(trained):
-    from study.models import inference_copy
+    from study.fastcopy import inference_copy
 
     model, batches = trained
     fast = inference_copy(model)
@@ -151,8 +151,8 @@ def test_bf16_steps_never_count_a_sample_broken_that_fp32_does_not(trained):
         with torch.no_grad():
             still = fast(out.x_adv.float()).argmax(1) == batches[0][1]
         assert not (still & out.fooled).any(), name  # every break holds in fp32
-        exact = robust_accuracy(model, batches, parse_attack({"name": name, "precision": "fp32"}))
-        rounded = robust_accuracy(model, batches, half)
+        exact = robust_accuracy(fast, batches, parse_attack({"name": name, "precision": "fp32"}))
+        rounded = robust_accuracy(fast, batches, half)
         assert rounded["precision"] == "bf16" and exact["precision"] == "fp32"
         assert rounded["AOI"] == exact["AOI"] and abs(rounded["AAI"] - exact["AAI"]) <= 3.0
 
@@ -221,7 +221,10 @@ def test_eps_zero_gives_aai_equal_aoi_and_targeted_needs_targets():
 
 
 def test_on_a_trained_model_stronger_attacks_never_give_higher_aai(trained):
+    from study.fastcopy import inference_copy
+
     model, batches = trained
+    model = inference_copy(model)  # what evaluations attack
     aai = {name: robust_accuracy(model, batches, parse_attack(name))["AAI"]
            for name in ("fgsm_linf_2.0", "pgd5_linf_2.0", "pgd10_linf_2.0", "pgd20_linf_2.0",
                         "pgd10_linf_0.5", "pgd10_linf_1.0", "pgd10_linf_0.0")}
@@ -261,7 +264,7 @@ def test_autoattack_names_and_options():
 
 
 def test_inference_copy_is_the_same_function_and_leaves_the_model_alone(trained):
-    from study.models import PhaseConv2d, SmallMapConv2d, inference_copy
+    from study.fastcopy import PhaseConv2d, SmallMapConv2d, inference_copy
 
     model, batches = trained
     x = batches[0][0][:32]
@@ -288,7 +291,10 @@ def test_inference_copy_is_the_same_function_and_leaves_the_model_alone(trained)
 
 def test_autoattack_is_not_above_pgd_on_the_same_images(trained):
     """At 16/255 APGD-CE breaks what it can quickly, so the standard AutoAttack stays cheap."""
+    from study.fastcopy import inference_copy
+
     model, batches = trained
+    model = inference_copy(model)
     pgd = robust_accuracy(model, batches, parse_attack("pgd10_linf_16.0"), max_images=24)
     aa = robust_accuracy(model, batches, parse_attack({"name": "autoattack_linf_16.0", "max_images": 24}))
     assert aa["images"] == pgd["images"] == 24 and aa["AOI"] == pgd["AOI"]
@@ -297,3 +303,78 @@ def test_autoattack_is_not_above_pgd_on_the_same_images(trained):
     assert aa["max_delta"] <= aa["eps_pixels"] + 1e-6 and aa["in_range"]
     zero = robust_accuracy(model, batches, parse_attack("autoattack_linf_0"), max_images=24)
     assert zero["AAI"] == zero["AOI"]
+
+
+# -- the attack core: one step, two drivers; a pluggable loss --------------------------------
+@pytest.mark.parametrize("spec", ["pgd5_linf_4.0", {"name": "pgd5_linf_4.0", "random_start": True},
+                                  "fgsm_l2_0.5", {"name": "pgd3_linf_4.0", "loss": "cw"}])
+def test_the_fixed_batch_pgd_and_the_stream_take_the_same_iterates(trained, spec):
+    """Adversarial training's ``pgd`` and the evaluator's stream (no early exit, fp32)
+    call the same ``ascend``: bit for bit the same last iterates."""
+    from study.attacks import _Stream, pgd
+
+    model, batches = trained
+    x, y = batches[0][0][:48], batches[0][1][:48]
+    attack = parse_attack(spec)
+    fixed = pgd(model.eval(), x, y, attack, generator=torch.Generator().manual_seed(5))
+    streamed = torch.empty_like(x)
+    for out, _ in _Stream(model, [(x, y, None)], attack, False, torch.Generator().manual_seed(5)):
+        streamed[out.ids] = out.cur
+    assert torch.equal(fixed, streamed)
+    assert (fixed - x).abs().max() > 0
+
+
+def test_with_early_stop_an_unbroken_sample_ends_on_the_same_iterate(trained):
+    from study.attacks import _Stream, pgd
+
+    model, batches = trained
+    x, y = batches[0]
+    attack = parse_attack({"name": "pgd4_linf_0.02", "precision": "fp32"})  # nothing breaks at 0.02/255
+    fixed = pgd(model.eval(), x, y, attack)
+    done = {}
+    for out, fooled in _Stream(model, [(x, y, None)], attack, True, None):
+        for i, cur, f, c in zip(out.ids.tolist(), out.cur, fooled.tolist(), out.correct.tolist()):
+            done[i] = (cur, f, c)
+    kept = [i for i, (_, f, c) in done.items() if c and not f]
+    assert kept and all(torch.allclose(done[i][0], fixed[i], atol=1e-6) for i in kept)
+
+
+def test_cw_margin_loss_is_named_and_refused_where_it_does_not_apply():
+    from study.attacks import margin_loss
+
+    cw = parse_attack({"name": "pgd10_linf_0.5", "loss": "cw"})
+    assert cw.name == "pgd10_linf_0.5[loss=cw]" != parse_attack("pgd10_linf_0.5").name
+    assert parse_attack(cw.name) == cw  # a name reads back as the attack it names
+    assert parse_attack("pgd10_linf_2.0[rel_step=2.5,random_start=True]") == parse_attack(
+        {"name": "pgd10_linf_2.0", "rel_step": 2.5, "random_start": True})
+    with pytest.raises(AttackError, match="AutoAttack's standard version fixes its own losses"):
+        parse_attack({"name": "autoattack_linf_0.5", "loss": "cw"})
+    with pytest.raises(AttackError, match="loss must be one of ce, cw"):
+        parse_attack("pgd10_linf_0.5[loss=dlr]")
+    logits = torch.tensor([[2.0, 5.0, 1.0], [0.0, -1.0, 3.0]])
+    assert margin_loss(logits, torch.tensor([1, 0])).tolist() == [-3.0, 3.0]
+
+
+def test_cw_attack_breaks_and_is_never_compared_with_ce_flags(trained):
+    from study import evaluate
+    from study.fastcopy import inference_copy
+
+    model, batches = trained
+    fast = inference_copy(model)
+    ce, cw = parse_attack("pgd10_linf_2.0"), parse_attack("pgd10_linf_2.0[loss=cw]")
+    a, b = (robust_accuracy(fast, batches[:1], x, max_images=64) for x in (ce, cw))
+    assert a["AOI"] == b["AOI"] and b["AAI"] < b["AOI"]  # the margin loss breaks samples too
+    records = evaluate.evaluate(model, batches[:1], [ce, cw, parse_attack("fgsm_linf_2.0")], max_images=64)
+    pairs = {f.attack for f in evaluate.sanity_flags(records) if f.name == "pgd_le_fgsm"}
+    assert pairs == {"pgd10_linf_2.0 vs fgsm_linf_2.0"}  # the CW run has no CE rival
+
+
+def test_fast_copy_switch_keeps_only_the_folding(trained):
+    from study.fastcopy import PhaseConv2d, SmallMapConv2d, inference_copy
+
+    model, batches = trained
+    plain = inference_copy(model, fast=False)
+    assert not any(isinstance(m, (PhaseConv2d, SmallMapConv2d, nn.BatchNorm2d)) for m in plain.modules())
+    x = batches[0][0][:16]
+    with torch.no_grad():
+        assert (plain(x) - model.eval()(x)).abs().max() < 1e-3

@@ -113,7 +113,7 @@ def test_methods_and_attacks_limited_per_dataset():
     raw = _with(("datasets", "near"), {"name": "shapes", "params": {"by": "shape", "train_per_class": 2,
                                                                     "test_per_class": 1}})
     raw["finetune"] |= {"datasets": ["alphabet", "near"], "methods_for": {"near": ["full"]}}
-    raw["eval"]["attacks"] = ["fgsm_linf_0.5", {"name": "pgd10_linf_0.5", "settings": ["full"],
+    raw["eval"]["attacks"] = ["fgsm_linf_0.5", {"name": "pgd10_linf_0.5", "methods": ["full"],
                                                 "datasets": ["alphabet"]}]
     cfg = config.parse(raw)
     assert cfg.finetune.methods_of("near") == ["full"]

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ def _cfg(beton, **kw):
                              warmup_epochs=0)
     return distributed.worker_config(beton=beton, dataset="alphabet", resolution=32, num_classes=26,
                                      backbone="resnet18", objective=kw.pop("objective", "standard"),
-                                     train=asdict(settings), seed=0, use_gpu=False,
+                                     train=settings.model_dump(), seed=0, use_gpu=False,
                                      desc=kw.pop("desc", "test"), **kw)
 
 

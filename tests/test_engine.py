@@ -19,7 +19,7 @@ def test_partial_leaves_f_bit_for_bit_unchanged():
     before = {k: v.clone() for k, v in model.f.state_dict().items()}  # BN running stats included
     g_before = model.g.weight.clone()
     data = _batches()
-    trainer = Trainer(model, TrainSettings(epochs=2, lr_f=0.1, lr_g=0.1), "partial", len(data))
+    trainer = Trainer(model, TrainSettings(epochs=2, lr_f=0.1, lr_g=0.1), "g", len(data))
     trainer.fit(data, progress=False)
     for k, v in model.f.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -33,7 +33,7 @@ def test_full_uses_the_two_learning_rates():
     data = _batches(n=3)
     s = TrainSettings(epochs=2, lr_f=0.001, lr_g=0.1, schedule="cosine", momentum=0.0,
                       weight_decay=0.0)
-    trainer = Trainer(model, s, "full", len(data))
+    trainer = Trainer(model, s, "f+g", len(data))
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     assert groups["f"]["lr"] == 0.001 and groups["g"]["lr"] == 0.1
     n_f = sum(p.numel() for p in model.f.parameters())
@@ -60,7 +60,7 @@ def test_scratch_trains_everything_and_loss_falls():
     model = build_model("resnet18", 3)
     data = _batches(n=2, size=24)
     trainer = Trainer(model, TrainSettings(epochs=6, lr_f=0.05, lr_g=0.05, weight_decay=0),
-                      "scratch", len(data))
+                      "f+g", len(data))
     history = trainer.fit(data, data, progress=False)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert [h["epoch"] for h in history] == list(range(1, 7))
@@ -83,23 +83,23 @@ def test_state_dict_resumes_where_it_stopped():
     torch.manual_seed(0)
     data = _batches(n=2)
     s = TrainSettings(epochs=3, lr_f=0.01, lr_g=0.01)
-    a = Trainer(build_model("resnet18", 3), s, "full", len(data))
+    a = Trainer(build_model("resnet18", 3), s, "f+g", len(data))
     a.fit(data, progress=False)
     torch.manual_seed(0)
     b = Trainer(build_model("resnet18", 3), TrainSettings(epochs=1, lr_f=0.01, lr_g=0.01),
-                "full", len(data))
+                "f+g", len(data))
     b.fit(data, progress=False)
     state = b.state_dict()
-    c = Trainer(build_model("resnet18", 3), s, "full", len(data))
+    c = Trainer(build_model("resnet18", 3), s, "f+g", len(data))
     c.load_state_dict(state)
     assert c.epoch == 1 and len(c.history) == 1
     c.fit(data, progress=False)
     assert [h["epoch"] for h in c.history] == [1, 2, 3]
 
 
-def test_unknown_setting_and_accuracy():
+def test_unknown_trains_and_accuracy():
     model = build_model("resnet18", 3)
-    with pytest.raises(ValueError, match="unknown setting 'half'"):
+    with pytest.raises(ValueError, match="unknown trains 'half'"):
         param_groups(model, "half", 0.1, 0.1)
     data = _batches(n=2)
     acc = accuracy(model, data)

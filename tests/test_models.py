@@ -2,11 +2,12 @@ import pytest
 import torch
 import torchvision
 
-from study.models import (BACKBONES, LAYERS, ModelError, build_model, load_checkpoint,
+from study.backbones import family
+from study.models import (BACKBONES, ModelError, build_model, load_checkpoint,
                           load_trunk_weights, save_checkpoint)
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_backbones_split_into_f_and_g(backbone):
     torch.manual_seed(0)
     model = build_model(backbone, num_classes=7).eval()
@@ -16,7 +17,7 @@ def test_backbones_split_into_f_and_g(backbone):
         logits = model(x)
         layers = model.layers(x)
     assert logits.shape == (2, 7) and torch.allclose(logits, model.g(emb))
-    assert list(layers) == list(LAYERS)
+    assert list(layers) == list(family(backbone).stages) == ["layer1", "layer2", "layer3", "layer4"]
     assert layers["layer4"].shape[1] == emb.shape[1] == model.g.in_features
     # f's first layer is the normalisation: the model takes [0, 1] pixels
     assert isinstance(model.f.normalize, torch.nn.Module)
@@ -154,7 +155,7 @@ def test_robustness_checkpoint_of_another_architecture_is_refused(tmp_path):
 def test_phase_conv_has_the_native_gradients(kernel, stride, padding, side, channels_last):
     """The polyphase input gradient is the transposed convolution's, whatever the kernel,
     stride, padding, side (odd, non-square) and layout; weight and bias gradients too."""
-    from study.models import PhaseConv2d
+    from study.fastcopy import PhaseConv2d
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 8, kernel, stride, padding)
@@ -185,7 +186,7 @@ def test_phase_conv_has_the_native_gradients(kernel, stride, padding, side, chan
 
 
 def test_phase_conv_keeps_what_it_cannot_do_and_follows_weight_changes(monkeypatch):
-    from study.models import PhaseConv2d
+    from study.fastcopy import PhaseConv2d
 
     for conv in (torch.nn.Conv2d(3, 8, 3, (2, 1)), torch.nn.Conv2d(3, 8, 3, dilation=2),
                  torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.Conv2d(3, 8, 3, padding="same"),
@@ -226,7 +227,7 @@ def _dense_maps(conv) -> set:
 def test_small_map_conv_is_the_convolution(kernel, stride, padding, groups, dilation, side, channels_last):
     """On a map with fewer pixels than kernel taps, the dense matrix gives the convolution's
     output (in the input's layout) and its input gradient; elsewhere the convolution runs."""
-    from study.models import SmallMapConv2d
+    from study.fastcopy import SmallMapConv2d
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 6, kernel, stride, padding, dilation, groups).requires_grad_(False)
@@ -265,7 +266,7 @@ def test_small_map_conv_is_the_convolution(kernel, stride, padding, groups, dila
 
 
 def test_small_map_conv_follows_weight_changes_and_leaves_trainable_weights_alone(monkeypatch):
-    from study.models import SmallMapConv2d, PhaseConv2d
+    from study.fastcopy import SmallMapConv2d, PhaseConv2d
 
     stem = PhaseConv2d.from_conv(torch.nn.Conv2d(3, 8, 7, 2, 3))
     assert SmallMapConv2d.from_conv(stem) is stem  # another form is kept as it is
@@ -289,3 +290,21 @@ def test_small_map_conv_follows_weight_changes_and_leaves_trainable_weights_alon
     small._dense.clear()
     torch.testing.assert_close(small(x), conv(x), rtol=1e-5, atol=1e-5)
     assert not _dense_maps(small)
+
+
+def test_a_checkpoint_from_before_the_registry_loads(tmp_path):
+    """Checkpoints written before the backbone registry had no resolution and the same
+    state-dict keys: torchvision's ResNet trunk under f.backbone, the normaliser, g."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(weights=None, num_classes=4)
+    old = {f"f.backbone.{k}": v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    old |= {"f.normalize.mean": torch.tensor([0.485, 0.456, 0.406]).view(1, -1, 1, 1),
+            "f.normalize.std": torch.tensor([0.229, 0.224, 0.225]).view(1, -1, 1, 1),
+            "g.weight": tv.fc.weight.detach(), "g.bias": tv.fc.bias.detach()}
+    path = tmp_path / "old.pt"
+    torch.save({"backbone": "resnet18", "num_classes": 4, "state_dict": old, "stage_key": "k"}, path)
+    model = load_checkpoint(path, "resnet18").eval()
+    assert set(model.state_dict()) == set(old)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), tv.eval()(model.f.normalize(x)), atol=1e-5)

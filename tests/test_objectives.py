@@ -161,7 +161,7 @@ def test_at_stage2_raises_aai_over_full_fine_tuning_on_alphabet(trained, tmp_pat
         torch.manual_seed(0)
         m = copy.deepcopy(model)
         m.reset_classifier(26)
-        Trainer(m, settings, "full", len(train), objective=objective).fit(train, progress=False)
+        Trainer(m, settings, "f+g", len(train), objective=objective).fit(train, progress=False)
         r = robust_accuracy(m.eval(), test, parse_attack("pgd10_linf_8.0"))
         aai[name] = r["AAI"]
     assert aai["at_stage2"] > aai["full"] + 10, aai

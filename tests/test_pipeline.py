@@ -52,25 +52,25 @@ def tiny_run(tmp_path_factory, ray_cluster):
 def test_results_table(tiny_run):
     _, out = tiny_run
     df = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
-    assert list(df.columns) == ["dataset", "backbone", "setting", "source", "source_data", "lam", "lr_f", "lr_g",
+    assert list(df.columns) == ["dataset", "backbone", "method", "source", "source_data", "lam", "lr_f", "lr_g",
                                 "optimizer", "val_acc", "selected", "attack", "images", "AOI", "AAI",
                                 "DR", "flags", "paper_AOI", "paper_AAI", "paper_DR", "stage"]
     # the pre-training objective: the backbone's own, or the one a fine-tune started from
-    sources = df.drop_duplicates(["dataset", "setting"]).set_index("setting").source
+    sources = df.drop_duplicates(["dataset", "method"]).set_index("method").source
     assert sources.pretrain == "standard" and sources.full == sources.partial == "standard"
-    data = df.drop_duplicates(["dataset", "setting"]).set_index("setting").source_data
+    data = df.drop_duplicates(["dataset", "method"]).set_index("method").source_data
     assert data.full == data.pretrain == "shapes" and pd.isna(data.scratch)
     assert pd.isna(sources.scratch)
     models = [["shapes", "pretrain", None], ["alphabet", "scratch", 0.01], ["alphabet", "scratch", 0.02],
               ["alphabet", "partial", 0.01], ["alphabet", "full", 0.01], ["alphabet", "full", 0.02]]
     clean = df[df.attack.isna()]
-    got = [[d, s, None if pd.isna(lr) else lr] for d, s, lr in clean[["dataset", "setting", "lr_f"]].values]
+    got = [[d, s, None if pd.isna(lr) else lr] for d, s, lr in clean[["dataset", "method", "lr_f"]].values]
     assert got == models
     assert clean.stage.is_unique
     # model selection: one trial per method, the best validation accuracy of its rivals
-    tuned = clean[clean.setting != "pretrain"]
-    assert tuned.val_acc.notna().all() and tuned.groupby("setting").selected.sum().eq(1).all()
-    for _, g in tuned.groupby("setting"):
+    tuned = clean[clean.method != "pretrain"]
+    assert tuned.val_acc.notna().all() and tuned.groupby("method").selected.sum().eq(1).all()
+    for _, g in tuned.groupby("method"):
         assert g[g.selected].val_acc.iloc[0] == g.val_acc.max()
     attacked = df[df.attack.notna()]
     assert attacked.stage.drop_duplicates().tolist() == clean.stage.tolist()
@@ -84,9 +84,9 @@ def test_results_table(tiny_run):
     assert df.AOI.between(0, 100).all()
     assert attacked["flags"].notna().all() and clean["flags"].isna().all()  # "ok" or the failed flags
     # the paper's alphabet numbers sit beside ours: Table 1 (PGD-10 at 0.5/255), Table 2 (FGSM)
-    full = df[(df.setting == "full") & (df.attack == "pgd10_linf_0.5") & df.selected].iloc[0]
+    full = df[(df.method == "full") & (df.attack == "pgd10_linf_0.5") & df.selected].iloc[0]
     assert (full.paper_AOI, full.paper_AAI, full.paper_DR) == (99.94, 2.9, 97.1)
-    assert df[(df.setting == "scratch") & (df.attack == "fgsm_linf_0.5")].paper_AAI.iloc[0] == 99.87
+    assert df[(df.method == "scratch") & (df.attack == "fgsm_linf_0.5")].paper_AAI.iloc[0] == 99.87
     assert df[df.dataset == "shapes"].paper_AOI.isna().all()
     md = (out / "results.md").read_text()
     assert "## Table 1" in md and "## Table 2" in md and "## Sanity checks" in md

@@ -59,7 +59,7 @@ def test_random_search_is_seeded_and_within_range():
 
 
 def test_stage_identity_separates_trials(tmp_path):
-    from study.pipeline import Job
+    from study.stages import Job
 
     cfg = _cfg()
     job = Job(cfg, tmp_path, None)
@@ -67,7 +67,7 @@ def test_stage_identity_separates_trials(tmp_path):
     keys = [sweep.stage_for(job, p, sources).key for p in sweep.points(cfg)]
     assert len(set(keys)) == len(keys)
     dm = [p for p in sweep.points(cfg) if p["method"] == "dm_stage12"][0]
-    assert sweep.stage_for(job, dm, sources).ident["source"] == "fgsm_linf_2.0"  # stage 1&2
+    assert sweep.stage_for(job, dm, sources).ident["source_stage"] == "fgsm_linf_2.0"  # stage 1&2
 
 
 # -- the driver dies mid-sweep ------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_killed_driver_then_rerun_finishes_only_the_remaining_trials(tmp_path, r
     assert trials["metrics.AAI/fgsm_linf_0.5"].notna().all() and trials["metrics.val_acc"].notna().all()
     df = __import__("pandas").read_csv(out / "results.csv")
     clean = df[df.attack.isna()]
-    assert len(clean) == 4 and clean.groupby("setting").selected.sum().tolist() == [1, 1]
+    assert len(clean) == 4 and clean.groupby("method").selected.sum().tolist() == [1, 1]
 
 
 def test_asha_stops_weak_trials_early(tmp_path, ray_local):

@@ -1,0 +1,91 @@
+"""Stage 1 on the driver's side: one pre-trained backbone per (backbone, objective),
+imported from weights or trained on Ray Train (``study.distributed`` runs the workers)."""
+from __future__ import annotations
+
+import mlflow
+import torch
+
+from study import distributed, objectives, tracking
+from study.models import build_model, load_trunk_weights, save_checkpoint
+from study.stages import Job, Stage, finish_model, log
+
+
+def identity(job: Job, backbone: str, name: str) -> dict:
+    """What a pre-trained backbone's key is made of."""
+    cfg, p = job.cfg, job.cfg.pretrain
+    key, weights = p.dataset, p.weights_for(name)
+    ident = {"stage": "pretrain", "backbone": backbone, "seed": cfg.seed, "weights": weights}
+    if isinstance(p.weights, dict):  # imported backbones, one per objective
+        ident["objective"] = name
+    if weights is None:
+        ident.update(dataset=cfg.dataset_name(key), data=cfg.dataset_params(key), root=cfg.dataset_root(key),
+                     resolution=cfg.resolution(key), train=p.train.model_dump(), objective=name,
+                     progressive=p.progressive.model_dump() if p.progressive else None)
+    return ident
+
+
+def pretrain(job: Job, backbone: str, objective) -> Stage:
+    """Stage 1 for one backbone and objective: import weights, or train on Ray Train."""
+    cfg, p = job.cfg, job.cfg.pretrain
+    name = objectives.objective_name(objective)
+    stage = Stage(job, "pretrain", identity(job, backbone, name))
+    if stage.record is not None:
+        log(f"pretrain {backbone} ({name}): done before, reusing {stage.ckpt.name}")
+        return stage
+    torch.manual_seed(cfg.seed)
+    weights = p.weights_for(name)
+    if weights is not None:
+        _import(stage, backbone, name, weights)
+        return stage
+    run_name = f"pretrain-{backbone}-{cfg.dataset_name(p.dataset)}-{name}"
+    log(f"pretrain {backbone} on {cfg.dataset_name(p.dataset)}, objective {name}, "
+        f"{p.scaling.workers} Ray Train worker(s)")
+    rec = _train_on_ray(job, stage, backbone, objective, run_name)
+    log(f"pretrain {backbone} ({name}): source AOI {rec['AOI']:.2f}")
+    return stage
+
+
+def _import(stage: Stage, backbone: str, name: str, weights: str) -> None:
+    """A backbone from ImageNet weights instead of training: checkpoint and MLflow run."""
+    model = build_model(backbone, 1000)
+    load_trunk_weights(model, weights)
+    with stage.start_run(f"import-{backbone}") as run:
+        tracking.log_params({"backbone": backbone, "weights": weights, "objective": name})
+        save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
+        mlflow.set_tag("study.weights", weights)
+        stage.finish({"run_id": run.info.run_id, "AOI": None, "checkpoint": str(stage.ckpt)})
+
+
+def _train_on_ray(job: Job, stage: Stage, backbone: str, objective, run_name: str) -> dict:
+    """Trains stage 1 with Ray Train (study.distributed); the driver then measures AOI,
+    writes the study checkpoint and logs the model. A rerun after a crash continues the
+    same MLflow run and Ray Train run (both are keyed by the stage)."""
+    cfg, p = job.cfg, job.cfg.pretrain
+    key = p.dataset
+    distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    params = {"stage": "pretrain", "backbone": backbone, "dataset": cfg.dataset_name(key),
+              "objective": objectives.objective_name(objective), "seed": cfg.seed,
+              "train": p.train.model_dump(), "scaling": p.scaling.model_dump(),
+              "progressive": p.progressive.model_dump() if p.progressive else None}
+    with stage.start_run(run_name, resume=True) as run:
+        if not run.data.params:
+            tracking.log_params(params)
+            tracking.log_yaml(params, "config.yaml")
+        worker_cfg = distributed.worker_config(
+            beton=job.beton(key, "train"), dataset=cfg.dataset_name(key),
+            resolution=cfg.resolution(key), num_classes=job.num_classes(key), backbone=backbone,
+            objective=objective, train=p.train.settings().model_dump(), seed=cfg.seed,
+            use_gpu=p.scaling.use_gpu, desc=run_name, run_id=run.info.run_id,
+            tracking_uri=mlflow.get_tracking_uri(),
+            progressive=p.progressive.model_dump() if p.progressive else None)
+        state = distributed.fit(worker_cfg, name=stage.ckpt.stem,
+                                storage=distributed.storage_path(cfg.ray.storage, job.out),
+                                workers=p.scaling.workers, use_gpu=p.scaling.use_gpu,
+                                cpus_per_worker=p.scaling.cpus_per_worker,
+                                gpus_per_worker=p.scaling.gpus_per_worker,
+                                max_failures=p.max_failures)
+        model = build_model(backbone, job.num_classes(key), resolution=cfg.resolution(key))
+        model.load_state_dict(state["model"])
+        model.to(job.device)
+        test_loader = job.loader(key, "test", cfg.eval.batch_size, train=False)
+        return finish_model(job, stage, run, model, test_loader, state["history"])

@@ -1,0 +1,204 @@
+"""The pieces every stage of a job is made of: the job's context (``Job``), one trained
+model's key, checkpoint, record and MLflow run (``Stage``), a trained model's last steps
+(``finish_model``) and the attack suite on a stage's model (``evaluate_stage``).
+
+Stage 1 (``study.pretrain``), stage 2 (``study.sweep``) and the analyses build on these;
+``study.pipeline`` only puts them in order.
+
+Each stage's output is keyed by the hash of the config that made it
+(``OUT/checkpoints/<stage>-<hash>.pt`` beside ``.json`` with its metrics and MLflow
+run id), so running the same job again skips what is done and redoes only what is not.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from study import evaluate, tracking
+from study.config import ConfigError, JobConfig
+from study.data.beton import atomic_write_text, config_hash
+from study.data.loaders import make_loader
+from study.engine import accuracy
+from study.models import load_checkpoint, save_checkpoint
+
+
+def log(msg: str) -> None:
+    print(f"[study] {msg}", flush=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but no CUDA device is visible")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass
+class Job:
+    cfg: JobConfig
+    out: Path
+    device: torch.device
+    progress: bool = True
+
+    @property
+    def data_dir(self) -> Path:
+        d = Path(self.cfg.data.dir).expanduser()
+        return d if d.is_absolute() else self.out / d
+
+    def beton(self, key: str, split: str) -> Path:
+        # by the job's key, not the dataset's name: two keys may share a name (shapes, shapes10)
+        return self.data_dir / key / f"{split}.beton"
+
+    def loader(self, key: str, split: str, batch_size: int, train: bool, seed: int = 0,
+               indices=None, workers: int | None = None):
+        """An FFCV loader over a split (``indices``: a subset of it, e.g. the validation
+        hold-out); ``workers`` defaults to data.workers."""
+        return make_loader(self.beton(key, split), train=train, resolution=self.cfg.resolution(key),
+                           batch_size=batch_size, dataset=self.cfg.dataset_name(key),
+                           workers=workers or self.cfg.data.workers, device=self.device, seed=seed,
+                           indices=indices, channels_last=self.device.type == "cuda")
+
+    def manifest(self, key: str, split: str) -> dict:
+        return json.loads(self.beton(key, split).with_suffix(".json").read_text())
+
+    def num_classes(self, key: str) -> int:
+        return int(self.manifest(key, "train")["num_classes"])
+
+    def aoi(self, model, loader) -> float:
+        return accuracy(model, loader, self.device, max_images=self.cfg.eval.max_images)
+
+
+def _safe(v) -> str:
+    """A name part fit for file names (objective names may carry [option=value])."""
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in str(v)).strip("_")
+
+
+class Stage:
+    """One trained model: its key, checkpoint, record and MLflow child run."""
+
+    TAGS = ("dataset", "backbone", "method", "objective", "source_stage")
+
+    def __init__(self, job: Job, kind: str, ident: dict):
+        self.job, self.kind, self.ident = job, kind, ident
+        self.key = config_hash(ident)
+        stem = "-".join([kind] + [_safe(v) for k, v in ident.items()
+                                  if k in ("dataset", "backbone", "method", "objective")
+                                  and isinstance(v, str)])
+        folder = job.out / "checkpoints"
+        self.ckpt = folder / f"{stem}-{self.key}.pt"
+        self.record_path = self.ckpt.with_suffix(".json")
+        self.eval_path = self.ckpt.with_name(self.ckpt.stem + ".eval.json")  # attack results
+        self.pending = self.ckpt.with_suffix(".run")
+
+    @property
+    def record(self) -> dict | None:
+        if self.ckpt.is_file() and self.record_path.is_file():
+            return json.loads(self.record_path.read_text())
+        return None
+
+    def finish(self, record: dict) -> dict:
+        atomic_write_text(self.record_path, json.dumps(record, indent=2))
+        self.pending.unlink(missing_ok=True)
+        return record
+
+    def start_run(self, name: str, resume: bool = False, parent_run_id: str | None = None):
+        """A child run of the job (of the active run, or of ``parent_run_id`` in a process
+        that has none, such as a Tune trial). A run left RUNNING by a killed attempt is
+        marked KILLED, or, with ``resume`` (a stage that restores its own progress, as Ray
+        Train and Tune do from their storage), continued, so no restart adds a run."""
+        import mlflow
+
+        run = None
+        if self.pending.is_file():
+            stale = self.pending.read_text().strip()
+            try:
+                if resume:
+                    mlflow.MlflowClient().get_run(stale)
+                    run = mlflow.start_run(run_id=stale, nested=parent_run_id is None)
+                else:
+                    mlflow.MlflowClient().set_terminated(stale, status="KILLED")
+            except Exception:
+                pass  # the run lives in another store; nothing to mend
+        if run is None:
+            run = (mlflow.start_run(run_name=name, parent_run_id=parent_run_id) if parent_run_id
+                   else mlflow.start_run(run_name=name, nested=True))
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.pending, run.info.run_id)
+        mlflow.set_tags({"study.stage": self.kind, "study.stage_key": self.key,
+                         **{f"study.{k}": str(v) for k, v in self.ident.items() if k in self.TAGS}})
+        return run
+
+
+def finish_model(job: Job, stage: Stage, run, model, test_loader, history: list,
+                 extra: dict | None = None) -> dict:
+    """A trained model's last steps, whoever trained it: AOI on the test split, the study
+    checkpoint, the model in MLflow, the stage's record."""
+    import mlflow
+
+    aoi = job.aoi(model, test_loader)
+    mlflow.log_metric("AOI", aoi)
+    save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
+    tracking.log_model(model)
+    model.to(job.device)
+    return stage.finish({"run_id": run.info.run_id, "AOI": aoi, "history": history,
+                         "checkpoint": str(stage.ckpt), **(extra or {})})
+
+
+# -- evaluation ---------------------------------------------------------------------------
+def _eval_store(stage: Stage) -> dict:
+    path = stage.eval_path
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
+                   method: str) -> tuple[list[dict], list]:
+    """Runs the job's attack suite on a stage's model and its dataset's test split.
+
+    Results are kept per attack in ``<checkpoint>.eval.json`` (written after each attack,
+    atomically), so a rerun or a resumed job attacks only what is missing; the model is
+    loaded only then. New results go to the stage's MLflow run (tracking.log_evaluation).
+    """
+    attacks = job.cfg.eval.suite(method, key)
+    if not attacks:
+        return [], []
+    store = _eval_store(stage)
+    cache = store.setdefault("results", {})
+    name = stage.ckpt.stem.rsplit("-", 1)[0]
+
+    def save(k, rec):
+        atomic_write_text(stage.eval_path, json.dumps(store, indent=1))
+        if job.progress:
+            log(f"  {name} {rec['attack']}{' (eps 0 check)' if rec['probe'] else ''}: "
+                f"AOI {rec['AOI']:.2f}, AAI {rec['AAI']:.2f} on {rec['images']} images "
+                f"({rec['seconds']:.1f} s)")
+
+    cap, seed = job.cfg.eval.max_images, job.cfg.seed
+    model = None
+    if evaluate.missing(attacks, cap, seed, cache):  # load only when there is work
+        model = load_checkpoint(stage.ckpt, backbone).to(job.device).eval()
+    test = job.loader(key, "test", job.cfg.eval.batch_size, train=False)
+    records = evaluate.evaluate(model, test, attacks, max_images=cap, seed=seed, cache=cache,
+                                on_result=save, fast_copy=job.cfg.eval.fast_copy)
+    flags = evaluate.sanity_flags(records)
+    logged = set(store.get("logged", []))
+    if any(r["key"] not in logged for r in records):
+        tracking.log_evaluation(stage.record["run_id"], records, flags, logged)
+        store["logged"] = sorted(logged | {r["key"] for r in records})
+        atomic_write_text(stage.eval_path, json.dumps(store, indent=1))
+    return records, flags
+
+
+def evaluate_stage_done(job: Job, stage: Stage, method: str, key: str) -> bool:
+    """Whether a stage is trained, attacked by the whole suite and logged: nothing to run."""
+    if stage.record is None:
+        return False
+    store = _eval_store(stage)
+    cache = store.get("results", {})
+    attacks = job.cfg.eval.suite(method, key)
+    if evaluate.missing(attacks, job.cfg.eval.max_images, job.cfg.seed, cache):
+        return False
+    return not attacks or set(cache) <= set(store.get("logged", []))

@@ -1,0 +1,123 @@
+"""The package's shape: no import cycle (lazy imports included), short functions."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "study"
+MAX_LINES = 80
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the study modules it imports anywhere in its body."""
+    files = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            for name in names:
+                while name and name not in files:
+                    name = name.rpartition(".")[0]
+                if name and name != mod and name != "study":
+                    graph[mod].add(name)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state:
+                found = visit(n)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def long_functions(limit: int = MAX_LINES) -> list[tuple[int, str]]:
+    out = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    out.append((n, f"{_module(path)}.{node.name}"))
+    return sorted(out, reverse=True)
+
+
+def test_no_import_cycle():
+    assert find_cycle(import_graph()) is None, f"import cycle: {' -> '.join(find_cycle(import_graph()))}"
+
+
+def test_cycle_finder_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_functions_are_short():
+    assert long_functions() == [], f"functions over {MAX_LINES} lines: {long_functions()}"
+
+
+# -- the backbone registry -----------------------------------------------------------------
+def test_a_family_missing_a_piece_is_refused_naming_it():
+    import pytest
+
+    from study.backbones import ResNet, RegistryError, register
+
+    pieces = {k: getattr(ResNet, k) for k in ("variants", "stages", "build", "stem", "stage", "pool", "fold",
+                                              "map_weights", "fast_copy")}
+    for missing in ("stages", "pool", "fold"):
+        cls = type("Broken", (), {"name": "broken", **{k: v for k, v in pieces.items() if k != missing},
+                                  "variants": ("broken1",)})
+        with pytest.raises(RegistryError, match=f"backbone family 'broken': missing {missing}"):
+            register(cls)
+    three = type("Three", (), {**pieces, "name": "three", "variants": ("three1",), "stages": ("a", "b", "c")})
+    with pytest.raises(RegistryError, match="'three': stages must name four distinct stages"):
+        register(three)
+    twice = type("Twice", (), {**pieces, "name": "twice"})
+    with pytest.raises(RegistryError, match="'resnet18' is already built by 'resnet'"):
+        register(twice)
+
+
+def test_only_the_registry_knows_resnet_attribute_names():
+    """models, analyses, the attack engine, the inference copy and plan reach a backbone's
+    parts through its registry entry only."""
+    import re
+
+    for name in ("models.py", "analyses.py", "attacks.py", "fastcopy.py", "plan.py", "evaluate.py"):
+        text = (PACKAGE / name).read_text()
+        code = "\n".join(line.split("#")[0] for line in text.splitlines())
+        found = re.findall(r"\.(conv1|bn1|layer[1-4]|downsample|avgpool|maxpool|fc)\b", code)
+        assert not found, f"{name} reaches into a ResNet: {found}"

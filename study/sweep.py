@@ -285,8 +285,8 @@ def trial(config: dict, context: dict) -> None:
     final = {**(last or rec["history"][-1]), "val_acc": rec["history"][-1]["val_acc"], "AOI": rec["AOI"]}
     for r in records:
         if not r["probe"]:
-            final.update({f"AAI/{r['attack']}": r["AAI"], f"DR/{r['attack']}": r["DR"],
-                          f"AOI/{r['attack']}": r["AOI"]})
+            k = tracking.metric_key(r["attack"])
+            final.update({f"AAI/{k}": r["AAI"], f"DR/{k}": r["DR"], f"AOI/{k}": r["AOI"]})
     distributed.say(f"[study] {label(p)}: val acc {final['val_acc']:.2f}, AOI {rec['AOI']:.2f}"
                     + "".join(f", AAI {r['attack']} {r['AAI']:.2f}" for r in records if not r["probe"]))
     tune.report(final)

@@ -204,8 +204,14 @@ def log_model(model, name: str = "model"):
                                     pip_requirements=pip_requirements())
 
 
+def metric_key(name: str) -> str:
+    """A name as MLflow takes it in a metric key (no brackets, ``=`` or commas):
+    ``pgd10_linf_0.5[loss=cw,rel_step=2.5]`` -> ``pgd10_linf_0.5:loss-cw:rel_step-2.5``."""
+    return name.replace("[", ":").replace("]", "").replace("=", "-").replace(",", ":")
+
+
 def log_evaluation(run_id: str, records: list[dict], flags: list, logged: set) -> None:
-    """A model's attack results into its run: ``AOI|AAI|DR/<attack>`` for the records not
+    """A model's attack results into its run: ``AOI|AAI|DR/<attack>`` (``metric_key``) for the records not
     ``logged`` before, ``sanity/<flag>`` (1 = every instance passed), ``attacks.csv``,
     ``attacks.json`` (a table the UI shows), ``sanity.json`` and the ``study.sanity`` tag."""
     import mlflow
@@ -218,7 +224,7 @@ def log_evaluation(run_id: str, records: list[dict], flags: list, logged: set) -
             continue
         for m in ("AOI", "AAI", "DR"):
             if r[m] == r[m]:  # not NaN
-                client.log_metric(run_id, f"{m}/{r['attack']}", float(r[m]))
+                client.log_metric(run_id, f"{m}/{metric_key(r['attack'])}", float(r[m]))
     for name in dict.fromkeys(f.name for f in flags):
         ok = all(f.passed for f in flags if f.name == name)
         client.log_metric(run_id, f"sanity/{name}", 1.0 if ok else 0.0)

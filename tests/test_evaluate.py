@@ -84,3 +84,16 @@ def test_evaluate_on_a_trained_model_keeps_results_and_reuses_them(trained):
     seen.clear()
     again = evaluate(None, batches, suite, max_images=64, cache=cache, on_result=lambda k, r: seen.append(k))
     assert again == recs and seen == []  # all from the cache: no model needed
+
+
+def test_attack_names_with_options_become_valid_mlflow_metric_keys():
+    import re
+
+    from study.attacks import parse_attack
+    from study.tracking import metric_key
+
+    name = parse_attack({"name": "pgd10_linf_0.5", "loss": "cw", "rel_step": 2.5}).name
+    assert name == "pgd10_linf_0.5[rel_step=2.5,loss=cw]"
+    assert metric_key(name) == "pgd10_linf_0.5:rel_step-2.5:loss-cw"
+    assert re.fullmatch(r"[\w\-. :/]+", f"AAI/{metric_key(name)}")  # what MLflow accepts
+    assert metric_key("fgsm_linf_2.0") == "fgsm_linf_2.0"

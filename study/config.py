@@ -20,7 +20,7 @@ from study.data.registry import DatasetError, build_split, get_info, resolve_par
 from study.engine import OPTIMIZERS, TrainSettings, one_of
 from study.methods import DEFAULT_LAMBDA, METHODS, TABLE1
 from study.models import BACKBONES
-from study.objectives import KINDS, ObjectiveError, check as check_objective
+from study.objectives import ObjectiveError, check as check_objective
 
 
 _CHECK_PATHS: ContextVar[bool] = ContextVar("check_paths", default=True)
@@ -201,6 +201,19 @@ class DMSpec(_Strict):
     rel_step: float = Field(2.5, gt=0)
 
 
+class TradesSpec(_Strict):
+    """TRADES@stage-2: CE + beta * KL(p(x) || p(x')), x' by the attack (Zhang et al. 2019: beta 6)."""
+    beta: float = Field(6.0, ge=0)
+    attack: Objective = "pgd10_linf_2.0"  # the inner maximisation; its training defaults (random start)
+
+    @field_validator("attack")
+    @classmethod
+    def _adversarial(cls, v):
+        if check_objective(v) == "standard":
+            raise ValueError("TRADES needs an attack for its inner maximisation, such as pgd10_linf_2.0")
+        return v
+
+
 class SchedulerSpec(_Strict):
     """ASHA early stopping on validation accuracy (epochs are Tune's time unit)."""
     type: Literal["asha"] = "asha"
@@ -231,6 +244,7 @@ class FinetuneSpec(_Strict):
     at: Objective = "pgd10_linf_2.0"     # AT@stage-2's adversarial objective (study.objectives)
     kd: KDSpec = Field(default_factory=KDSpec)
     dm: DMSpec = Field(default_factory=DMSpec)
+    trades: TradesSpec = Field(default_factory=TradesSpec)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)  # held out of train for model selection
     scheduler: Optional[SchedulerSpec] = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

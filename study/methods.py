@@ -12,11 +12,12 @@ its parameters train, and what the one training engine minimises.
 | kd_stage2   | KD@stage-2      | standard pre-training       | f+g    | CE + feature KD (kd)   |
 | dm_stage2   | (DM alone)      | standard pre-training       | f+g    | CE + λ·LL, Eq. 5 (dm)  |
 | dm_stage12  | DM@stage-1&2    | adversarial pre-training    | f+g    | CE + λ·LL, Eq. 5 (dm)  |
+| trades_stage2 | TRADES@stage-2 | standard pre-training     | f+g    | CE + β·KL (trades)     |
 
 "Standard" and "adversarial pre-training" are two of ``pretrain.objectives``:
 ``finetune.source`` and ``finetune.robust_source`` (defaults: ``standard`` and the first
 adversarial objective). Each kind's options are a section of ``finetune`` (``at``,
-``kd``, ``dm``); the kinds themselves are ``study.objectives.KINDS``. DM's λ is a
+``kd``, ``dm``, ``trades``); the kinds themselves are ``study.objectives.KINDS``. DM's λ is a
 dimension of the sweep (``finetune.space.lam``, default the paper's 500).
 """
 from __future__ import annotations
@@ -52,10 +53,14 @@ METHODS = {m.name: m for m in [
            objective="dm"),
     Method(name="dm_stage12", label="DM@stage-1&2", paper="dm_stage12", starts_from="robust", trains="f+g",
            objective="dm"),
+    # Zhang et al. 2019, beside DM; the paper has no number for it
+    Method(name="trades_stage2", label="TRADES@stage-2", paper=None, starts_from="standard", trains="f+g",
+           objective="trades"),
 ]}
 TABLE1 = ("scratch", "partial", "full")
-TABLE5 = ("full", "at_stage1", "at_stage2", "at_stage12", "kd_stage2", "dm_stage12")
-DEFENSES = ("at_stage1", "at_stage2", "at_stage12", "kd_stage2", "dm_stage2", "dm_stage12")  # rivals of claim 5
+TABLE5 = ("full", "at_stage1", "at_stage2", "at_stage12", "kd_stage2", "dm_stage12", "trades_stage2")
+DEFENSES = ("at_stage1", "at_stage2", "at_stage12", "kd_stage2", "dm_stage2", "dm_stage12",
+            "trades_stage2")  # rivals of claim 5
 DEFAULT_LAMBDA = 500.0
 
 

@@ -20,6 +20,8 @@ Stage 2's defenses add two that need more than a name (study.methods builds them
 * ``discrepancy_mitigating`` (DM, the paper's Eq. 5): cross-entropy plus lambda times
   LL(f(X)), the local-Lipschitz steepness of the features (Eq. 4), its inner
   maximisation by PGD (study.attacks.steepest_neighbour).
+* ``trades`` (TRADES@stage-2, Zhang et al. 2019, a baseline beside DM): cross-entropy
+  plus beta times KL(p(x) || p(x')), x' found by PGD maximising that KL.
 
 The attack comes from the one attack engine (study.attacks), which takes gradients with
 respect to the input only, so the k attack steps build no weight gradients. A mapping
@@ -169,6 +171,32 @@ def discrepancy_mitigating(lam: float, eps: float, steps: int = 1, rel_step: flo
     return objective
 
 
+def trades(attack: Attack, beta: float, label_smoothing: float = 0.0, generator=None) -> Callable:
+    """TRADES (Zhang et al. 2019): CE(y, p(x)) + beta * KL(p(x) || p(x')), where x' is the
+    attack's PGD on the KL to the clean prediction (in eval mode, from a random point of
+    the ball: at x itself the KL's gradient is zero; the original starts at x + 0.001 N(0, 1)).
+    Both terms take their own forward pass in the model's training mode, as the
+    original's do; the KL is the batch mean of the per-sample sums."""
+    def kl(clean_p):
+        return lambda logits, _: F.kl_div(F.log_softmax(logits, 1), clean_p, reduction="none").sum(1)
+
+    def objective(model, images, labels):
+        bare = unwrap(model)
+        was = bare.training
+        bare.eval()
+        try:
+            with torch.no_grad():
+                clean_p = F.softmax(bare(images).float(), 1)
+            x_adv = pgd(bare, images, labels, attack, generator=generator, loss=kl(clean_p))
+        finally:
+            bare.train(was)
+        logits = model(images)
+        adv = F.kl_div(F.log_softmax(model(x_adv).float(), 1), F.softmax(logits.float(), 1), reduction="batchmean")
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing) + beta * adv, logits
+
+    return objective
+
+
 def build(spec, label_smoothing: float = 0.0, generator=None) -> Callable:
     """The objective function of a job-file entry."""
     if check(spec) == STANDARD:
@@ -225,3 +253,8 @@ register(Kind(name="dm", identity=lambda ft, point, source: {"kind": "dm", "lam"
               build=lambda ident, ls, generator, teacher: discrepancy_mitigating(
                   ident["lam"], ident["eps"], ident["steps"], ident["rel_step"], ls, generator),
               passes=lambda ident: ident["steps"] + 1, uses_lambda=True))
+register(Kind(name="trades", identity=lambda ft, point, source: {"kind": "trades", "beta": ft.trades.beta,
+                                                                 "attack": check(ft.trades.attack)},
+              build=lambda ident, ls, generator, teacher: trades(training_attack(ident["attack"]), ident["beta"],
+                                                                 ls, generator),
+              passes=lambda ident: _attack_passes(ident["attack"]) + 1))

@@ -1,5 +1,7 @@
 """Training objectives: names, defaults, and that adversarial training trains on the
 attack's last iterate without building weight gradients in the attack."""
+import copy
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -165,3 +167,26 @@ def test_at_stage2_raises_aai_over_full_fine_tuning_on_alphabet(trained, tmp_pat
         r = robust_accuracy(m.eval(), test, parse_attack("pgd10_linf_8.0"))
         aai[name] = r["AAI"]
     assert aai["at_stage2"] > aai["full"] + 10, aai
+
+
+def test_trades_is_cross_entropy_plus_beta_times_the_kl_at_its_pgd_point(trained):
+    from study.attacks import pgd
+
+    model, batches = trained
+    m = copy.deepcopy(model).train()
+    x, y = batches[0][0][:16], batches[0][1][:16]
+    attack = objectives.training_attack("pgd3_linf_4.0")
+    loss, logits = objectives.trades(attack, beta=6.0, generator=torch.Generator().manual_seed(2))(
+        copy.deepcopy(m), x, y)  # a copy: its training-mode passes move BatchNorm's statistics
+    with torch.no_grad():  # the same inner maximisation by hand, then the two terms
+        m.eval()
+        clean_p = F.softmax(m(x), 1)
+    kl = lambda z, _: F.kl_div(F.log_softmax(z, 1), clean_p, reduction="none").sum(1)  # noqa: E731
+    x_adv = pgd(m, x, y, attack, generator=torch.Generator().manual_seed(2), loss=kl)
+    m.train()
+    assert m.training and (x_adv - x).abs().max() <= 4 / 255 + 1e-6
+    want = F.cross_entropy(m(x), y) + 6.0 * F.kl_div(F.log_softmax(m(x_adv), 1), F.softmax(m(x), 1),
+                                                    reduction="batchmean")
+    assert torch.allclose(loss, want, rtol=1e-4) and torch.allclose(logits, m(x), atol=1e-5)
+    zero, _ = objectives.trades(attack, beta=0.0)(m, x, y)
+    assert torch.allclose(zero, F.cross_entropy(m(x), y), rtol=1e-5)

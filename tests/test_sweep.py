@@ -169,3 +169,45 @@ def test_asha_stops_weak_trials_early(tmp_path, ray_local):
     grid = tuner.fit()
     epochs = {r.config["point"]["quality"]: r.metrics["training_iteration"] for r in grid}
     assert epochs[8.0] == 8 and min(epochs.values()) < 8, epochs
+
+
+def test_trades_and_the_cw_attack_run_on_a_tiny_job(tmp_path, ray_local, mlflow_server):
+    """TRADES@stage-2 as one more method of the sweep, and PGD on C&W's margin loss as one
+    more attack: both run, both are named apart, and the paper's tables keep
+    cross-entropy PGD's numbers."""
+    import pandas as pd
+    import torch
+    import torchvision
+
+    weights = tmp_path / "imagenet_like.pt"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    raw = {"name": "trades", "seed": 0, "device": "cpu", "data": {"workers": 1},
+           "datasets": {"alphabet": {"params": {"train_per_class": 4, "test_per_class": 1}}},
+           "pretrain": {"backbones": ["resnet18"], "weights": str(weights)},
+           "finetune": {"datasets": ["alphabet"], "methods": ["full", "trades_stage2"],
+                        "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
+                        "trades": {"beta": 6.0, "attack": "pgd2_linf_2.0"}, "max_concurrent_trials": 1},
+           "eval": {"batch_size": 64, "attacks": ["pgd10_linf_0.5", "pgd10_linf_0.5[loss=cw]"]},
+           "analyses": {"enabled": False}}
+    job = tmp_path / "trades.yaml"
+    job.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "MLFLOW_TRACKING_URI": mlflow_server}
+    done = subprocess.run([sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    df = pd.read_csv(out / "results.csv")
+    got = {(m, a) for m, a in df[["method", "attack"]].dropna().values}
+    assert got == {(m, a) for m in ("full", "trades_stage2")
+                   for a in ("pgd10_linf_0.5", "pgd10_linf_0.5[loss=cw]")}
+    trades = json.loads(next((out / "checkpoints").glob("finetune-alphabet-resnet18-trades_stage2-*[!l].json"))
+                        .read_text())
+    assert trades["history"][0]["train_loss"] > 0
+    md = (out / "results.md").read_text()
+    table5 = md.split("## Table 5")[1].split("\n## ")[0]
+    assert "TRADES@stage-2" in table5
+    ce = df[(df.method == "trades_stage2") & (df.attack == "pgd10_linf_0.5")].iloc[0]
+    assert f"| TRADES@stage-2 |  | {ce.AOI:.2f} (–) | {ce.AAI:.2f} (–) |" in table5  # cross-entropy PGD's row
+    assert "loss=cw" not in md.split("## Stage 2 sweep")[0]  # no paper table shows the CW attack

@@ -163,3 +163,41 @@ def test_two_folder_datasets_give_two_fine_tuned_models(tmp_path):
     job = Job(cfg, tmp_path, torch.device("cpu"))
     keys = {sweep.stage_for(job, p, {}).key for p in sweep.points(cfg)}
     assert len(keys) == 2
+
+
+def _epoch(loader):
+    """(the order FFCV draws for the loader's next epoch, its images in that order)."""
+    order = loader.loader.next_traversal_order()
+    images = torch.cat([x.clone() for x, _ in loader])  # FFCV reuses its buffers
+    return order[:len(images)], images
+
+
+def test_training_crops_are_a_function_of_seed_epoch_and_index(small_alphabet):
+    """Each sample's crop and flip depend on (seed, epoch, index) only: not on the loader
+    threads that decode it, not on the batch it lands in, not on the other samples."""
+    from study.data.loaders import make_loader
+
+    beton = small_alphabet["train"].beton
+
+    def loader(workers=2, seed=0, indices=None, batch_size=32):
+        return make_loader(beton, train=True, resolution=32, batch_size=batch_size, workers=workers,
+                           seed=seed, indices=indices)
+
+    full = loader()
+    order0, first = _epoch(full)
+    order1, second = _epoch(full)
+    by_index = {int(i): x for i, x in zip(order0, first)}  # a last partial batch is dropped
+
+    def same(order, images):
+        common = [(int(i), img) for i, img in zip(order, images) if int(i) in by_index]
+        return len(common) > 0.5 * len(order) and all(torch.equal(by_index[i], img) for i, img in common)
+
+    assert same(*_epoch(loader(workers=1, batch_size=16)))  # 1 thread, other batches
+    subset = sorted(by_index)[::3]  # other samples around it, another order
+    assert same(*_epoch(loader(indices=subset, batch_size=8)))
+    again = {int(i): img for i, img in zip(order1, second)}  # the next epoch: new crops
+    differ = sum(not torch.equal(by_index[i], again[i]) for i in by_index if i in again)
+    assert differ > 0.8 * len(by_index)
+    o, x = _epoch(loader(seed=1))
+    other_seed = {int(i): img for i, img in zip(o, x)}
+    assert sum(not torch.equal(by_index[i], other_seed[i]) for i in by_index if i in other_seed) > 0.8 * len(by_index)

@@ -1,6 +1,8 @@
 """FFCV loaders that yield ``(float images in [0, 1], int64 labels)``.
 
-Training: random resized crop + optional horizontal flip, random order.
+Training: random resized crop + optional horizontal flip, random order, each sample's
+crop and flip a function of (seed, epoch, index) (study.data.augment), so a job and its
+seed give the same epochs on every run.
 Evaluation: centre crop, sequential order, every sample (no dropped last batch).
 Normalisation is *not* done here: it is the model's first layer (see study.models).
 """
@@ -42,10 +44,10 @@ class ImageLoader:
     """Wraps an FFCV Loader; converts uint8 NCHW batches to float in [0, 1] on ``device``."""
 
     def __init__(self, loader, device: torch.device, channels_last: bool, manifest: dict | None,
-                 decoder=None):
+                 decoder=None, cell=None):
         self.loader, self.device, self.channels_last = loader, device, channels_last
         self.manifest = manifest or {}
-        self.decoder = decoder
+        self.decoder, self.cell = decoder, cell
 
     def set_resolution(self, side: int) -> None:
         """The training crop's side from the next epoch on (progressive resizing, as
@@ -62,6 +64,8 @@ class ImageLoader:
         return len(self.loader)
 
     def __iter__(self):
+        if self.cell is not None:  # the augmentation's epoch: the one FFCV's order is drawn for
+            self.cell.set(self.loader.next_epoch)
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True)
             if self.channels_last:
@@ -89,22 +93,24 @@ def make_loader(beton, *, train: bool, resolution: int, batch_size: int, dataset
                 seed: int = 0, indices=None, drop_last: bool | None = None,
                 channels_last: bool = False) -> ImageLoader:
     """An FFCV loader over ``beton``; the dataset's registry entry sets the augmentation."""
-    from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
-                                      RandomResizedCropRGBImageDecoder)
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+    from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+    from study.data.augment import EpochCell, SeededHorizontalFlip, SeededRandomResizedCrop
 
     beton = Path(beton)
     manifest = read_manifest(beton.with_suffix(".json"))
     check_beton(beton, manifest)  # a clear error now beats a numba crash in a worker thread
     info = get_info(dataset or (manifest or {}).get("dataset", "folder"))
     size = (resolution, resolution)
-    decoder = None
+    decoder = cell = None
     if train:
-        decoder = RandomResizedCropRGBImageDecoder(size, scale=info.crop_scale)
+        cell = EpochCell()
+        decoder = SeededRandomResizedCrop(size, cell, seed, scale=info.crop_scale)
         image_ops = [decoder]
         if info.flip:
-            image_ops.append(RandomHorizontalFlip())
+            image_ops.append(SeededHorizontalFlip(cell, seed))
     else:
         image_ops = [CenterCropRGBImageDecoder(size, ratio=info.eval_crop_ratio)]
     image_ops += [ToTensor(), ToTorchImage()]
@@ -115,4 +121,4 @@ def make_loader(beton, *, train: bool, resolution: int, batch_size: int, dataset
         drop_last=train if drop_last is None else drop_last,
         pipelines={"image": image_ops, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
     )
-    return ImageLoader(loader, torch.device(device), channels_last, manifest, decoder)
+    return ImageLoader(loader, torch.device(device), channels_last, manifest, decoder, cell)

@@ -237,7 +237,7 @@ def test_paper_table_jobs_are_valid_given_their_data(tmp_path, name):
     cfg = config.parse(raw)
     pts = sweep.points(cfg)
     expected = {"table1": 7 * (9 + 3 + 9), "table2": 7 * (9 + 9), "table3": 5 * 7 * (1 + 4),
-                "table4": 2 * (4 + 4), "table4_cifar10": 2 * (4 + 4), "table5": 7 * (4 * 5 + 3 * 4)}
+                "table4": 2 * (4 + 4), "table4_cifar10": 2 * (4 + 4), "table5": 7 * (4 * 6 + 3 * 4)}
     assert len(pts) == expected[name]
     if name == "table5":
         assert cfg.robust_objective() == "pgd3_linf_4.0" and cfg.source_objective() == "standard"

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from study import distributed
 from study.attacks import local_lipschitz
+from study.claims import by_seed
 from study.config import JobConfig, parse
 from study.data.beton import atomic_write_text, config_hash
 from study.fastcopy import inference_copy
@@ -180,10 +181,13 @@ def uap_effect(model: nn.Module, batches, delta: torch.Tensor, target: int | Non
     the share of images not of class ``target`` that ``delta`` sends to ``target``."""
     model.eval()
     n = clean = hit = others = under = 0
+    oks, unders = [], []
     for x, y in batches:
         d = _fit(delta, x.shape[-1])
         p0 = model(x).argmax(1)
         p = model((x + d).clamp(0, 1)).argmax(1)
+        oks.append((p0 == y).cpu())
+        unders.append((p == y).cpu())
         n += len(y)
         clean += int((p0 == y).sum())
         under += int((p == y).sum())
@@ -192,7 +196,8 @@ def uap_effect(model: nn.Module, batches, delta: torch.Tensor, target: int | Non
             others += int(mask.sum())
             hit += int((p[mask] == target).sum())
     aoi, acc = 100.0 * clean / max(n, 1), 100.0 * under / max(n, 1)
-    return {"images": n, "AOI": aoi, "acc_under_uap": acc,
+    bits = lambda t: "".join("1" if v else "0" for v in torch.cat(t).tolist())  # noqa: E731
+    return {"images": n, "AOI": aoi, "acc_under_uap": acc, "correct": bits(oks), "robust": bits(unders),
             "DR": 100.0 * (aoi - acc) / aoi if aoi > 0 else float("nan"),
             "success": 100.0 * hit / max(others, 1) if target is not None else None}
 
@@ -218,7 +223,8 @@ class Analyst:
     def __init__(self, job_config: dict, out: str, threads: int = 1):
         torch.set_num_threads(max(1, int(threads)))
         self.cfg: JobConfig = parse(job_config)
-        self.job = Job(self.cfg, Path(out), resolve_device(self.cfg.device), progress=False)
+        self.job = Job(self.cfg, Path(out), resolve_device(self.cfg.device, self.cfg.deterministic), progress=False)
+        self.seed = self.cfg.seed  # the replicate of the task at hand
         self.spec = self.cfg.analyses
         self._models: dict[str, nn.Module] = {}
 
@@ -230,7 +236,7 @@ class Analyst:
 
     def batches(self, key: str, split: str, images: int, train: bool = False) -> list:
         out, n = [], 0
-        for x, y in self.job.loader(key, split, self.cfg.eval.batch_size, train=train, seed=self.cfg.seed,
+        for x, y in self.job.loader(key, split, self.cfg.eval.batch_size, train=train, seed=self.seed,
                                     workers=1):
             x, y = x[: images - n].clone().contiguous().to(self.job.device), y[: images - n].clone()
             out.append((x, y.to(self.job.device)))
@@ -243,6 +249,7 @@ class Analyst:
         import os
 
         start, t0 = time.time(), time.perf_counter()
+        self.seed = task.get("seed", self.cfg.seed)
         result = getattr(self, "_" + task["kind"])(**task["args"])
         import ray
 
@@ -260,7 +267,7 @@ class Analyst:
                 m = self.model(ckpt)
                 per = [m.layers(x) for x, _ in batches]
                 acts[name] = {layer: torch.cat([p[layer] for p in per]) for layer in per[0]}
-        g = torch.Generator().manual_seed(self.cfg.seed)
+        g = torch.Generator().manual_seed(self.seed)
         out = {}
         names = list(models)
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
@@ -280,7 +287,7 @@ class Analyst:
         u = self.spec.uap
         model = self.model(ckpt)
         train = self.batches(key, "train", u.train_images, train=False)
-        delta = train_uap(model, train, u.target, u.eps / 255.0, u.steps, u.lr, self.cfg.seed)
+        delta = train_uap(model, train, u.target, u.eps / 255.0, u.steps, u.lr, self.seed)
         test = self.batches(key, "test", self.spec.images)
         own = uap_effect(model, test, delta, u.target)
         along = []
@@ -298,12 +305,13 @@ class Analyst:
         the DR it causes on each."""
         u = self.spec.uap
         src = self.batches(source_key, "train", u.train_images)
-        delta = train_uap(self.model(pretrained), src, u.target, u.eps / 255.0, u.steps, u.lr, self.cfg.seed)
+        delta = train_uap(self.model(pretrained), src, u.target, u.eps / 255.0, u.steps, u.lr, self.seed)
         test = self.batches(key, "test", self.spec.images)
         own = uap_effect(self.model(pretrained), self.batches(source_key, "test", self.spec.images), delta,
                          u.target)
-        return {"source_success": own["success"],
-                "DR": {name: uap_effect(self.model(c), test, delta, None)["DR"] for name, c in models.items()}}
+        effects = {name: uap_effect(self.model(c), test, delta, None) for name, c in models.items()}
+        return {"source_success": own["success"], "DR": {name: e["DR"] for name, e in effects.items()},
+                "masks": {name: {"correct": e["correct"], "robust": e["robust"]} for name, e in effects.items()}}
 
     def _mmd(self, source_key: str, key: str, pretrained: str) -> dict:
         m = self.model(pretrained)
@@ -314,7 +322,7 @@ class Analyst:
 
     def _ll(self, key: str, models: dict) -> dict:
         spec = self.spec.ll
-        g = torch.Generator().manual_seed(self.cfg.seed)
+        g = torch.Generator().manual_seed(self.seed)
         out = {}
         batches = self.batches(key, "test", spec.images)
         for name, ckpt in models.items():
@@ -332,12 +340,20 @@ class Analyst:
 # -- the driver -----------------------------------------------------------------------------
 
 
+def run_replicates(job: Job, rows: list[dict], stages: dict, sources: dict, log=print) -> dict:
+    """Section 4's analyses of every seed's models (``run``)."""
+    per_seed = {s: models_of(job.for_seed(s), [r for r in rows if r.get("seed") == s], stages, sources)
+                for s in job.cfg.replicate_seeds()}
+    return run(job, per_seed, log)
+
+
 def models_of(job: Job, rows: list[dict], stages: dict, sources: dict) -> dict:
-    """The models Section 4 analyses on each target dataset (first fine-tuning backbone):
-    the pre-trained (the standard source), and the selected fine-tuned and standard ones."""
+    """The models Section 4 analyses on each target dataset (first fine-tuning backbone) of
+    the job's seed: the pre-trained (the standard source), and the selected fine-tuned and
+    standard ones."""
     cfg = job.cfg
     backbone = cfg.finetune_backbones()[0]
-    pre = sources.get((backbone, cfg.source_objective()))
+    pre = sources.get((cfg.seed, backbone, cfg.source_objective()))
     models: dict = {}
     for key in cfg.finetune.datasets:
         m: dict = {"snapshots": {}}
@@ -353,7 +369,12 @@ def models_of(job: Job, rows: list[dict], stages: dict, sources: dict) -> dict:
     return models
 
 
-def plan(job, models: dict) -> list[dict]:
+def plan(job, per_seed: dict) -> list[dict]:
+    """The tasks of every replicate: ``per_seed`` maps a seed to its ``models_of``."""
+    return [{**t, "seed": seed} for seed, models in per_seed.items() for t in _plan(job, models, seed)]
+
+
+def _plan(job, models: dict, seed: int) -> list[dict]:
     """The tasks for every target dataset. ``models``: dataset key -> {"pretrained",
     "full", "scratch": checkpoint path, "snapshots": {"full"|"scratch": [...]}} (the
     selected trials); a dataset missing a model gets no task that needs it."""
@@ -373,7 +394,7 @@ def plan(job, models: dict) -> list[dict]:
                 tasks.append({"kind": "uap", "dataset": key, "model": k,
                               "args": {"key": key, "name": names[k], "ckpt": m[k],
                                        "snapshots": m.get("snapshots", {}).get(k, []),
-                                       "png": str(folder / f"uap-{key}-{k}.png")}})
+                                       "png": str(folder / f"uap-{key}-{k}-s{seed}.png")}})
         if m.get("pretrained") and source_ok:
             both = {names[k]: m[k] for k in ("full", "scratch") if m.get(k)}
             if both:
@@ -388,9 +409,11 @@ def plan(job, models: dict) -> list[dict]:
     return tasks
 
 
-def run(job, models: dict, log=print) -> dict:
-    """Runs the analyses on a pool of Ray actors; writes ``OUT/analyses/analyses.json``
-    (atomically) and returns it. Reuses a previous result for the same models and spec."""
+def run(job, per_seed: dict, log=print) -> dict:
+    """Runs the analyses of every seed (``per_seed``: seed -> ``models_of``) on a pool of
+    Ray actors; writes ``OUT/analyses/analyses.json`` (atomically: ``{"seeds": {seed:
+    {"datasets": ...}}}``, which actor ran what, when) and returns it. Reuses a previous
+    result for the same models and spec."""
     import ray
     from ray.util import ActorPool
 
@@ -399,7 +422,7 @@ def run(job, models: dict, log=print) -> dict:
     folder = job.out / "analyses"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "analyses.json"
-    tasks = plan(job, models)
+    tasks = plan(job, per_seed)
     key = config_hash({"tasks": tasks, "spec": spec.model_dump()})
     if path.is_file():
         prev = json.loads(path.read_text())
@@ -408,7 +431,7 @@ def run(job, models: dict, log=print) -> dict:
             return prev
     if not tasks:
         log("analyses: nothing to analyse (no fine-tuned model)")
-        return {"key": key, "datasets": {}}
+        return {"key": key, "seeds": {}}
     distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     n = min(spec.actors, len(tasks))
     actor = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(Analyst)
@@ -430,14 +453,15 @@ def run(job, models: dict, log=print) -> dict:
             bar.update(1)
     for a in actors:
         ray.kill(a)
-    out: dict = {"key": key, "seconds": time.perf_counter() - start, "actors": n, "datasets": {},
-                 "tasks": [{"kind": r["task"]["kind"], "dataset": r["task"]["dataset"],
+    out: dict = {"key": key, "seconds": time.perf_counter() - start, "actors": n,
+                 "seeds": {str(s): {"datasets": {}} for s in per_seed},
+                 "tasks": [{"kind": r["task"]["kind"], "dataset": r["task"]["dataset"], "seed": r["task"]["seed"],
                             "model": r["task"].get("model"), "pid": r["pid"], "node": r["node"],
                             "started": r["started"],
                             "ended": r["ended"]} for r in done]}
     for r in sorted(done, key=lambda r: tasks.index(r["task"])):
         t = r["task"]
-        slot = out["datasets"].setdefault(t["dataset"], {})  # the job's key, as in results
+        slot = out["seeds"][str(t["seed"])]["datasets"].setdefault(t["dataset"], {})  # the job's key, as in results
         if t["kind"] == "uap":
             slot.setdefault("uap", {})[t["model"]] = r["result"]
         else:
@@ -447,7 +471,15 @@ def run(job, models: dict, log=print) -> dict:
 
 
 def metrics(result: dict) -> dict:
-    """Flat MLflow metrics of an analyses result."""
+    """Flat MLflow metrics of an analyses result (``.../s<seed>`` per replicate)."""
+    m = {}
+    for seed, rep in by_seed(result).items():
+        for k, v in _metrics(rep).items():
+            m[f"{k}/s{seed}"] = v
+    return m
+
+
+def _metrics(result: dict) -> dict:
     m = {}
     for key, a in result.get("datasets", {}).items():
         for pair, v in a.get("cca", {}).items():

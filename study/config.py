@@ -122,6 +122,7 @@ class PretrainSpec(_Strict):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint
     progressive: Optional[Progressive] = None
+    replicate: bool = True               # false: every seed fine-tunes the first seed's backbones
 
     @field_validator("objectives")
     @classmethod
@@ -357,7 +358,7 @@ class AnalysesSpec(_Strict):
 
 
 MODELS = ("pretrain",) + tuple(METHODS)  # what an attack may be limited to
-_LIMITS = ("methods", "datasets")
+_LIMITS = ("methods", "datasets", "seeds")
 
 
 class AttackEntry(BaseModel):
@@ -370,6 +371,7 @@ class AttackEntry(BaseModel):
     attack: Attack
     methods: Optional[tuple[str, ...]] = None
     datasets: Optional[tuple[str, ...]] = None
+    seeds: Optional[tuple[int, ...]] = None
     written: Any = None
 
     @model_validator(mode="before")
@@ -385,7 +387,10 @@ class AttackEntry(BaseModel):
             attack = parse_attack(rest)
         except AttackError as err:
             raise ValueError(str(err)) from None
-        only, data = limits.get("methods"), limits.get("datasets")
+        only, data, seeds = limits.get("methods"), limits.get("datasets"), limits.get("seeds")
+        if seeds is not None and (not isinstance(seeds, list) or not seeds
+                                  or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+            raise ValueError(f"attack {attack.name!r}: seeds must be a list of seeds of the job, got {seeds!r}")
         if only is not None and (not isinstance(only, list) or not only or any(m not in MODELS for m in only)):
             raise ValueError(f"attack {attack.name!r}: methods must be a list drawn from "
                              f"{', '.join(MODELS)}, got {only!r}")
@@ -393,15 +398,17 @@ class AttackEntry(BaseModel):
                                  or not all(isinstance(d, str) for d in data)):
             raise ValueError(f"attack {attack.name!r}: datasets must be a list of keys of datasets, got {data!r}")
         return {"attack": attack, "methods": None if only is None else tuple(only),
-                "datasets": None if data is None else tuple(data), "written": spec}
+                "datasets": None if data is None else tuple(data),
+                "seeds": None if seeds is None else tuple(seeds), "written": spec}
 
     @model_serializer
     def _dump(self):
         return self.written
 
-    def applies(self, method: str | None, dataset: str | None) -> bool:
+    def applies(self, method: str | None, dataset: str | None, seed: int | None = None) -> bool:
         return ((method is None or self.methods is None or method in self.methods)
-                and (dataset is None or self.datasets is None or dataset in self.datasets))
+                and (dataset is None or self.datasets is None or dataset in self.datasets)
+                and (seed is None or self.seeds is None or seed in self.seeds))
 
 
 class EvalSpec(_Strict):
@@ -420,15 +427,24 @@ class EvalSpec(_Strict):
         _no_repeats([e.attack.name for e in entries], "attack")
         return entries
 
-    def suite(self, method: str | None = None, dataset: str | None = None) -> list[Attack]:
-        """The attacks, or those that run on models of ``method`` on ``dataset``."""
-        return [e.attack for e in self.attacks if e.applies(method, dataset)]
+    def suite(self, method: str | None = None, dataset: str | None = None, seed: int | None = None) -> list[Attack]:
+        """The attacks, or those that run on models of ``method`` on ``dataset`` (of replicate ``seed``)."""
+        return [e.attack for e in self.attacks if e.applies(method, dataset, seed)]
+
+
+Seed = Annotated[int, Field(ge=0, lt=2 ** 31)]
 
 
 class JobConfig(_Strict):
     name: str = Field(min_length=1)
-    seed: int = 0
+    seed: Seed = 0
+    # replicates: every seed trains its own models (stage 1 too, unless pretrain.replicate
+    # is false); default: the one `seed`
+    seeds: Optional[list[Seed]] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CUDA kernels that repeat bit for bit (study.engine.deterministic_kernels); slower.
+    # Not part of any stage's identity: a model trained either way is the same stage
+    deterministic: bool = False
     data: DataSpec = Field(default_factory=DataSpec)
     datasets: dict[str, DatasetSpec] = Field(min_length=1)
     pretrain: PretrainSpec
@@ -437,6 +453,27 @@ class JobConfig(_Strict):
     ray: RaySpec = Field(default_factory=RaySpec)
     analyses: AnalysesSpec = Field(default_factory=AnalysesSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds):
+        if seeds is not None:
+            if not seeds:
+                raise ValueError("give at least one seed (or leave seeds out: the one `seed`)")
+            _no_repeats(seeds, "seed")
+        return seeds
+
+    @model_validator(mode="after")
+    def _seed_of_seeds(self):
+        """With seeds, ``seed`` is one of them: the replicate a config stands for (the
+        first unless set; ``for_seed`` sets the others)."""
+        if self.seeds is not None:
+            if "seed" in self.model_fields_set and self.seed not in self.seeds:
+                raise _FieldError("seed", f"{self.seed} is not one of seeds ({', '.join(map(str, self.seeds))}): "
+                                  f"leave seed out with seeds")
+            if "seed" not in self.model_fields_set:
+                self.seed = self.seeds[0]
+        return self
 
     # -- checks across sections, one per section ---------------------------------------
     @model_validator(mode="after")
@@ -534,6 +571,10 @@ class JobConfig(_Strict):
         for i, entry in enumerate(self.eval.attacks):
             for d in entry.datasets or ():
                 self._known_dataset(f"eval.attacks[{i}].datasets", d)
+            for seed in entry.seeds or ():
+                if seed not in self.replicate_seeds():
+                    raise _FieldError(f"eval.attacks[{i}].seeds", f"{seed} is not a seed of the job "
+                                      f"(seeds: {', '.join(map(str, self.replicate_seeds()))})")
         return self
 
     @model_validator(mode="after")
@@ -573,6 +614,14 @@ class JobConfig(_Strict):
         if spec.resolution:
             return spec.resolution
         return int(self.dataset_params(key).get("image_size", 224))
+
+    def replicate_seeds(self) -> list[int]:
+        """The seeds the job replicates its models over."""
+        return list(self.seeds) if self.seeds is not None else [self.seed]
+
+    def for_seed(self, seed: int) -> "JobConfig":
+        """This job as one of its replicates: everything seeded draws from ``seed``."""
+        return self.model_copy(update={"seed": int(seed)})
 
     def source_objective(self) -> str:
         """The standard pre-training: the objective whose backbone fine-tunes start from."""

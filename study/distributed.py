@@ -28,7 +28,7 @@ import torch
 
 from study import objectives
 from study.data.loaders import make_loader
-from study.engine import Trainer, TrainSettings
+from study.engine import Trainer, TrainSettings, deterministic_kernels
 from study.models import build_model, unwrap
 from study.tracking import quiet_mlflow
 
@@ -182,6 +182,7 @@ def train_loop(cfg: dict) -> None:
     cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     torch.set_num_threads(cpus)
     device = rtt.get_device() if cfg["use_gpu"] else torch.device("cpu")
+    deterministic_kernels(cfg.get("deterministic", False))
     settings = TrainSettings(**cfg["train"])
     if settings.batch_size % world:
         raise ValueError(f"batch_size {settings.batch_size} is not divisible by {world} workers")
@@ -222,8 +223,8 @@ def train_loop(cfg: dict) -> None:
 def worker_config(*, beton, dataset: str, resolution: int, num_classes: int, backbone: str,
                   objective, train: dict, seed: int, use_gpu: bool, desc: str,
                   run_id: str | None = None, tracking_uri: str | None = None,
-                  progressive: dict | None = None) -> dict:
-    return {"beton": str(Path(beton).resolve()), "dataset": dataset, "resolution": resolution,
+                  progressive: dict | None = None, deterministic: bool = False) -> dict:
+    return {"deterministic": deterministic, "beton": str(Path(beton).resolve()), "dataset": dataset, "resolution": resolution,
             "num_classes": num_classes, "backbone": backbone, "objective": objective,
             "train": dict(train), "seed": seed, "use_gpu": use_gpu, "desc": desc,
             "run_id": run_id, "tracking_uri": tracking_uri, "progressive": progressive}

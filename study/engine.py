@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from typing import Annotated, Callable, Iterable, Literal
@@ -35,6 +36,19 @@ from study.objectives import cross_entropy
 TRAINS = ("f+g", "g")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+
+
+def deterministic_kernels(on: bool) -> None:
+    """The job option ``deterministic``: CUDA kernels that repeat bit for bit (cuDNN's
+    deterministic algorithms, no autotuning, cuBLAS with a fixed workspace), and an error
+    from any op that has none. On CPU the study's runs repeat without it. The switch is
+    per process, so each worker sets it; it cannot be turned off again in one."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def one_of(known, what):

@@ -46,27 +46,36 @@ class _Table:
     """The job's result rows as its models are evaluated, and the stages behind them."""
 
     def __init__(self, job: Job):
-        self.job, self.rows, self.sanity, self.stages = job, [], [], {}
+        self.job, self.rows, self.sanity, self.stages, self.masks = job, [], [], {}, {}
 
-    def add(self, stage, key: str, backbone: str, method: str, source: str | None, point=None):
+    def add(self, stage, seed: int, key: str, backbone: str, method: str, source: str | None, point=None):
         self.stages[stage.key] = stage
-        records, flags = evaluate_stage(self.job, stage, key, backbone, method)
-        model = {"dataset": key, "backbone": backbone, "method": method, "source": source,
-                 "stage": stage.key}
-        rows, sanity = results.model_rows(self.job.cfg, model, stage.record, records, flags, point)
+        job = self.job.for_seed(seed)
+        records, flags = evaluate_stage(job, stage, key, backbone, method)
+        n = min(int(job.manifest(key, "test")["count"]), job.cfg.eval.max_images or 10 ** 12)
+        model = {"dataset": key, "backbone": backbone, "method": method, "source": source, "seed": seed,
+                 "stage": stage.key, "images": n}
+        rows, sanity = results.model_rows(job.cfg, model, stage.record, records, flags, point)
+        self.masks[stage.key] = results.per_image(records)
         self.rows.extend(rows)
         self.sanity.extend(sanity)
 
 
 def _stage1(job: Job, table: _Table) -> dict:
-    """(backbone, objective name) -> the pre-trained Stage; those trained here are attacked."""
+    """(seed, backbone, objective name) -> the pre-trained Stage, for every replicate (with
+    ``pretrain.replicate: false`` every seed gets the first seed's); those trained here are
+    attacked."""
     cfg, sources = job.cfg, {}
-    for backbone in cfg.pretrain.backbones:
-        for objective in cfg.pretrain.objective_specs():
-            name = objectives.objective_name(objective)
-            sources[backbone, name] = stage = pretrain(job, backbone, objective)
-            if stage.record.get("AOI") is not None:  # trained here: it has a test split
-                table.add(stage, cfg.pretrain.dataset, backbone, "pretrain", name)
+    seeds = cfg.replicate_seeds()
+    for seed in seeds if cfg.pretrain.replicate else seeds[:1]:
+        for backbone in cfg.pretrain.backbones:
+            for objective in cfg.pretrain.objective_specs():
+                name = objectives.objective_name(objective)
+                sources[seed, backbone, name] = stage = pretrain(job.for_seed(seed), backbone, objective)
+                if stage.record.get("AOI") is not None:  # trained here: it has a test split
+                    table.add(stage, seed, cfg.pretrain.dataset, backbone, "pretrain", name)
+    if not cfg.pretrain.replicate:
+        sources |= {(seed, b, o): st for seed in seeds[1:] for (_, b, o), st in list(sources.items())}
     return sources
 
 
@@ -79,7 +88,7 @@ def _stage2(job: Job, table: _Table, sources: dict, parent) -> None:
         if stage.record is None:
             log(f"sweep: {sweep.label(p)} has no trained model (failed or stopped early)")
             continue
-        table.add(stage, p["dataset"], p["backbone"], p["method"], sweep.source_name(cfg, p["method"]), p)
+        table.add(stage, p["seed"], p["dataset"], p["backbone"], p["method"], sweep.source_name(cfg, p["method"]), p)
 
 
 def _warn_cpu_driver(cfg: JobConfig, device) -> None:
@@ -94,7 +103,7 @@ def _warn_cpu_driver(cfg: JobConfig, device) -> None:
 def run_job(cfg: JobConfig, out: Path, progress: bool = True):
     """Runs the job into ``out``; returns the results frame and its Markdown."""
     out = Path(out)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.deterministic)
     out.mkdir(parents=True, exist_ok=True)
     job = Job(cfg, out, device, progress)
     atomic_write_text(out / "job.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
@@ -112,15 +121,17 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
             results.select(table.rows)
             found = {}
             if cfg.finetune is not None and cfg.analyses.enabled:
-                found = analyses.run(job, analyses.models_of(job, table.rows, table.stages, sources), log=log)
+                found = analyses.run_replicates(job, table.rows, table.stages, sources, log=log)
             distributed.release_ray()
-            df, md = results.write(table.rows, out, title=f"{cfg.name}: results", sanity=table.sanity)
-            for name in ("results.csv", "results.md", "sanity.csv"):
+            df, md = results.write(table.rows, out, title=f"{cfg.name}: results", sanity=table.sanity,
+                                   masks=table.masks)
+            for name in ("results.csv", "results.md", "sanity.csv", "per_image.json"):
                 mlflow.log_artifact(str(out / name))
             if found:
                 mlflow.log_metrics(analyses.metrics(found))
                 mlflow.log_artifacts(str(out / "analyses"), "analyses")
-            page = report.build(df, found, out / "report", title=cfg.name)
+            page = report.build(df, found, out / "report", title=cfg.name, masks=table.masks)
+            mlflow.log_artifact(str(out / "report" / "claims.json"))
             mlflow.log_artifacts(str(out / "report"), "report")
             log(f"report: {page}")
     return df, md

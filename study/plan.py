@@ -154,7 +154,7 @@ def costs_for(cfg: JobConfig, path: Path | None, measure_here: bool, log=print) 
     need = {(b, resolution(cfg, k)) for k in _targets(cfg) for b in _backbones(cfg)}
     if cfg.pretrain.weights is None:
         need |= {(b, resolution(cfg, cfg.pretrain.dataset)) for b in cfg.pretrain.backbones}
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.deterministic)
     here = _device_name(device)
     for b, side in sorted(need):
         k = f"{b}@{side}"
@@ -200,11 +200,11 @@ def estimate(cfg: JobConfig, costs: dict) -> dict:
     def cost(backbone, key):
         return c.get(f"{backbone}@{resolution(cfg, key)}")
 
-    def suite_seconds(backbone, key, method, n_test):
+    def suite_seconds(backbone, key, method, n_test, seed=None):
         k = cost(backbone, key)
         cap = cfg.eval.max_images
         total = 0.0
-        for a in cfg.eval.suite(method, key):
+        for a in cfg.eval.suite(method, key, seed):
             n = min(x for x in (n_test, cap, a.max_images) if x is not None)
             steps = AUTOATTACK_STEPS if a.kind == "autoattack" else a.steps * a.restarts
             total += n * (steps * k["attack"] + 2 * k["infer"])
@@ -223,8 +223,9 @@ def estimate(cfg: JobConfig, costs: dict) -> dict:
                     unknown.append(f"stage 1 {b} on {key}: " + ("size unknown" if size is None else "no cost"))
                     continue
                 steps = _attack_steps(obj)
-                s = t.epochs * size[0] * (k["train"] + steps * k["attack"]) \
-                    + suite_seconds(b, key, "pretrain", size[1])
+                replicates = len(cfg.replicate_seeds()) if cfg.pretrain.replicate else 1
+                s = replicates * (t.epochs * size[0] * (k["train"] + steps * k["attack"])
+                                  + suite_seconds(b, key, "pretrain", size[1]))
                 seconds += s
                 stages.append({"stage": "pretrain", "backbone": b, "objective": str(obj), "seconds": s})
     pts = sweep.points(cfg) if cfg.finetune else []
@@ -247,7 +248,7 @@ def estimate(cfg: JobConfig, costs: dict) -> dict:
         n_train = size[0] * (1 - ft.val_fraction)
         step_cost = k["infer"] if METHODS[p["method"]].trains == "g" else k["train"]
         s = spec.epochs * (n_train * (step_cost + steps * k["attack"]) + size[0] * ft.val_fraction * k["infer"])
-        s += suite_seconds(b, key, p["method"], size[1])
+        s += suite_seconds(b, key, p["method"], size[1], p["seed"])
         seconds += s
     return {"trials": len(pts), "per_method": per_method, "stages": stages, "seconds": seconds,
             "unknown": unknown, "device": costs.get("device")}

@@ -77,7 +77,8 @@ def _train_on_ray(job: Job, stage: Stage, backbone: str, objective, run_name: st
             objective=objective, train=p.train.settings().model_dump(), seed=cfg.seed,
             use_gpu=p.scaling.use_gpu, desc=run_name, run_id=run.info.run_id,
             tracking_uri=mlflow.get_tracking_uri(),
-            progressive=p.progressive.model_dump() if p.progressive else None)
+            progressive=p.progressive.model_dump() if p.progressive else None,
+            deterministic=cfg.deterministic)
         state = distributed.fit(worker_cfg, name=stage.ckpt.stem,
                                 storage=distributed.storage_path(cfg.ray.storage, job.out),
                                 workers=p.scaling.workers, use_gpu=p.scaling.use_gpu,

@@ -13,14 +13,16 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from study import stats
+from study.claims import TABLE1_ATTACK, by_seed, judge, picks
 from study.data.beton import atomic_write_bytes, atomic_write_text
 from study.methods import DEFAULT_LAMBDA, DEFENSES, METHODS, TABLE1, TABLE5
 
 PAPER_NAME = {m.name: m.paper for m in METHODS.values() if m.paper}
 MODEL_NAME = {m.name: m.label for m in METHODS.values()}
-TABLE1_ATTACK = "pgd10_linf_0.5"
 TABLE2_ATTACKS = ("pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0", "autoattack_linf_0.5")
 
 
@@ -71,14 +73,58 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _pick(df: pd.DataFrame, dataset: str, method: str, attack: str):
-    """The selected model's row (of the paper's λ for DM, else the largest λ run)."""
-    hit = df[(df.dataset == dataset) & (df.method == method) & (df.attack == attack)]
-    if "selected" in hit:
-        hit = hit[hit.selected.astype(bool)]
-    if len(hit) > 1 and hit.lam.notna().any():
-        paper_lam = hit[hit.lam == DEFAULT_LAMBDA]
-        hit = paper_lam if len(paper_lam) else hit.sort_values("lam", ascending=False)
+    """The selected model's row of the first seed, or None."""
+    hit = picks(df, dataset, method, attack)
     return hit.iloc[0] if len(hit) else None
+
+
+def _ci(rows: pd.DataFrame, metric: str) -> tuple[float, float, float]:
+    """(value, lo, hi): one seed's row and its interval over images, or the mean and
+    Student's interval over the seeds' rows."""
+    if len(rows) == 0:
+        return float("nan"), float("nan"), float("nan")
+    if len(rows) == 1:
+        r = rows.iloc[0]
+        get = lambda k: float(r[k]) if k in r and pd.notna(r[k]) else float("nan")  # noqa: E731
+        return get(metric), get(f"{metric}_lo"), get(f"{metric}_hi")
+    return stats.over_seeds(rows[metric].astype(float))
+
+
+def _fmt_ci(rows: pd.DataFrame, metric: str) -> str:
+    """``value ± half-width``; † where the half-width exceeds stats.WIDE points."""
+    v, lo, hi = _ci(rows, metric)
+    if v != v:
+        return "–"
+    if lo != lo or hi != hi:
+        return f"{v:.2f}"
+    half = (hi - lo) / 2
+    return f"{v:.2f} ± {half:.2f}" + (" †" if half > stats.WIDE else "")
+
+
+def _basis(rows: pd.DataFrame) -> str:
+    """How many images and seeds a block rests on."""
+    if len(rows) == 0:
+        return ""
+    images = sorted({int(n) for n in rows.images.dropna()}) if "images" in rows else []
+    seeds = rows.seed.nunique() if "seed" in rows and rows.seed.notna().any() else 1
+    kind = "interval over seeds" if seeds > 1 else "interval over test images"
+    return (f"{'/'.join(map(str, images)) or '?'} test images, {seeds} seed{'s' if seeds > 1 else ''}; "
+            f"± is a 95 % {kind}; † wider than ±{stats.WIDE:g} points: too few images")
+
+
+def replicates(df: pd.DataFrame) -> str:
+    """Which seeds the numbers rest on, and whether stage 1 was replicated with them."""
+    if "seed" not in df or df.seed.isna().all():
+        return ""
+    tuned = sorted(int(s) for s in df[df.method != "pretrain"].seed.dropna().unique())
+    pre = sorted(int(s) for s in df[df.method == "pretrain"].seed.dropna().unique())
+    seeds = sorted(set(tuned) | set(pre))
+    line = f"Replicates: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}."
+    if len(tuned) > 1 and len(pre) == 1:
+        line += (f" Stage 1 was trained once, with seed {pre[0]} (pretrain.replicate: false): every seed "
+                 f"fine-tunes the same pre-trained backbones, so the intervals over seeds leave out "
+                 f"pre-training's own variation.")
+    return line
 
 
 def stage1(df: pd.DataFrame) -> str:
@@ -90,13 +136,11 @@ def stage1(df: pd.DataFrame) -> str:
     rows = []
     for (dataset, backbone, source), g in pre.groupby(["dataset", "backbone", "source"], sort=False):
         clean = g[g.attack.isna() | (g.attack == "")]
-        cells = [dataset, backbone, str(source), _fmt(clean.AOI.iloc[0] if len(clean) else None)]
-        for a in attacks:
-            hit = g[g.attack == a]
-            cells.append(_fmt(hit.AAI.iloc[0] if len(hit) else None))
+        cells = [dataset, backbone, str(source), _fmt_ci(clean, "AOI")]
+        cells += [_fmt_ci(g[g.attack == a], "AAI") for a in attacks]
         rows.append(cells)
     return ("## Stage 1: pre-trained backbones on the source task\n\n"
-            "AOI, and AAI under each attack (the paper publishes none of these).\n\n"
+            f"AOI, and AAI under each attack (the paper publishes none of these); {_basis(pre)}.\n\n"
             + _md(["source task", "backbone", "pre-training", "AOI"] + [f"AAI {a}" for a in attacks], rows))
 
 
@@ -105,16 +149,18 @@ def table1(df: pd.DataFrame) -> str:
     PGD-10 at 0.5/255, one block per target dataset, the paper's value after ours."""
     blocks = []
     for dataset in dict.fromkeys(df.dataset[df.attack == TABLE1_ATTACK]):
-        rows = []
+        rows, used = [], []
         for method in TABLE1:
-            r = _pick(df, dataset, method, TABLE1_ATTACK)
-            if r is None:
+            r = picks(df, dataset, method, TABLE1_ATTACK)
+            if not len(r):
                 continue
+            used.append(r)
             p = paper_for_row(dataset, method, TABLE1_ATTACK)
-            rows.append([MODEL_NAME[method]] + [f"{_fmt(r[m])} ({_fmt(p['paper_' + m])})"
+            rows.append([MODEL_NAME[method]] + [f"{_fmt_ci(r, m)} ({_fmt(p['paper_' + m])})"
                                                  for m in ("AOI", "AAI", "DR")])
         if rows:
-            blocks.append(f"**{dataset}**, ours (paper)\n\n" + _md(["model", "AOI", "AAI", "DR"], rows))
+            blocks.append(f"**{dataset}**, ours (paper); {_basis(pd.concat(used))}\n\n"
+                          + _md(["model", "AOI", "AAI", "DR"], rows))
     if not blocks:
         return ""
     return (f"## Table 1: robustness under {TABLE1_ATTACK} (PGD-10, eps 0.5/255)\n\n"
@@ -127,15 +173,17 @@ def table2(df: pd.DataFrame) -> str:
     blocks = []
     models = df.attack.isin(attacks) & df.method.isin(["scratch", "full"])
     for dataset in dict.fromkeys(df.dataset[models]):
-        rows = []
+        rows, used = [], []
         for method in ("scratch", "full"):
-            picked = [_pick(df, dataset, method, a) for a in attacks]
-            if all(r is None for r in picked):
+            picked = [picks(df, dataset, method, a) for a in attacks]
+            if all(not len(r) for r in picked):
                 continue  # a model this job did not train on this dataset
-            cells = [f"{_fmt(None if r is None else r['AAI'])} ({_fmt(paper_for_row(dataset, method, a)['paper_AAI'])})"
+            used += picked
+            cells = [f"{_fmt_ci(r, 'AAI')} ({_fmt(paper_for_row(dataset, method, a)['paper_AAI'])})"
                      for a, r in zip(attacks, picked)]
             rows.append([MODEL_NAME[method]] + cells)
-        blocks.append(f"**{dataset}**, AAI ours (paper)\n\n" + _md(["model"] + attacks, rows))
+        blocks.append(f"**{dataset}**, AAI ours (paper); {_basis(pd.concat(used))}\n\n"
+                      + _md(["model"] + attacks, rows))
     if not blocks:
         return ""
     return "## Table 2: AAI under the other attack criteria\n\n" + "\n\n".join(blocks)
@@ -149,17 +197,18 @@ def table5(df: pd.DataFrame) -> str:
         return ""
     blocks = []
     for dataset in dict.fromkeys(df.dataset[(df.attack == TABLE1_ATTACK) & df.method.isin(shown)]):
-        rows = []
+        rows, used = [], []
         for method in TABLE5 + ("dm_stage2",):
             hit = df[(df.dataset == dataset) & (df.method == method) & (df.attack == TABLE1_ATTACK)
                      & df.selected.astype(bool)]
-            for _, r in hit.sort_values("lam").iterrows():
+            used.append(hit)
+            for lam, r in hit.groupby(hit.lam.fillna(-1.0), sort=True):
                 p = paper_for_row(dataset, method, TABLE1_ATTACK)
-                lam = "" if pd.isna(r.lam) else f"{r.lam:g}"
-                rows.append([MODEL_NAME[method], lam] + [f"{_fmt(r[m])} ({_fmt(p['paper_' + m])})"
-                                                         for m in ("AOI", "AAI", "DR")])
+                rows.append([MODEL_NAME[method], "" if lam < 0 else f"{lam:g}"]
+                            + [f"{_fmt_ci(r, m)} ({_fmt(p['paper_' + m])})" for m in ("AOI", "AAI", "DR")])
         if rows:
-            blocks.append(f"**{dataset}**, ours (paper)\n\n" + _md(["method", "λ", "AOI", "AAI", "DR"], rows))
+            blocks.append(f"**{dataset}**, ours (paper); {_basis(pd.concat(used))}\n\n"
+                          + _md(["method", "λ", "AOI", "AAI", "DR"], rows))
     if not blocks:
         return ""
     return (f"## Table 5: defenses under {TABLE1_ATTACK}\n\n"
@@ -176,12 +225,13 @@ def sweep(df: pd.DataFrame) -> str:
     for _, r in clean.iterrows():
         hit = df[(df.stage == r.stage) & (df.attack == TABLE1_ATTACK)]
         aai = hit.AAI.iloc[0] if len(hit) else None
-        rows.append([r.dataset, r.backbone, MODEL_NAME.get(r.method, r.method),
+        seed = r.seed if "seed" in r and pd.notna(r.seed) else ""
+        rows.append([r.dataset, r.backbone, MODEL_NAME.get(r.method, r.method), str(seed),
                      "" if pd.isna(r.lam) else f"{r.lam:g}", f"{r.lr_f:g}", f"{r.lr_g:g}", str(r.optimizer),
                      _fmt(r.val_acc), _fmt(r.AOI), _fmt(aai), "✓" if r.selected else ""])
     return ("## Stage 2 sweep: every trial\n\nModel selection: best validation accuracy per dataset, "
-            "backbone, method and λ (the test split is never used to choose).\n\n"
-            + _md(["dataset", "backbone", "method", "λ", "lr_f", "lr_g", "optimizer", "val acc", "AOI",
+            "backbone, method, λ and seed (the test split is never used to choose).\n\n"
+            + _md(["dataset", "backbone", "method", "seed", "λ", "lr_f", "lr_g", "optimizer", "val acc", "AOI",
                    f"AAI {TABLE1_ATTACK}", "selected"], rows))
 
 
@@ -271,21 +321,48 @@ def _empty(ax, text: str) -> None:
     ax.set_axis_off()
 
 
+def _merge(values: list):
+    """The replicates' analyses as one structure: (numbers averaged, their standard
+    deviations over the seeds, 0 for one seed); other leaves are the first seed's."""
+    first = values[0]
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for v in values if isinstance(v, dict) for k in v)
+        pairs = {k: _merge([v[k] for v in values if isinstance(v, dict) and k in v]) for k in keys}
+        return {k: m for k, (m, _) in pairs.items()}, {k: sd for k, (_, sd) in pairs.items()}
+    if isinstance(first, list) and all(isinstance(v, list) and len(v) == len(first) for v in values):
+        pairs = [_merge([v[i] for v in values]) for i in range(len(first))]
+        return [m for m, _ in pairs], [sd for _, sd in pairs]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        a = np.asarray(values, dtype=float)
+        return float(np.nanmean(a)), float(np.nanstd(a, ddof=1)) if len(a) > 1 else 0.0
+    return first, None
+
+
+def merged(found: dict) -> tuple[dict, dict, int]:
+    """(mean datasets, their sd over seeds, the number of seeds) of an analyses result."""
+    reps = [r.get("datasets", {}) for r in by_seed(found).values()]
+    if not reps:
+        return {}, {}, 0
+    mean, sd = _merge(reps)
+    return mean, sd, len(reps)
+
+
 def figures(df: pd.DataFrame, found: dict, folder) -> dict:
     """Figures 3-6 as PNG files in ``folder``; returns name -> file name. A figure whose
-    numbers this run lacks still gets its file, saying what is missing."""
+    numbers this run lacks still gets its file, saying what is missing. With several
+    seeds, bars and points are means with ±1 standard deviation over the seeds."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = found.get("datasets", {})
+    data, spread, _ = merged(found)
     out = {}
     for name, (draw, file) in {"fig3": (_fig3, "fig3_cca.png"), "fig4": (_fig4, "fig4_uap.png"),
                                "fig5": (_fig5, "fig5_uap_attacks.png"), "fig6": (_fig6, "fig6_mmd_dr.png")}.items():
-        save_png(draw(df, data), folder / file)
+        save_png(draw(df, data, spread), folder / file)
         out[name] = file
     return out
 
 
-def _fig3(df: pd.DataFrame, data: dict):
+def _fig3(df: pd.DataFrame, data: dict, spread: dict):
     """CCA: two panels of grouped bars."""
     import numpy as np
 
@@ -299,7 +376,8 @@ def _fig3(df: pd.DataFrame, data: dict):
         x = np.arange(len(have))
         for i, (pair, label) in enumerate(pairs):
             vals = [100 * data[d]["cca"].get(pair, {}).get(part, float("nan")) for d in have]
-            ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=label)
+            err = [100 * (spread.get(d, {}).get("cca", {}).get(pair, {}).get(part) or 0.0) for d in have]
+            ax.bar(x + (i - 1) * 0.27, vals, 0.27, yerr=err, capsize=2, label=label)
         ax.set_xticks(x, have)
         ax.set_ylim(0, 100)
         ax.set_title(title)
@@ -308,7 +386,7 @@ def _fig3(df: pd.DataFrame, data: dict):
     return fig
 
 
-def _fig4(df: pd.DataFrame, data: dict):
+def _fig4(df: pd.DataFrame, data: dict, spread: dict):
     """The UAP images, fine-tuned and standard, per dataset."""
     import torch
 
@@ -330,7 +408,7 @@ def _fig4(df: pd.DataFrame, data: dict):
     return fig
 
 
-def _fig5(df: pd.DataFrame, data: dict):
+def _fig5(df: pd.DataFrame, data: dict, spread: dict):
     """(a) UAP success along training, (b) the pre-trained UAP's DR."""
     import numpy as np
 
@@ -354,8 +432,9 @@ def _fig5(df: pd.DataFrame, data: dict):
     if trans:
         x = np.arange(len(trans))
         for i, who in enumerate(("fine-tuned", "standard")):
+            err = [spread.get(d, {}).get("uap_transfer", {}).get("DR", {}).get(who) or 0.0 for d in trans]
             b.bar(x + (i - 0.5) * 0.35, [data[d]["uap_transfer"]["DR"].get(who, float("nan")) for d in trans],
-                  0.35, label=who)
+                  0.35, yerr=err, capsize=2, label=who)
         b.set_xticks(x, trans)
         b.set_ylabel("DR under the pre-trained UAP (%)")
         b.legend(fontsize=8)
@@ -365,18 +444,20 @@ def _fig5(df: pd.DataFrame, data: dict):
     return fig
 
 
-def _fig6(df: pd.DataFrame, data: dict):
-    """MMD against the full fine-tune's DR."""
+def _fig6(df: pd.DataFrame, data: dict, spread: dict):
+    """MMD against the full fine-tune's DR (means, ±1 sd over seeds)."""
     fig, ax = pyplot().subplots(figsize=(4.5, 3.2))
-    xs, ys, ls = [], [], []
+    xs, ys, xe, ye, ls = [], [], [], [], []
     for d in data:
-        r = _pick(df, d, "full", TABLE1_ATTACK) if len(df) else None
-        if "mmd" in data[d] and r is not None:
+        rows = picks(df, d, "full", TABLE1_ATTACK) if len(df) else []
+        if "mmd" in data[d] and len(rows):
             xs.append(data[d]["mmd"]["mmd2"])
-            ys.append(float(r["DR"]))
+            xe.append(spread.get(d, {}).get("mmd", {}).get("mmd2") or 0.0)
+            ys.append(float(rows.DR.mean()))
+            ye.append(float(rows.DR.std(ddof=1)) if len(rows) > 1 else 0.0)
             ls.append(d)
     if xs:
-        ax.scatter(xs, ys)
+        ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt="o", capsize=2)
         for x_, y_, l_ in zip(xs, ys, ls):
             ax.annotate(l_, (x_, y_), fontsize=8)
         ax.set_xlabel("MMD² (source, target)")
@@ -386,68 +467,8 @@ def _fig6(df: pd.DataFrame, data: dict):
     return fig
 
 
-def _verdict(ok: bool | None, detail: str) -> dict:
-    return {"verdict": "undetermined" if ok is None else ("agree" if ok else "disagree"), "detail": detail}
-
-
-def claims(df: pd.DataFrame, found: dict) -> list[dict]:
-    """The paper's main claims, each checked on this run's numbers: agree, disagree, or
-    undetermined (with the reason) where the run lacks what the claim needs."""
-    out = []
-    data = found.get("datasets", {})
-    datasets = list(dict.fromkeys(df.dataset[df.attack == TABLE1_ATTACK])) if len(df) else []
-
-    def dr(d, s):
-        r = _pick(df, d, s, TABLE1_ATTACK)
-        return None if r is None or pd.isna(r["DR"]) else float(r["DR"])
-
-    pairs = [(d, dr(d, "full"), dr(d, "scratch")) for d in datasets]
-    pairs = [p for p in pairs if p[1] is not None and p[2] is not None]
-    out.append({"claim": "Fine-tuned models have a higher DR than standard ones.",
-                **_verdict(all(f > s for _, f, s in pairs) if pairs else None,
-                           "; ".join(f"{d}: DR full {f:.1f} vs standard {s:.1f}" for d, f, s in pairs)
-                           or "no full fine-tune and standard model under " + TABLE1_ATTACK)})
-    pairs = [(d, dr(d, "partial"), dr(d, "full")) for d in datasets]
-    pairs = [p for p in pairs if p[1] is not None and p[2] is not None]
-    out.append({"claim": "Partial fine-tuning is worse (higher DR) than full fine-tuning.",
-                **_verdict(all(p > f for _, p, f in pairs) if pairs else None,
-                           "; ".join(f"{d}: DR partial {p:.1f} vs full {f:.1f}" for d, p, f in pairs)
-                           or "no partial and full fine-tune under " + TABLE1_ATTACK)})
-    trans = [(d, v["uap_transfer"]["DR"]) for d, v in data.items() if v.get("uap_transfer")]
-    trans = [(d, t["fine-tuned"], t["standard"]) for d, t in trans if "fine-tuned" in t and "standard" in t]
-    out.append({"claim": "The pre-trained model's UAP transfers to fine-tuned models but not to standard ones.",
-                **_verdict(all(f > s for _, f, s in trans) if trans else None,
-                           "; ".join(f"{d}: DR under it, fine-tuned {f:.1f} vs standard {s:.1f}" for d, f, s in trans)
-                           or "no UAP transfer in this run")})
-    pts = [(d, v["mmd"]["mmd2"], dr(d, "full")) for d, v in data.items() if "mmd" in v]
-    pts = [p for p in pts if p[2] is not None]
-    if len(pts) >= 2:
-        rho = pd.Series([p[1] for p in pts]).corr(pd.Series([p[2] for p in pts]), method="spearman")
-        ok = None if pd.isna(rho) else bool(rho > 0)
-        detail = (f"Spearman ρ(MMD², DR) = {rho:.2f} over {len(pts)} target datasets: "
-                  + ", ".join(f"{d} MMD² {m:.3f} DR {r:.1f}" for d, m, r in sorted(pts, key=lambda p: p[1])))
-    else:
-        ok, detail = None, (f"needs at least two target datasets with MMD and DR, this run has {len(pts)}"
-                            + (f" ({pts[0][0]}: MMD² {pts[0][1]:.3f}, DR {pts[0][2]:.1f})" if pts else ""))
-    out.append({"claim": "DR grows with the MMD between source and target.", **_verdict(ok, detail)})
-    rows = []
-    for d in datasets:
-        hit = df[(df.dataset == d) & (df.attack == TABLE1_ATTACK) & df.selected.astype(bool)
-                 & df.method.isin(DEFENSES)]
-        if hit.method.eq("dm_stage12").any() and hit.method.nunique() > 1:
-            best = hit.loc[hit.AAI.idxmax()]
-            dm = hit[hit.method == "dm_stage12"].AAI.max()
-            rows.append((d, best.method, float(best.AAI), float(dm)))
-    out.append({"claim": "DM@stage-1&2 gives the best AAI among the defenses.",
-                **_verdict(all(s == "dm_stage12" or dm >= a for _, s, a, dm in rows) if rows else None,
-                           "; ".join(f"{d}: best {MODEL_NAME.get(s, s)} {a:.1f}, DM@stage-1&2 {dm:.1f}"
-                                     for d, s, a, dm in rows)
-                           or "needs DM@stage-1&2 and another defense under " + TABLE1_ATTACK)})
-    return out
-
-
 def analyses_markdown(found: dict) -> str:
-    data = found.get("datasets", {})
+    data, _, seeds = merged(found)
     if not data:
         return ""
     rows = []
@@ -465,7 +486,8 @@ def analyses_markdown(found: dict) -> str:
                      "–" if "mmd" not in v else f"{v['mmd']['mmd2']:.4f}",
                      _fmt(ll.get("pre-trained")), _fmt(ll.get("standard")), _fmt(ll.get("fine-tuned"))])
     return ("## Analyses (Section 4)\n\nSVCCA ×100 (bottom layer | all layers), UAP success rates (%), DR under "
-            "the pre-trained model's UAP, MMD² of source and target embeddings, LL (Eq. 4) of f.\n\n"
+            "the pre-trained model's UAP, MMD² of source and target embeddings, LL (Eq. 4) of f"
+            + (f"; means over {seeds} seeds (the figures show their spread)" if seeds > 1 else "") + ".\n\n"
             + _md(["dataset", "FT/PT bottom", "FT/ST bottom", "PT/ST bottom", "FT/PT all", "FT/ST all",
                    "PT/ST all", "UAP success FT", "UAP success ST", "pre-trained UAP: DR FT",
                    "pre-trained UAP: DR ST", "MMD²", "LL PT", "LL ST", "LL FT"], rows))
@@ -474,23 +496,27 @@ def analyses_markdown(found: dict) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.agree{color:#17702b;font-weight:bold}
-.disagree{color:#b3261e;font-weight:bold}.undetermined{color:#8a6d00;font-weight:bold}
+.disagree{color:#b3261e;font-weight:bold}.inconclusive{color:#8a6d00;font-weight:bold}
 figure{margin:1.5em 0}figcaption{font-size:.9em;color:#444}"""
 
 
-def build(df: pd.DataFrame, found: dict, folder, title: str = "study") -> Path:
+def build(df: pd.DataFrame, found: dict, folder, title: str = "study", masks: dict | None = None) -> Path:
     """The report: ``index.md`` and a static ``index.html`` with Tables 1-5 (the paper's
-    values beside ours), Figures 3-6 as PNG, the analyses and a line per main claim.
-    Every table and figure is there even when this run lacks its numbers (it then says
-    so), so the page's shape never depends on the job. Returns the HTML path."""
+    values beside ours, with intervals), Figures 3-6 as PNG, the analyses and a line per
+    main claim (``study.claims``; also ``claims.json``, for machines). ``masks``: the
+    models' per-image results (``per_image.json``), which the claims' paired intervals
+    need. Every table and figure is there even when this run lacks its numbers (it then
+    says so), so the page's shape never depends on the job. Returns the HTML path."""
     import html
+    import json
 
     import markdown
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     figs = figures(df, found, folder)
-    checked = claims(df, found)
+    checked = judge(df, found, masks or {})
+    atomic_write_text(folder / "claims.json", json.dumps(checked, indent=1, sort_keys=True) + "\n")
     empty = {"table1": table1, "table2": table2, "table3": table3, "table4": table4, "table5": table5}
     tables = []
     for name, fn in empty.items():
@@ -498,11 +524,11 @@ def build(df: pd.DataFrame, found: dict, folder, title: str = "study") -> Path:
         tables.append(body or f"## {name.replace('table', 'Table ')}\n\n*This run has no models for this table.*")
     claim_md = "\n".join(f"- **{c['verdict']}** — {c['claim']} ({c['detail']})" for c in checked)
     fig_md = "\n\n".join(f"![{FIGURES[k]}]({v})\n\n*{FIGURES[k]}* {PAPER_FINDINGS[k]}" for k, v in figs.items())
-    md = "\n\n".join(p for p in [f"# {title}: report", "## The paper's claims, checked on this run", claim_md,
+    md = "\n\n".join(p for p in [f"# {title}: report", replicates(df), "## The paper's claims, checked on this run", claim_md,
                                  *tables, analyses_markdown(found), "## Figures", fig_md] if p) + "\n"
     atomic_write_text(folder / "index.md", md)
     body = []
-    body.append(f"<h1>{html.escape(title)}: report</h1>")
+    body.append(f"<h1>{html.escape(title)}: report</h1><p>{html.escape(replicates(df))}</p>")
     body.append("<h2>The paper's claims, checked on this run</h2><ul>")
     for c in checked:
         body.append(f'<li class="claim"><span class="{c["verdict"]}">{c["verdict"]}</span> — '
@@ -534,9 +560,10 @@ def read_analyses(folder) -> dict:
 
     folder = Path(folder)
     found = json.loads((folder / "analyses.json").read_text())
-    for v in found.get("datasets", {}).values():
-        for u in v.get("uap", {}).values():
-            u["png"] = str(folder / Path(u["png"]).name)
+    for rep in by_seed(found).values():
+        for v in rep.get("datasets", {}).values():
+            for u in v.get("uap", {}).values():
+                u["png"] = str(folder / Path(u["png"]).name)
     return found
 
 
@@ -557,7 +584,7 @@ def from_mlflow(folder, experiment: str | None = None, log=print) -> Path:
         exps = [exp]
     else:
         exps = [e for e in client.search_experiments() if e.name != "Default"]
-    frames, found, names = [], {"datasets": {}}, []
+    frames, found, names, masks = [], {"seeds": {}}, [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for exp in exps:
             runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
@@ -570,12 +597,7 @@ def from_mlflow(folder, experiment: str | None = None, log=print) -> Path:
                     continue
                 d = Path(tmp) / run.info.run_id
                 d.mkdir()
-                frames.append(read_results(client.download_artifacts(run.info.run_id, "results.csv", str(d))))
-                if "analyses" in have:
-                    a = Path(client.download_artifacts(run.info.run_id, "analyses", str(d)))
-                    if (a / "analyses.json").is_file():
-                        for ds, v in read_analyses(a).get("datasets", {}).items():
-                            found["datasets"].setdefault(ds, {}).update(v)
+                frames.append(_job_artifacts(client, run.info.run_id, have, d, found, masks))
                 names.append(exp.name)
                 log(f"report: {exp.name}: run {run.info.run_id} ({run.info.run_name})")
                 break
@@ -584,4 +606,22 @@ def from_mlflow(folder, experiment: str | None = None, log=print) -> Path:
                               + (f"experiment {experiment!r}" if experiment else "any experiment"))
         df = pd.concat(frames, ignore_index=True).drop_duplicates(subset=["stage", "attack"], keep="first")
         df["selected"] = df["selected"].fillna(True).astype(bool)
-        return build(df, found, folder, title=" + ".join(names))
+        return build(df, found, folder, title=" + ".join(names), masks=masks)
+
+
+def _job_artifacts(client, run_id: str, have: set, d: Path, found: dict, masks: dict) -> pd.DataFrame:
+    """A job run's results frame; its analyses (per seed) and per-image results are
+    merged into ``found`` and ``masks``."""
+    import json
+
+    df = read_results(client.download_artifacts(run_id, "results.csv", str(d)))
+    if "per_image.json" in have:
+        masks.update(json.loads(Path(client.download_artifacts(run_id, "per_image.json", str(d))).read_text()))
+    if "analyses" in have:
+        a = Path(client.download_artifacts(run_id, "analyses", str(d)))
+        if (a / "analyses.json").is_file():
+            for seed, rep in by_seed(read_analyses(a)).items():
+                slot = found["seeds"].setdefault(str(seed), {"datasets": {}})["datasets"]
+                for ds, v in rep.get("datasets", {}).items():
+                    slot.setdefault(ds, {}).update(v)
+    return df

@@ -23,15 +23,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from study import evaluate, report
+from study import evaluate, report, stats
 from study.config import JobConfig
 from study.data.beton import atomic_write_text
 from study.methods import METHODS
 
-COLUMNS = ["dataset", "backbone", "method", "source", "source_data", "lam", "lr_f", "lr_g", "optimizer", "val_acc",
-           "selected", "attack", "images", "AOI", "AAI", "DR", "flags",
-           "paper_AOI", "paper_AAI", "paper_DR", "stage"]
-SANITY_COLUMNS = ["dataset", "backbone", "method", "source", "source_data", "lam", "flag", "attack", "passed", "detail",
+COLUMNS = ["dataset", "backbone", "method", "source", "source_data", "seed", "lam", "lr_f", "lr_g", "optimizer",
+           "val_acc", "selected", "attack", "images", "AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi",
+           "DR", "DR_lo", "DR_hi", "flags", "paper_AOI", "paper_AAI", "paper_DR", "stage"]
+SANITY_COLUMNS = ["dataset", "backbone", "method", "source", "source_data", "seed", "lam", "flag", "attack", "passed", "detail",
                   "stage"]
 
 
@@ -56,27 +56,47 @@ def model_rows(cfg: JobConfig, model: dict, record: dict, records: list[dict], f
     base = {**model, "source_data": source_data(cfg, model["method"]),
             **{k: point.get(k) for k in ("lam", "lr_f", "lr_g", "optimizer")},
             "val_acc": history[-1].get("val_acc")}
-    rows = [{**base, "AOI": record["AOI"]}]
+    n = model.pop("images", None)
+    base.pop("images", None)
+    clean = {}
+    if n:  # the clean AOI's interval over its n images
+        lo, hi = stats.wilson(round(record["AOI"] * n / 100), n)
+        clean = {"images": n, "AOI_lo": lo, "AOI_hi": hi}
+    rows = [{**base, "AOI": record["AOI"], **clean}]
     for r in records:
         if r["probe"]:
             continue
         bad = [f.name for f in evaluate.failed(flags, r["attack"])]
         rows.append({**base, "attack": r["attack"], "images": r["images"], "AOI": r["AOI"],
-                     "AAI": r["AAI"], "DR": r["DR"], "flags": "; ".join(bad) if bad else "ok"})
+                     "AAI": r["AAI"], "DR": r["DR"], **intervals(r, cfg.seed), "flags": "; ".join(bad) if bad else "ok"})
     sanity = [{**base, "flag": f.name, "attack": f.attack, "passed": f.passed, "detail": f.detail}
               for f in flags]
     return rows, sanity
 
 
+def intervals(record: dict, seed: int = 0) -> dict:
+    """95 % intervals over the attacked images: Wilson for AOI and AAI, bootstrap for DR."""
+    correct, robust = stats.mask(record["correct"]), stats.mask(record["robust"])
+    n = len(correct)
+    (a, b), (c, d) = stats.wilson(int(correct.sum()), n), stats.wilson(int(robust.sum()), n)
+    e, f = stats.dr_interval(correct, robust, seed)
+    return {"AOI_lo": a, "AOI_hi": b, "AAI_lo": c, "AAI_hi": d, "DR_lo": e, "DR_hi": f}
+
+
+def per_image(records: list[dict]) -> dict:
+    """attack -> the per-image clean and robust masks (what paired comparisons need)."""
+    return {r["attack"]: {"correct": r["correct"], "robust": r["robust"]} for r in records if not r["probe"]}
+
+
 def select(rows: list[dict]) -> None:
-    """Marks, per (dataset, backbone, method, λ), the trial with the best validation
+    """Marks, per (dataset, backbone, method, λ, seed), the trial with the best validation
     accuracy as ``selected`` (ties: the first); the paper's tables show only those, so
     model selection never looks at the test split. Stage-1 rows have no rivals."""
     best: dict = {}
     for r in rows:
         if r["method"] == "pretrain" or r.get("attack"):
             continue
-        k = (r["dataset"], r["backbone"], r["method"], r.get("lam"))
+        k = (r["dataset"], r["backbone"], r["method"], r.get("lam"), r.get("seed"))
         val = -1.0 if r.get("val_acc") is None else r["val_acc"]
         if k not in best or val > best[k][0]:
             best[k] = (val, r["stage"])
@@ -88,10 +108,12 @@ def select(rows: list[dict]) -> None:
 def frame(rows: list[dict]) -> pd.DataFrame:
     rows = [{**report.paper_for_row(r["dataset"], r["method"], r.get("attack")), **r} for r in rows]
     df = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("AOI", "AAI", "DR", "val_acc", "paper_AOI", "paper_AAI", "paper_DR"):
+    for col in ("AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi", "DR", "DR_lo", "DR_hi", "val_acc",
+                "paper_AOI", "paper_AAI", "paper_DR"):
         df[col] = pd.to_numeric(df[col], errors="coerce").round(2)
     df["selected"] = df["selected"].fillna(True).astype(bool)
     df["images"] = pd.to_numeric(df["images"], errors="coerce").astype("Int64")
+    df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
     return df
 
 
@@ -113,15 +135,19 @@ def sanity_markdown(sanity: pd.DataFrame) -> str:
 
 
 def write(rows: list[dict], out: Path, title: str = "",
-          sanity: list[dict] | None = None) -> tuple[pd.DataFrame, str]:
-    """Writes results.csv, results.md and sanity.csv atomically; returns the frame and
-    the Markdown (the paper's tables first, then the sanity checks, then every row)."""
+          sanity: list[dict] | None = None, masks: dict | None = None) -> tuple[pd.DataFrame, str]:
+    """Writes results.csv, results.md, sanity.csv and per_image.json (stage -> attack ->
+    per-image masks) atomically; returns the frame and the Markdown (the paper's tables
+    first, then the sanity checks, then every row)."""
+    import json
+
     out = Path(out)
     df = frame(rows)
     san = pd.DataFrame(sanity or [], columns=SANITY_COLUMNS)
     atomic_write_text(out / "results.csv", df.to_csv(index=False))
+    atomic_write_text(out / "per_image.json", json.dumps(masks or {}, sort_keys=True))
     atomic_write_text(out / "sanity.csv", san.to_csv(index=False))
-    parts = [f"# {title}" if title else "", report.stage1(df), report.table1(df), report.table2(df),
+    parts = [f"# {title}" if title else "", report.replicates(df), report.stage1(df), report.table1(df), report.table2(df),
              report.table3(df), report.table4(df), report.table5(df), report.sweep(df), sanity_markdown(san), "## All results\n\n" + to_markdown(df)]
     md = "\n\n".join(p for p in parts if p) + "\n"
     atomic_write_text(out / "results.md", md)

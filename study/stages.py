@@ -12,7 +12,7 @@ run id), so running the same job again skips what is done and redoes only what i
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from study import evaluate, tracking
 from study.config import ConfigError, JobConfig
 from study.data.beton import atomic_write_text, config_hash
 from study.data.loaders import make_loader
-from study.engine import accuracy
+from study.engine import accuracy, deterministic_kernels
 from study.models import load_checkpoint, save_checkpoint
 
 
@@ -29,7 +29,10 @@ def log(msg: str) -> None:
     print(f"[study] {msg}", flush=True)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, deterministic: bool = False) -> torch.device:
+    """The job's device; with ``deterministic`` its kernels repeat bit for bit
+    (study.engine.deterministic_kernels)."""
+    deterministic_kernels(deterministic)
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but no CUDA device is visible")
     if name == "auto":
@@ -43,6 +46,10 @@ class Job:
     out: Path
     device: torch.device
     progress: bool = True
+
+    def for_seed(self, seed: int) -> "Job":
+        """This job as its replicate ``seed`` (study.config.JobConfig.for_seed)."""
+        return self if seed == self.cfg.seed else replace(self, cfg=self.cfg.for_seed(seed))
 
     @property
     def data_dir(self) -> Path:
@@ -162,7 +169,7 @@ def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
     atomically), so a rerun or a resumed job attacks only what is missing; the model is
     loaded only then. New results go to the stage's MLflow run (tracking.log_evaluation).
     """
-    attacks = job.cfg.eval.suite(method, key)
+    attacks = job.cfg.eval.suite(method, key, job.cfg.seed)
     if not attacks:
         return [], []
     store = _eval_store(stage)
@@ -198,7 +205,7 @@ def evaluate_stage_done(job: Job, stage: Stage, method: str, key: str) -> bool:
         return False
     store = _eval_store(stage)
     cache = store.get("results", {})
-    attacks = job.cfg.eval.suite(method, key)
+    attacks = job.cfg.eval.suite(method, key, job.cfg.seed)
     if evaluate.missing(attacks, job.cfg.eval.max_images, job.cfg.seed, cache):
         return False
     return not attacks or set(cache) <= set(store.get("logged", []))

@@ -61,11 +61,16 @@ def _draw(values, rng: random.Random):
 
 
 def points(cfg: JobConfig) -> list[dict]:
-    """Every trial of the job's sweep, in a stable order."""
+    """Every trial of the job's sweep, in a stable order: the points of the space, drawn
+    once (random search: from the first seed), then each of them for every seed."""
+    return [{**p, "seed": seed} for seed in cfg.replicate_seeds() for p in _space_points(cfg)]
+
+
+def _space_points(cfg: JobConfig) -> list[dict]:
     ft = cfg.finetune
     if ft is None:
         return []
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.replicate_seeds()[0])
     out, seen = [], set()
     for key in ft.datasets:
         for backbone in cfg.finetune_backbones():
@@ -101,7 +106,7 @@ def points(cfg: JobConfig) -> list[dict]:
 def label(p: dict) -> str:
     lam = f" λ={p['lam']:g}" if p["lam"] is not None else ""
     return (f"{p['method']} {p['backbone']} {p['dataset']}{lam} "
-            f"lr_f={p['lr_f']:g} lr_g={p['lr_g']:g} {p['optimizer']}")
+            f"lr_f={p['lr_f']:g} lr_g={p['lr_g']:g} {p['optimizer']} seed={p['seed']}")
 
 
 # -- one trial --------------------------------------------------------------------------
@@ -127,25 +132,26 @@ def source_name(cfg: JobConfig, method: str) -> str | None:
 
 
 def source_table(stages: dict) -> dict:
-    """(backbone, objective) -> pre-trained Stage, as the plain {key, ckpt} a trial gets."""
-    return {bo: {"key": st.key, "ckpt": str(st.ckpt.resolve())} for bo, st in stages.items()}
+    """(seed, backbone, objective) -> pre-trained Stage, as the plain {key, ckpt} a trial gets."""
+    return {k: {"key": st.key, "ckpt": str(st.ckpt.resolve())} for k, st in stages.items()}
 
 
 def stage_for(job, p: dict, sources: dict) -> Stage:
-    """The Stage of a point; ``sources`` maps (backbone, objective) to the pre-trained
-    stage's {key, ckpt} (``source_table``)."""
+    """The Stage of a point, of its seed's replicate; ``sources`` maps (seed, backbone,
+    objective) to the pre-trained stage's {key, ckpt} (``source_table``)."""
+    job = job.for_seed(p["seed"])
     cfg = job.cfg
     src = source_name(cfg, p["method"])
     obj = objective_spec(cfg, p)
     teacher = KINDS[obj["kind"]].teacher(obj)
     if teacher is not None:
-        obj["teacher_key"] = sources[p["backbone"], teacher]["key"]
+        obj["teacher_key"] = sources[p["seed"], p["backbone"], teacher]["key"]
     ident = {"stage": "finetune", "dataset": cfg.dataset_name(p["dataset"]), "backbone": p["backbone"],
              "method": p["method"], "seed": cfg.seed, "data": cfg.dataset_params(p["dataset"]),
              "root": cfg.dataset_root(p["dataset"]),  # two folder datasets differ only here
              "resolution": cfg.resolution(p["dataset"]), "train": train_spec(cfg, p).model_dump(),
              "objective": obj, "val_fraction": cfg.finetune.val_fraction,
-             "source_stage": None if src is None else sources[p["backbone"], src]["key"]}
+             "source_stage": None if src is None else sources[p["seed"], p["backbone"], src]["key"]}
     return Stage(job, "finetune", ident)
 
 
@@ -154,7 +160,7 @@ def _objective(cfg: JobConfig, p: dict, ident: dict, sources: dict, device, gene
     kind = KINDS[ident["kind"]]
     teacher = kind.teacher(ident)
     if teacher is not None:
-        teacher = load_checkpoint(sources[p["backbone"], teacher]["ckpt"], p["backbone"]).to(device)
+        teacher = load_checkpoint(sources[p["seed"], p["backbone"], teacher]["ckpt"], p["backbone"]).to(device)
     return kind.build(ident, train_spec(cfg, p).label_smoothing, generator, teacher)
 
 
@@ -178,7 +184,7 @@ def _model(job: Job, p: dict, sources: dict):
     src = source_name(cfg, p["method"])
     if src is None:
         return build_model(p["backbone"], num_classes, cfg.resolution(key))
-    model = load_checkpoint(sources[p["backbone"], src]["ckpt"], p["backbone"])
+    model = load_checkpoint(sources[p["seed"], p["backbone"], src]["ckpt"], p["backbone"])
     torch.manual_seed(cfg.seed + 1)
     model.reset_classifier(num_classes)
     return model
@@ -274,8 +280,8 @@ def trial(config: dict, context: dict) -> None:
     p = config["point"]
     cfg = parse(context["job"])
     torch.set_num_threads(max(1, int(context["cpus"])))
-    job = Job(cfg, Path(context["out"]), resolve_device(cfg.device), progress=False)
-    sources = {tuple(k.split("|", 1)): v for k, v in context["sources"].items()}
+    job = Job(cfg.for_seed(p["seed"]), Path(context["out"]), resolve_device(cfg.device, cfg.deterministic), progress=False)
+    sources = {(int(k.split("|")[0]), *k.split("|")[1:]): v for k, v in context["sources"].items()}
     mlflow.set_tracking_uri(context["tracking_uri"])
     mlflow.set_experiment(experiment_id=context["experiment_id"])
     stage = stage_for(job, p, sources)
@@ -314,7 +320,7 @@ def run(job, sources: dict, parent_run_id: str, experiment_id: str) -> list[dict
     context = {"job": cfg.resolved(), "out": str(job.out.resolve()), "parent_run_id": parent_run_id,
                "experiment_id": experiment_id, "tracking_uri": mlflow.get_tracking_uri(),
                "cpus": ft.resources.cpus,
-               "sources": {f"{b}|{o}": v for (b, o), v in sources.items()}}
+               "sources": {f"{s}|{b}|{o}": v for (s, b, o), v in sources.items()}}
     resources = {"cpu": ft.resources.cpus, "gpu": ft.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(trial, context=context), resources)
     storage = distributed.storage_path(cfg.ray.storage, job.out)

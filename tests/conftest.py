@@ -12,7 +12,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # holds at most two queued units: the two longest go first, one to each worker, then the
 # single tests, then the trained model's unit, taken by whichever worker frees up first.
 GROUPS = {"test_pipeline.py": "ray_cluster",
-          "test_distributed.py": "ray_local", "test_sweep.py": "ray_local",
+          "test_distributed.py": "ray_local", "test_sweep.py": "ray_local", "test_replicates.py": "ray_local",
           "test_attacks.py": "trained", "test_evaluate.py": "trained", "test_objectives.py": "trained"}
 ORDER = ["ray_cluster", "ray_local", None, "trained"]
 

@@ -1,12 +1,15 @@
 """Known answers of the analyses, and the report page (rendered in headless Chromium)."""
+import json
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from study import analyses, report
+from study import analyses, claims, report
 
 
 def test_svcca_known_answers():
@@ -56,18 +59,63 @@ def test_gap_perturbation_never_exceeds_its_bound():
         analyses.GapGenerator(side=8, eps=0)
 
 
-def _fake_results():
-    """Result rows as a job writes them: one target, the Table 1 and Table 5 models."""
-    rows = []
-    for setting, aoi, aai in (("scratch", 90, 80), ("partial", 60, 5), ("full", 92, 40),
-                              ("at_stage2", 85, 70), ("dm_stage12", 88, 75)):
-        base = {"dataset": "alphabet", "backbone": "resnet18", "method": setting, "selected": True,
-                "stage": setting, "lam": 1e-3 if setting.startswith("dm") else None}
-        rows.append({**base, "AOI": aoi})
-        rows.append({**base, "attack": "pgd10_linf_0.5", "AOI": aoi, "AAI": aai, "DR": 100 * (aoi - aai) / aoi})
+def _bits(n: int, correct: int, robust: int, rng) -> dict:
+    """Per-image masks of one model: ``correct`` of ``n`` images right, ``robust`` of them still right."""
+    order = rng.permutation(n)
+    c, r = np.zeros(n, bool), np.zeros(n, bool)
+    c[order[:correct]], r[order[:robust]] = True, True
+    return {"correct": "".join("1" if v else "0" for v in c), "robust": "".join("1" if v else "0" for v in r)}
+
+
+def _fake_results(models=None, n=200, seeds=(0, 1), rng_seed=0):
+    """Result rows and per-image masks as a job writes them: one target, ``models``
+    (method -> (AOI, AAI) in percent), per seed."""
     from study import results
 
-    return results.frame(rows)
+    models = models or {"scratch": (90, 80), "partial": (60, 5), "full": (92, 40), "at_stage2": (85, 60),
+                        "dm_stage12": (88, 85)}
+    rng = np.random.default_rng(rng_seed)
+    rows, masks = [], {}
+    for seed in seeds:
+        for method, (aoi, aai) in models.items():
+            stage = f"{method}-{seed}"
+            m = _bits(n, round(aoi * n / 100), round(aai * n / 100), rng)
+            masks[stage] = {"pgd10_linf_0.5": m}
+            base = {"dataset": "alphabet", "backbone": "resnet18", "method": method, "selected": True, "seed": seed,
+                    "stage": stage, "lam": 1e-3 if method.startswith("dm") else None}
+            rec = {"correct": m["correct"], "robust": m["robust"]}
+            rows.append({**base, "AOI": aoi, "images": n})
+            rows.append({**base, "attack": "pgd10_linf_0.5", "AOI": aoi, "AAI": aai, "DR": 100 * (aoi - aai) / aoi,
+                         "images": n, **results.intervals(rec, seed)})
+    return results.frame(rows), masks
+
+
+def test_claims_are_judged_by_their_paired_intervals():
+    from study import claims
+
+    def verdicts(models, **kw):
+        df, masks = _fake_results(models, **kw)
+        return [c["verdict"] for c in claims.judge(df, {}, masks)]
+
+    clear = verdicts({"scratch": (90, 80), "full": (92, 40)})
+    assert clear[0] == "agree"
+    assert verdicts({"scratch": (92, 40), "full": (90, 80)})[0] == "disagree"
+    assert verdicts({"scratch": (90, 60), "full": (90, 60)}, n=100)[0] == "inconclusive"  # noise
+    df, masks = _fake_results({"scratch": (90, 80), "full": (92, 40)}, seeds=(0,))
+    one = claims.judge(df, {}, masks)[0]
+    assert one["datasets"][0]["seeds"] == 1 and one["datasets"][0]["images"] == 200
+    assert one["datasets"][0]["lo"] < one["datasets"][0]["effect"] < one["datasets"][0]["hi"]
+    two = {"seeds": {"0": {"datasets": {"alphabet": {"mmd": {"mmd2": 0.1}}, "near": {"mmd": {"mmd2": 0.5}}}}}}
+    df2 = pd.concat([df, df.assign(dataset="near", DR=df.DR * 1.5)])
+    mmd = claims.judge(df2, two, masks)[3]
+    assert mmd["verdict"] == "inconclusive" and "at least 3" in mmd["detail"]  # two points give ρ = ±1
+    three = {"seeds": {"0": {"datasets": {d: {"mmd": {"mmd2": m}} for d, m in
+                                          (("alphabet", 0.1), ("near", 0.5), ("far", 0.9), ("farther", 1.3),
+                                           ("farthest", 1.7))}}}}
+    df5 = pd.concat([df.assign(dataset=d, DR=df.DR + 10 * i) for i, d in
+                     enumerate(("alphabet", "near", "far", "farther", "farthest"))])
+    ranked = claims.judge(df5, three, masks)[3]
+    assert ranked["rho"] == pytest.approx(1.0) and ranked["p"] < 0.05 and ranked["verdict"] == "agree"
 
 
 def _screenshot(page, tmp_path):
@@ -101,21 +149,21 @@ def test_report_page_has_every_table_figure_and_claim(tmp_path):
     for k in ("full", "scratch"):
         analyses.save_perturbation_png(torch.rand(3, 8, 8) * 0.01, tmp_path / f"uap-alphabet-{k}.png")
         torch.save(torch.rand(3, 8, 8), tmp_path / f"uap-alphabet-{k}.pt")
-    df = _fake_results()
-    page = report.build(df, found, tmp_path / "report", title="fake")
+    df, masks = _fake_results()
+    page = report.build(df, found, tmp_path / "report", title="fake", masks=masks)
     html = page.read_text()
     for n in range(1, 6):
         assert f"Table {n}" in html
     for f in ("fig3", "fig4", "fig5", "fig6"):
         assert f'id="{f}"' in html
     assert len(list((tmp_path / "report").glob("fig*.png"))) == 4
-    checked = report.claims(df, found)
-    assert [c["verdict"] for c in checked] == ["agree", "agree", "agree", "undetermined", "agree"]
-    assert html.count('class="claim"') == 5
+    checked = json.loads((tmp_path / "report" / "claims.json").read_text())
+    # no per-image UAP masks: claim 3 cannot be judged; one target: MMD neither
+    assert [c["verdict"] for c in checked] == ["agree", "agree", "inconclusive", "inconclusive", "agree"]
+    assert html.count('class="claim"') == 5 and "±" in html and "200 test images, 2 seeds" in html
     # a run that contradicts a claim says so
-    worse = df.copy()
-    worse.loc[worse.method == "dm_stage12", "AAI"] = 1.0
-    assert report.claims(worse, found)[4]["verdict"] == "disagree"
+    worse, worse_masks = _fake_results({**{m: v for m, v in [("at_stage2", (85, 70))]}, "dm_stage12": (88, 20)})
+    assert claims.judge(worse, found, worse_masks)[4]["verdict"] == "disagree"
 
     _screenshot(page, tmp_path)
 
@@ -139,7 +187,20 @@ def test_the_demo_report_opens_with_every_table_figure_and_a_verdict_per_claim(t
     assert sorted(p.name[:4] for p in (tmp_path / "report").glob("fig*.png")) == ["fig3", "fig4", "fig5", "fig6"]
     for f in ("fig3", "fig4", "fig5", "fig6"):
         assert f'id="{f}"' in html
-    checked = report.claims(df, found)
+    checked = claims.judge(df, found, {})
     assert len(checked) == 5 and html.count('class="claim"') == 5
-    assert {c["verdict"] for c in checked} <= {"agree", "disagree"}, checked  # each decided by this run
+    # a run from before per-image results and replicates: no claim can be judged, and each says why
+    assert {c["verdict"] for c in checked} == {"inconclusive"} and all(c["detail"] for c in checked), checked
     _screenshot(page, tmp_path)
+
+
+def test_the_report_says_when_stage_1_was_not_replicated():
+    import pandas as pd
+
+    from study import report
+
+    rows = [{"method": "pretrain", "seed": 0}] + [{"method": "full", "seed": s} for s in (0, 1)]
+    shared = report.replicates(pd.DataFrame(rows))
+    assert shared.startswith("Replicates: seeds 0, 1.") and "Stage 1 was trained once, with seed 0" in shared
+    rows.append({"method": "pretrain", "seed": 1})
+    assert report.replicates(pd.DataFrame(rows)) == "Replicates: seeds 0, 1."

@@ -109,3 +109,29 @@ def test_unknown_trains_and_accuracy():
     assert acc == pytest.approx(manual)
     assert accuracy(model, data, max_images=5) == pytest.approx(
         100 * (model(data[0][0][:5]).argmax(1) == data[0][1][:5]).float().mean().item())
+
+
+def test_the_deterministic_job_option_sets_torchs_switches_in_each_process(tmp_path):
+    """``deterministic: true`` reaches a fresh process through resolve_device (as in every
+    trial, actor and the driver): torch refuses nondeterministic kernels, cuDNN neither
+    autotunes nor picks nondeterministic algorithms, cuBLAS gets a fixed workspace; the
+    model's numbers on CPU are the same either way."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch\n"
+        "from study.models import build_model\n"
+        "from study.stages import resolve_device\n"
+        "torch.manual_seed(0); m = build_model('resnet18', 10, 32).eval(); x = torch.rand(2, 3, 32, 32)\n"
+        "before = m(x)\n"
+        "assert not torch.are_deterministic_algorithms_enabled()\n"
+        "resolve_device('cpu', False); assert not torch.are_deterministic_algorithms_enabled()\n"
+        "resolve_device('cpu', True)\n"
+        "assert torch.are_deterministic_algorithms_enabled()\n"
+        "assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark\n"
+        "assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'\n"
+        "assert torch.equal(before, m(x))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

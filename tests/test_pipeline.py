@@ -52,9 +52,12 @@ def tiny_run(tmp_path_factory, ray_cluster):
 def test_results_table(tiny_run):
     _, out = tiny_run
     df = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
-    assert list(df.columns) == ["dataset", "backbone", "method", "source", "source_data", "lam", "lr_f", "lr_g",
-                                "optimizer", "val_acc", "selected", "attack", "images", "AOI", "AAI",
-                                "DR", "flags", "paper_AOI", "paper_AAI", "paper_DR", "stage"]
+    assert list(df.columns) == ["dataset", "backbone", "method", "source", "source_data", "seed", "lam", "lr_f",
+                                "lr_g", "optimizer", "val_acc", "selected", "attack", "images", "AOI", "AOI_lo",
+                                "AOI_hi", "AAI", "AAI_lo", "AAI_hi", "DR", "DR_lo", "DR_hi", "flags", "paper_AOI",
+                                "paper_AAI", "paper_DR", "stage"]
+    attacked = df.dropna(subset=["AAI"])
+    assert (df.seed == 0).all() and (attacked.AAI_lo <= attacked.AAI).all() and (attacked.AAI <= attacked.AAI_hi).all()
     # the pre-training objective: the backbone's own, or the one a fine-tune started from
     sources = df.drop_duplicates(["dataset", "method"]).set_index("method").source
     assert sources.pretrain == "standard" and sources.full == sources.partial == "standard"
@@ -206,7 +209,7 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
 
     _, out = tiny_run
     found = json.loads((out / "analyses" / "analyses.json").read_text())
-    a = found["datasets"]["alphabet"]
+    a = found["seeds"]["0"]["datasets"]["alphabet"]
     assert set(a) == {"cca", "uap", "uap_transfer", "mmd", "ll"}
     assert set(a["cca"]) == {"fine-tuned|pre-trained", "fine-tuned|standard", "pre-trained|standard"}
     assert all(0 <= v["bottom"] <= 1 and 0 <= v["all"] <= 1 for v in a["cca"].values())

@@ -63,11 +63,29 @@ def test_stage_identity_separates_trials(tmp_path):
 
     cfg = _cfg()
     job = Job(cfg, tmp_path, None)
-    sources = {("resnet18", n): {"key": n, "ckpt": "x"} for n in ("standard", "fgsm_linf_2.0")}
+    sources = {(0, "resnet18", n): {"key": n, "ckpt": "x"} for n in ("standard", "fgsm_linf_2.0")}
     keys = [sweep.stage_for(job, p, sources).key for p in sweep.points(cfg)]
     assert len(set(keys)) == len(keys)
     dm = [p for p in sweep.points(cfg) if p["method"] == "dm_stage12"][0]
     assert sweep.stage_for(job, dm, sources).ident["source_stage"] == "fgsm_linf_2.0"  # stage 1&2
+
+
+def test_stage_keys_stay_put_across_versions(tmp_path):
+    """A stage's key is what finds its finished model again: these keys were those of the
+    version before replicates, so an OUT folder of that version is reused, not retrained;
+    a job option like ``deterministic`` (how kernels run, not what is trained) is no part
+    of them. A change here makes every user retrain: it must be deliberate."""
+    from study import objectives, pretrain
+    from study.stages import Job, Stage
+
+    for cfg in (_cfg(), config.parse({**copy.deepcopy(BASE), "deterministic": True})):
+        job = Job(cfg, tmp_path, None)
+        keys = {objectives.objective_name(o): Stage(job, "pretrain", pretrain.identity(
+            job, "resnet18", objectives.objective_name(o))).key for o in cfg.pretrain.objective_specs()}
+        assert keys == {"standard": "9c1c9f3b0cd743e6", "fgsm_linf_2.0": "b7fc4e1ae4f04fe3"}
+        sources = {(0, "resnet18", n): {"key": k, "ckpt": "x"} for n, k in keys.items()}
+        assert [sweep.stage_for(job, p, sources).key for p in sweep.points(cfg)][::3] == [
+            "2037a66bb2442dcb", "733b55b12e8e2b8b", "2c2e3298cba2724b", "020382068c1d172f"]
 
 
 # -- the driver dies mid-sweep ------------------------------------------------------------
@@ -209,5 +227,5 @@ def test_trades_and_the_cw_attack_run_on_a_tiny_job(tmp_path, ray_local, mlflow_
     table5 = md.split("## Table 5")[1].split("\n## ")[0]
     assert "TRADES@stage-2" in table5
     ce = df[(df.method == "trades_stage2") & (df.attack == "pgd10_linf_0.5")].iloc[0]
-    assert f"| TRADES@stage-2 |  | {ce.AOI:.2f} (–) | {ce.AAI:.2f} (–) |" in table5  # cross-entropy PGD's row
+    assert f"| TRADES@stage-2 |  | {ce.AOI:.2f} ± " in table5 and f"| {ce.AAI:.2f} ± " in table5  # cross-entropy PGD's row
     assert "loss=cw" not in md.split("## Stage 2 sweep")[0]  # no paper table shows the CW attack

@@ -33,6 +33,7 @@ from study.attacks import local_lipschitz
 from study.claims import by_seed
 from study.config import JobConfig, parse
 from study.data.beton import atomic_write_text, config_hash
+from study.evaluate import mask_bits
 from study.fastcopy import inference_copy
 from study.models import load_checkpoint
 from study.report import pyplot, save_png
@@ -196,8 +197,8 @@ def uap_effect(model: nn.Module, batches, delta: torch.Tensor, target: int | Non
             others += int(mask.sum())
             hit += int((p[mask] == target).sum())
     aoi, acc = 100.0 * clean / max(n, 1), 100.0 * under / max(n, 1)
-    bits = lambda t: "".join("1" if v else "0" for v in torch.cat(t).tolist())  # noqa: E731
-    return {"images": n, "AOI": aoi, "acc_under_uap": acc, "correct": bits(oks), "robust": bits(unders),
+    return {"images": n, "AOI": aoi, "acc_under_uap": acc,
+            "correct": mask_bits(torch.cat(oks)), "robust": mask_bits(torch.cat(unders)),
             "DR": 100.0 * (aoi - acc) / aoi if aoi > 0 else float("nan"),
             "success": 100.0 * hit / max(others, 1) if target is not None else None}
 

@@ -43,7 +43,8 @@ class Flag:
     detail: str = ""
 
 
-def _mask(t: torch.Tensor) -> str:
+def mask_bits(t: torch.Tensor) -> str:
+    """Per-image booleans as the 0/1 string results keep (study.stats.mask reads it back)."""
     return "".join("1" if v else "0" for v in t.tolist())
 
 
@@ -92,7 +93,7 @@ def evaluate(model, batches: Iterable, attacks: list[Attack], max_images: int | 
                 frozen = inference_copy(model, fast_copy) if isinstance(model, StudyModel) else model
             res = robust_accuracy(frozen, batches, attack, max_images=cap, seed=seed)
             rec = {k: v for k, v in res.items() if k not in ("correct", "robust")}
-            rec.update(correct=_mask(res["correct"]), robust=_mask(res["robust"]),
+            rec.update(correct=mask_bits(res["correct"]), robust=mask_bits(res["robust"]),
                        spec=asdict(attack), probe=is_probe, key=key)
             cache[key] = rec
             if on_result is not None:

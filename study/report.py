@@ -19,7 +19,7 @@ import pandas as pd
 from study import stats
 from study.claims import TABLE1_ATTACK, by_seed, judge, picks
 from study.data.beton import atomic_write_bytes, atomic_write_text
-from study.methods import DEFAULT_LAMBDA, DEFENSES, METHODS, TABLE1, TABLE5
+from study.methods import METHODS, TABLE1, TABLE5
 
 PAPER_NAME = {m.name: m.paper for m in METHODS.values() if m.paper}
 MODEL_NAME = {m.name: m.label for m in METHODS.values()}
@@ -70,12 +70,6 @@ def _fmt(v) -> str:
 def _md(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def _pick(df: pd.DataFrame, dataset: str, method: str, attack: str):
-    """The selected model's row of the first seed, or None."""
-    hit = picks(df, dataset, method, attack)
-    return hit.iloc[0] if len(hit) else None
 
 
 def _ci(rows: pd.DataFrame, metric: str) -> tuple[float, float, float]:
@@ -364,8 +358,6 @@ def figures(df: pd.DataFrame, found: dict, folder) -> dict:
 
 def _fig3(df: pd.DataFrame, data: dict, spread: dict):
     """CCA: two panels of grouped bars."""
-    import numpy as np
-
     pairs = [("fine-tuned|pre-trained", "FT/PT"), ("fine-tuned|standard", "FT/ST"), ("pre-trained|standard", "PT/ST")]
     fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
     have = [d for d in data if data[d].get("cca")]
@@ -410,8 +402,6 @@ def _fig4(df: pd.DataFrame, data: dict, spread: dict):
 
 def _fig5(df: pd.DataFrame, data: dict, spread: dict):
     """(a) UAP success along training, (b) the pre-trained UAP's DR."""
-    import numpy as np
-
     fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.2))
     drawn = False
     for d in data:

@@ -73,6 +73,24 @@ def test_beton_roundtrip_keeps_count_labels_and_range(small_alphabet):
                        torch.from_numpy(source[5][0]))
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_kept_batches_keep_their_labels(small_alphabet, train):
+    """FFCV refills its batch buffers: a consumer that keeps every batch (as a list) must
+    still hold each batch's own labels and images once the loader has moved on."""
+    split = small_alphabet["train" if train else "test"]
+    loader = make_loader(split.beton, train=train, resolution=32, batch_size=8, workers=2, seed=3)
+    kept, copies = [], []
+    for x, y in loader:
+        kept.append((x, y))
+        copies.append((x.clone(), y.clone()))
+    assert len(kept) > 6  # more batches than FFCV keeps buffers for
+    for (x, y), (cx, cy) in zip(kept, copies):
+        assert torch.equal(y, cy) and torch.equal(x, cx)
+    if not train:
+        source = build_split("alphabet", "test", params={"test_per_class": 4})
+        assert torch.cat([y for _, y in kept]).tolist() == [source[i][1] for i in range(len(source))]
+
+
 def test_train_loader_augments_but_keeps_range(small_alphabet):
     loader = make_loader(small_alphabet["train"].beton, train=True, resolution=24, batch_size=26,
                          workers=1)
@@ -125,6 +143,18 @@ def test_shapes_by_shape_is_a_ten_class_target_of_mixed_textures():
     assert [near[i][1] for i in range(12)] == [i % 10 for i in range(12)]
     with pytest.raises(ValueError, match="by must be"):
         synthetic.Shapes("train", 1, by="colour")
+
+
+def test_shapes_by_texture_is_a_five_class_target_of_mixed_shapes():
+    """The textures as classes: an image's label is its texture, its shape drawn at random
+    (the same texture on different shapes across images of one class)."""
+    near = build_split("shapes", "train", params={"train_per_class": 3, "by": "texture", "seed": 2})
+    assert near.classes == list(synthetic.TEXTURES) and len(near) == 15
+    assert [near[i][1] for i in range(10)] == [i % 5 for i in range(10)]
+    first = synthetic.Shapes("train", 3, by="texture", seed=2)
+    assert all((near[i][0] == first[i][0]).all() for i in range(15))  # a pure function of (seed, split, index)
+    drawn = {synthetic.SHAPES[synthetic._rng(2, "train", i).integers(len(synthetic.SHAPES))] for i in range(15)}
+    assert len(drawn) > 1
 
 
 def test_two_datasets_of_one_name_keep_their_own_betons(tmp_path):

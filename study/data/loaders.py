@@ -70,7 +70,11 @@ class ImageLoader:
             images = images.to(self.device, non_blocking=True)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield images.float().div_(255.0), labels.to(self.device, non_blocking=True).long()
+            # fresh tensors: FFCV refills its batch buffers, so a caller that keeps a batch
+            # past the next one would otherwise hold the next batch's labels (the images
+            # are a new tensor already: the cast to float copies them)
+            yield (images.float().div_(255.0),
+                   labels.to(self.device, dtype=torch.long, non_blocking=True, copy=True))
 
 
 def holdout(count: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

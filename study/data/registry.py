@@ -162,7 +162,7 @@ register(DatasetInfo(
     params=dict(train_per_class=200, test_per_class=40, image_size=32, seed=0, noise_std=0.06,
                 min_scale=0.5, by="shape_texture"),
     description="50 (shape, texture) classes; the demo's stand-in for ImageNet "
-                "(by: shape gives the 10 shapes as classes)"))
+                "(by: shape gives the 10 shapes as classes, by: texture the 5 textures)"))
 register(DatasetInfo("cifar10", _torchvision(_cifar10), max_resolution=32,
                      crop_scale=(0.35, 1.0), eval_crop_ratio=1.0,
                      description="torchvision CIFAR10 (cifar-10-batches-py under root)"))

@@ -148,7 +148,8 @@ def _texture(kind: str, x: np.ndarray, y: np.ndarray, freq: float) -> np.ndarray
 class Shapes(GeneratedSplit):
     """(shape, texture) classes with random colour, pose, background and clutter; with
     ``by="shape"`` the 10 shapes alone are the classes (each image's texture drawn at
-    random): a target task close to the source, for Fig. 6's MMD axis."""
+    random), with ``by="texture"`` the 5 textures (each image's shape drawn at random):
+    target tasks close to the source, for Fig. 6's MMD axis."""
 
     def __init__(self, split, per_class=200, image_size=32, seed=0, noise_std=0.06,
                  min_scale=0.5, supersample=2, by="shape_texture"):
@@ -156,14 +157,18 @@ class Shapes(GeneratedSplit):
         if not 0 < min_scale <= 0.5:
             raise ValueError(f"min_scale must be in (0, 0.5] (objects span min_scale..2*min_scale "
                              f"of the frame), got {min_scale}")
-        if by not in ("shape_texture", "shape"):
-            raise ValueError(f"by must be shape_texture or shape, got {by!r}")
+        classes = {"shape_texture": [f"{s}_{t}" for s in SHAPES for t in TEXTURES],
+                   "shape": list(SHAPES), "texture": list(TEXTURES)}
+        if by not in classes:
+            raise ValueError(f"by must be one of {', '.join(classes)}, got {by!r}")
         self.noise_std, self.min_scale, self.supersample, self.by = noise_std, min_scale, supersample, by
-        self.classes = [f"{s}_{t}" for s in SHAPES for t in TEXTURES] if by == "shape_texture" else list(SHAPES)
+        self.classes = classes[by]
 
     def render(self, label, rng):
         if self.by == "shape":
             shape, texture = self.classes[label], TEXTURES[rng.integers(len(TEXTURES))]
+        elif self.by == "texture":
+            shape, texture = SHAPES[rng.integers(len(SHAPES))], self.classes[label]
         else:
             shape, texture = self.classes[label].split("_")
         n = self.image_size * self.supersample

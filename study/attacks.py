@@ -684,7 +684,8 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
 
 # -- feature-space steepness (the paper's Eq. 4) ---------------------------------------
 def steepest_neighbour(f: nn.Module, x: torch.Tensor, eps: float, steps: int = 10,
-                       rel_step: float = 2.5, generator: torch.Generator | None = None) -> torch.Tensor:
+                       rel_step: float = 2.5, generator: torch.Generator | None = None,
+                       distance: str = "l1", start_std: float | None = None) -> torch.Tensor:
     """The inner maximisation of the paper's Eq. 4 by PGD: for each x, a point x' of the
     L-inf ball of radius ``eps`` (pixels) that maximises ||f(x) - f(x')||_1 / ||x - x'||_inf.
 
@@ -693,21 +694,30 @@ def steepest_neighbour(f: nn.Module, x: torch.Tensor, eps: float, steps: int = 1
     projected back into the ball and [0, 1]: sign steps end on the ball's surface, where
     the denominator is eps, and the denominator's own gradient touches only its largest
     coordinate, which it would make oscillate. f runs in eval mode and only the input gets
-    a gradient, as in every attack of this engine. Returns x' detached."""
+    a gradient, as in every attack of this engine. Returns x' detached.
+
+    The authors' released DM (``distance="mse"``, ``start_std``): the steps ascend the mean
+    squared feature distance instead, from x plus Gaussian noise of std ``start_std``."""
     if eps <= 0:
         raise AttackError(f"local Lipschitz: eps must be positive, got {eps}")
+    if distance not in ("l1", "mse"):
+        raise AttackError(f"feature distance must be l1 or mse, got {distance!r}")
     was = f.training
     f.eval()
     try:
         x = x.detach()
         with torch.no_grad():
             fx = f(x).flatten(1)
-        cur = (x + _random_start(x, "linf", eps, generator)).clamp(0, 1)
+        if start_std is None:
+            cur = (x + _random_start(x, "linf", eps, generator)).clamp(0, 1)
+        else:
+            cur = x + start_std * torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
         alpha = rel_step * eps / max(steps, 1)
         for _ in range(steps):
             cur.requires_grad_(True)
             with torch.enable_grad():  # the search needs input gradients even when measuring
-                spread = (fx - f(cur).flatten(1)).abs().sum()
+                gap = fx - f(cur).flatten(1)
+                spread = gap.abs().sum() if distance == "l1" else gap.pow(2).mean()
                 grad, = torch.autograd.grad(spread, cur)
             with torch.no_grad():
                 cur = (x + _project(cur + alpha * grad.sign() - x, "linf", eps)).clamp(0, 1)

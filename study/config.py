@@ -192,14 +192,26 @@ class SpaceSpec(_Strict):
 class KDSpec(_Strict):
     """KD@stage-2: CE + weight * ||f(x) - f_teacher(x)||^2 / d (Shafahi et al. 2020)."""
     weight: float = Field(1.0, ge=0)
-    teacher: Optional[str] = None        # a pretrain objective; default the model's own source
+    teacher: Optional[str] = None        # a pretrain objective; default the robust source (Shafahi et al.)
 
 
 class DMSpec(_Strict):
-    """DM (Eq. 5): the radius (1/255) and PGD steps of LL's inner maximisation."""
+    """DM's regulariser and the radius (1/255), PGD steps and step size of its inner
+    maximisation. ``form: eq4``: the paper's Eq. 4, LL = ||f(x) - f(x')||_1 / ||x - x'||_inf
+    (defaults eps 2, 1 step of 2.5 eps). ``form: code``: what the authors' train_dm.py
+    minimises, (1/B) MSE(f(x'), f(x)) (defaults eps 0.5, 10 steps of 1.25 eps / 10)."""
+    form: Literal["eq4", "code"] = "eq4"
     eps: float = Field(2.0, gt=0)
     steps: int = Field(1, gt=0)
     rel_step: float = Field(2.5, gt=0)
+
+    @model_validator(mode="after")
+    def _code_defaults(self):
+        if self.form == "code":
+            for k, v in {"eps": 0.5, "steps": 10, "rel_step": 1.25}.items():
+                if k not in self.model_fields_set:
+                    setattr(self, k, v)
+        return self
 
 
 class TradesSpec(_Strict):
@@ -247,6 +259,9 @@ class FinetuneSpec(_Strict):
     dm: DMSpec = Field(default_factory=DMSpec)
     trades: TradesSpec = Field(default_factory=TradesSpec)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)  # held out of train for model selection
+    # the partial fine-tune's BatchNorm: train (batch statistics, running statistics that
+    # follow the target, as the authors' code) or frozen (eval mode, the source's statistics)
+    partial_bn: Literal["train", "frozen"] = "train"
     scheduler: Optional[SchedulerSpec] = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_concurrent_trials: Optional[int] = Field(None, gt=0)
@@ -549,6 +564,10 @@ class JobConfig(_Strict):
         if ft.kd.teacher is not None and ft.kd.teacher not in have:
             raise _FieldError("finetune.kd.teacher", f"{ft.kd.teacher!r} is not one of "
                               f"pretrain.objectives (have: {', '.join(have)})")
+        if "kd_stage2" in ft.all_methods() and ft.kd.teacher is None and self.robust_objective() is None:
+            raise _FieldError("finetune.kd.teacher", "KD@stage-2 distils the robust source's features (Shafahi "
+                              "et al. 2020): add an adversarial objective to pretrain.objectives, or name "
+                              "the teacher")
         robust = [m for m in ft.all_methods() if METHODS[m].starts_from == "robust"]
         if robust and self.robust_objective() is None:
             raise _FieldError("finetune.methods", f"{', '.join(robust)} start(s) from an adversarially "

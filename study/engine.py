@@ -11,8 +11,10 @@ can report and checkpoint from there, and resume through ``state_dict``.
 What trains (``trains``; the methods of ``study.methods`` pick it):
 * ``f+g`` -- every parameter: the standard model (from random init) and the full
   fine-tune (f usually with the smaller learning rate).
-* ``g``   -- the classifier only (the partial fine-tune); f is frozen, in eval mode so
-  not even BatchNorm statistics move.
+* ``g``   -- the classifier only (the partial fine-tune); f's weights are frozen. Its
+  BatchNorm layers either stay in training mode (``partial_bn="train"``, as the authors'
+  code leaves the whole network: batch statistics, running statistics that adapt to
+  the target) or are frozen too (``"frozen"``: eval mode, the source's statistics).
 
 ``TrainSettings`` is the one list of training options: job files take it as it is
 (``study.config.TrainSpec`` adds only the ``lr`` shorthand).
@@ -34,6 +36,7 @@ from study.models import unwrap
 from study.objectives import cross_entropy
 
 TRAINS = ("f+g", "g")
+PARTIAL_BN = ("train", "frozen")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -150,9 +153,11 @@ def accuracy(model: nn.Module, loader: Iterable, device=None, amp: bool = False,
 class Trainer:
     def __init__(self, model: nn.Module, settings: TrainSettings, trains: str,
                  steps_per_epoch: int, device: str | torch.device = "cpu",
-                 objective: Callable | None = None):
+                 objective: Callable | None = None, partial_bn: str = "train"):
+        if partial_bn not in PARTIAL_BN:
+            raise ValueError(f"unknown partial_bn {partial_bn!r} (known: {', '.join(PARTIAL_BN)})")
         self.device = torch.device(device)
-        self.settings, self.trains = settings, trains
+        self.settings, self.trains, self.partial_bn = settings, trains, partial_bn
         self.amp = settings.amp and self.device.type == "cuda"
         self.model = model.to(self.device)
         if self.amp:
@@ -187,8 +192,8 @@ class Trainer:
 
     def _set_mode(self) -> None:
         self.model.train()
-        if self.trains == "g":
-            unwrap(self.model).f.eval()  # frozen f: BatchNorm running stats stay put
+        if self.trains == "g" and self.partial_bn == "frozen":
+            unwrap(self.model).f.eval()  # BatchNorm keeps the source's running statistics
 
     def lrs(self) -> dict:
         return {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}

@@ -16,7 +16,9 @@ Stage 2's defenses add two that need more than a name (study.methods builds them
 
 * ``distillation`` (KD@stage-2, after Shafahi et al. 2020): cross-entropy plus
   ``weight`` times the mean squared distance between the fine-tuned features f(x) and
-  a frozen source model's, so fine-tuning does not forget the source's features.
+  a frozen pre-trained model's: by default the *robust* source's (Shafahi et al. distil
+  a robust teacher's features into the student), so fine-tuning takes up its robust
+  features rather than keep the standard ones it starts from.
 * ``discrepancy_mitigating`` (DM, the paper's Eq. 5): cross-entropy plus lambda times
   LL(f(X)), the local-Lipschitz steepness of the features (Eq. 4), its inner
   maximisation by PGD (study.attacks.steepest_neighbour).
@@ -171,6 +173,36 @@ def discrepancy_mitigating(lam: float, eps: float, steps: int = 1, rel_step: flo
     return objective
 
 
+# the authors' code draws x' from x + 0.001 N(0, 1) on inputs scaled to [-1, 1]
+CODE_START_STD = 0.0005
+
+
+def discrepancy_mitigating_code(beta: float, eps: float, steps: int = 10, rel_step: float = 1.25,
+                                label_smoothing: float = 0.0, generator=None) -> Callable:
+    """DM as the authors' released ``train_dm.py`` computes it: CE + beta * (1/B) *
+    MSE(f(x'), f(x)), the MSE a mean over the B x d features, x' from ``steps`` PGD steps
+    of ``rel_step * eps / steps`` (eps in 1/255 units) that ascend the same MSE in eval
+    mode, starting from x plus small Gaussian noise. Both feature passes carry gradients,
+    as there; the clean pass is the one the CE term uses (the released code repeats it,
+    which gives the same gradient). x' is found first, as there, so the eval-mode search
+    sees BatchNorm's running statistics before this batch moves them."""
+    eps_pixels = eps / 255.0
+
+    def objective(model, images, labels):
+        m = unwrap(model)
+        x_adv = None if beta == 0 else steepest_neighbour(
+            m.f, images, eps_pixels, steps, rel_step, generator, distance="mse", start_std=CODE_START_STD)
+        feats = m.f(images)
+        logits = m.g(feats)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        if x_adv is None:
+            return loss, logits
+        mse = F.mse_loss(m.f(x_adv).flatten(1).float(), feats.flatten(1).float())
+        return loss + beta * mse / len(images), logits
+
+    return objective
+
+
 def trades(attack: Attack, beta: float, label_smoothing: float = 0.0, generator=None) -> Callable:
     """TRADES (Zhang et al. 2019): CE(y, p(x)) + beta * KL(p(x) || p(x')), where x' is the
     attack's PGD on the KL to the clean prediction (in eval mode, from a random point of
@@ -209,9 +241,10 @@ def build(spec, label_smoothing: float = 0.0, generator=None) -> Callable:
 class Kind:
     """One stage-2 objective kind (see the module docstring).
 
-    ``identity(ft, point, source)``: plain data of what the objective minimises, from the
-    job's FinetuneSpec ``ft``, the trial's ``point`` (λ, rates) and the name of the
-    pre-training objective the model starts from; it always holds ``kind``.
+    ``identity(ft, point, source, robust)``: plain data of what the objective minimises,
+    from the job's FinetuneSpec ``ft``, the trial's ``point`` (λ, rates), the name of the
+    pre-training objective the model starts from and that of the job's adversarial
+    pre-training (None without one); it always holds ``kind``.
     ``build(identity, label_smoothing, generator, teacher)``: the objective function.
     ``teacher(identity)``: the pre-training objective whose frozen model it needs, or None.
     ``passes(identity)``: attack passes (forward and input backward) per training image.
@@ -239,21 +272,30 @@ def _attack_passes(spec) -> int:
     return attack.steps * attack.restarts
 
 
-register(Kind(name="ce", identity=lambda ft, point, source: {"kind": "ce"},
+register(Kind(name="ce", identity=lambda ft, point, source, robust: {"kind": "ce"},
               build=lambda ident, ls, generator, teacher: cross_entropy(ls),
               passes=lambda ident: 0))
-register(Kind(name="at", identity=lambda ft, point, source: {"kind": "at", "attack": check(ft.at)},
+register(Kind(name="at", identity=lambda ft, point, source, robust: {"kind": "at", "attack": check(ft.at)},
               build=lambda ident, ls, generator, teacher: adversarial(training_attack(ident["attack"]), ls, generator),
               passes=lambda ident: _attack_passes(ident["attack"])))
-register(Kind(name="kd", identity=lambda ft, point, source: {"kind": "kd", "weight": ft.kd.weight,
-                                                             "teacher": ft.kd.teacher or source},
+register(Kind(name="kd", identity=lambda ft, point, source, robust: {"kind": "kd", "weight": ft.kd.weight,
+                                                             "teacher": ft.kd.teacher or robust},
               build=lambda ident, ls, generator, teacher: distillation(teacher.f, ident["weight"], ls),
               teacher=lambda ident: ident["teacher"], passes=lambda ident: 0))
-register(Kind(name="dm", identity=lambda ft, point, source: {"kind": "dm", "lam": point["lam"], **ft.dm.model_dump()},
-              build=lambda ident, ls, generator, teacher: discrepancy_mitigating(
-                  ident["lam"], ident["eps"], ident["steps"], ident["rel_step"], ls, generator),
+def _dm_identity(ft, point, source, robust) -> dict:
+    # Eq. 4's identity holds no form, as before the switch existed: its models keep their keys
+    dump = ft.dm.model_dump(exclude={"form"} if ft.dm.form == "eq4" else set())
+    return {"kind": "dm", "lam": point["lam"], **dump}
+
+
+def _dm_build(ident, ls, generator, teacher):
+    form = discrepancy_mitigating_code if ident.get("form") == "code" else discrepancy_mitigating
+    return form(ident["lam"], ident["eps"], ident["steps"], ident["rel_step"], ls, generator)
+
+
+register(Kind(name="dm", identity=_dm_identity, build=_dm_build,
               passes=lambda ident: ident["steps"] + 1, uses_lambda=True))
-register(Kind(name="trades", identity=lambda ft, point, source: {"kind": "trades", "beta": ft.trades.beta,
+register(Kind(name="trades", identity=lambda ft, point, source, robust: {"kind": "trades", "beta": ft.trades.beta,
                                                                  "attack": check(ft.trades.attack)},
               build=lambda ident, ls, generator, teacher: trades(training_attack(ident["attack"]), ident["beta"],
                                                                  ls, generator),

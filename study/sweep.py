@@ -15,11 +15,14 @@ A trial (``trial``) is one trained model, a ``stages.Stage`` like every other:
    (``finetune.val_fraction``, seeded) and reports ``val_acc`` every epoch, with its
    state as a Tune checkpoint (at most every ``checkpoint_every_s``), so a failed
    trial resumes near where it stopped;
-3. measures AOI on the test split, writes the study checkpoint, logs the model, then
+3. a λ method (DM) is attacked on the validation images too (Table 1's attack: its
+   ``val_AAI``);
+4. measures AOI on the test split, writes the study checkpoint, logs the model, then
    runs the attack suite and reports AOI, AAI and DR of every attack.
 
 Model selection -- which learning rates stand for a method in the tables -- uses
-``val_acc`` only, never the test split (``results.select``).
+``val_acc`` only, and DM's λ ``val_AAI`` and ``val_acc``, never the test split
+(``results.select``).
 
 MLflow: every trial is a child run of the job's parent run (``mlflow.parentRunId``); a
 trial that restarts continues its own run and logs each epoch once, so a restart adds
@@ -39,11 +42,12 @@ from pathlib import Path
 import torch
 
 from study import distributed, tracking
+from study.claims import TABLE1_ATTACK
 from study.config import Distribution, JobConfig, parse
 from study.data.loaders import holdout
 from study.engine import Trainer
 from study.methods import METHODS
-from study.models import build_model, load_checkpoint, save_checkpoint
+from study.models import build_model, load_checkpoint, save_checkpoint, unwrap
 from study.objectives import KINDS
 from study.stages import Job, Stage, evaluate_stage, evaluate_stage_done, finish_model, log, resolve_device
 
@@ -120,7 +124,7 @@ def train_spec(cfg: JobConfig, p: dict):
 def objective_spec(cfg: JobConfig, p: dict) -> dict:
     """What the method minimises, as recorded in the stage's identity (its kind's entry)."""
     method = METHODS[p["method"]]
-    return KINDS[method.objective].identity(cfg.finetune, p, source_name(cfg, p["method"]))
+    return KINDS[method.objective].identity(cfg.finetune, p, source_name(cfg, p["method"]), cfg.robust_objective())
 
 
 def source_name(cfg: JobConfig, method: str) -> str | None:
@@ -152,6 +156,9 @@ def stage_for(job, p: dict, sources: dict) -> Stage:
              "resolution": cfg.resolution(p["dataset"]), "train": train_spec(cfg, p).model_dump(),
              "objective": obj, "val_fraction": cfg.finetune.val_fraction,
              "source_stage": None if src is None else sources[p["seed"], p["backbone"], src]["key"]}
+    if METHODS[p["method"]].trains == "g" and cfg.finetune.partial_bn == "train":
+        # in the key only when BatchNorm trains: models from before the switch were frozen
+        ident["partial_bn"] = "train"
     return Stage(job, "finetune", ident)
 
 
@@ -238,7 +245,8 @@ def _fine_tune(job: Job, stage: Stage, p: dict, sources: dict, context: dict) ->
     val_loader = job.loader(key, "train", cfg.eval.batch_size, train=False, indices=val_idx, workers=threads)
     generator = torch.Generator().manual_seed(cfg.seed)
     objective = _objective(cfg, p, stage.ident["objective"], sources, job.device, generator)
-    trainer = Trainer(model, s, METHODS[p["method"]].trains, len(train_loader), job.device, objective)
+    trainer = Trainer(model, s, METHODS[p["method"]].trains, len(train_loader), job.device, objective,
+                      partial_bn=cfg.finetune.partial_bn)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -265,9 +273,40 @@ def _fine_tune(job: Job, stage: Stage, p: dict, sources: dict, context: dict) ->
         test_loader = job.loader(key, "test", cfg.eval.batch_size, train=False)
         snaps = [{"step": k, "of": total, "checkpoint": str(snapshot_path(stage, k))}
                  for k in sorted(snap_at) if snapshot_path(stage, k).is_file()]
-        finish_model(job, stage, run, trainer.model, test_loader, trainer.history,
-                     extra={"snapshots": snaps, "steps": total})
+        extra = {"snapshots": snaps, "steps": total, "f_l1": feature_l1(trainer.model, val_loader)}
+        mlflow.log_metric("f_l1", extra["f_l1"])
+        if KINDS[METHODS[p["method"]].objective].uses_lambda:
+            extra |= validation_attack(job, trainer.model, val_loader)
+            mlflow.log_metric("val_AAI", extra["val_AAI"])
+        finish_model(job, stage, run, trainer.model, test_loader, trainer.history, extra=extra)
     return report.last
+
+
+@torch.no_grad()
+def feature_l1(model, val_loader) -> float:
+    """Mean ||f(x)||_1 over the validation images: DM's LL can fall by shrinking f (and
+    growing g, g∘f unchanged), which this shows beside the plain fine-tune's."""
+    f = unwrap(model).f
+    was = f.training
+    f.eval()
+    total, n = 0.0, 0
+    for x, _ in val_loader:
+        total += float(f(x).flatten(1).float().abs().sum())
+        n += len(x)
+    f.train(was)
+    return total / max(n, 1)
+
+
+def validation_attack(job: Job, model, val_loader) -> dict:
+    """Table 1's attack on the validation images: what chooses a λ method's λ
+    (``results.choose_lambda``), so the choice never sees the test split."""
+    from study.attacks import parse_attack
+    from study.evaluate import evaluate
+
+    model.eval()
+    rec = next(r for r in evaluate(model, val_loader, [parse_attack(TABLE1_ATTACK)], seed=job.cfg.seed,
+                                   fast_copy=job.cfg.eval.fast_copy) if not r["probe"])
+    return {"val_AAI": rec["AAI"], "val_attack": rec["attack"], "val_images": rec["images"]}
 
 
 def trial(config: dict, context: dict) -> None:

@@ -40,6 +40,8 @@ def _with(path, value):
     (("finetune", "at"), "standard", "finetune: at: AT@stage-2 needs an adversarial objective"),
     (("finetune", "at"), "pgd3_linf_-2", "finetune.at: attack 'pgd3_linf_-2': eps must not be negative"),
     (("finetune", "kd"), {"teacher": "pgd3_linf_4.0"}, "finetune.kd.teacher: 'pgd3_linf_4.0' is not one of"),
+    (("finetune", "methods"), ["full", "kd_stage2"],
+     "finetune.kd.teacher: KD@stage-2 distils the robust source's features"),
     (("finetune", "backbones"), ["resnet50"], "finetune.backbones[0]: 'resnet50' is not pre-trained"),
     (("finetune", "val_fraction"), 0.0, "finetune.val_fraction: Input should be greater than 0"),
     (("pretrain", "weights"), {"standard": "imagenet", "pgd3_linf_-4": "imagenet"},
@@ -85,7 +87,7 @@ def _with(path, value):
      "finetune.methods: dm_stage12 start(s) from an adversarially pre-trained backbone"),
     (("eval", "attacks"), [{"name": "pgd10_linf_0.5", "datasets": ["pets"]}],
      "eval.attacks[0].datasets: 'pets' is not a key of datasets"),
-    (("datasets", "shapes", "params", "by"), "colour", "datasets.shapes: by must be shape_texture or shape"),
+    (("datasets", "shapes", "params", "by"), "colour", "datasets.shapes: by must be one of shape_texture, shape, texture"),
 ])
 def test_bad_configs_give_one_line_naming_the_field(path, value, message):
     with pytest.raises(config.ConfigError) as err:
@@ -241,3 +243,5 @@ def test_paper_table_jobs_are_valid_given_their_data(tmp_path, name):
     assert len(pts) == expected[name]
     if name == "table5":
         assert cfg.robust_objective() == "pgd3_linf_4.0" and cfg.source_objective() == "standard"
+    # the authors' pipeline resizes every dataset to 256 and crops 224: alphabet and CIFAR-10 too
+    assert {k: cfg.resolution(k) for k in cfg.finetune.datasets} == {k: 224 for k in cfg.finetune.datasets}

@@ -13,18 +13,28 @@ def _batches(n=4, size=16, classes=3, seed=0):
             for _ in range(n)]
 
 
-def test_partial_leaves_f_bit_for_bit_unchanged():
+@pytest.mark.parametrize("partial_bn", ["frozen", "train"])
+def test_partial_trains_g_only_and_bn_as_asked(partial_bn):
+    """Partial fine-tuning: f's weights never move. With partial_bn frozen, f is bit for
+    bit unchanged (running statistics too); with train (the authors' code), BatchNorm uses
+    the batch's statistics and its running statistics follow the target data."""
     torch.manual_seed(0)
     model = build_model("resnet18", 3)
     before = {k: v.clone() for k, v in model.f.state_dict().items()}  # BN running stats included
     g_before = model.g.weight.clone()
     data = _batches()
-    trainer = Trainer(model, TrainSettings(epochs=2, lr_f=0.1, lr_g=0.1), "g", len(data))
+    trainer = Trainer(model, TrainSettings(epochs=2, lr_f=0.1, lr_g=0.1), "g", len(data), partial_bn=partial_bn)
     trainer.fit(data, progress=False)
+    stats = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     for k, v in model.f.state_dict().items():
-        assert torch.equal(v, before[k]), k
+        if partial_bn == "frozen" or k not in stats:
+            assert torch.equal(v, before[k]), k
+    moved = [k for k in stats if not torch.equal(model.f.state_dict()[k], before[k])]
+    assert (len(moved) == len(stats)) if partial_bn == "train" else not moved
     assert not torch.equal(model.g.weight, g_before)
     assert [g["name"] for g in trainer.optimizer.param_groups] == ["g"]
+    with pytest.raises(ValueError, match="unknown partial_bn"):
+        Trainer(model, TrainSettings(), "g", 1, partial_bn="eval")
 
 
 def test_full_uses_the_two_learning_rates():

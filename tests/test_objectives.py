@@ -105,6 +105,82 @@ def test_dm_adds_lambda_times_the_feature_steepness(trained):
         assert float(local_lipschitz(copy.deepcopy(model).eval().f, x, 2.0 / 255, steps=3)) > 0
 
 
+class _Tiny(torch.nn.Module):
+    """f (a convolution, BatchNorm, pooling) and g: small enough to check by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.g = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.g(self.f(x))
+
+
+def _authors_dm_loss(model, x, y, beta, eps, steps, generator):
+    """The released train_dm.py's dm_loss, on inputs in [0, 1] (theirs are in [-1, 1], so
+    their 0.001 noise and eps halve here), written out step by step."""
+    model.eval()
+    x_adv = x + 0.0005 * torch.randn(x.shape, generator=generator)
+    step = eps * 1.25 / steps
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss = F.mse_loss(model.f(x_adv), model.f(x))
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = x_adv.detach() + step * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+    model.train()
+    natural = F.cross_entropy(model(x), y)
+    robust = (1.0 / len(x)) * F.mse_loss(model.f(x_adv), model.f(x))
+    return natural + beta * robust
+
+
+def test_dm_code_form_is_the_authors_mse_regulariser():
+    """dm.form: code: CE + beta (1/B) MSE(f(x'), f(x)), x' by 10 sign steps on that MSE
+    from x plus small noise: loss and every parameter's gradient equal the hand-written one."""
+    torch.manual_seed(0)
+    model = _Tiny()
+    x, y = torch.rand(8, 3, 12, 12), torch.randint(0, 4, (8,))
+    twin = copy.deepcopy(model)
+    model.train()
+    beta, eps = 500.0, 0.5
+    ours, _ = objectives.discrepancy_mitigating_code(beta, eps, steps=10, rel_step=1.25,
+                                                     generator=torch.Generator().manual_seed(3))(model, x, y)
+    ref = _authors_dm_loss(twin, x, y, beta, eps / 255, 10, torch.Generator().manual_seed(3))
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert float(ours - F.cross_entropy(model(x), y)) > 0  # the regulariser is there
+    ours.backward()
+    ref.backward()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name  # a bias before BatchNorm: ~0
+    loss, _ = objectives.discrepancy_mitigating_code(0.0, eps)(model, x, y)
+    assert torch.allclose(loss, F.cross_entropy(model(x), y))
+
+
+def test_dm_form_picks_the_regulariser_and_its_defaults():
+    from study import config
+
+    raw = {"name": "t", "datasets": {"shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
+                                     "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}}},
+           "pretrain": {"dataset": "shapes", "objectives": ["standard", "fgsm_linf_2.0"]},
+           "finetune": {"datasets": ["alphabet"], "methods": ["dm_stage12"]}}
+    eq4 = config.parse(raw).finetune.dm
+    code = config.parse({**raw, "finetune": {**raw["finetune"], "dm": {"form": "code", "steps": 5}}}).finetune.dm
+    assert (eq4.form, eq4.eps, eq4.steps, eq4.rel_step) == ("eq4", 2.0, 1, 2.5)
+    assert (code.form, code.eps, code.steps, code.rel_step) == ("code", 0.5, 5, 1.25)
+    kind = objectives.KINDS["dm"]
+    point = {"lam": 5.0}
+    ident = kind.identity(config.parse(raw).finetune, point, "fgsm_linf_2.0", "fgsm_linf_2.0")
+    assert "form" not in ident  # Eq. 4's models keep the keys they had before the switch
+    ft = config.parse({**raw, "finetune": {**raw["finetune"], "dm": {"form": "code"}}}).finetune
+    ident = kind.identity(ft, point, "fgsm_linf_2.0", "fgsm_linf_2.0")
+    assert ident["form"] == "code"
+    assert kind.build(ident, 0.0, None, None).__qualname__.startswith("discrepancy_mitigating_code")
+
+
 def test_local_lipschitz_known_answers():
     from torch import nn
 

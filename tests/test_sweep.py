@@ -70,6 +70,20 @@ def test_stage_identity_separates_trials(tmp_path):
     assert sweep.stage_for(job, dm, sources).ident["source_stage"] == "fgsm_linf_2.0"  # stage 1&2
 
 
+def test_kd_distils_the_robust_source_unless_told_otherwise(tmp_path):
+    """Shafahi et al.'s KD@stage-2: the student starts from the standard backbone and is
+    pulled toward the robust source's features; kd.teacher names another."""
+    from study.stages import Job
+
+    sources = {(0, "resnet18", n): {"key": f"key-{n}", "ckpt": "x"} for n in ("standard", "fgsm_linf_2.0")}
+    for kd, teacher in (({}, "fgsm_linf_2.0"), ({"teacher": "standard"}, "standard")):
+        cfg = _cfg(methods=["kd_stage2"], kd=kd)
+        stage = sweep.stage_for(Job(cfg, tmp_path, None), sweep.points(cfg)[0], sources)
+        obj = stage.ident["objective"]
+        assert (obj["teacher"], obj["teacher_key"]) == (teacher, f"key-{teacher}")
+        assert stage.ident["source_stage"] == "key-standard"
+
+
 def test_stage_keys_stay_put_across_versions(tmp_path):
     """A stage's key is what finds its finished model again: these keys were those of the
     version before replicates, so an OUT folder of that version is reused, not retrained;
@@ -86,6 +100,14 @@ def test_stage_keys_stay_put_across_versions(tmp_path):
         sources = {(0, "resnet18", n): {"key": k, "ckpt": "x"} for n, k in keys.items()}
         assert [sweep.stage_for(job, p, sources).key for p in sweep.points(cfg)][::3] == [
             "2037a66bb2442dcb", "733b55b12e8e2b8b", "2c2e3298cba2724b", "020382068c1d172f"]
+
+    # the partial fine-tune: BatchNorm now trains by default (a new key); with partial_bn:
+    # frozen, what every earlier version did, it keeps its old key
+    job = Job(_cfg(partial_bn="frozen"), tmp_path, None)
+    partial = [p for p in sweep.points(job.cfg) if p["method"] == "partial"]
+    assert [sweep.stage_for(job, p, sources).key for p in partial] == ["3675fa8e9cc0d520"]
+    job = Job(_cfg(), tmp_path, None)
+    assert [sweep.stage_for(job, p, sources).key for p in partial] != ["3675fa8e9cc0d520"]
 
 
 # -- the driver dies mid-sweep ------------------------------------------------------------
@@ -189,10 +211,11 @@ def test_asha_stops_weak_trials_early(tmp_path, ray_local):
     assert epochs[8.0] == 8 and min(epochs.values()) < 8, epochs
 
 
-def test_trades_and_the_cw_attack_run_on_a_tiny_job(tmp_path, ray_local, mlflow_server):
+def test_trades_dm_and_the_cw_attack_run_on_a_tiny_job(tmp_path, ray_local, mlflow_server):
     """TRADES@stage-2 as one more method of the sweep, and PGD on C&W's margin loss as one
     more attack: both run, both are named apart, and the paper's tables keep
-    cross-entropy PGD's numbers."""
+    cross-entropy PGD's numbers. DM in the authors' form at two λ: each λ's model is
+    attacked on the validation images, and one λ is chosen from those numbers."""
     import pandas as pd
     import torch
     import torchvision
@@ -202,9 +225,10 @@ def test_trades_and_the_cw_attack_run_on_a_tiny_job(tmp_path, ray_local, mlflow_
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     raw = {"name": "trades", "seed": 0, "device": "cpu", "data": {"workers": 1},
            "datasets": {"alphabet": {"params": {"train_per_class": 4, "test_per_class": 1}}},
-           "pretrain": {"backbones": ["resnet18"], "weights": str(weights)},
-           "finetune": {"datasets": ["alphabet"], "methods": ["full", "trades_stage2"],
+           "pretrain": {"backbones": ["resnet18"], "weights": {"standard": str(weights), "fgsm_linf_2.0": str(weights)}},
+           "finetune": {"datasets": ["alphabet"], "methods": ["full", "trades_stage2", "dm_stage12"],
                         "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
+                        "space": {"lam": [1.0, 100.0]}, "dm": {"form": "code", "steps": 2},
                         "trades": {"beta": 6.0, "attack": "pgd2_linf_2.0"}, "max_concurrent_trials": 1},
            "eval": {"batch_size": 64, "attacks": ["pgd10_linf_0.5", "pgd10_linf_0.5[loss=cw]"]},
            "analyses": {"enabled": False}}
@@ -218,8 +242,12 @@ def test_trades_and_the_cw_attack_run_on_a_tiny_job(tmp_path, ray_local, mlflow_
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     df = pd.read_csv(out / "results.csv")
     got = {(m, a) for m, a in df[["method", "attack"]].dropna().values}
-    assert got == {(m, a) for m in ("full", "trades_stage2")
+    assert got == {(m, a) for m in ("full", "trades_stage2", "dm_stage12")
                    for a in ("pgd10_linf_0.5", "pgd10_linf_0.5[loss=cw]")}
+    dm = df[(df.method == "dm_stage12") & df.attack.isna()]
+    assert len(dm) == 2 and dm.val_AAI.notna().all() and dm.chosen.sum() == 1
+    assert df[(df.method == "full") & df.attack.isna()].val_AAI.isna().all()  # λ methods only
+    assert df[df.attack.isna()].f_l1.gt(0).all()  # every fine-tuned model: the size of its features
     trades = json.loads(next((out / "checkpoints").glob("finetune-alphabet-resnet18-trades_stage2-*[!l].json"))
                         .read_text())
     assert trades["history"][0]["train_loss"] > 0
@@ -228,4 +256,5 @@ def test_trades_and_the_cw_attack_run_on_a_tiny_job(tmp_path, ray_local, mlflow_
     assert "TRADES@stage-2" in table5
     ce = df[(df.method == "trades_stage2") & (df.attack == "pgd10_linf_0.5")].iloc[0]
     assert f"| TRADES@stage-2 |  | {ce.AOI:.2f} ± " in table5 and f"| {ce.AAI:.2f} ± " in table5  # cross-entropy PGD's row
+    assert f"| DM@stage-1&2 | {dm[dm.chosen].lam.iloc[0]:g} |" in table5
     assert "loss=cw" not in md.split("## Stage 2 sweep")[0]  # no paper table shows the CW attack

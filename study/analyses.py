@@ -217,6 +217,11 @@ def save_perturbation_png(delta: torch.Tensor, path: Path, title: str = "") -> N
 # -- the actor ----------------------------------------------------------------------------
 
 
+def _bottom_and_all(per_layer: dict) -> dict:
+    bottom = next(iter(per_layer))  # the family's first stage (layer1 of a ResNet)
+    return {"bottom": per_layer[bottom], "all": sum(per_layer.values()) / len(per_layer), "layers": per_layer}
+
+
 class Analyst:
     """Serves analysis tasks for one job. Models are loaded once per actor (BatchNorm
     folded, eval mode, on the actor's device) and kept for the tasks that follow."""
@@ -260,7 +265,10 @@ class Analyst:
 
     # each task returns plain data (numbers, lists, file paths)
     def _cca(self, key: str, models: dict) -> dict:
-        """SVCCA of each pair of ``models`` (name -> checkpoint): bottom layer and all."""
+        """SVCCA of each pair of ``models`` (name -> checkpoint): bottom layer and all; and
+        its chance level (``chance``): the first pair with one side's rows shuffled, so no
+        row of one model meets its own image in the other. What finite rows and units
+        give two unrelated representations: near it, a similarity means nothing."""
         batches = self.batches(key, "test", self.spec.cca.images)
         acts = {}
         with torch.no_grad():
@@ -272,15 +280,18 @@ class Analyst:
         out = {}
         names = list(models)
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-        for a, b in pairs:
-            per_layer = {}
+        for i, (a, b) in enumerate(pairs):
+            per_layer, chance = {}, {}
             for layer in acts[a]:
                 ra, rb = layer_rows(acts[a][layer]), layer_rows(acts[b][layer])
                 rows = torch.randperm(len(ra), generator=g)[: self.spec.cca.max_rows]
                 per_layer[layer] = svcca(ra[rows], rb[rows], self.spec.cca.keep)
-            bottom = next(iter(per_layer))  # the family's first stage (layer1 of a ResNet)
-            out[f"{a}|{b}"] = {"bottom": per_layer[bottom],
-                               "all": sum(per_layer.values()) / len(per_layer), "layers": per_layer}
+                if i == 0:
+                    shuffled = rows[torch.randperm(len(rows), generator=g)]
+                    chance[layer] = svcca(ra[rows], rb[shuffled], self.spec.cca.keep)
+            out[f"{a}|{b}"] = _bottom_and_all(per_layer)
+            if chance:
+                out["chance"] = _bottom_and_all(chance)
         return out
 
     def _uap(self, key: str, name: str, ckpt: str, snapshots: list, png: str) -> dict:

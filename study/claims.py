@@ -1,15 +1,20 @@
 """The paper's five claims, judged under uncertainty.
 
 Each claim is an effect written so that the paper's direction is positive (e.g.
-DR(full fine-tune) − DR(standard model)), computed per target dataset on the models that
-model selection picked, with a 95 % interval from a paired bootstrap over the same test
-images, combined over the seeds (``study.stats.paired_effect``). A dataset's verdict is
+DR(full fine-tune) − DR(standard model)), computed per *unit* on the models that
+model selection chose, with a 95 % interval from a paired bootstrap over the same test
+images, combined over the seeds (``study.stats.paired_effect``). A unit is one job's
+target dataset with one backbone and one source data (``units``): a comparison never
+mixes two of them, also in a report merged from several jobs. A unit's verdict is
 **agree** when the interval excludes zero in the paper's direction, **disagree** when it
 excludes it the other way, **inconclusive** otherwise. A claim's verdict counts its
 datasets: agree when more than half agree and none disagrees, disagree the other way
 round, inconclusive otherwise (also when the run lacks what the claim needs, with the
 reason). The MMD claim is Spearman's ρ over the target datasets with a permutation
-p-value, inconclusive below three datasets (two points always give ρ = ±1).
+p-value, inconclusive below three datasets (two points always give ρ = ±1). Claim 5 is
+the paper's wording: DM@stage-1&2, at the λ chosen on validation, has a better AAI and
+DR than every other defense with an AOI at most AOI_MARGIN points below the full
+fine-tune's, on most units (the paper's own Table 5 has an exception, Cars).
 """
 from __future__ import annotations
 
@@ -17,17 +22,57 @@ import numpy as np
 import pandas as pd
 
 from study import stats
-from study.methods import DEFAULT_LAMBDA, DEFENSES
+from study.methods import AOI_MARGIN, DEFAULT_LAMBDA, DEFENSES, METHODS
 
 TABLE1_ATTACK = "pgd10_linf_0.5"
 MIN_MMD_DATASETS = 3
+UNIT = ("job", "dataset", "backbone", "source_data")
 
 
-def picks(df: pd.DataFrame, dataset: str, method: str, attack: str) -> pd.DataFrame:
-    """The selected models' rows, one per seed (of the paper's λ for DM, else the largest λ run)."""
-    hit = df[(df.dataset == dataset) & (df.method == method) & (df.attack == attack)]
+def _col(df: pd.DataFrame, key: str) -> pd.Series:
+    """A unit column as text ('' where empty or absent: results from before it existed)."""
+    if key not in df:
+        return pd.Series("", index=df.index)
+    return df[key].astype(object).where(df[key].notna(), "").astype(str)
+
+
+def units(df: pd.DataFrame) -> list[dict]:
+    """Every (job, dataset, backbone, source data) of the stage-2 models, in the order
+    they appear: one comparison each. The standard model, pre-trained on nothing, joins
+    every unit of its job, dataset and backbone (a unit of its own where it is alone)."""
+    tuned = df[df.method != "pretrain"] if len(df) else df
+    keys = list(zip(*(_col(tuned, k).tolist() for k in UNIT)))
+    scratch = [m in METHODS and METHODS[m].starts_from is None for m in tuned.method]
+    found = list(dict.fromkeys(k for k, s in zip(keys, scratch) if not s))
+    alone = [u for u in dict.fromkeys(k[:3] for k, s in zip(keys, scratch) if s)
+             if not any(f[:3] == u for f in found)]
+    return [dict(zip(UNIT, u)) for u in found] + [dict(zip(UNIT, (*u, ""))) for u in alone]
+
+
+def label(unit: dict, every: list[dict]) -> str:
+    """The unit's name in tables and claims: its dataset, plus what tells it apart from
+    the others' (backbone, source data, job)."""
+    same = [u for u in every if u["dataset"] == unit["dataset"]]
+    parts = [unit["dataset"]]
+    for key, fmt in (("backbone", "{}"), ("source_data", "from {}"), ("job", "job {}")):
+        if len({u[key] for u in same}) > 1 and unit[key]:
+            parts.append(fmt.format(unit[key]))
+    return ", ".join(parts)
+
+
+def picks(df: pd.DataFrame, unit: dict, method: str, attack: str) -> pd.DataFrame:
+    """The rows of the model that stands for ``method`` in ``unit`` under ``attack``, one per
+    seed: the chosen model (``results.select``: the selected trial, and DM's λ chosen on
+    validation). Results from before ``chosen`` existed: the paper's λ if run, else the
+    largest."""
+    hit = df[(df.method == method) & (df.attack == attack)]
+    keys = UNIT if METHODS.get(method) is None or METHODS[method].starts_from is not None else UNIT[:3]
+    for k in keys:
+        hit = hit[_col(hit, k) == unit[k]]
     if "selected" in hit:
         hit = hit[hit.selected.astype(bool)]
+    if "chosen" in hit:
+        return hit[hit.chosen.astype(bool)]
     if len(hit) and hit.lam.notna().any():
         lam = DEFAULT_LAMBDA if (hit.lam == DEFAULT_LAMBDA).any() else hit.lam.max()
         hit = hit[hit.lam == lam]
@@ -46,14 +91,14 @@ def _arrays(entry: dict) -> tuple[np.ndarray, np.ndarray]:
     return stats.mask(entry["correct"]), stats.mask(entry["robust"])
 
 
-def _replicates(df: pd.DataFrame, masks: dict, dataset: str, methods: dict) -> list[dict]:
-    """Per seed that has every model of ``methods`` (name -> method): name -> (correct,
-    robust) under Table 1's attack, cut to the images all of them share."""
+def _replicates(df: pd.DataFrame, masks: dict, unit: dict, methods: dict) -> list[dict]:
+    """Per seed that has every model of ``methods`` (name -> method) in ``unit``: name ->
+    (correct, robust) under Table 1's attack, cut to the images all of them share."""
     out = []
     seeds = df.seed.dropna().unique().tolist() if "seed" in df and df.seed.notna().any() else [None]
     for seed in seeds:
         one = df if seed is None else df[df.seed == seed]
-        rows = {name: picks(one, dataset, m, TABLE1_ATTACK) for name, m in methods.items()}
+        rows = {name: picks(one, unit, m, TABLE1_ATTACK) for name, m in methods.items()}
         if any(not len(r) for r in rows.values()):
             continue
         got = {name: masks.get(r.iloc[0].stage, {}).get(TABLE1_ATTACK) for name, r in rows.items()}
@@ -65,20 +110,30 @@ def _replicates(df: pd.DataFrame, masks: dict, dataset: str, methods: dict) -> l
     return out
 
 
-def _judge(claim: str, per_dataset: list[dict], missing: str) -> dict:
-    """A claim's line from its datasets' effects."""
+def _tally(per_dataset: list[dict], most: bool) -> str:
+    """A claim's verdict from its units': agree when more than half agree, and (unless
+    ``most``: the paper claims most, not all) none disagrees; disagree the other way round."""
+    count = {v: sum(d["verdict"] == v for d in per_dataset) for v in ("agree", "disagree", "inconclusive")}
+    half = len(per_dataset) / 2
+    if count["agree"] > half and (most or not count["disagree"]):
+        return "agree"
+    if count["disagree"] > half and (most or not count["agree"]):
+        return "disagree"
+    return "inconclusive"
+
+
+def _judge(claim: str, per_dataset: list[dict], missing: str, most: bool = False) -> dict:
+    """A claim's line from its units' effects (a unit that has a verdict keeps it)."""
     if not per_dataset:
         return {"claim": claim, "verdict": "inconclusive", "detail": missing, "datasets": []}
     for d in per_dataset:
-        d["verdict"] = stats.verdict(d["lo"], d["hi"])
-    count = {v: sum(d["verdict"] == v for d in per_dataset) for v in ("agree", "disagree", "inconclusive")}
-    half = len(per_dataset) / 2
-    verdict = ("agree" if count["agree"] > half and not count["disagree"] else
-               "disagree" if count["disagree"] > half and not count["agree"] else "inconclusive")
-    detail = "; ".join(f"{d['dataset']}: {d['what']} {d['effect']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}] "
-                       f"({d['images']} images, {d['seeds']} seed{'s' if d['seeds'] > 1 else ''}) {d['verdict']}"
-                       for d in per_dataset)
-    tally = f"agree on {count['agree']} of {len(per_dataset)} dataset{'s' if len(per_dataset) > 1 else ''}"
+        d.setdefault("verdict", stats.verdict(d["lo"], d["hi"]))
+    verdict = _tally(per_dataset, most)
+    detail = "; ".join(f"{d['dataset']}: {d['what']} {d['effect']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
+                       f"{d.get('also', '')} ({d['images']} images, {d['seeds']} seed{'s' if d['seeds'] > 1 else ''}) "
+                       f"{d['verdict']}" for d in per_dataset)
+    n = len(per_dataset)
+    tally = f"agree on {sum(d['verdict'] == 'agree' for d in per_dataset)} of {n} dataset{'s' if n > 1 else ''}"
     return {"claim": claim, "verdict": verdict, "detail": f"{tally}: {detail}", "datasets": per_dataset}
 
 
@@ -90,13 +145,17 @@ def _dr_gap(a: str, b: str):
     return effect
 
 
-def _dr_claim(df, masks, datasets, claim, a, b, what, missing) -> dict:
-    """DR of method ``a`` minus DR of method ``b``, per dataset."""
+def _unit_fields(unit: dict, every: list[dict]) -> dict:
+    return {"dataset": label(unit, every), **{f"unit_{k}": unit[k] for k in UNIT}}
+
+
+def _dr_claim(df, masks, every, claim, a, b, what, missing) -> dict:
+    """DR of method ``a`` minus DR of method ``b``, per unit."""
     per = []
-    for d in datasets:
-        reps = _replicates(df, masks, d, {a: a, b: b})
+    for unit in every:
+        reps = _replicates(df, masks, unit, {a: a, b: b})
         if reps:
-            per.append({"dataset": d, "what": what, **stats.paired_effect(reps, _dr_gap(a, b))})
+            per.append({**_unit_fields(unit, every), "what": what, **stats.paired_effect(reps, _dr_gap(a, b))})
     return _judge(claim, per, missing)
 
 
@@ -116,18 +175,22 @@ def _uap_claim(found: dict) -> dict:
                   "no UAP transfer with per-image results in this run")
 
 
-def _mmd_claim(df: pd.DataFrame, found: dict) -> dict:
+def _mmd_claim(df: pd.DataFrame, found: dict, every: list[dict]) -> dict:
+    """Spearman's ρ of MMD² against the full fine-tune's DR over the target datasets of
+    one job, backbone and source data (the group with the most of them)."""
     claim = "DR grows with the MMD between source and target."
     mmd: dict = {}
     for rep in by_seed(found).values():
         for d, v in rep.get("datasets", {}).items():
             if "mmd" in v:
                 mmd.setdefault(d, []).append(v["mmd"]["mmd2"])
-    pts = []
-    for d, values in mmd.items():
-        rows = picks(df, d, "full", TABLE1_ATTACK)
+    groups: dict = {}
+    for unit in every:
+        rows = picks(df, unit, "full", TABLE1_ATTACK) if unit["dataset"] in mmd else []
         if len(rows) and rows.DR.notna().any():
-            pts.append((d, float(np.mean(values)), float(rows.DR.mean())))
+            groups.setdefault((unit["job"], unit["backbone"], unit["source_data"]), []).append(
+                (unit["dataset"], float(np.mean(mmd[unit["dataset"]])), float(rows.DR.mean())))
+    pts = max(groups.values(), key=len, default=[])
     listing = ", ".join(f"{d} MMD² {m:.3f} DR {r:.1f}" for d, m, r in sorted(pts, key=lambda p: p[1]))
     if len(pts) < MIN_MMD_DATASETS:
         return {"claim": claim, "verdict": "inconclusive", "datasets": [],
@@ -140,39 +203,61 @@ def _mmd_claim(df: pd.DataFrame, found: dict) -> dict:
                       f"datasets: {listing}"}
 
 
-def _dm_claim(df: pd.DataFrame, masks: dict, datasets: list) -> dict:
-    """AAI of DM@stage-1&2 minus the best AAI among the other defenses (best per draw)."""
-    per = []
-    for d in datasets:
-        rivals = [m for m in DEFENSES if m != "dm_stage12" and len(picks(df, d, m, TABLE1_ATTACK))]
-        if not rivals or not len(picks(df, d, "dm_stage12", TABLE1_ATTACK)):
-            continue
-        reps = _replicates(df, masks, d, {"dm": "dm_stage12", **{m: m for m in rivals}})
+def _dm_unit(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict]) -> dict | None:
+    """Claim 5 on one unit: AAI of DM@stage-1&2 minus the best other defense's (the best
+    per draw), the same for DR (the best: the lowest), and DM's AOI against the full
+    fine-tune's. Agree: DM's AAI and DR are better with intervals clear of zero, and its
+    AOI interval reaches above the full fine-tune's minus AOI_MARGIN; disagree: a rival's
+    AAI is better beyond doubt, or DM's AOI is below that margin beyond doubt."""
+    rivals = [m for m in DEFENSES if m != "dm_stage12" and len(picks(df, unit, m, TABLE1_ATTACK))]
+    if not rivals or not len(picks(df, unit, "dm_stage12", TABLE1_ATTACK)):
+        return None
+    with_full = {"full": "full"} if len(picks(df, unit, "full", TABLE1_ATTACK)) else {}
+    reps = _replicates(df, masks, unit, {"dm": "dm_stage12", **with_full, **{m: m for m in rivals}})
+    if not reps:
+        return None
 
-        def effect(models, idx, rivals=rivals):
-            best = np.max([models[m][1][idx].mean(-1) for m in rivals], axis=0)
-            return 100.0 * (models["dm"][1][idx].mean(-1) - best)
+    def aai(models, idx):
+        best = np.max([models[m][1][idx].mean(-1) for m in rivals], axis=0)
+        return 100.0 * (models["dm"][1][idx].mean(-1) - best)
 
-        if reps:
-            per.append({"dataset": d, "what": "AAI DM@stage-1&2 − best other defense", **stats.paired_effect(reps, effect)})
-    return _judge("DM@stage-1&2 gives the best AAI among the defenses.", per,
-                  "needs DM@stage-1&2 and another defense under " + TABLE1_ATTACK)
+    def dr(models, idx):
+        best = np.nanmin([stats.dr(*[a[idx] for a in models[m]]) for m in rivals], axis=0)
+        return best - stats.dr(models["dm"][0][idx], models["dm"][1][idx])
+
+    gain, drop = stats.paired_effect(reps, aai), stats.paired_effect(reps, dr)
+    also = f"; DR best other − DM {drop['effect']:+.1f} [{drop['lo']:+.1f}, {drop['hi']:+.1f}]"
+    aoi_ok, aoi_bad = True, False
+    if with_full:
+        gap = stats.paired_effect(reps, lambda m, idx: 100.0 * (m["dm"][0][idx].mean(-1) - m["full"][0][idx].mean(-1)))
+        aoi_ok, aoi_bad = gap["hi"] >= -AOI_MARGIN, gap["hi"] < -AOI_MARGIN
+        also += f"; AOI DM − full {gap['effect']:+.1f} [{gap['lo']:+.1f}, {gap['hi']:+.1f}] (margin {AOI_MARGIN:g})"
+    verdict = ("agree" if gain["lo"] > 0 and drop["lo"] > 0 and aoi_ok else
+               "disagree" if gain["hi"] < 0 or aoi_bad else "inconclusive")
+    return {**_unit_fields(unit, every), "what": "AAI DM@stage-1&2 − best other defense", **gain,
+            "also": also, "verdict": verdict, "rivals": rivals}
+
+
+def _dm_claim(df: pd.DataFrame, masks: dict, every: list[dict]) -> dict:
+    per = [d for d in (_dm_unit(df, masks, u, every) for u in every) if d is not None]
+    return _judge("DM@stage-1&2 gives a better AAI and DR than the other defenses, keeping the full fine-tune's "
+                  "AOI, on most datasets.", per, "needs DM@stage-1&2 and another defense under " + TABLE1_ATTACK,
+                  most=True)
 
 
 def judge(df: pd.DataFrame, found: dict, masks: dict) -> list[dict]:
     """The five claims on this run's results, analyses and per-image masks (stage ->
     attack -> {correct, robust}, results.per_image)."""
-    datasets = list(dict.fromkeys(df.dataset[df.attack == TABLE1_ATTACK])) if len(df) else []
+    every = units(df[df.attack == TABLE1_ATTACK]) if len(df) else []
     masks = masks or {}
     return [
-        _dr_claim(df, masks, datasets, "Fine-tuned models have a higher DR than standard ones.", "full", "scratch",
+        _dr_claim(df, masks, every, "Fine-tuned models have a higher DR than standard ones.", "full", "scratch",
                   "DR full − standard", "no full fine-tune and standard model with per-image results under "
                   + TABLE1_ATTACK),
-        _dr_claim(df, masks, datasets, "Partial fine-tuning is worse (higher DR) than full fine-tuning.", "partial",
+        _dr_claim(df, masks, every, "Partial fine-tuning is worse (higher DR) than full fine-tuning.", "partial",
                   "full", "DR partial − full", "no partial and full fine-tune with per-image results under "
                   + TABLE1_ATTACK),
         _uap_claim(found),
-        _mmd_claim(df, found),
-        _dm_claim(df, masks, datasets),
+        _mmd_claim(df, found, every),
+        _dm_claim(df, masks, every),
     ]
-

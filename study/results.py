@@ -1,10 +1,15 @@
 """The results table: one tidy row per trained model and attack.
 
+``job`` is the job's name (its MLflow experiment): a merged report keeps jobs apart.
 ``method`` is ``pretrain`` for a stage-1 backbone, else the stage-2 method
 (study.methods: scratch, partial, full, at_stage2, dm_stage12, ...); ``lam``, ``lr_f``,
-``lr_g``, ``optimizer`` are the sweep trial's point, ``val_acc`` its validation accuracy
-and ``selected`` whether it is the trial that model selection (best ``val_acc`` per
-dataset, backbone, method and λ) puts in the paper's tables; ``stage`` is the model's
+``lr_g``, ``optimizer`` are the sweep trial's point, ``val_acc`` its validation accuracy,
+``val_AAI`` (λ methods) its accuracy under Table 1's attack on the validation images,
+``f_l1`` the mean ||f(x)||_1 of its features there (a DM model can lower LL by shrinking f);
+``selected`` whether it is the trial that model selection (best ``val_acc`` per
+dataset, backbone, method, λ and seed) picked, and ``chosen`` whether it is the model
+that stands for its method in the tables and claims: the selected trial, and for a λ
+method the λ chosen on validation too (``select``); ``stage`` is the model's
 key (its checkpoint is ``OUT/checkpoints/*-<stage>.pt``). ``source`` is the pre-training objective (``standard``, ``pgd3_linf_4.0``, ...): of the
 backbone itself for a ``pretrain`` row, of the backbone a fine-tune started from
 otherwise (empty for the standard model, which has none); ``source_data`` the data it
@@ -26,12 +31,12 @@ import pandas as pd
 from study import evaluate, report, stats
 from study.config import JobConfig
 from study.data.beton import atomic_write_text
-from study.methods import METHODS
+from study.methods import AOI_MARGIN, METHODS
 
-COLUMNS = ["dataset", "backbone", "method", "source", "source_data", "seed", "lam", "lr_f", "lr_g", "optimizer",
-           "val_acc", "selected", "attack", "images", "AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi",
+COLUMNS = ["job", "dataset", "backbone", "method", "source", "source_data", "seed", "lam", "lr_f", "lr_g",
+           "optimizer", "val_acc", "val_AAI", "f_l1", "selected", "chosen", "attack", "images", "AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi",
            "DR", "DR_lo", "DR_hi", "flags", "paper_AOI", "paper_AAI", "paper_DR", "stage"]
-SANITY_COLUMNS = ["dataset", "backbone", "method", "source", "source_data", "seed", "lam", "flag", "attack", "passed", "detail",
+SANITY_COLUMNS = ["job", "dataset", "backbone", "method", "source", "source_data", "seed", "lam", "flag", "attack", "passed", "detail",
                   "stage"]
 
 
@@ -53,9 +58,9 @@ def model_rows(cfg: JobConfig, model: dict, record: dict, records: list[dict], f
     point = point or {}
     history = record.get("history") or [{}]
     # the job's key names the dataset in results (unique in a job; the paper's name in its job files)
-    base = {**model, "source_data": source_data(cfg, model["method"]),
+    base = {"job": cfg.name, **model, "source_data": source_data(cfg, model["method"]),
             **{k: point.get(k) for k in ("lam", "lr_f", "lr_g", "optimizer")},
-            "val_acc": history[-1].get("val_acc")}
+            "val_acc": history[-1].get("val_acc"), "val_AAI": record.get("val_AAI"), "f_l1": record.get("f_l1")}
     n = model.pop("images", None)
     base.pop("images", None)
     clean = {}
@@ -89,9 +94,11 @@ def per_image(records: list[dict]) -> dict:
 
 
 def select(rows: list[dict]) -> None:
-    """Marks, per (dataset, backbone, method, λ, seed), the trial with the best validation
-    accuracy as ``selected`` (ties: the first); the paper's tables show only those, so
-    model selection never looks at the test split. Stage-1 rows have no rivals."""
+    """Model selection, on the validation split only (the test split never chooses).
+    ``selected``: per (dataset, backbone, method, λ, seed) the trial with the best
+    validation accuracy (ties: the first). ``chosen``: the model that stands for its
+    method, the selected one, and for a λ method (DM) the λ chosen on validation
+    (``choose_lambda``). Stage-1 rows have no rivals."""
     best: dict = {}
     for r in rows:
         if r["method"] == "pretrain" or r.get("attack"):
@@ -103,15 +110,39 @@ def select(rows: list[dict]) -> None:
     picked = {stage for _, stage in best.values()}
     for r in rows:
         r["selected"] = r["method"] == "pretrain" or r["stage"] in picked
+    chosen = choose_lambda([r for r in rows if r["selected"] and not r.get("attack")])
+    for r in rows:
+        r["chosen"] = r["selected"] and (r.get("lam") is None or r["stage"] in chosen)
+
+
+def choose_lambda(clean: list[dict]) -> set[str]:
+    """Per (dataset, backbone, method, seed) of a λ method, the stage of the λ chosen on
+    validation: the best validation AAI (Table 1's attack on the validation images) among
+    the λ whose validation accuracy is at most AOI_MARGIN points below the full
+    fine-tune's (all of them if none is, or without a full fine-tune); models trained
+    before validation attacks existed compare validation accuracy instead."""
+    full = {(r["dataset"], r["backbone"], r.get("seed")): r.get("val_acc") for r in clean if r["method"] == "full"}
+    groups: dict = {}
+    for r in clean:
+        if r.get("lam") is not None:
+            groups.setdefault((r["dataset"], r["backbone"], r["method"], r.get("seed")), []).append(r)
+    chosen = set()
+    for (dataset, backbone, _, seed), group in groups.items():
+        floor = full.get((dataset, backbone, seed))
+        keep = [r for r in group if floor is None or (r.get("val_acc") or 0.0) >= floor - AOI_MARGIN] or group
+        score = lambda r: (-1.0 if r.get("val_AAI") is None else r["val_AAI"], r.get("val_acc") or 0.0)  # noqa: E731
+        chosen.add(max(keep, key=score)["stage"])
+    return chosen
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
     rows = [{**report.paper_for_row(r["dataset"], r["method"], r.get("attack")), **r} for r in rows]
     df = pd.DataFrame(rows, columns=COLUMNS)
     for col in ("AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi", "DR", "DR_lo", "DR_hi", "val_acc",
-                "paper_AOI", "paper_AAI", "paper_DR"):
+                "val_AAI", "f_l1", "paper_AOI", "paper_AAI", "paper_DR"):
         df[col] = pd.to_numeric(df[col], errors="coerce").round(2)
     df["selected"] = df["selected"].fillna(True).astype(bool)
+    df["chosen"] = df["chosen"].where(df["chosen"].notna(), df["selected"]).astype(bool)
     df["images"] = pd.to_numeric(df["images"], errors="coerce").astype("Int64")
     df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
     return df

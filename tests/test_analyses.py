@@ -1,6 +1,7 @@
 """Known answers of the analyses, and the report page (rendered in headless Chromium)."""
 import json
 import shutil
+import tempfile
 import subprocess
 from pathlib import Path
 
@@ -25,6 +26,37 @@ def test_svcca_known_answers():
     assert analyses.svcca(a, noise) < 0.1  # independent: only sampling noise, ~ sqrt(d / n)
     with pytest.raises(ValueError, match="same rows"):
         analyses.svcca(a, a[:10])
+
+
+def test_cca_reports_its_chance_level():
+    """The SVCCA task's chance level: the first pair with one side's rows shuffled. Two
+    models that compute the same thing score ~1, their chance level far below, and the
+    level is the noise floor of the rows and units at hand (not zero)."""
+    from types import SimpleNamespace
+
+    from study.config import CCASpec
+
+    class Net(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 24, 3, stride=2, padding=1)
+
+        def layers(self, x):
+            h = self.a(x).relu()
+            return {"layer1": h, "layer2": self.b(h).relu()}
+
+    nets = {"x": Net(0), "y": Net(0), "z": Net(1)}
+    g = torch.Generator().manual_seed(0)
+    batch = [(torch.rand(24, 3, 8, 8, generator=g), torch.zeros(24, dtype=torch.long))]
+    analyst = analyses.Analyst.__new__(analyses.Analyst)
+    analyst.seed, analyst.spec = 0, SimpleNamespace(cca=CCASpec(images=24, max_rows=600))
+    analyst.model, analyst.batches = (lambda name: nets[name]), (lambda *a, **k: batch)
+    out = analyst._cca("alphabet", {"one": "x", "same": "y", "other": "z"})
+    assert out["one|same"]["bottom"] == pytest.approx(1.0, abs=1e-6)
+    chance = out["chance"]
+    assert set(chance["layers"]) == {"layer1", "layer2"} and 0.0 < chance["bottom"] < 0.6
+    assert chance["all"] < out["one|other"]["all"] < 1.0
 
 
 def test_layer_rows_are_spatial_positions():
@@ -67,9 +99,10 @@ def _bits(n: int, correct: int, robust: int, rng) -> dict:
     return {"correct": "".join("1" if v else "0" for v in c), "robust": "".join("1" if v else "0" for v in r)}
 
 
-def _fake_results(models=None, n=200, seeds=(0, 1), rng_seed=0):
+def _fake_results(models=None, n=200, seeds=(0, 1), rng_seed=0, **unit):
     """Result rows and per-image masks as a job writes them: one target, ``models``
-    (method -> (AOI, AAI) in percent), per seed."""
+    (method -> (AOI, AAI) in percent), per seed; ``unit``: job, dataset, backbone and
+    source_data other than the default."""
     from study import results
 
     models = models or {"scratch": (90, 80), "partial": (60, 5), "full": (92, 40), "at_stage2": (85, 60),
@@ -78,10 +111,11 @@ def _fake_results(models=None, n=200, seeds=(0, 1), rng_seed=0):
     rows, masks = [], {}
     for seed in seeds:
         for method, (aoi, aai) in models.items():
-            stage = f"{method}-{seed}"
+            where = {"dataset": "alphabet", "backbone": "resnet18", **unit}
+            stage = "-".join([*map(str, unit.values()), method, str(seed)])
             m = _bits(n, round(aoi * n / 100), round(aai * n / 100), rng)
             masks[stage] = {"pgd10_linf_0.5": m}
-            base = {"dataset": "alphabet", "backbone": "resnet18", "method": method, "selected": True, "seed": seed,
+            base = {**where, "method": method, "selected": True, "seed": seed,
                     "stage": stage, "lam": 1e-3 if method.startswith("dm") else None}
             rec = {"correct": m["correct"], "robust": m["robust"]}
             rows.append({**base, "AOI": aoi, "images": n})
@@ -116,6 +150,72 @@ def test_claims_are_judged_by_their_paired_intervals():
                      enumerate(("alphabet", "near", "far", "farther", "farthest"))])
     ranked = claims.judge(df5, three, masks)[3]
     assert ranked["rho"] == pytest.approx(1.0) and ranked["p"] < 0.05 and ranked["verdict"] == "agree"
+
+
+def test_a_merged_report_never_mixes_jobs_backbones_or_source_data():
+    """Frames of a Table 1 job, a Table 3 job (two backbones) and a Table 4 job (another
+    source), merged as `study report` merges jobs: each table row and each claim rests
+    on one job's models of one backbone and source."""
+    from study import claims
+
+    parts = [_fake_results({"scratch": (90, 80), "partial": (60, 5), "full": (92, 40)}, seeds=(0,), rng_seed=1,
+                           job="table1", dataset=d, source_data="imagenet") for d in ("pets", "flowers")]
+    parts += [_fake_results({"full": (95 if b == "resnet50" else 93, 10)}, seeds=(0,), rng_seed=2, job="table3",
+                            dataset=d, backbone=b, source_data="imagenet")
+              for b in ("resnet18", "resnet50") for d in ("pets", "flowers")]
+    parts += [_fake_results({"full": (70, 50)}, seeds=(0,), rng_seed=3, job="table4", dataset="pets",
+                            source_data="cifar10")]
+    df = pd.concat([p[0] for p in parts], ignore_index=True)
+    masks = {k: v for _, m in parts for k, v in m.items()}
+    every = claims.units(df)
+    assert len(every) == 7 and {u["job"] for u in every} == {"table1", "table3", "table4"}
+
+    t1 = report.table1(df)  # Table 1 compares: only the units with more than the full fine-tune
+    assert t1.count("**pets") == 1 and t1.count("**flowers") == 1 and "job table1" in t1
+    assert "| full fine-tune | 92.00" in t1 and "95.00" not in t1 and "70.00" not in t1
+    rows = [r for r in report.table3(df).splitlines() if r.startswith("| table")]
+    assert sorted(r.split(" | ")[:4] + [r.split(" | ")[4].split(" (")[0]] for r in rows) == [
+        ["| table1", "resnet18", "imagenet", "2", "92.00"], ["| table3", "resnet18", "imagenet", "2", "93.00"],
+        ["| table3", "resnet50", "imagenet", "2", "95.00"], ["| table4", "resnet18", "cifar10", "1", "70.00"]]
+    t4 = [r for r in report.table4(df).splitlines() if r.startswith("| table")]
+    assert len(t4) == 7 and [r for r in t4 if "cifar10" in r] == ["| table4 | cifar10 | resnet18 | pets | 70.00 ± "
+                                                                   + t4[-1].split("70.00 ± ")[1]]
+    first = claims.judge(df, {}, masks)[0]  # full vs standard: table1's models only
+    assert [d["unit_job"] for d in first["datasets"]] == ["table1", "table1"]
+    assert all(d["effect"] == pytest.approx(100 * (92 - 40) / 92 - 100 * (90 - 80) / 90, abs=0.01)
+               for d in first["datasets"])
+    page = report.build(df, {}, Path(tempfile.mkdtemp()) / "report", title="merged", masks=masks)
+    assert "<td>table3</td>" in page.read_text() and "resnet50" in page.read_text()
+
+
+def test_dm_lambda_is_chosen_on_validation_and_judged_by_the_papers_claim():
+    """DM's λ: the best validation AAI among the λ whose validation accuracy is at most
+    AOI_MARGIN below the full fine-tune's; the test split plays no part. Claim 5 then
+    judges that λ's model: better AAI and DR than every rival, AOI kept."""
+    from study import claims, results
+
+    def row(method, lam, val_acc, val_aai, stage):
+        return {"dataset": "alphabet", "backbone": "resnet18", "method": method, "seed": 0, "lam": lam,
+                "val_acc": val_acc, "val_AAI": val_aai, "stage": stage}
+
+    rows = [row("full", None, 80.0, 5.0, "full"), row("dm_stage12", 1.0, 79.0, 30.0, "dm1"),
+            row("dm_stage12", 10.0, 70.0, 60.0, "dm10"),  # the most robust, but 10 points under full
+            row("dm_stage12", 0.1, 81.0, 20.0, "dm01"), row("dm_stage12", 0.1, 60.0, 20.0, "dm01-lr")]
+    results.select(rows)
+    assert {r["stage"] for r in rows if r["chosen"]} == {"full", "dm1"}
+    assert {r["stage"] for r in rows if r["selected"]} == {"full", "dm1", "dm10", "dm01"}
+    old = [{**r, "val_AAI": None} for r in rows]  # trained before validation attacks: val accuracy
+    results.select(old)
+    assert {r["stage"] for r in old if r["chosen"]} == {"full", "dm01"}
+
+    def fives(models):
+        df, masks = _fake_results(models, seeds=(0, 1))
+        return claims.judge(df, {}, masks)[4]
+
+    good = fives({"full": (92, 40), "at_stage2": (85, 60), "dm_stage12": (90, 85)})
+    assert good["verdict"] == "agree" and "AOI DM − full" in good["detail"]
+    assert fives({"full": (92, 40), "at_stage2": (85, 60), "dm_stage12": (70, 68)})["verdict"] == "disagree"  # AOI
+    assert fives({"full": (92, 40), "at_stage2": (85, 80), "dm_stage12": (90, 60)})["verdict"] == "disagree"  # AAI
 
 
 def _screenshot(page, tmp_path):

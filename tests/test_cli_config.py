@@ -219,7 +219,7 @@ def test_cluster_pretraining_job_is_valid_given_its_data(tmp_path):
     assert cfg.pretrain.scaling.use_gpu and cfg.finetune is None
 
 
-@pytest.mark.parametrize("name", ["table1", "table2", "table3", "table4", "table4_cifar10", "table5"])
+@pytest.mark.parametrize("name", ["table1", "table2", "table3", "table4", "table4_cifar10", "table5", "table5_eq4"])
 def test_paper_table_jobs_are_valid_given_their_data(tmp_path, name):
     """The paper's job files validate once the data roots and weights they name exist
     (here: empty stand-ins under tmp_path), and their sweeps have the paper's shape."""
@@ -239,9 +239,11 @@ def test_paper_table_jobs_are_valid_given_their_data(tmp_path, name):
     cfg = config.parse(raw)
     pts = sweep.points(cfg)
     expected = {"table1": 7 * (9 + 3 + 9), "table2": 7 * (9 + 9), "table3": 5 * 7 * (1 + 4),
-                "table4": 2 * (4 + 4), "table4_cifar10": 2 * (4 + 4), "table5": 7 * (4 * 6 + 3 * 4)}
+                "table4": 2 * (4 + 4), "table4_cifar10": 2 * (4 + 4), "table5": 7 * (4 * 6 + 3 * 4),
+                "table5_eq4": 7 * (4 * 6 + 3 * 4)}
     assert len(pts) == expected[name]
-    if name == "table5":
+    if name.startswith("table5"):
         assert cfg.robust_objective() == "pgd3_linf_4.0" and cfg.source_objective() == "standard"
+        assert cfg.finetune.dm.form == ("eq4" if name == "table5_eq4" else "code")
     # the authors' pipeline resizes every dataset to 256 and crops 224: alphabet and CIFAR-10 too
     assert {k: cfg.resolution(k) for k in cfg.finetune.datasets} == {k: 224 for k in cfg.finetune.datasets}

@@ -18,6 +18,8 @@ fine-tune's, on most units (the paper's own Table 5 has an exception, Cars).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -198,9 +200,12 @@ def _mmd_claim(df: pd.DataFrame, found: dict, every: list[dict]) -> dict:
                           f"(ρ over two is always ±1), this run has {len(pts)}" + (f": {listing}" if pts else "")}
     rho, p = stats.spearman([m for _, m, _ in pts], [r for _, _, r in pts])
     verdict = "inconclusive" if not p < 0.05 or rho != rho else ("agree" if rho > 0 else "disagree")
+    floor = 2.0 / math.factorial(len(pts))  # the exact test's smallest two-sided p: ρ = ±1
+    note = (f"; with {len(pts)} datasets the smallest possible p is 2/{len(pts)}! = {floor:.3f}, so p < 0.05 "
+            f"needs at least 5" if floor >= 0.05 else "")
     return {"claim": claim, "verdict": verdict, "rho": rho, "p": p, "datasets": [],
             "detail": f"Spearman ρ(MMD², DR) = {rho:.2f}, permutation p = {p:.3f}, over {len(pts)} target "
-                      f"datasets: {listing}"}
+                      f"datasets: {listing}{note}"}
 
 
 def _dm_unit(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict]) -> dict | None:

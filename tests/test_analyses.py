@@ -59,6 +59,30 @@ def test_cca_reports_its_chance_level():
     assert chance["all"] < out["one|other"]["all"] < 1.0
 
 
+def test_uap_transfer_and_mmd_run_with_imported_weights_when_the_source_data_is_there(tmp_path):
+    """Imported weights (the paper's ImageNet models) with the source task named beside
+    them: claims 3 and 4 get their UAP-transfer and MMD tasks; without it, neither."""
+    from study import config
+    from study.stages import Job
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    raw = {"name": "t", "datasets": {"shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
+                                     "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}}},
+           "pretrain": {"weights": str(weights), "dataset": "shapes"},
+           "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "full"]}}
+    models = {"alphabet": {"pretrained": "p.pt", "full": "f.pt", "scratch": "s.pt"}}
+    job = Job(config.parse(raw), tmp_path, None)
+    kinds = lambda j: sorted({t["kind"] for t in analyses._plan(j, models, 0)})  # noqa: E731
+    assert "uap_transfer" not in kinds(job)  # the source's .beton files are not written yet
+    for split in ("train", "test"):
+        job.beton("shapes", split).parent.mkdir(parents=True, exist_ok=True)
+        job.beton("shapes", split).write_bytes(b"")
+    assert kinds(job) == ["cca", "ll", "mmd", "uap", "uap_transfer"]
+    del raw["pretrain"]["dataset"]
+    assert kinds(Job(config.parse(raw), tmp_path, None)) == ["cca", "ll", "uap"]
+
+
 def test_layer_rows_are_spatial_positions():
     act = torch.arange(2 * 3 * 2 * 2, dtype=torch.float).reshape(2, 3, 2, 2)
     rows = analyses.layer_rows(act)
@@ -150,6 +174,10 @@ def test_claims_are_judged_by_their_paired_intervals():
                      enumerate(("alphabet", "near", "far", "farther", "farthest"))])
     ranked = claims.judge(df5, three, masks)[3]
     assert ranked["rho"] == pytest.approx(1.0) and ranked["p"] < 0.05 and ranked["verdict"] == "agree"
+    df3 = df5[df5.dataset.isin(["alphabet", "near", "far"])]
+    small = claims.judge(df3, three, masks)[3]  # ρ = 1 over three: p = 2/3! at best
+    assert small["rho"] == pytest.approx(1.0) and small["p"] == pytest.approx(1 / 3) and small["verdict"] == "inconclusive"
+    assert "smallest possible p is 2/3! = 0.333" in small["detail"] and "2/5!" not in ranked["detail"]
 
 
 def test_a_merged_report_never_mixes_jobs_backbones_or_source_data():

@@ -16,9 +16,10 @@ case "$what" in
   *) echo "usage: ./run.sh demo [--out DIR] | ./run.sh test [pytest args]" >&2; exit 2 ;;
 esac
 
-# 1. Debian libraries FFCV 1.0.2 compiles against; for the tests also Chromium, which
-#    renders the report page headless.
-wanted=(libopencv-dev libturbojpeg0-dev pkg-config)
+# 1. Debian libraries FFCV 1.0.2 compiles against, and Zalando's Fashion-MNIST (the demo's
+#    source task, IDX files under /usr/share/datasets/fashion-mnist); for the tests also
+#    Chromium, which renders the report page headless.
+wanted=(libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist)
 [ "$what" = test ] && wanted+=(chromium)
 missing=()
 for pkg in "${wanted[@]}"; do

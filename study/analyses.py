@@ -391,7 +391,7 @@ def _plan(job, models: dict, seed: int) -> list[dict]:
     "full", "scratch": checkpoint path, "snapshots": {"full"|"scratch": [...]}} (the
     selected trials); a dataset missing a model gets no task that needs it."""
     cfg = job.cfg
-    src = cfg.pretrain.dataset if cfg.pretrain.weights is None else None
+    src = cfg.pretrain.dataset  # trained on here, or named beside imported weights
     source_ok = src is not None and job.beton(src, "test").is_file() and job.beton(src, "train").is_file()
     folder = job.out / "analyses"
     tasks = []

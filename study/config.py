@@ -109,7 +109,7 @@ class Progressive(_Strict):
 
 
 class PretrainSpec(_Strict):
-    dataset: Optional[str] = None        # a key of `datasets`; not needed with weights
+    dataset: Optional[str] = None        # a key of `datasets`; with weights, the source data of the analyses
     backbones: list[Backbone] = Field(default_factory=lambda: ["resnet18"], min_length=1)
     # None: train; "imagenet" or a file: import a standard backbone instead; a mapping
     # {objective: "imagenet" or file} imports one backbone per objective, e.g. Salman et
@@ -520,6 +520,8 @@ class JobConfig(_Strict):
             self._known_dataset("pretrain.dataset", p.dataset)
         else:
             self._check_weights()
+            if p.dataset is not None:  # imported weights: the source data for the UAP and MMD analyses
+                self._known_dataset("pretrain.dataset", p.dataset)
         if p.weights is not None and p.objectives != ["standard"]:
             raise _FieldError("pretrain.objectives", "imported weights are not trained here: "
                               "leave objectives out with pretrain.weights (a mapping "
@@ -623,7 +625,9 @@ class JobConfig(_Strict):
         return self.datasets[key].name or key
 
     def dataset_root(self, key: str) -> Optional[str]:
-        return self.datasets[key].root or self.data.root
+        """The dataset's root: its own, else data.root, else its registry default (Debian's
+        Fashion-MNIST folder) where that exists."""
+        return get_info(self.dataset_name(key)).root_or_default(self.datasets[key].root or self.data.root)
 
     def dataset_params(self, key: str) -> dict:
         return resolve_params(self.dataset_name(key), self.datasets[key].params)

@@ -32,7 +32,7 @@ from study.stages import Job, evaluate_stage, log, resolve_device
 def prepare_data(job: Job) -> None:
     """Every split of every dataset the job reads, written once as an FFCV .beton."""
     cfg = job.cfg
-    used = {cfg.pretrain.dataset} if cfg.pretrain.weights is None else set()
+    used = {cfg.pretrain.dataset} if cfg.pretrain.dataset else set()  # with weights: for the analyses
     used |= set(cfg.finetune.datasets if cfg.finetune else [])
     for key in sorted(used):
         prepared = prepare(cfg.dataset_name(key), job.data_dir, root=cfg.dataset_root(key),

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +143,108 @@ def test_image_folders(tmp_path, name, test_dir):
     _roundtrip(name, tmp_path, 6, 3, classes)
     ds = build_split(name, "train", root=tmp_path)
     assert [ds[i][1] for i in range(len(ds))] == [0, 0, 1, 1, 2, 2]
+
+
+def test_image_folder_keeps_a_class_balanced_sample(tmp_path):
+    """train_per_class / test_per_class: the first k images of every class, interleaved by
+    class (a source task's sample for the analyses, ImageNet's without writing all of it)."""
+    classes = ["n01440764", "n01443537", "n01484850"]
+    for c in classes:
+        for k in range(3 if c != classes[2] else 1):
+            _jpg(tmp_path / "train" / c / f"{c}_{k}.JPEG", k, size=(20, 20))
+            _jpg(tmp_path / "val" / c / f"{c}_{k}.JPEG", k, size=(20, 20))
+    ds = build_split("imagenet", "train", root=tmp_path, params={"train_per_class": 2})
+    assert [ds[i][1] for i in range(len(ds))] == [0, 1, 2, 0, 1]  # the third class has one image
+    full = build_split("imagenet", "train", root=tmp_path)
+    assert np.array_equal(ds[3][0], full[1][0])  # class 0's second file
+    assert len(build_split("imagenet", "test", root=tmp_path, params={"train_per_class": 2})) == 7
+    out = prepare("imagenet", tmp_path / "_beton", root=tmp_path, params={"train_per_class": 1, "test_per_class": 1},
+                  workers=1)
+    assert out["train"].manifest["count"] == out["test"].manifest["count"] == 3
+    for bad in (0, 1.5, True):
+        with pytest.raises(DatasetError, match="train_per_class: must be a positive integer"):
+            build_split("imagenet", "train", root=tmp_path, params={"train_per_class": bad})
+
+
+def _idx(path, array, gz):
+    """An IDX file as LeCun's MNIST and Zalando's Fashion-MNIST ship it: magic (0, 0, 0x08,
+    ndim), the dims big-endian, then the bytes; gzipped as Debian installs them, or not."""
+    import gzip
+    import struct
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as fh:
+            fh.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def _fashion(root, gz, n=(20, 10)):
+    rng = np.random.default_rng(0)
+    out = {}
+    for split, (img, lab), count in (("train", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), n[0]),
+                                     ("test", ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), n[1])):
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = rng.permutation(np.arange(count) % 10).astype(np.uint8)  # the files' own order
+        out[split] = (_idx(root / img, images, gz), _idx(root / lab, labels, gz), images, labels)
+    return out
+
+
+@pytest.mark.parametrize("layout,gz", [("debian", True), ("debian", False), ("torchvision", False), ("torchvision", True)])
+def test_fashion_mnist_from_idx_files(tmp_path, layout, gz):
+    """Debian's flat folder (gzip) and torchvision's ROOT/FashionMNIST/raw (unpacked): the
+    labels in the files' order, grey as three equal channels, the published class names,
+    through a .beton and a loader."""
+    from torchvision.datasets import FashionMNIST
+
+    folder = tmp_path if layout == "debian" else tmp_path / "FashionMNIST" / "raw"
+    files = _fashion(folder, gz)
+    for split, (_, _, images, labels) in files.items():
+        ds = build_split("fashion_mnist", split, root=tmp_path)
+        assert len(ds) == len(labels) and ds.classes == FashionMNIST.classes == ["T-shirt/top", "Trouser", "Pullover",
+                                                                                  "Dress", "Coat", "Sandal", "Shirt",
+                                                                                  "Sneaker", "Bag", "Ankle boot"]
+        assert [ds[i][1] for i in range(len(ds))] == labels.tolist()
+        img = ds[3][0]
+        assert img.shape == (28, 28, 3) and (img == images[3][:, :, None]).all()
+    _roundtrip("fashion_mnist", tmp_path, 20, 10, FashionMNIST.classes)
+    sample = build_split("fashion_mnist", "train", root=tmp_path, params={"train_per_class": 1})
+    assert [sample[i][1] for i in range(len(sample))] == list(range(10))
+
+
+def test_fashion_mnist_refuses_missing_and_truncated_files(tmp_path):
+    files = _fashion(tmp_path, gz=True)
+    images_gz = files["train"][0]
+    images_gz.write_bytes(images_gz.read_bytes()[:200])  # a cut download
+    with pytest.raises(DatasetError, match=f"{images_gz}: unreadable IDX file"):
+        build_split("fashion_mnist", "train", root=tmp_path)
+    plain = _idx(tmp_path / "plain" / "t10k-images-idx3-ubyte", np.zeros((4, 28, 28), np.uint8), gz=False)
+    _idx(tmp_path / "plain" / "t10k-labels-idx1-ubyte", np.zeros(4, np.uint8), gz=False)
+    plain.write_bytes(plain.read_bytes()[:-5])
+    with pytest.raises(DatasetError, match=f"{plain}: truncated IDX file"):
+        build_split("fashion_mnist", "test", root=tmp_path / "plain")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte \(or .*\) not found under"):
+        build_split("fashion_mnist", "test", root=tmp_path / "empty")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed (./run.sh installs it)")
+def test_fashion_mnist_from_the_debian_package_by_default():
+    """With no root, Debian's folder: the published 60,000 / 10,000 split, 6,000 / 1,000 of
+    each class, and the first training label of the published file (9, an ankle boot)."""
+    from study import config
+
+    train, test = build_split("fashion_mnist", "train"), build_split("fashion_mnist", "test")
+    assert (len(train), len(test)) == (60000, 10000) and train[0][1] == 9
+    assert np.bincount([test.labels[j] for j in test.index]).tolist() == [1000] * 10
+    cfg = config.parse({"name": "t", "datasets": {"fashion_mnist": {}},
+                        "pretrain": {"dataset": "fashion_mnist"}})
+    assert cfg.dataset_root("fashion_mnist") == "/usr/share/datasets/fashion-mnist"
 
 
 def test_image_folder_without_split_is_refused(tmp_path):

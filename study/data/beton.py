@@ -54,6 +54,7 @@ class Prepared:
 def split_config(name: str, split: str, root=None, params=None) -> dict:
     """What determines a split's bytes; its hash keys the .beton."""
     info = get_info(name)
+    root = info.root_or_default(root)
     return {
         "dataset": name, "split": split, "format": FORMAT_VERSION,
         "params": resolve_params(name, params),

@@ -34,6 +34,12 @@ class DatasetInfo:
     eval_crop_ratio: float = 224 / 256  # centre-crop ratio at evaluation
     params: dict = field(default_factory=dict)  # accepted parameters and their defaults
     description: str = ""
+    default_root: str | None = None   # the root when the job gives none, if that folder exists
+
+    def root_or_default(self, root):
+        if root is None and self.default_root and Path(self.default_root).is_dir():
+            return self.default_root
+        return root
 
 
 class _RGB:
@@ -117,17 +123,44 @@ def _food(split, root):
     return _RGB(ds, ds.classes)
 
 
-def _image_folder(split_dirs: dict[str, tuple[str, ...]]):
-    """ImageFolder trees: ROOT/<split dir>/<class>/<image>; classes sorted by name."""
+def per_class(targets, k: int) -> list[int]:
+    """The first ``k`` indices (in file order) of every class, interleaved by class
+    (index i is class i % classes while every class has images), so any prefix is
+    class-balanced."""
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(int(t), []).append(i)
+    return [by_class[c][j] for j in range(k) for c in sorted(by_class) if j < len(by_class[c])]
 
-    def build(split, root=None, name="", **_):
+
+class _PerClass(_RGB):
+    """A class-balanced sample (``per_class``) of a dataset: a source task's images for
+    the analyses without writing all of it."""
+
+    def __init__(self, dataset, classes, k: int):
+        super().__init__(dataset, classes)
+        self.index = per_class(dataset.targets, k)
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return super().__getitem__(self.index[i])
+
+
+def _image_folder(split_dirs: dict[str, tuple[str, ...]]):
+    """ImageFolder trees: ROOT/<split dir>/<class>/<image>; classes sorted by name.
+    ``train_per_class`` / ``test_per_class`` keep that many images of each class."""
+
+    def build(split, root=None, name="", train_per_class=None, test_per_class=None, **_):
         from torchvision.datasets import ImageFolder
 
         path = _root(root, name)
+        k = train_per_class if split == "train" else test_per_class
         for sub in split_dirs[split]:
             if (path / sub).is_dir():
                 ds = ImageFolder(str(path / sub))
-                return _RGB(ds, ds.classes)
+                return _RGB(ds, ds.classes) if k is None else _PerClass(ds, ds.classes, k)
         wanted = " or ".join(f"{path / s}" for s in split_dirs[split])
         raise DatasetError(f"{name}: no {split} split folder: expected {wanted}")
 
@@ -142,6 +175,71 @@ def _generated(cls):
     return build
 
 
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _idx_path(root: Path, stem: str) -> Path:
+    """An IDX file in Debian's flat folder or torchvision's ROOT/FashionMNIST/raw, gzipped or not."""
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        for name in (stem, f"{stem}.gz"):
+            if (folder / name).is_file():
+                return folder / name
+    raise DatasetError(f"fashion_mnist: {stem} (or {stem}.gz) not found under {root} or {root / 'FashionMNIST' / 'raw'}")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (LeCun's MNIST format), gzipped or not, as an array;
+    a truncated or malformed file is refused naming it."""
+    import gzip
+    import struct
+
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as err:
+        raise DatasetError(f"{path}: unreadable IDX file ({err})") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise DatasetError(f"{path}: not an IDX file of unsigned bytes")
+    head = 4 + 4 * data[3]
+    if len(data) < head:
+        raise DatasetError(f"{path}: truncated IDX file (header cut off)")
+    dims = struct.unpack(f">{data[3]}I", data[4:head])
+    need = int(np.prod(dims))
+    if len(data) - head != need:
+        raise DatasetError(f"{path}: truncated IDX file ({len(data) - head} of {need} bytes of data)")
+    return np.frombuffer(data, np.uint8, offset=head).reshape(dims)
+
+
+class _Grey:
+    """IDX images and labels as (HxWx3 uint8, label): the grey channel three times."""
+
+    def __init__(self, images, labels, classes, index):
+        self.images, self.labels, self.classes, self.index = images, labels, list(classes), index
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        j = self.index[i]
+        return np.repeat(self.images[j][:, :, None], 3, axis=2), int(self.labels[j])
+
+
+def _fashion_mnist(split, root=None, name="", train_per_class=None, test_per_class=None, **_):
+    from torchvision.datasets import FashionMNIST
+
+    path = _root(root, name)
+    images, labels = (read_idx(_idx_path(path, stem)) for stem in IDX[split])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetError(f"fashion_mnist: {split} images {images.shape} and labels {labels.shape} do not match "
+                           f"(under {path})")
+    k = train_per_class if split == "train" else test_per_class
+    index = list(range(len(labels))) if k is None else per_class(labels, k)
+    return _Grey(images, labels, FashionMNIST.classes, index)
+
+
+PER_CLASS = dict(train_per_class=None, test_per_class=None)  # None: every image
 REGISTRY: dict[str, DatasetInfo] = {}
 
 
@@ -163,6 +261,12 @@ register(DatasetInfo(
                 min_scale=0.5, by="shape_texture"),
     description="50 (shape, texture) classes; the demo's stand-in for ImageNet "
                 "(by: shape gives the 10 shapes as classes, by: texture the 5 textures)"))
+register(DatasetInfo("fashion_mnist", _fashion_mnist, write_mode="raw", max_resolution=28,
+                     crop_scale=(0.7, 1.0), flip=True, eval_crop_ratio=1.0, params=PER_CLASS,
+                     default_root=FASHION_MNIST_DEBIAN,
+                     description="Zalando's Fashion-MNIST: IDX files (gzip or not) flat under root, as Debian's "
+                                 "dataset-fashion-mnist installs them (the default root), or torchvision's "
+                                 "ROOT/FashionMNIST/raw; 28x28 grey as RGB"))
 register(DatasetInfo("cifar10", _torchvision(_cifar10), max_resolution=32,
                      crop_scale=(0.35, 1.0), eval_crop_ratio=1.0,
                      description="torchvision CIFAR10 (cifar-10-batches-py under root)"))
@@ -174,11 +278,11 @@ register(DatasetInfo("cars", _torchvision(_cars),
                      description="torchvision StanfordCars (stanford_cars under root)"))
 register(DatasetInfo("food", _torchvision(_food),
                      description="torchvision Food101 (food-101 under root)"))
-register(DatasetInfo("imagenet", _image_folder({"train": ("train",), "test": ("val",)}),
+register(DatasetInfo("imagenet", _image_folder({"train": ("train",), "test": ("val",)}), params=PER_CLASS,
                      description="ImageFolder tree ROOT/train, ROOT/val"))
-register(DatasetInfo("nico", _image_folder({"train": ("train",), "test": ("test", "val")}),
+register(DatasetInfo("nico", _image_folder({"train": ("train",), "test": ("test", "val")}), params=PER_CLASS,
                      description="NICO as an ImageFolder tree ROOT/train, ROOT/test"))
-register(DatasetInfo("folder", _image_folder({"train": ("train",), "test": ("test", "val")}),
+register(DatasetInfo("folder", _image_folder({"train": ("train",), "test": ("test", "val")}), params=PER_CLASS,
                      description="any ImageFolder tree ROOT/train, ROOT/test (or ROOT/val)"))
 
 SPLITS = ("train", "test")
@@ -201,6 +305,9 @@ def resolve_params(name: str, params: dict | None) -> dict:
         raise DatasetError(f"dataset {name!r} takes no parameter {unknown[0]!r} (allowed: {allowed})")
     for key, value in params.items():
         default = info.params[key]
+        if default is None and key.endswith("_per_class") and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise DatasetError(f"{key}: must be a positive integer, got {value!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise DatasetError(f"{key}: expected a number, got {value!r}")
@@ -216,4 +323,4 @@ def build_split(name: str, split: str, root=None, params: dict | None = None):
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
     info = get_info(name)
-    return info.build(split, root=root, name=name, **resolve_params(name, params))
+    return info.build(split, root=info.root_or_default(root), name=name, **resolve_params(name, params))

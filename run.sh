@@ -2,7 +2,7 @@
 # The one entry point on a fresh Debian machine: installs whatever is missing
 # (FFCV's Debian libraries, uv, the locked Python environment), then runs.
 #
-#   ./run.sh demo [--out DIR]     the whole study on generated data
+#   ./run.sh demo [--out DIR]     the whole study (Fashion-MNIST source, generated targets)
 #   ./run.sh test [pytest args]   the test suite
 #
 # Safe to run again: each step checks first and says what it does.

@@ -1,7 +1,7 @@
 """The `study` command.
 
     study run JOB.yaml [--out DIR]       run what a job file declares
-    study demo [--out DIR]               run jobs/demo.yaml on generated data
+    study demo [--out DIR]               run jobs/demo.yaml (Fashion-MNIST source, generated targets)
     study data prepare NAME --out DIR [--root DIR] [--param KEY=VALUE ...]
     study ui [--out DIR] [--port N]      the MLflow UI over OUT's store
     study plan JOB.yaml [--costs FILE] [--measure]
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="output folder (default runs/<job name>)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    d = sub.add_parser("demo", help="the whole study on generated data (jobs/demo.yaml)")
+    d = sub.add_parser("demo", help="the whole study on one laptop: Fashion-MNIST as the source, alphabet and two generated targets (jobs/demo.yaml)")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--quiet", action="store_true")
 

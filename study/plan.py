@@ -39,7 +39,9 @@ from study.stages import resolve_device
 
 # Published split sizes (train, test) of the datasets that are read from disk.
 KNOWN_SIZES = {"cifar10": (50000, 10000), "pets": (3680, 3669), "flowers": (2040, 6149),
-               "cars": (8144, 8041), "food": (75750, 25250), "imagenet": (1281167, 50000)}
+               "cars": (8144, 8041), "food": (75750, 25250), "imagenet": (1281167, 50000),
+               "fashion_mnist": (60000, 10000)}
+KNOWN_CLASSES = {"imagenet": 1000, "fashion_mnist": 10}  # for a train_per_class / test_per_class sample
 AUTOATTACK_STEPS = 1000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -55,7 +57,10 @@ def split_sizes(cfg: JobConfig, key: str) -> tuple[int, int] | None:
         classes = len(build_split(name, "test", params=params).classes)
         return classes * params["train_per_class"], classes * params["test_per_class"]
     if name in KNOWN_SIZES:
-        return KNOWN_SIZES[name]
+        params, classes = cfg.dataset_params(key), KNOWN_CLASSES.get(name)
+        return tuple(n if params.get(f"{split}_per_class") is None or classes is None
+                     else min(n, classes * params[f"{split}_per_class"])
+                     for split, n in zip(("train", "test"), KNOWN_SIZES[name]))
     root = cfg.dataset_root(key)
     if root and Path(root).expanduser().is_dir():
         base = Path(root).expanduser()

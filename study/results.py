@@ -3,7 +3,8 @@
 ``job`` is the job's name (its MLflow experiment): a merged report keeps jobs apart.
 ``method`` is ``pretrain`` for a stage-1 backbone, else the stage-2 method
 (study.methods: scratch, partial, full, at_stage2, dm_stage12, ...); ``lam``, ``lr_f``,
-``lr_g``, ``optimizer`` are the sweep trial's point, ``val_acc`` its validation accuracy,
+``lr_g``, ``optimizer`` are the sweep trial's point, ``val_acc`` its validation accuracy
+(``val_acc_1`` after its first epoch: how much a pre-trained start helps),
 ``val_AAI`` (λ methods) its accuracy under Table 1's attack on the validation images,
 ``f_l1`` the mean ||f(x)||_1 of its features there (a DM model can lower LL by shrinking f);
 ``selected`` whether it is the trial that model selection (best ``val_acc`` per
@@ -34,7 +35,7 @@ from study.data.beton import atomic_write_text
 from study.methods import AOI_MARGIN, METHODS
 
 COLUMNS = ["job", "dataset", "backbone", "method", "source", "source_data", "seed", "lam", "lr_f", "lr_g",
-           "optimizer", "val_acc", "val_AAI", "f_l1", "selected", "chosen", "attack", "images", "AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi",
+           "optimizer", "val_acc", "val_acc_1", "val_AAI", "f_l1", "selected", "chosen", "attack", "images", "AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi",
            "DR", "DR_lo", "DR_hi", "flags", "paper_AOI", "paper_AAI", "paper_DR", "stage"]
 SANITY_COLUMNS = ["job", "dataset", "backbone", "method", "source", "source_data", "seed", "lam", "flag", "attack", "passed", "detail",
                   "stage"]
@@ -60,7 +61,8 @@ def model_rows(cfg: JobConfig, model: dict, record: dict, records: list[dict], f
     # the job's key names the dataset in results (unique in a job; the paper's name in its job files)
     base = {"job": cfg.name, **model, "source_data": source_data(cfg, model["method"]),
             **{k: point.get(k) for k in ("lam", "lr_f", "lr_g", "optimizer")},
-            "val_acc": history[-1].get("val_acc"), "val_AAI": record.get("val_AAI"), "f_l1": record.get("f_l1")}
+            "val_acc": history[-1].get("val_acc"), "val_acc_1": history[0].get("val_acc"),
+            "val_AAI": record.get("val_AAI"), "f_l1": record.get("f_l1")}
     n = model.pop("images", None)
     base.pop("images", None)
     clean = {}
@@ -139,7 +141,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     rows = [{**report.paper_for_row(r["dataset"], r["method"], r.get("attack")), **r} for r in rows]
     df = pd.DataFrame(rows, columns=COLUMNS)
     for col in ("AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi", "DR", "DR_lo", "DR_hi", "val_acc",
-                "val_AAI", "f_l1", "paper_AOI", "paper_AAI", "paper_DR"):
+                "val_acc_1", "val_AAI", "f_l1", "paper_AOI", "paper_AAI", "paper_DR"):
         df[col] = pd.to_numeric(df[col], errors="coerce").round(2)
     df["selected"] = df["selected"].fillna(True).astype(bool)
     df["chosen"] = df["chosen"].where(df["chosen"].notna(), df["selected"]).astype(bool)
@@ -178,7 +180,8 @@ def write(rows: list[dict], out: Path, title: str = "",
     atomic_write_text(out / "results.csv", df.to_csv(index=False))
     atomic_write_text(out / "per_image.json", json.dumps(masks or {}, sort_keys=True))
     atomic_write_text(out / "sanity.csv", san.to_csv(index=False))
-    parts = [f"# {title}" if title else "", report.replicates(df), report.stage1(df), report.table1(df), report.table2(df),
+    parts = [f"# {title}" if title else "", report.replicates(df), report.premise(df), report.stage1(df),
+             report.table1(df), report.table2(df),
              report.table3(df), report.table4(df), report.table5(df), report.sweep(df), sanity_markdown(san), "## All results\n\n" + to_markdown(df)]
     md = "\n\n".join(p for p in parts if p) + "\n"
     atomic_write_text(out / "results.md", md)

@@ -216,6 +216,22 @@ def test_a_merged_report_never_mixes_jobs_backbones_or_source_data():
     assert "<td>table3</td>" in page.read_text() and "resnet50" in page.read_text()
 
 
+def test_the_premise_section_says_whether_pre_training_helped():
+    """Stage 1's source AOI, and per unit the full fine-tune's first-epoch validation
+    accuracy against the standard model's: 'pre-training helps', or says in words that
+    this target does not show it."""
+    df, _ = _fake_results({"scratch": (90, 80), "full": (92, 40)})
+    pre = pd.DataFrame([{"method": "pretrain", "dataset": "fashion_mnist", "backbone": "resnet18",
+                         "source": "standard", "seed": 0, "AOI": 87.5, "images": 156}])
+    helps = pd.concat([pre, df.assign(val_acc_1=df.method.map({"full": 60.0, "scratch": 20.0}))], ignore_index=True)
+    text = report.premise(helps)
+    assert "resnet18 pre-trained (standard) on fashion_mnist: source AOI 87.5 % (156 test images)" in text
+    assert "full fine-tune 60.0 % vs standard model 20.0 % (mean over 2 seeds): pre-training helps" in text
+    hurts = df.assign(val_acc_1=df.method.map({"full": 10.0, "scratch": 20.0}))
+    assert "this target does not show that pre-training helps" in report.premise(hurts)
+    assert report.premise(df) == ""  # results from before the column: nothing to say
+
+
 def test_dm_lambda_is_chosen_on_validation_and_judged_by_the_papers_claim():
     """DM's λ: the best validation AAI among the λ whose validation accuracy is at most
     AOI_MARGIN below the full fine-tune's; the test split plays no part. Claim 5 then

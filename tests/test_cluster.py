@@ -93,3 +93,13 @@ def test_plan_arithmetic_and_the_gpu_hour_limit(tmp_path):
         config.parse({**big, "limits": {"gpus": 4}})
     big["finetune"]["max_concurrent_trials"] = 8
     config.parse({**big, "limits": {"gpus": 4}})
+
+
+def test_plan_sizes_a_per_class_sample_of_a_published_dataset():
+    """fashion_mnist and imagenet: their published sizes, or k per class of them."""
+    raw = {"name": "p", "datasets": {"fashion_mnist": {"root": "/", "params": {"train_per_class": 2000}},
+                                     "imagenet": {"root": "/", "params": {"train_per_class": 1, "test_per_class": 1}}},
+           "pretrain": {"dataset": "fashion_mnist"}}
+    cfg = config.parse(raw)
+    assert plan.split_sizes(cfg, "fashion_mnist") == (20000, 10000)
+    assert plan.split_sizes(cfg, "imagenet") == (1000, 1000)

@@ -52,7 +52,8 @@ class _Table:
         self.stages[stage.key] = stage
         job = self.job.for_seed(seed)
         records, flags = evaluate_stage(job, stage, key, backbone, method)
-        n = min(int(job.manifest(key, "test")["count"]), job.cfg.eval.max_images or 10 ** 12)
+        n = stage.record.get("aoi_images") or min(int(job.manifest(key, "test")["count"]),
+                                                  job.cfg.eval.max_images or 10 ** 12)
         model = {"dataset": key, "backbone": backbone, "method": method, "source": source, "seed": seed,
                  "stage": stage.key, "images": n}
         rows, sanity = results.model_rows(job.cfg, model, stage.record, records, flags, point)

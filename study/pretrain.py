@@ -89,4 +89,5 @@ def _train_on_ray(job: Job, stage: Stage, backbone: str, objective, run_name: st
         model.load_state_dict(state["model"])
         model.to(job.device)
         test_loader = job.loader(key, "test", cfg.eval.batch_size, train=False)
-        return finish_model(job, stage, run, model, test_loader, state["history"])
+        # the source accuracy on every test image: cheap, and what says the backbone learned
+        return finish_model(job, stage, run, model, test_loader, state["history"], whole=True)

@@ -266,13 +266,13 @@ def sweep(df: pd.DataFrame) -> str:
         hit = df[(df.stage == r.stage) & (df.attack == TABLE1_ATTACK)]
         aai = hit.AAI.iloc[0] if len(hit) else None
         seed = r.seed if "seed" in r and pd.notna(r.seed) else ""
-        mark = "✓ chosen" if r.get("chosen", r.selected) else "✓" if r.selected else ""
+        mark = "" if not r.selected else "✓ λ chosen" if pd.notna(r.lam) and r.get("chosen", False) else "✓"
         rows.append([r.dataset, r.backbone, MODEL_NAME.get(r.method, r.method), str(seed),
                      "" if pd.isna(r.lam) else f"{r.lam:g}", f"{r.lr_f:g}", f"{r.lr_g:g}", str(r.optimizer),
                      _fmt(r.get("val_acc_1")), _fmt(r.val_acc), _fmt(r.get("val_AAI")), _fmt(r.get("f_l1")),
                      _fmt(r.AOI), _fmt(aai), mark])
     return ("## Stage 2 sweep: every trial\n\nModel selection: best validation accuracy per dataset, "
-            "backbone, method, λ and seed (✓); for DM, the λ chosen on validation (✓ chosen). The test "
+            "backbone, method, λ and seed (✓); for DM, the λ chosen on validation (✓ λ chosen). The test "
             "split is never used to choose. ‖f(x)‖₁: the mean L1 norm of the features on the validation "
             "images (DM's LL falls if f shrinks while g grows, g∘f unchanged: compare it with the full "
             "fine-tune's).\n\n"

@@ -18,8 +18,8 @@ was pre-trained on (the source task, ``imagenet`` for imported weights).
 
 ``OUT/results.csv`` is for machines, ``OUT/results.md`` and the console for people.
 AOI, AAI and DR are percentages; a clean row (empty attack) has the AOI of the whole
-test images the job evaluates (``eval.max_images``), an attack row the AOI and AAI
-of the ``images`` it attacked. ``flags`` is
+test images the job evaluates (``eval.max_images``; a stage-1 backbone's: every test
+image), an attack row the AOI and AAI of the ``images`` it attacked. ``flags`` is
 ``ok`` or the failed sanity flags that concern the row; ``paper_*`` hold the paper's
 published value where it has one. ``OUT/sanity.csv`` lists every flag of every model.
 """

@@ -75,8 +75,10 @@ class Job:
     def num_classes(self, key: str) -> int:
         return int(self.manifest(key, "train")["num_classes"])
 
-    def aoi(self, model, loader) -> float:
-        return accuracy(model, loader, self.device, max_images=self.cfg.eval.max_images)
+    def aoi(self, model, loader, whole: bool = False) -> float:
+        """AOI on the first ``eval.max_images`` test images (the ones the attacks see), or
+        on all of them (``whole``: a pre-trained backbone's source accuracy)."""
+        return accuracy(model, loader, self.device, max_images=None if whole else self.cfg.eval.max_images)
 
 
 def _safe(v) -> str:
@@ -141,13 +143,16 @@ class Stage:
 
 
 def finish_model(job: Job, stage: Stage, run, model, test_loader, history: list,
-                 extra: dict | None = None) -> dict:
-    """A trained model's last steps, whoever trained it: AOI on the test split, the study
-    checkpoint, the model in MLflow, the stage's record."""
+                 extra: dict | None = None, whole: bool = False) -> dict:
+    """A trained model's last steps, whoever trained it: AOI on the test split (the
+    attacks' images, or ``whole``: every test image, recorded as ``aoi_images``), the
+    study checkpoint, the model in MLflow, the stage's record."""
     import mlflow
 
-    aoi = job.aoi(model, test_loader)
+    aoi = job.aoi(model, test_loader, whole)
     mlflow.log_metric("AOI", aoi)
+    if whole:
+        extra = {**(extra or {}), "aoi_images": int(test_loader.manifest["count"])}
     save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
     tracking.log_model(model)
     model.to(job.device)

@@ -177,6 +177,21 @@ def _units(df: pd.DataFrame, attacks, methods) -> list[tuple[str, dict]]:
             if any(len(picks(hit, u, m, a)) for m in methods for a in attacks)]
 
 
+def _method_rows(df: pd.DataFrame, unit: dict, methods, with_lambda: bool = False) -> tuple[list, list]:
+    """A unit's row per method it has, under Table 1's attack: the method (its chosen λ),
+    AOI, AAI and DR with their intervals, the paper's value after ours; and the rows used."""
+    rows, used = [], []
+    for method in methods:
+        r = picks(df, unit, method, TABLE1_ATTACK)
+        if not len(r):
+            continue
+        used.append(r)
+        p = paper_for_row(unit["dataset"], method, TABLE1_ATTACK)
+        rows.append([MODEL_NAME[method]] + ([_lams(r)] if with_lambda else [])
+                    + [f"{_fmt_ci(r, m)} ({_fmt(p['paper_' + m])})" for m in ("AOI", "AAI", "DR")])
+    return rows, used
+
+
 def table1(df: pd.DataFrame) -> str:
     """Table 1: AOI, AAI and DR of the standard model, partial and full fine-tune under
     PGD-10 at 0.5/255, one block per unit (job, target dataset, backbone, source data)
@@ -184,15 +199,7 @@ def table1(df: pd.DataFrame) -> str:
     Table 3's), the paper's value after ours."""
     blocks = []
     for name, unit in _units(df, [TABLE1_ATTACK], [m for m in TABLE1 if m != "full"]):
-        rows, used = [], []
-        for method in TABLE1:
-            r = picks(df, unit, method, TABLE1_ATTACK)
-            if not len(r):
-                continue
-            used.append(r)
-            p = paper_for_row(unit["dataset"], method, TABLE1_ATTACK)
-            rows.append([MODEL_NAME[method]] + [f"{_fmt_ci(r, m)} ({_fmt(p['paper_' + m])})"
-                                                 for m in ("AOI", "AAI", "DR")])
+        rows, used = _method_rows(df, unit, TABLE1)
         blocks.append(f"**{name}**, ours (paper); {_basis(pd.concat(used))}\n\n"
                       + _md(["model", "AOI", "AAI", "DR"], rows))
     if not blocks:
@@ -237,15 +244,7 @@ def table5(df: pd.DataFrame) -> str:
         return ""
     blocks = []
     for name, unit in _units(df, [TABLE1_ATTACK], [m for m in shown if m != "full"]):
-        rows, used = [], []
-        for method in shown:
-            r = picks(df, unit, method, TABLE1_ATTACK)
-            if not len(r):
-                continue
-            used.append(r)
-            p = paper_for_row(unit["dataset"], method, TABLE1_ATTACK)
-            rows.append([MODEL_NAME[method], _lams(r)]
-                        + [f"{_fmt_ci(r, m)} ({_fmt(p['paper_' + m])})" for m in ("AOI", "AAI", "DR")])
+        rows, used = _method_rows(df, unit, shown, with_lambda=True)
         blocks.append(f"**{name}**, ours (paper); {_basis(pd.concat(used))}\n\n"
                       + _md(["method", "λ", "AOI", "AAI", "DR"], rows))
     return (f"## Table 5: defenses under {TABLE1_ATTACK}\n\n"

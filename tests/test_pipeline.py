@@ -215,8 +215,9 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     found = json.loads((out / "analyses" / "analyses.json").read_text())
     a = found["seeds"]["0"]["datasets"]["alphabet"]
     assert set(a) == {"cca", "uap", "uap_transfer", "mmd", "ll"}
-    assert set(a["cca"]) == {"fine-tuned|pre-trained", "fine-tuned|standard", "pre-trained|standard"}
+    assert set(a["cca"]) == {"fine-tuned|pre-trained", "fine-tuned|standard", "pre-trained|standard", "chance"}
     assert all(0 <= v["bottom"] <= 1 and 0 <= v["all"] <= 1 for v in a["cca"].values())
+    assert "chance bottom" in (out / "report" / "index.md").read_text()  # the analyses table shows it
     assert set(a["uap"]) == {"full", "scratch"} and set(a["ll"]) == {"pre-trained", "standard", "fine-tuned"}
     for u in a["uap"].values():  # the bound holds, and the snapshots along training were attacked
         assert u["max_abs"] <= u["eps_pixels"] and (out / "analyses" / os.path.basename(u["png"])).is_file()

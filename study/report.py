@@ -101,9 +101,11 @@ def _basis(rows: pd.DataFrame) -> str:
         return ""
     images = sorted({int(n) for n in rows.images.dropna()}) if "images" in rows else []
     seeds = rows.seed.nunique() if "seed" in rows and rows.seed.notna().any() else 1
-    kind = "interval over seeds" if seeds > 1 else "interval over test images"
+    kind = (f"Student's interval over the seeds (t = {stats.t_factor(seeds):.1f} with {seeds}: the claims' paired "
+            "bootstrap over images and seeds is the sharper test)" if seeds > 1 else "interval over test images")
+    few = "too few seeds" if seeds > 1 else "too few images"
     return (f"{'/'.join(map(str, images)) or '?'} test images, {seeds} seed{'s' if seeds > 1 else ''}; "
-            f"± is a 95 % {kind}; † wider than ±{stats.WIDE:g} points: too few images")
+            f"± is a 95 % {kind}; † wider than ±{stats.WIDE:g} points: {few}")
 
 
 def replicates(df: pd.DataFrame) -> str:

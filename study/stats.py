@@ -63,6 +63,11 @@ def dr_interval(correct: np.ndarray, robust: np.ndarray, seed: int = 0) -> tuple
     return _interval(dr(correct[idx], robust[idx]))
 
 
+def t_factor(n: int) -> float:
+    """Student's t of a 95 % interval over ``n`` seeds (12.7 for two)."""
+    return float(stats.t.ppf(0.5 + LEVEL / 2, n - 1))
+
+
 def over_seeds(values) -> tuple[float, float, float]:
     """(mean, lo, hi) of one number over seeds: Student's t interval (none for one seed)."""
     v = np.asarray([x for x in values if x == x], dtype=float)
@@ -71,7 +76,7 @@ def over_seeds(values) -> tuple[float, float, float]:
     m = float(v.mean())
     if len(v) < 2:
         return m, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.5 + LEVEL / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    half = float(t_factor(len(v)) * v.std(ddof=1) / np.sqrt(len(v)))
     return m, m - half, m + half
 
 

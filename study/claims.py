@@ -232,13 +232,13 @@ def _dm_unit(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict]) -> di
 
     gain, drop = stats.paired_effect(reps, aai), stats.paired_effect(reps, dr)
     also = f"; DR best other − DM {drop['effect']:+.1f} [{drop['lo']:+.1f}, {drop['hi']:+.1f}]"
-    aoi_ok, aoi_bad = True, False
+    aoi_ok = True
     if with_full:
         gap = stats.paired_effect(reps, lambda m, idx: 100.0 * (m["dm"][0][idx].mean(-1) - m["full"][0][idx].mean(-1)))
-        aoi_ok, aoi_bad = gap["hi"] >= -AOI_MARGIN, gap["hi"] < -AOI_MARGIN
+        aoi_ok = gap["hi"] >= -AOI_MARGIN
         also += f"; AOI DM − full {gap['effect']:+.1f} [{gap['lo']:+.1f}, {gap['hi']:+.1f}] (margin {AOI_MARGIN:g})"
     verdict = ("agree" if gain["lo"] > 0 and drop["lo"] > 0 and aoi_ok else
-               "disagree" if gain["hi"] < 0 or aoi_bad else "inconclusive")
+               "disagree" if gain["hi"] < 0 or not aoi_ok else "inconclusive")
     return {**_unit_fields(unit, every), "what": "AAI DM@stage-1&2 − best other defense", **gain,
             "also": also, "verdict": verdict, "rivals": rivals}
 

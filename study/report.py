@@ -572,20 +572,21 @@ def build(df: pd.DataFrame, found: dict, folder, title: str = "study", masks: di
     checked = judge(df, found, masks or {})
     atomic_write_text(folder / "claims.json", json.dumps(checked, indent=1, sort_keys=True) + "\n")
     empty = {"table1": table1, "table2": table2, "table3": table3, "table4": table4, "table5": table5}
-    tables = [stage1(df)] if len(df) and stage1(df) else []
+    pre, first = (premise(df), stage1(df)) if len(df) else ("", "")
+    tables = [first] if first else []
     for name, fn in empty.items():
         body = fn(df) if len(df) else ""
         tables.append(body or f"## {name.replace('table', 'Table ')}\n\n*This run has no models for this table.*")
     claim_md = "\n".join(f"- **{c['verdict']}** — {c['claim']} ({c['detail']})" for c in checked)
     fig_md = "\n\n".join(f"![{FIGURES[k]}]({v})\n\n*{FIGURES[k]}* {PAPER_FINDINGS[k]}" for k, v in figs.items())
-    md = "\n\n".join(p for p in [f"# {title}: report", replicates(df), premise(df),
+    md = "\n\n".join(p for p in [f"# {title}: report", replicates(df), pre,
                                  "## The paper's claims, checked on this run", claim_md,
                                  *tables, analyses_markdown(found), "## Figures", fig_md] if p) + "\n"
     atomic_write_text(folder / "index.md", md)
     body = []
     body.append(f"<h1>{html.escape(title)}: report</h1><p>{html.escape(replicates(df))}</p>")
-    if premise(df):
-        body.append(markdown.markdown(premise(df)))
+    if pre:
+        body.append(markdown.markdown(pre))
     body.append("<h2>The paper's claims, checked on this run</h2><ul>")
     for c in checked:
         body.append(f'<li class="claim"><span class="{c["verdict"]}">{c["verdict"]}</span> — '

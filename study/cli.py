@@ -4,6 +4,10 @@
     study demo [--out DIR]               run jobs/demo.yaml (Fashion-MNIST source, generated targets)
     study data prepare NAME --out DIR [--root DIR] [--param KEY=VALUE ...]
     study ui [--out DIR] [--port N]      the MLflow UI over OUT's store
+    study weights list                   the catalog of pre-trained models and torchvision's weights
+    study weights fetch NAME             download into the cache; print the path and sha256
+    study weights verify NAME --data ROOT [--images N] [--attack [NAME]]
+                                         its ImageNet accuracy beside the published one
     study plan JOB.yaml [--costs FILE] [--measure]
                                          trials, stages and GPU-hours, before anything starts
     study report [--experiment NAME] [--from OUT] --out DIR
@@ -100,6 +104,58 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from tabulate import tabulate
+
+    from study import weights as hub
+
+    if args.weights_command == "list":
+        rows = hub.listing([args.backbone] if args.backbone else None)
+        print(tabulate(rows, headers="keys", floatfmt=".2f", missingval="-"))
+        for ns, e in {e["namespace"]: e for e in hub.catalog().values()}.items():
+            print(f"\n{ns}/: {e['citation']}\n  hub: {e['repo']}\n  published numbers: {e['published']}")
+        print("\ntorchvision: accuracies from its weights' metadata (acc@1 on ImageNet-1K)")
+        return 0
+    src = hub.parse(args.name, args.backbone)
+    if args.weights_command == "verify" and not (args.data / "val").is_dir():  # before any download
+        raise hub.WeightsError(f"{args.data / 'val'}: no ImageNet validation folder (ROOT/val/<wnid>/<image>)")
+    got = hub.fetch(src, args.cache)
+    print(f"{args.name}: {got.path}" + (f" (hub commit {got.revision})" if got.revision else ""))
+    print(f"sha256 {got.sha256}")
+    if args.weights_command == "fetch":
+        print(f"pin it in a job: weights: {{from: {args.name}, sha256: {got.sha256}}}")
+        return 0
+    return _verify(args, hub, src, got)
+
+
+def _verify(args, hub, src, got) -> int:
+    import torch
+
+    arch = src.arch or args.backbone
+    if arch is None:
+        raise hub.WeightsError(f"{args.name}: say which architecture the file holds (--backbone)")
+    attack = hub.default_attack(src) if args.attack == "own" else args.attack
+    res = hub.verify(got, arch, args.data, args.images, attack, args.resolution, args.batch_size,
+                     "cuda" if torch.cuda.is_available() else "cpu")
+    published = args.expect if args.expect is not None else src.published
+    print(f"{args.name} ({arch}{', ' + hub.threat(src.entry) if src.entry else ''}) on {res['images']} "
+          f"ImageNet validation images of {args.data}")
+    print(f"  clean {res['clean']:.2f} % [{res['clean_lo']:.2f}, {res['clean_hi']:.2f}] (Wilson 95 %)"
+          + (f"; published {published:.2f} %" if published is not None else "; nothing published to compare"))
+    if "robust" in res:
+        known = (src.entry or {}).get("robust")
+        print(f"  robust under {res['attack']}: {res['robust']:.2f} %"
+              + (f"; published {known:.2f} %" if known is not None else "; not published"))
+    if published is None:
+        return 0
+    if res["clean_hi"] + args.tolerance < published:
+        print(f"  FAILED: even the interval's upper end is more than {args.tolerance:g} points below the "
+              f"published {published:.2f} %: this file does not behave as the published model")
+        return 1
+    print(f"  consistent with the published number (within {args.tolerance:g} points of the interval)")
+    return 0
+
+
 def cmd_report(args) -> int:
     """From $MLFLOW_TRACKING_URI (a cluster's server), else from the store of a job
     folder (--from OUT, served locally for the time it takes)."""
@@ -147,6 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", type=Path, default=Path("runs/demo"))
     u.add_argument("--port", type=int, default=5000)
 
+    w = sub.add_parser("weights", help="pre-trained weights by name: the catalog, fetching, checking")
+    ws = w.add_subparsers(dest="weights_command", required=True)
+    wl = ws.add_parser("list", help="the catalog (Salman et al.'s robust models) and torchvision's weights")
+    wl.add_argument("--backbone", help="only this architecture")
+    for verb, text in (("fetch", "download into the cache; print the path and sha256"),
+                       ("verify", "clean (and robust) ImageNet accuracy beside the published number")):
+        wv = ws.add_parser(verb, help=text)
+        wv.add_argument("name", help="a catalog name, hf://OWNER/REPO/FILE[@REV], IMAGENET1K_V1 or a path")
+        wv.add_argument("--backbone", help="the architecture, where the name does not say it")
+        wv.add_argument("--cache", type=Path, help="download folder (default: huggingface_hub's and torch's caches)")
+    wv.add_argument("--data", type=Path, required=True, help="ImageNet's root (ROOT/val/<wnid>/...)")
+    wv.add_argument("--images", type=int, default=1000, help="validation images, one class after another")
+    wv.add_argument("--attack", nargs="?", const="own",
+                    help="also attack: an attack name, or none for PGD-10 at the model's own eps")
+    wv.add_argument("--tolerance", type=float, default=2.0,
+                    help="points the clean accuracy's interval may lie below the published number")
+    wv.add_argument("--expect", type=float, help="the accuracy to compare with (default: the published one)")
+    wv.add_argument("--resolution", type=int, default=224)
+    wv.add_argument("--batch-size", type=int, default=50)
+
     pl = sub.add_parser("plan", help="trials, stages and a GPU-hour estimate, without starting anything")
     pl.add_argument("job", type=Path)
     pl.add_argument("--costs", type=Path, help="per-image costs file (default: the job's limits.costs)")
@@ -189,6 +265,8 @@ def main(argv=None) -> int:
             return cmd_report(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "weights":
+            return cmd_weights(args)
     except (ConfigError, DatasetError, ModelError) as err:
         print(f"study: error: {err}", file=sys.stderr)
         return USAGE_ERROR

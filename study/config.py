@@ -21,6 +21,7 @@ from study.engine import OPTIMIZERS, TrainSettings, one_of
 from study.methods import DEFAULT_LAMBDA, METHODS, TABLE1
 from study.models import BACKBONES
 from study.objectives import ObjectiveError, check as check_objective
+from study.weights import SHA256, WeightsError, parse as parse_weights
 
 
 _CHECK_PATHS: ContextVar[bool] = ContextVar("check_paths", default=True)
@@ -108,13 +109,41 @@ class Progressive(_Strict):
         return self
 
 
+class WeightsRef(_Strict):
+    """A weights entry with its pin: ``{from: salman/resnet18_linf_eps4.0, sha256: <64 hex>}``;
+    a file whose sha256 differs is refused before any work."""
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    source: str = Field(alias="from")
+    sha256: str
+
+    @model_serializer
+    def _dump(self):
+        return {"from": self.source, "sha256": self.sha256}
+
+
+def _weights_entry(v, where: str):
+    """A weights entry as written: a string, or {from: ..., sha256: ...} (a WeightsRef)."""
+    if isinstance(v, (str, WeightsRef)):
+        return v
+    if isinstance(v, dict) and set(v) == {"from", "sha256"} and isinstance(v["from"], str):
+        digest = str(v["sha256"]).lower()
+        if not SHA256.match(digest):
+            raise ValueError(f"{where}sha256 is 64 hexadecimal digits, got {v['sha256']!r}")
+        return WeightsRef(source=v["from"], sha256=digest)
+    raise ValueError(f"{where}a weights entry is a name, an hf:// address, a path or {{from: ..., sha256: ...}}, "
+                     f"got {v!r}")
+
+
 class PretrainSpec(_Strict):
     dataset: Optional[str] = None        # a key of `datasets`; with weights, the source data of the analyses
     backbones: list[Backbone] = Field(default_factory=lambda: ["resnet18"], min_length=1)
-    # None: train; "imagenet" or a file: import a standard backbone instead; a mapping
-    # {objective: "imagenet" or file} imports one backbone per objective, e.g. Salman et
-    # al.'s robust models: {standard: imagenet, pgd3_linf_4.0: /weights/resnet18_linf_eps4.0.ckpt}
-    weights: Optional[str | dict[str, str]] = None
+    # None: train; a weights entry (study.weights: imagenet, IMAGENET1K_V2, a catalog name,
+    # hf://OWNER/REPO/FILE, a path; or {from: ..., sha256: ...} to pin it) imports a standard
+    # backbone instead; a mapping {objective: entry} imports one backbone per objective, e.g.
+    # Salman et al.'s: {standard: imagenet, pgd3_linf_4.0: salman/resnet18_linf_eps4.0}
+    weights: Optional[Any] = None
+    weights_cache: Optional[str] = None  # hub and torchvision downloads (relative to OUT); default
+    #                                      huggingface_hub's cache ($HF_HOME) and torch's ($TORCH_HOME)
     # one pre-trained backbone per objective: standard, pgd<k>_<norm>_<eps> (Madry), or
     # fgsm_<norm>_<eps> (fast AT, random start); see study.objectives
     objectives: list[Objective] = Field(default_factory=lambda: ["standard"], min_length=1)
@@ -123,6 +152,13 @@ class PretrainSpec(_Strict):
     max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint
     progressive: Optional[Progressive] = None
     replicate: bool = True               # false: every seed fine-tunes the first seed's backbones
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights_shape(cls, w):
+        if isinstance(w, dict) and "from" not in w:  # {objective: entry}
+            return {k: _weights_entry(v, f"{k}: ") for k, v in w.items()}
+        return None if w is None else _weights_entry(w, "")
 
     @field_validator("objectives")
     @classmethod
@@ -137,11 +173,20 @@ class PretrainSpec(_Strict):
     def objective_names(self) -> list[str]:
         return [check_objective(s) for s in self.objective_specs()]
 
+    def weights_entry(self, objective: str) -> Optional[tuple[str, Optional[str]]]:
+        """(weights entry, sha256 pin or None) the backbone of ``objective`` is imported
+        from (None: trained here)."""
+        w = self.weights
+        if isinstance(w, dict):
+            w = next(v for k, v in w.items() if check_objective(k) == objective)
+        if w is None:
+            return None
+        return (w.source, w.sha256) if isinstance(w, WeightsRef) else (w, None)
+
     def weights_for(self, objective: str) -> Optional[str]:
         """What the backbone of ``objective`` is imported from (None: trained here)."""
-        if isinstance(self.weights, dict):
-            return next(w for k, w in self.weights.items() if check_objective(k) == objective)
-        return self.weights
+        entry = self.weights_entry(objective)
+        return entry and entry[0]
 
 
 class RaySpec(_Strict):
@@ -544,8 +589,14 @@ class JobConfig(_Strict):
                     check_objective(objective)
                 except ObjectiveError as err:
                     raise _FieldError(where, str(err))
-            if w != "imagenet" and _CHECK_PATHS.get() and not Path(w).expanduser().is_file():
-                raise _FieldError(where, f"weights file not found: {w}")
+            spec = w.source if isinstance(w, WeightsRef) else w
+            try:  # names only: nothing is fetched here (study run fetches before any work)
+                for backbone in p.backbones:
+                    src = parse_weights(spec, backbone)
+            except WeightsError as err:
+                raise _FieldError(where, str(err))
+            if src.kind == "file" and _CHECK_PATHS.get() and not Path(spec).expanduser().is_file():
+                raise _FieldError(where, f"weights file not found: {spec}")
         _no_repeats(p.objective_names(), "objective")
 
     def _known_dataset(self, where: str, key: str) -> None:

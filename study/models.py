@@ -98,9 +98,9 @@ def build_model(backbone: str, num_classes: int, resolution: int | None = None) 
     return StudyModel(backbone, num_classes, resolution)
 
 
-def load_trunk_weights(model: StudyModel, source: str, keep_classifier: bool = False) -> str:
-    """Loads ImageNet weights into f; returns the format it found. ``source`` is
-    ``imagenet`` (torchvision's, downloaded and cached by torchvision) or a file:
+def load_trunk_weights(model: StudyModel, path, keep_classifier: bool = False, origin: str | None = None) -> str:
+    """Loads ImageNet weights from a file into f; returns the format it found
+    (``study.weights`` resolves names, hub files and torchvision's enums to files):
 
     * a torchvision-format state dict (``conv1.weight`` ... ``fc.bias``), bare or under
       ``state_dict``;
@@ -113,24 +113,17 @@ def load_trunk_weights(model: StudyModel, source: str, keep_classifier: bool = F
     Files are read with ``torch.load(weights_only=True)``: nothing foreign is unpickled.
     The ImageNet classifier (fc) is dropped, since g belongs to the target task, unless
     ``keep_classifier`` (and g has fc's shape): then the model is the source network.
+    ``origin`` names the file in errors (default: its path).
     """
-    mean = std = None
-    if source == "imagenet":
-        import torchvision.models as tvm
-
-        weights = tvm.get_model_weights(model.backbone_name).DEFAULT
-        state = weights.get_state_dict(progress=True)
-        origin, kind = f"torchvision {weights}", "torchvision"
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise ModelError(f"weights file not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # corrupt, truncated or not a tensor-only pickle
-            raise ModelError(f"{path}: cannot be read as a weights-only checkpoint ({err})") from None
-        origin = str(path)
-        state, mean, std, kind = _unwrap_state(state, origin)
+    path = Path(path).expanduser()
+    origin = origin or str(path)
+    if not path.is_file():
+        raise ModelError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or not a tensor-only pickle
+        raise ModelError(f"{origin}: cannot be read as a weights-only checkpoint ({err})") from None
+    state, mean, std, kind = _unwrap_state(state, origin)
     if not isinstance(state, dict):
         raise ModelError(f"{origin}: expected a state dict, got {type(state).__name__}")
     trunk_state, head = family(model.backbone_name).map_weights(state)

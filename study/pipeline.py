@@ -25,7 +25,7 @@ import yaml
 from study import analyses, distributed, objectives, report, results, sweep, tracking
 from study.config import JobConfig
 from study.data.beton import atomic_write_text, prepare
-from study.pretrain import pretrain
+from study.pretrain import fetch_weights, pretrain
 from study.stages import Job, evaluate_stage, log, resolve_device
 
 
@@ -105,8 +105,9 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
     """Runs the job into ``out``; returns the results frame and its Markdown."""
     out = Path(out)
     device = resolve_device(cfg.device, cfg.deterministic)
-    out.mkdir(parents=True, exist_ok=True)
     job = Job(cfg, out, device, progress)
+    fetch_weights(job)  # downloads; a pin that does not match stops here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "job.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
     _warn_cpu_driver(cfg, device)
     prepare_data(job)

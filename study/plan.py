@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from study import sweep
+from study import sweep, weights
 from study.attacks import parse_attack
 from study.config import JobConfig
 from study.data.beton import atomic_write_text
@@ -259,6 +259,25 @@ def estimate(cfg: JobConfig, costs: dict) -> dict:
             "unknown": unknown, "device": costs.get("device")}
 
 
+def weights_lines(cfg: JobConfig) -> list[str]:
+    """Each imported backbone: the name, the file it resolves to, what was published of it
+    and whether it is cached here (resolved by name: nothing is downloaded)."""
+    p, lines = cfg.pretrain, []
+    cache = p.weights_cache if p.weights_cache and Path(p.weights_cache).expanduser().is_absolute() else None
+    for backbone in p.backbones:
+        for name in p.objective_names():
+            spec, pin = p.weights_entry(name)
+            src = weights.parse(spec, backbone)
+            about = [weights.threat(src.entry)] if src.entry else []
+            if src.published is not None:
+                about.append(f"published clean {src.published:.2f} %")
+            about.append("cached" if weights.cached(src, cache) else "not cached: fetched by `study run`")
+            if pin:
+                about.append(f"pinned sha256 {pin[:12]}...")
+            lines.append(f"  {backbone} ({name}): {spec} -> {src.where} ({'; '.join(about)})")
+    return lines
+
+
 def render(cfg: JobConfig, est: dict) -> str:
     lines = [f"job {cfg.name}"]
     if cfg.pretrain.weights is None:
@@ -267,6 +286,7 @@ def render(cfg: JobConfig, est: dict) -> str:
                      f"{cfg.pretrain.scaling.workers} worker(s)")
     else:
         lines.append("stage 1: imported weights, nothing to train")
+        lines += weights_lines(cfg)
     if cfg.finetune:
         ft = cfg.finetune
         lines.append(f"stage 2: {est['trials']} trials on Ray Tune, {ft.resources.gpus:g} GPU and "

@@ -5,19 +5,37 @@ from __future__ import annotations
 import mlflow
 import torch
 
-from study import distributed, objectives, tracking
-from study.models import build_model, load_trunk_weights, save_checkpoint
+from study import distributed, objectives, tracking, weights as hub
+from study.models import build_model, save_checkpoint
 from study.stages import Job, Stage, finish_model, log
 
 
+def fetch_weights(job: Job) -> dict:
+    """Every imported backbone's file, fetched (or found in the cache) and checked against
+    its pin, before any work: (backbone, objective name) -> study.weights.Fetched."""
+    p = job.cfg.pretrain
+    for backbone in p.backbones:
+        for name in p.objective_names():
+            entry = p.weights_entry(name)
+            if entry is not None and (backbone, name) not in job.fetched:
+                spec, pin = entry
+                got = hub.fetch(hub.parse(spec, backbone), job.weights_cache, pin)
+                log(f"weights {backbone} ({name}): {spec} -> {got.path} (sha256 {got.sha256[:16]}...)")
+                job.fetched[backbone, name] = got
+    return job.fetched
+
+
 def identity(job: Job, backbone: str, name: str) -> dict:
-    """What a pre-trained backbone's key is made of."""
+    """What a pre-trained backbone's key is made of: for imported weights, the entry and
+    the sha256 of the file it resolved to."""
     cfg, p = job.cfg, job.cfg.pretrain
     key, weights = p.dataset, p.weights_for(name)
     ident = {"stage": "pretrain", "backbone": backbone, "seed": cfg.seed, "weights": weights}
     if isinstance(p.weights, dict):  # imported backbones, one per objective
         ident["objective"] = name
-    if weights is None:
+    if weights is not None:
+        ident["sha256"] = fetch_weights(job)[backbone, name].sha256
+    else:
         ident.update(dataset=cfg.dataset_name(key), data=cfg.dataset_params(key), root=cfg.dataset_root(key),
                      resolution=cfg.resolution(key), train=p.train.model_dump(), objective=name,
                      progressive=p.progressive.model_dump() if p.progressive else None)
@@ -33,9 +51,8 @@ def pretrain(job: Job, backbone: str, objective) -> Stage:
         log(f"pretrain {backbone} ({name}): done before, reusing {stage.ckpt.name}")
         return stage
     torch.manual_seed(cfg.seed)
-    weights = p.weights_for(name)
-    if weights is not None:
-        _import(stage, backbone, name, weights)
+    if p.weights_for(name) is not None:
+        _import(stage, backbone, name, job.fetched[backbone, name])
         return stage
     run_name = f"pretrain-{backbone}-{cfg.dataset_name(p.dataset)}-{name}"
     log(f"pretrain {backbone} on {cfg.dataset_name(p.dataset)}, objective {name}, "
@@ -45,15 +62,17 @@ def pretrain(job: Job, backbone: str, objective) -> Stage:
     return stage
 
 
-def _import(stage: Stage, backbone: str, name: str, weights: str) -> None:
-    """A backbone from ImageNet weights instead of training: checkpoint and MLflow run."""
+def _import(stage: Stage, backbone: str, name: str, fetched: hub.Fetched) -> None:
+    """A backbone from ImageNet weights instead of training: checkpoint and MLflow run,
+    both naming the file and its sha256."""
     model = build_model(backbone, 1000)
-    load_trunk_weights(model, weights)
+    fmt = hub.load(model, fetched)
+    record = fetched.record() | {"weights_format": fmt}
     with stage.start_run(f"import-{backbone}") as run:
-        tracking.log_params({"backbone": backbone, "weights": weights, "objective": name})
+        tracking.log_params({"backbone": backbone, "objective": name, **record})
         save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
-        mlflow.set_tag("study.weights", weights)
-        stage.finish({"run_id": run.info.run_id, "AOI": None, "checkpoint": str(stage.ckpt)})
+        mlflow.set_tags({"study.weights": fetched.source.spec, "study.weights.sha256": fetched.sha256})
+        stage.finish({"run_id": run.info.run_id, "AOI": None, "checkpoint": str(stage.ckpt), **record})
 
 
 def _train_on_ray(job: Job, stage: Stage, backbone: str, objective, run_name: str) -> dict:

@@ -33,6 +33,7 @@ from study import evaluate, report, stats
 from study.config import JobConfig
 from study.data.beton import atomic_write_text
 from study.methods import AOI_MARGIN, METHODS
+from study.weights import parse as parse_weights
 
 COLUMNS = ["job", "dataset", "backbone", "method", "source", "source_data", "seed", "lam", "lr_f", "lr_g",
            "optimizer", "val_acc", "val_acc_1", "val_AAI", "f_l1", "selected", "chosen", "attack", "images", "AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi",
@@ -45,10 +46,11 @@ def source_data(cfg: JobConfig, method: str) -> str | None:
     """What a model's backbone was pre-trained on (Table 4 compares these)."""
     if method != "pretrain" and METHODS[method].starts_from is None:
         return None
-    w = cfg.pretrain.weights
-    if w is None:
-        return cfg.pretrain.dataset  # the job's key: a folder dataset's name says little
-    return "imagenet" if isinstance(w, dict) or w == "imagenet" else Path(str(w)).stem
+    p = cfg.pretrain
+    if p.weights is None:
+        return p.dataset  # the job's key: a folder dataset's name says little
+    trained = {parse_weights(p.weights_for(name)).trained_on for name in p.objective_names()}
+    return "imagenet" if "imagenet" in trained or len(trained) > 1 else trained.pop()
 
 
 def model_rows(cfg: JobConfig, model: dict, record: dict, records: list[dict], flags: list,

@@ -12,7 +12,7 @@ run id), so running the same job again skips what is done and redoes only what i
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ class Job:
     out: Path
     device: torch.device
     progress: bool = True
+    fetched: dict = field(default_factory=dict)  # imported weights (study.pretrain.fetch_weights)
 
     def for_seed(self, seed: int) -> "Job":
         """This job as its replicate ``seed`` (study.config.JobConfig.for_seed)."""
@@ -55,6 +56,12 @@ class Job:
     def data_dir(self) -> Path:
         d = Path(self.cfg.data.dir).expanduser()
         return d if d.is_absolute() else self.out / d
+
+    @property
+    def weights_cache(self) -> Path | None:
+        """pretrain.weights_cache (relative to OUT); None: huggingface_hub's and torch's own."""
+        c = self.cfg.pretrain.weights_cache
+        return None if c is None else (Path(c).expanduser() if Path(c).expanduser().is_absolute() else self.out / c)
 
     def beton(self, key: str, split: str) -> Path:
         # by the job's key, not the dataset's name: two keys may share a name (shapes, shapes10)

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from study import cli, config
+from study.weights import parse as parse_weights
 
 BASE = {
     "name": "t",
@@ -233,12 +234,11 @@ def test_paper_table_jobs_are_valid_given_their_data(tmp_path, name):
     for spec in raw["datasets"].values():
         if "root" in spec:
             (tmp_path / spec["root"]).mkdir(parents=True, exist_ok=True)
-    weights = raw["pretrain"].get("weights")
-    if isinstance(weights, dict):
-        for w in weights.values():
-            if w != "imagenet":
-                (tmp_path / w).parent.mkdir(parents=True, exist_ok=True)
-                (tmp_path / w).write_bytes(b"")
+    weights = raw["pretrain"].get("weights")  # by name (torchvision's enums, the catalog): no files
+    if weights is not None:
+        entries = list(weights.values()) if isinstance(weights, dict) else [weights]
+        kinds = {parse_weights(w).kind for w in entries}
+        assert kinds == ({"torchvision", "hub"} if name.startswith("table5") else {"torchvision"})
     cfg = config.parse(raw)
     pts = sweep.points(cfg)
     expected = {"table1": 7 * (9 + 3 + 9), "table2": 7 * (9 + 9), "table3": 5 * 7 * (1 + 4),
@@ -247,6 +247,7 @@ def test_paper_table_jobs_are_valid_given_their_data(tmp_path, name):
     assert len(pts) == expected[name]
     if name.startswith("table5"):
         assert cfg.robust_objective() == "pgd3_linf_4.0" and cfg.source_objective() == "standard"
+        assert cfg.pretrain.weights_for("pgd3_linf_4.0") == "salman/resnet18_linf_eps4.0"
         assert cfg.finetune.dm.form == ("eq4" if name == "table5_eq4" else "code")
     # the authors' pipeline resizes every dataset to 256 and crops 224: alphabet and CIFAR-10 too
     assert {k: cfg.resolution(k) for k in cfg.finetune.datasets} == {k: 224 for k in cfg.finetune.datasets}

@@ -73,26 +73,6 @@ def test_checkpoint_roundtrip_and_architecture_check(tmp_path):
         load_checkpoint(tmp_path / "m.pt", "resnet50")
 
 
-def test_imagenet_weights_come_from_torchvision(monkeypatch):
-    """`weights: imagenet` asks torchvision for the backbone's default ImageNet weights
-    (downloaded and cached by torchvision; no network here, so the fetch is replaced)."""
-    from torchvision.models import ResNet50_Weights, WeightsEnum
-
-    torch.manual_seed(2)
-    reference = torchvision.models.resnet50(weights=None)
-    asked = []
-
-    def fake_get_state_dict(self, *args, **kwargs):
-        asked.append(self)
-        return reference.state_dict()
-
-    monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_get_state_dict)
-    model = build_model("resnet50", 10)
-    load_trunk_weights(model, "imagenet")
-    assert asked == [ResNet50_Weights.DEFAULT]
-    assert torch.equal(model.f.backbone.layer4[0].conv1.weight, reference.layer4[0].conv1.weight)
-
-
 def _robustness_checkpoint(tv, mean, std, path, prefix="module."):
     """A checkpoint as MadryLab's robustness library writes it (Salman et al.'s models):
     the AttackerModel's state dict under "model" -- the network twice (model, and the

@@ -71,9 +71,13 @@ def svcca(a: torch.Tensor, b: torch.Tensor, keep: float = 0.99) -> float:
 
 
 def layer_rows(act: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, C, H, W) activations as (N*H*W, C) rows, one per spatial position; ``rows``
-    picks a subset (the same for every model compared)."""
-    r = act.permute(0, 2, 3, 1).reshape(-1, act.shape[1]) if act.dim() == 4 else act.flatten(1)
+    """(N, C, H, W) activations as (N*H*W, C) rows, one per spatial position, and a
+    transformer's (N, tokens, width) as (N*tokens, width), one per token; ``rows`` picks
+    a subset (the same for every model compared)."""
+    if act.dim() == 4:
+        r = act.permute(0, 2, 3, 1).reshape(-1, act.shape[1])
+    else:
+        r = act.reshape(-1, act.shape[-1]) if act.dim() == 3 else act.flatten(1)
     return r if rows is None else r[rows]
 
 

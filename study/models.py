@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from study.backbones import BACKBONES, FAMILIES, ModelError, family
+from study.backbones import BACKBONES, FAMILIES, ModelError, family, file_family
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,19 +55,23 @@ class FeatureExtractor(nn.Module):
     def _family(self):
         return FAMILIES[self.family_name]
 
-    def layers(self, x, upto: str | None = None) -> "OrderedDict[str, torch.Tensor]":
+    def _run(self, x, upto: str | None = None):
+        """(the stages as layers() gives them, the last stage's tensor as pool takes it)."""
         fam, trunk = self._family, self.backbone
         x = fam.stem(trunk, self.normalize(x))
         out = OrderedDict()
         for name in fam.stages:
             x = fam.stage(trunk, name, x)
-            out[name] = x
+            out[name] = fam.expose(x)
             if name == upto:
                 break
-        return out
+        return out, x
+
+    def layers(self, x, upto: str | None = None) -> "OrderedDict[str, torch.Tensor]":
+        return self._run(x, upto)[0]
 
     def forward(self, x):
-        return self._family.pool(self.backbone, next(reversed(self.layers(x).values())))
+        return self._family.pool(self.backbone, self._run(x)[1])
 
 
 class StudyModel(nn.Module):
@@ -126,8 +130,12 @@ def load_trunk_weights(model: StudyModel, path, keep_classifier: bool = False, o
     state, mean, std, kind = _unwrap_state(state, origin)
     if not isinstance(state, dict):
         raise ModelError(f"{origin}: expected a state dict, got {type(state).__name__}")
-    trunk_state, head = family(model.backbone_name).map_weights(state)
-    load_state(model.f.backbone, trunk_state, origin, model.backbone_name)
+    fam = family(model.backbone_name)
+    held = file_family(state)
+    if held is not None and held != fam.name:
+        raise ModelError(f"{origin} holds a {held} network, not a {model.backbone_name} ({fam.name})")
+    trunk_state, head = fam.map_weights(state)
+    load_state(model.f.backbone, fam.fit_state(model.f.backbone, trunk_state), origin, model.backbone_name)
     if mean is not None and std is not None:
         model.f.normalize.mean.copy_(mean.reshape(1, -1, 1, 1))
         model.f.normalize.std.copy_(std.reshape(1, -1, 1, 1))

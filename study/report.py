@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from study import stats
+from study.backbones import family
 from study.claims import TABLE1_ATTACK, by_seed, judge, label, picks, units
 from study.data.beton import atomic_write_bytes, atomic_write_text
 from study.methods import AOI_MARGIN, METHODS, TABLE1, TABLE5
@@ -294,9 +295,11 @@ def _full_by(df: pd.DataFrame, keys: tuple) -> dict:
 
 
 def table3(df: pd.DataFrame) -> str:
-    """Table 3: the full fine-tune of each backbone, averaged over the target datasets
-    (the paper: over its seven); one row per job, backbone and source data."""
-    groups = _full_by(df, ("job", "backbone", "source_data"))
+    """Table 3: the full fine-tune of each ResNet, averaged over the target datasets
+    (the paper: over its seven); one row per job, backbone and source data. Other
+    architectures have a table of their own (``architectures``)."""
+    groups = {k: v for k, v in _full_by(df, ("job", "backbone", "source_data")).items()
+              if family(k[1]).name == "resnet"}
     if not groups:  # one backbone is still a row to set beside the paper's
         return ""
     jobs = len({j for j, _, _ in groups}) > 1
@@ -308,6 +311,32 @@ def table3(df: pd.DataFrame) -> str:
                     + [f"{_fmt(means[k])} ({_fmt(p[k])})" for k in ("AOI", "AAI", "DR")])
     return (f"## Table 3: backbones (full fine-tune, {TABLE1_ATTACK}, mean over target datasets)\n\n"
             + _md((["job"] if jobs else []) + ["backbone", "pre-trained on", "datasets", "AOI", "AAI", "DR"], rows))
+
+
+def architectures(df: pd.DataFrame) -> str:
+    """AOI, AAI and DR by architecture: each backbone's Table-1 models (standard, partial,
+    full), averaged over the target datasets of its unit, beside Table 3 rather than in
+    it; the paper's numbers (Table 3's, for its ResNets' full fine-tune) where they exist.
+    Empty unless a run has a backbone that is not a ResNet."""
+    every = units(df[df.attack == TABLE1_ATTACK]) if len(df) else []
+    if all(family(u["backbone"]).name == "resnet" for u in every):
+        return ""
+    groups: dict = {}
+    for u in every:
+        for method in TABLE1:
+            rows = picks(df, u, method, TABLE1_ATTACK)
+            if len(rows):
+                groups.setdefault((u["job"], u["backbone"], u["source_data"], method), {})[u["dataset"]] = rows
+    out = []
+    for (job, backbone, src, method), by_ds in groups.items():
+        means = {k: float(np.mean([r[k].astype(float).mean() for r in by_ds.values()])) for k in ("AOI", "AAI", "DR")}
+        p = {k: paper_value("table3", f"full_finetune:{backbone}", k, "mean7") if method == "full" else None
+             for k in ("AOI", "AAI", "DR")}
+        out.append([job, family(backbone).name, backbone, method, src or "–", str(len(by_ds))]
+                   + [f"{_fmt(means[k])} ({_fmt(p[k])})" for k in ("AOI", "AAI", "DR")])
+    return (f"## Architectures (Table 1's protocol by backbone, {TABLE1_ATTACK}, mean over target datasets; "
+            f"the paper's ResNet numbers in brackets)\n\n"
+            + _md(["job", "family", "backbone", "method", "pre-trained on", "datasets", "AOI", "AAI", "DR"], out))
 
 
 SOURCE_ALIAS = {"animals10": "imagenet10animals", "imagenet10animals": "imagenet10animals", "cifar10": "cifar10"}
@@ -577,6 +606,8 @@ def build(df: pd.DataFrame, found: dict, folder, title: str = "study", masks: di
     for name, fn in empty.items():
         body = fn(df) if len(df) else ""
         tables.append(body or f"## {name.replace('table', 'Table ')}\n\n*This run has no models for this table.*")
+        if name == "table3" and len(df):
+            tables.append(architectures(df))
     claim_md = "\n".join(f"- **{c['verdict']}** — {c['claim']} ({c['detail']})" for c in checked)
     fig_md = "\n\n".join(f"![{FIGURES[k]}]({v})\n\n*{FIGURES[k]}* {PAPER_FINDINGS[k]}" for k, v in figs.items())
     md = "\n\n".join(p for p in [f"# {title}: report", replicates(df), pre,

@@ -133,19 +133,31 @@ def _torchvision(spec: str, backbone: str | None) -> Source:
             w = tvm.get_weight(spec)
         except (ValueError, KeyError, AttributeError):
             raise WeightsError(f"{spec}: torchvision has no such weights") from None
-        arch = next((b for b in BACKBONES if tvm.get_model_weights(b) is type(w)), None)
+        arch = next((b for b in BACKBONES if _enum_of(b) is type(w)), None)
         if arch is None:
             raise WeightsError(f"{spec}: weights of an architecture study has no backbone for "
                                f"(known: {', '.join(BACKBONES)})")
     elif backbone is None:
         return Source(spec, "torchvision")  # one per backbone of the job; resolved with it
     else:
-        enum, name = tvm.get_model_weights(backbone), "DEFAULT" if spec == "imagenet" else spec
+        enum, name = _enum_of(backbone), "DEFAULT" if spec == "imagenet" else spec
+        if enum is None:
+            raise WeightsError(f"{spec}: torchvision has no ImageNet weights for {backbone}")
         if name not in enum.__members__:
             raise WeightsError(f"torchvision has no {spec} weights for {backbone} "
                                f"(has: {', '.join(e.name for e in enum)})")
         w, arch = enum[name], backbone
     return Source(spec, "torchvision", arch=arch, enum=str(w), url=w.url)
+
+
+def _enum_of(backbone: str):
+    """torchvision's weights enum of a backbone (None: not a torchvision model, e.g. vit_tiny_p4)."""
+    import torchvision.models as tvm
+
+    try:
+        return tvm.get_model_weights(backbone)
+    except (ValueError, KeyError):
+        return None
 
 
 def _torchvision_meta(enum: str) -> dict:
@@ -320,13 +332,11 @@ def load(model, fetched: Fetched, keep_classifier: bool = False) -> str:
 # -- the catalog as a table, and checking a model against its published accuracy ------------
 def listing(backbones=None) -> list[dict]:
     """The catalog and torchvision's ImageNet weights of study's backbones, one row each."""
-    import torchvision.models as tvm
-
     rows = [{"name": e["name"], "arch": e["arch"], "threat model": threat(e), "file": f"hf://{e['repo']}/{e['file']}",
              "clean %": e.get("clean"), "robust %": e.get("robust"), "sha256": e.get("sha256") or ""}
             for e in catalog().values() if backbones is None or e["arch"] in backbones]
     for b in BACKBONES if backbones is None else backbones:
-        for w in tvm.get_model_weights(b):
+        for w in _enum_of(b) or ():
             rows.append({"name": str(w), "arch": b, "threat model": "standard", "file": w.url,
                          "clean %": _torchvision_meta(str(w))["acc@1"], "robust %": None, "sha256": ""})
     return rows
@@ -347,8 +357,6 @@ def verify(fetched: Fetched, arch: str, root, images: int, attack: str | None = 
     images of ImageNet's validation folder (ROOT/val, one folder per class; a
     class-interleaved sample), evaluated as published: resize to 8/7 of the side,
     centre crop. Returns the numbers with the clean accuracy's Wilson interval."""
-    import torch
-
     from study import stats
     from study.attacks import parse_attack, robust_accuracy
     from study.data.registry import build_split

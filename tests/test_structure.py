@@ -97,7 +97,7 @@ def test_a_family_missing_a_piece_is_refused_naming_it():
     from study.backbones import ResNet, RegistryError, register
 
     pieces = {k: getattr(ResNet, k) for k in ("variants", "stages", "build", "stem", "stage", "pool", "fold",
-                                              "map_weights", "fast_copy")}
+                                              "map_weights", "fast_copy", "signature")}
     for missing in ("stages", "pool", "fold"):
         cls = type("Broken", (), {"name": "broken", **{k: v for k, v in pieces.items() if k != missing},
                                   "variants": ("broken1",)})

@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow
 import yaml
 
-from study import analyses, distributed, objectives, report, results, sweep, tracking
+from study import analyses, distributed, locks, objectives, report, results, sweep, tracking
 from study.config import JobConfig
 from study.data.beton import atomic_write_text, prepare
 from study.pretrain import fetch_weights, pretrain
@@ -102,12 +102,20 @@ def _warn_cpu_driver(cfg: JobConfig, device) -> None:
 
 
 def run_job(cfg: JobConfig, out: Path, progress: bool = True):
-    """Runs the job into ``out``; returns the results frame and its Markdown."""
+    """Runs the job into ``out``, which it holds alone (study.locks: a second run into
+    it stops at once); returns the results frame and its Markdown."""
     out = Path(out)
     device = resolve_device(cfg.device, cfg.deterministic)
-    job = Job(cfg, out, device, progress)
+    with locks.exclusive(out):
+        try:
+            return _run(Job(cfg, out, device, progress))
+        finally:
+            distributed.release_ray()  # a local Ray this run started ends with it, however it ends
+
+
+def _run(job: Job):
+    cfg, out, device, progress = job.cfg, job.out, job.device, job.progress
     fetch_weights(job)  # downloads; a pin that does not match stops here, before anything is written
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "job.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
     _warn_cpu_driver(cfg, device)
     prepare_data(job)

@@ -90,6 +90,7 @@ def _train_on_ray(job: Job, stage: Stage, backbone: str, objective, run_name: st
         if not run.data.params:
             tracking.log_params(params)
             tracking.log_yaml(params, "config.yaml")
+            job.log_inputs(key)
         worker_cfg = distributed.worker_config(
             beton=job.beton(key, "train"), dataset=cfg.dataset_name(key),
             resolution=cfg.resolution(key), num_classes=job.num_classes(key), backbone=backbone,

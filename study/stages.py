@@ -76,6 +76,20 @@ class Job:
                            workers=workers or self.cfg.data.workers, device=self.device, seed=seed,
                            indices=indices, channels_last=self.device.type == "cuda")
 
+    def log_inputs(self, key: str, holdout: tuple | None = None) -> None:
+        """The active run's dataset inputs: the train split (``holdout``: its training and
+        validation parts, (train indices, validation indices)) and the test split."""
+        train, test = self.manifest(key, "train"), self.manifest(key, "test")
+        parts = [("evaluation", self.beton(key, "test"), test, test["count"], test["config_hash"])]
+        if holdout is None:
+            parts.insert(0, ("training", self.beton(key, "train"), train, train["count"], train["config_hash"]))
+        else:
+            for context, idx in zip(("training", "validation"), holdout):
+                digest = config_hash({"split": train["config_hash"], "part": context,
+                                      "val_fraction": self.cfg.finetune.val_fraction, "seed": self.cfg.seed})
+                parts.insert(-1, (context, self.beton(key, "train"), train, len(idx), digest))
+        tracking.log_splits(key, parts)
+
     def manifest(self, key: str, split: str) -> dict:
         return json.loads(self.beton(key, split).with_suffix(".json").read_text())
 

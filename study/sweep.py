@@ -260,6 +260,7 @@ def _fine_tune(job: Job, stage: Stage, p: dict, sources: dict, context: dict) ->
             tracking.log_params(params)
             tracking.log_yaml(params, "config.yaml")
             mlflow.set_tags({"study.lam": str(p["lam"]), "study.tune_trial": params["tune_trial"]})
+            job.log_inputs(key, (train_idx, val_idx))
         report = _Reporter(trainer, run.info.run_id, name, s.epochs, cfg.finetune.checkpoint_every_s)
         total = s.epochs * len(train_loader)
         snap_at = snapshot_steps(cfg, p["method"], total)

@@ -12,6 +12,7 @@ per trained model (tagged ``mlflow.parentRunId``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -56,6 +57,19 @@ def server_command(out: Path, port: int) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stops a child started in its own session and every process of that session (the
+    MLflow server's uvicorn workers): SIGTERM, then SIGKILL after 15 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class LocalServer:
     """``mlflow server`` on 127.0.0.1 for the store under ``out``; a context manager."""
 
@@ -90,16 +104,8 @@ class LocalServer:
                             f"see {self.out / LOG_NAME}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            stop_group(self.proc)
 
     def __enter__(self):
         return self.start()
@@ -274,4 +280,38 @@ def serve_ui(out: Path, port: int = 5000) -> int:
     if not (out / DB_NAME).exists():
         raise TrackingError(f"no MLflow store at {out / DB_NAME}; run a job with --out {out} first")
     print(f"[study] MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
-    return subprocess.call(server_command(out, port), env=server_env())
+    # its own session, stopped as a whole however study ends (Ctrl-C, SIGTERM, an error):
+    # stopping only the mlflow command would leave its uvicorn workers serving the port
+    proc = subprocess.Popen(server_command(out, port), env=server_env(), start_new_session=True)
+    try:
+        return proc.wait()
+    finally:
+        stop_group(proc)
+
+
+def _split_dataset(name: str, beton: Path, manifest: dict, count: int, digest: str):
+    """A .beton split as an MLflow dataset: the job's dataset key as its name, a config
+    hash as its digest, what it holds as its profile."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    class Split(MetaDataset):
+        @property
+        def profile(self):
+            return {"count": count, "num_classes": manifest["num_classes"], "split": manifest["split"],
+                    "dataset": manifest["dataset"]}
+
+        def to_dict(self):
+            return super().to_dict() | {"profile": json.dumps(self.profile)}
+
+    return Split(LocalArtifactDatasetSource(str(beton)), name=name, digest=digest)
+
+
+def log_splits(name: str, parts: list[tuple[str, Path, dict, int, str]]) -> None:
+    """The splits the active run reads, as its dataset inputs (the MLflow UI's Dataset
+    column, ``search_runs`` by dataset): (context, .beton, manifest, images, digest) each,
+    context ``training``, ``validation`` or ``evaluation``."""
+    import mlflow
+
+    for context, beton, manifest, count, digest in parts:
+        mlflow.log_input(_split_dataset(name, beton, manifest, count, digest), context=context)

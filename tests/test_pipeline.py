@@ -170,11 +170,18 @@ def test_running_again_skips_finished_stages(tiny_run, capsys):
     pd.testing.assert_frame_equal(before, pd.read_csv(out / "results.csv"))
 
 
-def test_study_ui_serves_the_store(tiny_run):
+def test_study_ui_serves_the_store_and_sigterm_leaves_no_server_behind(tiny_run):
+    """As a process manager or `timeout` stops it: SIGTERM to the study process alone.
+    Its server and the server's workers end with it, and the port is free again."""
+    import os
+    import signal
+    import socket
     import subprocess
     import sys
     import time
     import urllib.request
+
+    import psutil
 
     from study.tracking import free_port
 
@@ -196,12 +203,17 @@ def test_study_ui_serves_the_store(tiny_run):
             except OSError:
                 time.sleep(0.5)
         assert body is not None and '"tiny"' in body
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children  # the mlflow server and its workers
+        proc.send_signal(signal.SIGTERM)  # the study process only, not its group
+        assert proc.wait(timeout=60) != 0
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # nothing listens on it any more
     finally:
-        import os
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_study_ui_without_a_store_is_an_error(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from study import locks
 from study.data.registry import build_split, get_info, resolve_params
 
 FORMAT_VERSION = 1  # bump when the way a split is written changes
@@ -107,6 +108,13 @@ def prepare_split(name: str, split: str, out, root=None, params=None, workers: i
                   folder: str | None = None) -> Prepared:
     """Writes ``out/<folder>/<split>.beton`` once (``folder``: the job's key for the
     dataset, default its name); a second call with the same config does nothing."""
+    beton, _ = paths(out, folder or name, split)
+    # one writer per dataset folder: another job sharing data.dir waits, then reuses the file
+    with locks.waiting(beton.parent / ".prepare.lock", f"preparing {beton.parent}"):
+        return _prepare_split(name, split, out, root, params, workers, folder)
+
+
+def _prepare_split(name: str, split: str, out, root, params, workers: int, folder: str | None) -> Prepared:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 

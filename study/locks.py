@@ -1,0 +1,74 @@
+"""Who writes where: one ``study run`` per OUT, and one writer per dataset folder.
+
+Both are advisory ``flock`` locks on a file: the kernel drops a lock when the process
+that holds it ends, however it ends, so a crash leaves nothing stale behind (the lock
+file stays; the lock does not). On NFSv4 Linux emulates ``flock`` with POSIX byte-range
+locks, which the server arbitrates between machines; see the README for what that
+does and does not guarantee.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+OUT_LOCK = ".study.lock"
+
+
+class Busy(RuntimeError):
+    """OUT is held by another run; the message names the holder."""
+
+
+def _open(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
+def holder(path: Path) -> str:
+    """Who holds (or last held) the lock at ``path``, in words."""
+    try:
+        h = json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        h = {}
+    if not h:
+        return "holder not yet recorded"
+    return f"pid {h.get('pid')} on {h.get('host')}, since {h.get('started')}"
+
+
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """Holds OUT for this process, or refuses at once (Busy) when another process does.
+    The holder's pid, host and start time are written into the lock file."""
+    path = Path(out) / OUT_LOCK
+    fd = _open(path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(f"{out} is in use by another study run ({holder(path)}); wait for it to finish "
+                       f"or give another --out") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        yield me
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def waiting(path: Path, what: str, log=print):
+    """Holds the lock file ``path``; while another process holds it, waits (and says so)."""
+    fd = _open(Path(path))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"[study] waiting: another process is {what}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -20,7 +20,9 @@ JOB = {
     "data": {"workers": 1},
     "datasets": {"shapes": {"params": {"train_per_class": 3, "test_per_class": 1}},
                  "alphabet": {"params": {"train_per_class": 5, "test_per_class": 2}}},
-    "pretrain": {"dataset": "shapes", "backbones": ["resnet18"],  # DDP over the cluster's two nodes
+    # the small ViT (study.backbones): a transformer through every stage; ResNets run in the
+    # sweep, replicate and demo tests. DDP over the cluster's two nodes.
+    "pretrain": {"dataset": "shapes", "backbones": ["vit_tiny_p4"],
                  "scaling": {"workers": 2, "cpus_per_worker": 1},
                  "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
     "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "partial", "full"],
@@ -98,7 +100,7 @@ def test_results_table(tiny_run):
     assert "## Table 1" in md and "## Table 2" in md and "## Sanity checks" in md
     assert "## Stage 1: pre-trained backbones on the source task" in md
     assert "## Stage 2 sweep: every trial" in md and md.count("| ✓ |") == 3
-    assert "| shapes | resnet18 | standard |" in md
+    assert "| shapes | vit_tiny_p4 | standard |" in md
     assert "full fine-tune | " in md and "(2.90)" in md and "(75.83)" in md
     sanity = pd.read_csv(out / "sanity.csv")
     assert {"in_ball", "in_range", "eps0_aai_eq_aoi", "pgd_le_fgsm", "autoattack_le_pgd",
@@ -142,7 +144,7 @@ def _check_models(out, table):
             assert len(client.get_metric_history(run.run_id, f"AAI/{attack}")) == 1
         assert run["tags.study.sanity"] == "pass" or run["tags.study.sanity"].startswith("fail: ")
         assert run["metrics.sanity/in_ball"] == 1.0
-        assert run["params.backbone"] == "resnet18"
+        assert run["params.backbone"] == "vit_tiny_p4"
         dataset, stage = run["tags.study.dataset"], run["tags.study.stage_key"]
         if run["tags.study.stage"] == "finetune":
             assert run["tags.study.method"] in ("scratch", "partial", "full")
@@ -162,7 +164,7 @@ def test_running_again_skips_finished_stages(tiny_run, capsys):
     evals = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.eval.json")}
     assert cli.main(["run", str(job), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "pretrain resnet18 (standard): done before, reusing" in printed
+    assert "pretrain vit_tiny_p4 (standard): done before, reusing" in printed
     assert "sweep: all 5 trials done before, reusing" in printed  # Ray is not even started
     assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")} == mtimes
     assert evals == {p: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.eval.json")}
@@ -229,6 +231,8 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     assert set(a) == {"cca", "uap", "uap_transfer", "mmd", "ll"}
     assert set(a["cca"]) == {"fine-tuned|pre-trained", "fine-tuned|standard", "pre-trained|standard", "chance"}
     assert all(0 <= v["bottom"] <= 1 and 0 <= v["all"] <= 1 for v in a["cca"].values())
+    # SVCCA over the ViT's four stages, one row per patch token
+    assert all(list(v["layers"]) == ["block_q1", "block_q2", "block_q3", "block_q4"] for v in a["cca"].values())
     assert "chance bottom" in (out / "report" / "index.md").read_text()  # the analyses table shows it
     assert set(a["uap"]) == {"full", "scratch"} and set(a["ll"]) == {"pre-trained", "standard", "fine-tuned"}
     for u in a["uap"].values():  # the bound holds, and the snapshots along training were attacked

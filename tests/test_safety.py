@@ -101,18 +101,18 @@ def test_a_second_run_into_a_held_out_stops_at_once_and_the_first_is_as_a_solo_r
     assert profiles["evaluation"] == {"count": 26, "num_classes": 26, "split": "test", "dataset": "alphabet"}
 
 
-def test_two_jobs_sharing_a_data_dir_write_each_beton_once(tmp_path):
+def test_two_jobs_sharing_a_data_dir_write_each_beton_once(tmp_path, mlflow_server):
     data = tmp_path / "shared-data"
     jobs = []
     for name in ("one", "two"):
         raw = {"name": name, "seed": 0, "device": "cpu", "data": {"workers": 1, "dir": str(data)},
-               "datasets": {"shapes": {"params": {"train_per_class": 150, "test_per_class": 20}}},
+               "datasets": {"shapes": {"params": {"train_per_class": 100, "test_per_class": 10}}},
                "pretrain": {"backbones": ["resnet18"], "weights": str(_weights(tmp_path)), "dataset": "shapes"}}
         job = tmp_path / f"{name}.yaml"
         job.write_text(yaml.safe_dump(raw))
         jobs.append(subprocess.Popen(_cmd(job, tmp_path / f"out-{name}"), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "RAY_ADDRESS": ""}))
+                                     env={**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": mlflow_server}))
     logs = []
     for p in jobs:
         logs.append(p.communicate(timeout=600)[0])

@@ -211,8 +211,12 @@ def test_study_ui_serves_the_store_and_sigterm_leaves_no_server_behind(tiny_run)
         assert proc.wait(timeout=60) != 0
         gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, [p.cmdline() for p in alive]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # nothing listens on it any more
+        with pytest.raises(ConnectionRefusedError):  # nothing listens on it any more
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        with socket.socket() as s:  # and it can be served again (the old connections may linger in TIME_WAIT)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -52,16 +52,20 @@ class Job:
         """This job as its replicate ``seed`` (study.config.JobConfig.for_seed)."""
         return self if seed == self.cfg.seed else replace(self, cfg=self.cfg.for_seed(seed))
 
+    def _under_out(self, path: str) -> Path:
+        """A job file's folder: as written when absolute, else relative to OUT."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.out / p
+
     @property
     def data_dir(self) -> Path:
-        d = Path(self.cfg.data.dir).expanduser()
-        return d if d.is_absolute() else self.out / d
+        return self._under_out(self.cfg.data.dir)
 
     @property
     def weights_cache(self) -> Path | None:
-        """pretrain.weights_cache (relative to OUT); None: huggingface_hub's and torch's own."""
+        """pretrain.weights_cache; None: huggingface_hub's and torch's own caches."""
         c = self.cfg.pretrain.weights_cache
-        return None if c is None else (Path(c).expanduser() if Path(c).expanduser().is_absolute() else self.out / c)
+        return None if c is None else self._under_out(c)
 
     def beton(self, key: str, split: str) -> Path:
         # by the job's key, not the dataset's name: two keys may share a name (shapes, shapes10)
@@ -80,14 +84,15 @@ class Job:
         """The active run's dataset inputs: the train split (``holdout``: its training and
         validation parts, (train indices, validation indices)) and the test split."""
         train, test = self.manifest(key, "train"), self.manifest(key, "test")
-        parts = [("evaluation", self.beton(key, "test"), test, test["count"], test["config_hash"])]
         if holdout is None:
-            parts.insert(0, ("training", self.beton(key, "train"), train, train["count"], train["config_hash"]))
-        else:
-            for context, idx in zip(("training", "validation"), holdout):
-                digest = config_hash({"split": train["config_hash"], "part": context,
-                                      "val_fraction": self.cfg.finetune.val_fraction, "seed": self.cfg.seed})
-                parts.insert(-1, (context, self.beton(key, "train"), train, len(idx), digest))
+            train_parts = [("training", train["count"], train["config_hash"])]
+        else:  # each part a subset of the split: its digest says which
+            train_parts = [(context, len(idx), config_hash({"split": train["config_hash"], "part": context,
+                                                            "val_fraction": self.cfg.finetune.val_fraction,
+                                                            "seed": self.cfg.seed}))
+                           for context, idx in zip(("training", "validation"), holdout)]
+        parts = [(c, self.beton(key, "train"), train, n, d) for c, n, d in train_parts]
+        parts.append(("evaluation", self.beton(key, "test"), test, test["count"], test["config_hash"]))
         tracking.log_splits(key, parts)
 
     def manifest(self, key: str, split: str) -> dict:

@@ -357,6 +357,8 @@ def verify(fetched: Fetched, arch: str, root, images: int, attack: str | None = 
     images of ImageNet's validation folder (ROOT/val, one folder per class; a
     class-interleaved sample), evaluated as published: resize to 8/7 of the side,
     centre crop. Returns the numbers with the clean accuracy's Wilson interval."""
+    import torch
+
     from study import stats
     from study.attacks import parse_attack, robust_accuracy
     from study.data.registry import build_split
@@ -373,7 +375,8 @@ def verify(fetched: Fetched, arch: str, root, images: int, attack: str | None = 
     n = min(images, len(data))
     batches = _batches(data, n, resolution, batch_size, device)
     if attack is None:
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in _no_grad(batches))
+        with torch.no_grad():
+            correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
         out = {"images": n, "clean": 100.0 * correct / n}
     else:
         rec = robust_accuracy(model, batches, parse_attack(attack))
@@ -381,13 +384,6 @@ def verify(fetched: Fetched, arch: str, root, images: int, attack: str | None = 
         out = {"images": n, "clean": rec["AOI"], "robust": rec["AAI"], "attack": rec["attack"]}
     lo, hi = stats.wilson(correct, n)
     return out | {"clean_lo": lo, "clean_hi": hi}
-
-
-def _no_grad(batches):
-    import torch
-
-    with torch.no_grad():
-        yield from batches
 
 
 def _batches(data, n: int, resolution: int, batch_size: int, device):

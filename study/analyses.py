@@ -32,11 +32,11 @@ from study import distributed
 from study.attacks import local_lipschitz
 from study.claims import by_seed
 from study.config import JobConfig, parse
-from study.data.beton import atomic_write_text, config_hash
 from study.evaluate import mask_bits
 from study.fastcopy import inference_copy
+from study.files import atomic_write_text, config_hash
 from study.models import load_checkpoint
-from study.report import pyplot, save_png
+from study.report.figures import pyplot, save_png
 from study.stages import Job, resolve_device
 
 # -- SVCCA -----------------------------------------------------------------------------

@@ -7,8 +7,8 @@ standard AutoAttack (the original implementation, PyPI ``pyautoattack``); L2 eps
 1.25 * eps / steps, starting from the clean image as in the iterative attack of Kurakin
 et al. (2017) that the paper cites for PGD-10. Why no random start by default: with one,
 the paper's step travels 1.25 eps in all, so a coordinate that starts near -eps cannot
-reach +eps, and on the demo's models PGD-10 then lost to FGSM at the same eps on every
-model (the ``pgd_le_fgsm`` sanity flag). ``random_start: true`` gives Madry's PGD.
+reach +eps, so PGD-10 can lose to FGSM at the same eps (the ``pgd_le_fgsm`` sanity
+flag, README "Attacks"). ``random_start: true`` gives Madry's PGD.
 
 Gradients are taken with respect to the input only (``torch.autograd.grad``), so no
 parameter ever accumulates a gradient. For evaluation (``early_stop=True``) a sample
@@ -285,10 +285,10 @@ class _Pool:
     def __len__(self):
         return len(self.ids)
 
-    def take(self, keep: torch.Tensor) -> "_Pool":
+    def take(self, keep: torch.Tensor) -> _Pool:
         return _Pool(**{k: v[keep] for k, v in vars(self).items()})
 
-    def join(self, other: "_Pool") -> "_Pool":
+    def join(self, other: _Pool) -> _Pool:
         return _Pool(**{k: torch.cat([v, getattr(other, k)]) for k, v in vars(self).items()})
 
 
@@ -339,8 +339,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
     for _ in range(attack.steps):
         cur = cur.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = loss_fn(model(cur).float(), lab).sum()
-        grad, = torch.autograd.grad(loss, cur)
+            total = loss_fn(model(cur).float(), lab).sum()
+        grad, = torch.autograd.grad(total, cur)
         with torch.no_grad():
             cur = ascend(x0, cur.detach(), grad, attack)
     return cur.detach()
@@ -367,12 +367,11 @@ class _Stream:
     pool, or at once when the stream runs dry. A break ends there; any other goes back to
     the queue and carries on from its next iterate, so the wait costs no step. So every
     final verdict is fp32, and a last iterate costs an fp32 forward pass instead of a bf16
-    forward and backward one. (An fp32 pass per pass on the handful of samples near the
-    boundary cost about a tenth of the attack on CPU: a pass pays a fixed price, the
-    weights' reorder, whatever its batch.) bf16 logits are off by up to about 2 % of
-    their size, so a middle iterate that fp32 would call a break may pass unseen; with
-    the last iterates judged in fp32, proposing every sample within 1 % of a break as
-    well found not one more break on the demo's models (8 models and eps, 1560 images)."""
+    forward and backward one. (Not an fp32 pass per bf16 pass on the few samples near the
+    boundary: a pass pays a fixed price, the weights' reorder, whatever its batch.) bf16
+    logits are off by a little, so a middle iterate that fp32 would call a break may pass
+    unseen; the last iterates are judged in fp32, and proposing near-breaks as well found
+    no more breaks (README, "Where the gain comes from")."""
 
     def __init__(self, model, chunks, attack: Attack, early_stop: bool, generator):
         self.model, self.attack, self.early_stop, self.generator = model, attack, early_stop, generator
@@ -424,7 +423,7 @@ class _Stream:
         if self.device is None:
             self.device, self.cap = x.device, len(x)
             self.dtype = step_dtype(a, self.device, self.early_stop)
-            self.nchw = self.dtype is not None and self.device.type == "cpu"  # measured: bf16 convs on CPU prefer NCHW
+            self.nchw = self.dtype is not None and self.device.type == "cpu"  # oneDNN's bf16 convs on CPU prefer NCHW
             self.defer = self.early_stop and self.dtype is not None
         if self.nchw:
             x = x.contiguous()

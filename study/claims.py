@@ -24,9 +24,8 @@ import numpy as np
 import pandas as pd
 
 from study import stats
-from study.methods import AOI_MARGIN, DEFAULT_LAMBDA, DEFENSES, METHODS
+from study.methods import AOI_MARGIN, DEFAULT_LAMBDA, DEFENSES, METHODS, TABLE1_ATTACK
 
-TABLE1_ATTACK = "pgd10_linf_0.5"
 MIN_MMD_DATASETS = 3
 UNIT = ("job", "dataset", "backbone", "source_data")
 

@@ -161,7 +161,8 @@ def cmd_report(args) -> int:
     folder (--from OUT, served locally for the time it takes)."""
     import os
 
-    from study import report, tracking
+    from study import tracking
+    from study.report import page as report_page
 
     store = Path(args.source)
     if not os.environ.get("MLFLOW_TRACKING_URI") and not (store / tracking.DB_NAME).is_file():
@@ -170,7 +171,7 @@ def cmd_report(args) -> int:
         return USAGE_ERROR
     with tracking.tracking(store, quiet=True):
         try:
-            page = report.from_mlflow(Path(args.out), args.experiment)
+            page = report_page.from_mlflow(Path(args.out), args.experiment)
         except LookupError as err:
             print(f"study: error: {err}", file=sys.stderr)
             return USAGE_ERROR

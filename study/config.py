@@ -6,23 +6,32 @@ Every mistake is reported as one line naming the field, e.g.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from contextvars import ContextVar
-from typing import Annotated, Any, Literal, Optional
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from study.attacks import Attack, AttackError, parse_attack
-from study.data.beton import config_hash
 from study.data.registry import DatasetError, build_split, get_info, resolve_params
 from study.engine import OPTIMIZERS, TrainSettings, one_of
+from study.files import config_hash
 from study.methods import DEFAULT_LAMBDA, METHODS, TABLE1
 from study.models import BACKBONES
-from study.objectives import ObjectiveError, check as check_objective
-from study.weights import SHA256, WeightsError, parse as parse_weights
-
+from study.objectives import ObjectiveError
+from study.objectives import check as check_objective
+from study.weights import SHA256, WeightsError
+from study.weights import parse as parse_weights
 
 _CHECK_PATHS: ContextVar[bool] = ContextVar("check_paths", default=True)
 
@@ -43,9 +52,9 @@ MethodName = Annotated[str, one_of(list(METHODS), "method")]
 class TrainSpec(TrainSettings):
     """The engine's TrainSettings as a job file writes them, plus ``lr``, a shorthand for
     lr_f = lr_g (each defaults to lr, else 0.1)."""
-    lr: Optional[float] = Field(None, ge=0)
-    lr_f: Optional[float] = Field(None, ge=0)
-    lr_g: Optional[float] = Field(None, ge=0)
+    lr: float | None = Field(None, ge=0)
+    lr_f: float | None = Field(None, ge=0)
+    lr_g: float | None = Field(None, ge=0)
 
     def settings(self) -> TrainSettings:
         d = self.model_dump(exclude={"lr"})
@@ -56,14 +65,14 @@ class TrainSpec(TrainSettings):
 
 
 class DatasetSpec(_Strict):
-    name: Optional[str] = None           # registry name; defaults to the key in `datasets`
-    root: Optional[str] = None           # for real datasets; defaults to data.root
-    resolution: Optional[int] = Field(None, gt=0)  # training/eval image side
+    name: str | None = None           # registry name; defaults to the key in `datasets`
+    root: str | None = None           # for real datasets; defaults to data.root
+    resolution: int | None = Field(None, gt=0)  # training/eval image side
     params: dict = Field(default_factory=dict)
 
 
 class DataSpec(_Strict):
-    root: Optional[str] = None           # default root of real datasets
+    root: str | None = None           # default root of real datasets
     dir: str = "data"                    # .beton folder, relative to OUT unless absolute
     workers: int = Field(2, gt=0)        # loader threads and writer processes
 
@@ -135,14 +144,14 @@ def _weights_entry(v, where: str):
 
 
 class PretrainSpec(_Strict):
-    dataset: Optional[str] = None        # a key of `datasets`; with weights, the source data of the analyses
+    dataset: str | None = None        # a key of `datasets`; with weights, the source data of the analyses
     backbones: list[Backbone] = Field(default_factory=lambda: ["resnet18"], min_length=1)
     # None: train; a weights entry (study.weights: imagenet, IMAGENET1K_V2, a catalog name,
     # hf://OWNER/REPO/FILE, a path; or {from: ..., sha256: ...} to pin it) imports a standard
     # backbone instead; a mapping {objective: entry} imports one backbone per objective, e.g.
     # Salman et al.'s: {standard: imagenet, pgd3_linf_4.0: salman/resnet18_linf_eps4.0}
-    weights: Optional[Any] = None
-    weights_cache: Optional[str] = None  # hub and torchvision downloads (relative to OUT); default
+    weights: Any | None = None
+    weights_cache: str | None = None  # hub and torchvision downloads (relative to OUT); default
     #                                      huggingface_hub's cache ($HF_HOME) and torch's ($TORCH_HOME)
     # one pre-trained backbone per objective: standard, pgd<k>_<norm>_<eps> (Madry), or
     # fgsm_<norm>_<eps> (fast AT, random start); see study.objectives
@@ -150,7 +159,7 @@ class PretrainSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint
-    progressive: Optional[Progressive] = None
+    progressive: Progressive | None = None
     replicate: bool = True               # false: every seed fine-tunes the first seed's backbones
 
     @field_validator("weights", mode="before")
@@ -173,7 +182,7 @@ class PretrainSpec(_Strict):
     def objective_names(self) -> list[str]:
         return [check_objective(s) for s in self.objective_specs()]
 
-    def weights_entry(self, objective: str) -> Optional[tuple[str, Optional[str]]]:
+    def weights_entry(self, objective: str) -> tuple[str, str | None] | None:
         """(weights entry, sha256 pin or None) the backbone of ``objective`` is imported
         from (None: trained here)."""
         w = self.weights
@@ -183,22 +192,22 @@ class PretrainSpec(_Strict):
             return None
         return (w.source, w.sha256) if isinstance(w, WeightsRef) else (w, None)
 
-    def weights_for(self, objective: str) -> Optional[str]:
+    def weights_for(self, objective: str) -> str | None:
         """What the backbone of ``objective`` is imported from (None: trained here)."""
         entry = self.weights_entry(objective)
         return entry and entry[0]
 
 
 class RaySpec(_Strict):
-    address: Optional[str] = None        # a running cluster; default $RAY_ADDRESS or a local Ray
-    num_cpus: Optional[int] = Field(None, gt=0)  # a local Ray's CPUs (default: all)
+    address: str | None = None        # a running cluster; default $RAY_ADDRESS or a local Ray
+    num_cpus: int | None = Field(None, gt=0)  # a local Ray's CPUs (default: all)
     storage: str = "ray"                 # Ray Train/Tune storage: relative to OUT, a path or a URI
 
 
 class Distribution(_Strict):
     """A range for random search: exactly one of ``loguniform: [lo, hi]`` or ``uniform: [lo, hi]``."""
-    loguniform: Optional[list[float]] = Field(None, min_length=2, max_length=2)
-    uniform: Optional[list[float]] = Field(None, min_length=2, max_length=2)
+    loguniform: list[float] | None = Field(None, min_length=2, max_length=2)
+    uniform: list[float] | None = Field(None, min_length=2, max_length=2)
 
     @model_validator(mode="after")
     def _one(self):
@@ -219,9 +228,9 @@ class SpaceSpec(_Strict):
     """The sweep's space. A list is a grid dimension (grid search: every value; random
     search: one drawn per sample); a range is for random search only. Unset: the train
     spec's value. λ applies to the DM methods only and is always a grid dimension."""
-    lr_f: Optional[list[Rate] | Distribution] = None
-    lr_g: Optional[list[Rate] | Distribution] = None
-    optimizer: Optional[list[Annotated[str, one_of(OPTIMIZERS, "optimizer")]]] = None
+    lr_f: list[Rate] | Distribution | None = None
+    lr_g: list[Rate] | Distribution | None = None
+    optimizer: list[Annotated[str, one_of(OPTIMIZERS, "optimizer")]] | None = None
     lam: list[Rate] = Field(default_factory=lambda: [DEFAULT_LAMBDA], min_length=1)
 
     @field_validator("lr_f", "lr_g", "optimizer", "lam")
@@ -237,7 +246,7 @@ class SpaceSpec(_Strict):
 class KDSpec(_Strict):
     """KD@stage-2: CE + weight * ||f(x) - f_teacher(x)||^2 / d (Shafahi et al. 2020)."""
     weight: float = Field(1.0, ge=0)
-    teacher: Optional[str] = None        # a pretrain objective; default the robust source (Shafahi et al.)
+    teacher: str | None = None        # a pretrain objective; default the robust source (Shafahi et al.)
 
 
 class DMSpec(_Strict):
@@ -287,13 +296,13 @@ class ResourcesSpec(_Strict):
 class FinetuneSpec(_Strict):
     """Stage 2 on Ray Tune: one trial per (dataset, backbone, method, λ, point of the space)."""
     datasets: list[str] = Field(min_length=1)
-    backbones: Optional[list[Backbone]] = None  # default: pretrain.backbones
+    backbones: list[Backbone] | None = None  # default: pretrain.backbones
     methods: list[MethodName] = Field(default_factory=lambda: list(TABLE1), min_length=1)
     # per-dataset method lists that replace `methods` there, e.g. {shapes10: [full]} to
     # add a cheap target that only Fig. 6 (MMD against DR) needs
     methods_for: dict[str, list[MethodName]] = Field(default_factory=dict)
-    source: Optional[str] = None         # the standard pre-training: default `standard` or the first
-    robust_source: Optional[str] = None  # the adversarial one: default the first that is not standard
+    source: str | None = None         # the standard pre-training: default `standard` or the first
+    robust_source: str | None = None  # the adversarial one: default the first that is not standard
     train: TrainSpec = Field(default_factory=TrainSpec)
     overrides: dict[MethodName, TrainSpec] = Field(default_factory=dict)  # per-method changes; they win over the space
     space: SpaceSpec = Field(default_factory=SpaceSpec)
@@ -307,9 +316,9 @@ class FinetuneSpec(_Strict):
     # the partial fine-tune's BatchNorm: train (batch statistics, running statistics that
     # follow the target, as the authors' code) or frozen (eval mode, the source's statistics)
     partial_bn: Literal["train", "frozen"] = "train"
-    scheduler: Optional[SchedulerSpec] = None
+    scheduler: SchedulerSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    max_concurrent_trials: Optional[int] = Field(None, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0)
     max_failures: int = Field(1, ge=-1)  # retries of a failed trial, from its last checkpoint
     checkpoint_every_s: float = Field(60.0, ge=0)  # a trial's checkpoints: at most this often (0: every epoch)
 
@@ -388,9 +397,9 @@ class LimitsSpec(_Strict):
     """What the job may use on a real cluster. ``gpus``: the most GPUs it holds at once
     (checked against its resource requests here); ``gpu_hours``: its budget, checked by
     ``study run`` against ``study plan``'s estimate before anything starts."""
-    gpus: Optional[float] = Field(None, ge=0)
-    gpu_hours: Optional[float] = Field(None, gt=0)
-    costs: Optional[str] = None          # per-image costs (study plan --measure) the check uses
+    gpus: float | None = Field(None, ge=0)
+    gpu_hours: float | None = Field(None, gt=0)
+    costs: str | None = None          # per-image costs (study plan --measure) the check uses
 
     @model_validator(mode="after")
     def _costs(self):
@@ -429,9 +438,9 @@ class AttackEntry(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
     attack: Attack
-    methods: Optional[tuple[str, ...]] = None
-    datasets: Optional[tuple[str, ...]] = None
-    seeds: Optional[tuple[int, ...]] = None
+    methods: tuple[str, ...] | None = None
+    datasets: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] | None = None
     written: Any = None
 
     @model_validator(mode="before")
@@ -473,7 +482,7 @@ class AttackEntry(BaseModel):
 
 class EvalSpec(_Strict):
     batch_size: int = Field(256, gt=0)
-    max_images: Optional[int] = Field(None, gt=0)  # cap on evaluated test images
+    max_images: int | None = Field(None, gt=0)  # cap on evaluated test images
     # the inference copy's CPU conversions (study.fastcopy), where the backbone allows them
     fast_copy: bool = True
     # the attack suite, by the paper's names, or {name: ..., <option>: ...} mappings;
@@ -500,7 +509,7 @@ class JobConfig(_Strict):
     seed: Seed = 0
     # replicates: every seed trains its own models (stage 1 too, unless pretrain.replicate
     # is false); default: the one `seed`
-    seeds: Optional[list[Seed]] = None
+    seeds: list[Seed] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # CUDA kernels that repeat bit for bit (study.engine.deterministic_kernels); slower.
     # Not part of any stage's identity: a model trained either way is the same stage
@@ -508,7 +517,7 @@ class JobConfig(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     datasets: dict[str, DatasetSpec] = Field(min_length=1)
     pretrain: PretrainSpec
-    finetune: Optional[FinetuneSpec] = None   # None: a job that only pre-trains
+    finetune: FinetuneSpec | None = None   # None: a job that only pre-trains
     eval: EvalSpec = Field(default_factory=EvalSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     analyses: AnalysesSpec = Field(default_factory=AnalysesSpec)
@@ -675,7 +684,7 @@ class JobConfig(_Strict):
     def dataset_name(self, key: str) -> str:
         return self.datasets[key].name or key
 
-    def dataset_root(self, key: str) -> Optional[str]:
+    def dataset_root(self, key: str) -> str | None:
         """The dataset's root: its own, else data.root, else its registry default (Debian's
         Fashion-MNIST folder) where that exists."""
         return get_info(self.dataset_name(key)).root_or_default(self.datasets[key].root or self.data.root)
@@ -693,7 +702,7 @@ class JobConfig(_Strict):
         """The seeds the job replicates its models over."""
         return list(self.seeds) if self.seeds is not None else [self.seed]
 
-    def for_seed(self, seed: int) -> "JobConfig":
+    def for_seed(self, seed: int) -> JobConfig:
         """This job as one of its replicates: everything seeded draws from ``seed``."""
         return self.model_copy(update={"seed": int(seed)})
 
@@ -704,7 +713,7 @@ class JobConfig(_Strict):
             return self.finetune.source
         return "standard" if "standard" in names else names[0]
 
-    def robust_objective(self) -> Optional[str]:
+    def robust_objective(self) -> str | None:
         """The adversarial pre-training (AT@stage-1, AT@stage-1&2, DM@stage-1&2), if any."""
         if self.finetune and self.finetune.robust_source:
             return self.finetune.robust_source

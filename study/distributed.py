@@ -20,17 +20,15 @@ Every epoch also checks that the workers' weights are still identical
 from __future__ import annotations
 
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from study import objectives
+from study import objectives, tracking
 from study.data.loaders import make_loader
 from study.engine import Trainer, TrainSettings, deterministic_kernels
 from study.models import build_model, unwrap
-from study.tracking import quiet_mlflow
 
 STATE_FILE = "state.pt"
 
@@ -62,27 +60,6 @@ def resolution_at(epoch: int, spec: dict | None, default: int) -> int:
         return hi
     res = lo + (hi - lo) * (epoch - a) / (b - a)
     return int(round(res / step) * step)
-
-
-# -- MLflow, exactly once ------------------------------------------------------------------
-def logged_epochs(client, run_id: str, key: str = "train_loss") -> set[int]:
-    return {int(m.step) for m in client.get_metric_history(run_id, key)}
-
-
-def sync_history(client, run_id: str, history: list[dict]) -> int:
-    """Logs every epoch of ``history`` that the run does not have yet; returns how many."""
-    from mlflow.entities import Metric
-
-    done = logged_epochs(client, run_id)
-    now = int(time.time() * 1000)
-    new = 0
-    for m in history:
-        if int(m["epoch"]) in done:
-            continue
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(m["epoch"]))
-                                          for k, v in m.items() if k != "epoch"])
-        new += 1
-    return new
 
 
 # -- the worker loop ------------------------------------------------------------------------
@@ -159,7 +136,7 @@ class _EpochEnd:
             ray.train.report({**m, "fingerprints": prints}, checkpoint=ckpt,
                              checkpoint_dir_name=f"epoch-{m['epoch']:04d}")
         if self.client is not None:  # after report: the checkpoint of this epoch exists
-            sync_history(self.client, cfg["run_id"], self.trainer.history)
+            tracking.sync_history(self.client, cfg["run_id"], self.trainer.history)
         if self.rank == 0:
             say(f"[study]   {cfg['desc']} epoch {m['epoch']}/{self.trainer.settings.epochs}: loss "
                 f"{m['train_loss']:.3f}, train acc {m['train_acc']:.1f}, "
@@ -204,11 +181,8 @@ def train_loop(cfg: dict) -> None:
     restarts = _resume(trainer, cfg, rank, device)
     client = None
     if rank == 0 and cfg.get("run_id"):
-        from mlflow import MlflowClient
-
-        quiet_mlflow()
-        client = MlflowClient(cfg["tracking_uri"])
-        sync_history(client, cfg["run_id"], trainer.history)  # what a crash kept from MLflow
+        client = tracking.client(cfg["tracking_uri"])
+        tracking.sync_history(client, cfg["run_id"], trainer.history)  # what a crash kept from MLflow
 
     def before_epoch(epoch: int) -> None:
         loader.set_epoch(epoch)  # the shuffle an uninterrupted run would have had
@@ -285,14 +259,39 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         # the dashboard serves Ray's state API, which Ray Train's clean-up polls; it
         # listens on 127.0.0.1 only
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1")
+        quiet_ray_process()
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
+                 runtime_env={"worker_process_setup_hook": "study.distributed.quiet_ray_process"})
         _STARTED_HERE = True
+
+
+# Ray Train's controller asks the cluster's autoscaler for its workers' resources every
+# 20 s and, when the answer takes over 5 s (a busy small machine), logs a warning with a
+# traceback that Ray itself calls safe to ignore when transient. A local Ray has no
+# autoscaler to ask, so the study's console drops exactly that record; every other
+# warning and error of Ray's still shows.
+AUTOSCALING_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+AUTOSCALING_NOISE = "Failed to send resource request"
+
+
+def _not_autoscaling_noise(record) -> bool:
+    return not str(record.msg).startswith(AUTOSCALING_NOISE)
+
+
+def quiet_ray_process() -> None:
+    """The local Ray's ``worker_process_setup_hook`` (and the driver's): drops the
+    autoscaling request's transient warning above, nothing else."""
+    import logging
+
+    logger = logging.getLogger(AUTOSCALING_LOGGER)
+    if _not_autoscaling_noise not in logger.filters:
+        logger.addFilter(_not_autoscaling_noise)
 
 
 def release_ray() -> None:
     """Stops the local Ray that ``ensure_ray`` started, once no stage needs it: its idle
     daemons (dashboard, agents) otherwise take a share of a small machine's CPUs from the
-    stages that follow (AutoAttack ran ~45 % slower beside them on 2 cores). A Ray
+    stages that follow (README, "On a small machine"). A Ray
     this process did not start (a cluster, or the tests') is left alone."""
     import ray
 

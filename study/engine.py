@@ -26,7 +26,8 @@ import math
 import os
 import sys
 import time
-from typing import Annotated, Callable, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Annotated, Literal
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field

@@ -22,14 +22,14 @@ steps) ``pgd_le_fgsm`` can fail on near-linear models, and that is worth seeing.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterable
 
 import torch
 
 from study.attacks import Attack, robust_accuracy
-from study.data.beton import config_hash
 from study.fastcopy import inference_copy
+from study.files import config_hash
 from study.models import StudyModel
 
 EPS0_IMAGES = 256  # the eps = 0 check needs few images: it must reproduce AOI exactly

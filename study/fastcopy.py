@@ -34,10 +34,10 @@ class PhaseConv2d(nn.Conv2d):
     ``stride**2`` phases of it (output pixel ``s*a + r`` sees its own sub-kernel of the
     weights), interleaved by ``pixel_shuffle``: the polyphase form of the transposed
     convolution, the same gradient up to float rounding. For the stem of the inference
-    copy: oneDNN's own backward of a convolution whose input has 3 channels took 12 of
-    the 76 ms of an attack pass of the demo's ResNet-18 (bf16, batch 256, 32 px), five
-    times its forward; this takes 5. Other devices use the native backward.
-    Square strides, no dilation or groups (``from_conv`` keeps any other conv as it is)."""
+    copy: oneDNN's own backward of a convolution whose input has 3 channels is several
+    times slower than its forward on CPU (README, "Where the gain comes from"). Other devices
+    use the native backward. Square strides, no dilation or groups (``from_conv`` keeps
+    any other conv as it is)."""
 
     PHASE_DEVICES = frozenset({"cpu"})  # measured there only
 
@@ -124,12 +124,11 @@ class SmallMapConv2d(nn.Conv2d):
     when the weights move or change in place). Most taps of a 3x3 kernel on a 2x2 or 1x1
     map fall into the zero padding; the matrix holds only the taps that meet a pixel, and
     a matrix product runs near the CPU's bf16 rate, where oneDNN's convolution on such
-    maps does not (256 images, bf16: 512 channels on 1x1, 2.0 ms against 0.35; 256 on
-    2x2, 3.0 against 1.4). On the demo's 32-px ResNet-18 that is layer3 and layer4, and
-    a bf16 attack pass gets 1.29x faster. The same function up to float rounding, for the
-    inference copy. Larger maps (on 4x4 the matrix took 5.4 ms against 2.3), a weight
-    that needs a gradient, devices other than the CPU (measured there only) and matrices
-    of more than ``MAX_ENTRIES`` take the convolution itself."""
+    maps does not (README, "Where the gain comes from"). On the demo's 32-px ResNet-18 that is
+    layer3 and layer4. The same function up to float rounding, for the inference copy.
+    Larger maps (where the matrix loses), a weight that needs a gradient, devices other
+    than the CPU (measured there only) and matrices of more than ``MAX_ENTRIES`` take the
+    convolution itself."""
 
     DENSE_DEVICES = frozenset({"cpu"})
     MAX_ENTRIES = 1 << 24  # 64 MB in fp32: a wide ResNet's 1024-channel 3x3 conv on 2x2

@@ -67,7 +67,7 @@ class FeatureExtractor(nn.Module):
                 break
         return out, x
 
-    def layers(self, x, upto: str | None = None) -> "OrderedDict[str, torch.Tensor]":
+    def layers(self, x, upto: str | None = None) -> OrderedDict[str, torch.Tensor]:
         return self._run(x, upto)[0]
 
     def forward(self, x):

@@ -38,8 +38,8 @@ kind; the sweep and the plan read the entry and nothing else.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.nn import functional as F

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import yaml
 
-from study import analyses, distributed, locks, objectives, report, results, sweep, tracking
+from study import analyses, distributed, locks, objectives, results, sweep, tracking
 from study.config import JobConfig
-from study.data.beton import atomic_write_text, prepare
+from study.data.beton import prepare
+from study.files import atomic_write_text
 from study.pretrain import fetch_weights, pretrain
-from study.stages import Job, evaluate_stage, log, resolve_device
+from study.report import page as report_page
+from study.stages import Job, evaluate_trained, log, resolve_device
 
 
 def prepare_data(job: Job) -> None:
@@ -51,7 +52,7 @@ class _Table:
     def add(self, stage, seed: int, key: str, backbone: str, method: str, source: str | None, point=None):
         self.stages[stage.key] = stage
         job = self.job.for_seed(seed)
-        records, flags = evaluate_stage(job, stage, key, backbone, method)
+        records, flags = evaluate_trained(job, stage, key, backbone, method)
         n = stage.record.get("aoi_images") or min(int(job.manifest(key, "test")["count"]),
                                                   job.cfg.eval.max_images or 10 ** 12)
         model = {"dataset": key, "backbone": backbone, "method": method, "source": source, "seed": seed,
@@ -63,7 +64,7 @@ class _Table:
 
 
 def _stage1(job: Job, table: _Table) -> dict:
-    """(seed, backbone, objective name) -> the pre-trained Stage, for every replicate (with
+    """(seed, backbone, objective name) -> the pre-trained model (``Trained``), for every replicate (with
     ``pretrain.replicate: false`` every seed gets the first seed's); those trained here are
     attacked."""
     cfg, sources = job.cfg, {}
@@ -85,7 +86,7 @@ def _stage2(job: Job, table: _Table, sources: dict, parent) -> None:
     cfg = job.cfg
     known = sweep.source_table(sources)
     for p in sweep.run(job, known, parent.info.run_id, parent.info.experiment_id):
-        stage = sweep.stage_for(job, p, known)
+        stage = sweep.trained_for(job, p, known)
         if stage.record is None:
             log(f"sweep: {sweep.label(p)} has no trained model (failed or stopped early)")
             continue
@@ -136,12 +137,12 @@ def _run(job: Job):
             df, md = results.write(table.rows, out, title=f"{cfg.name}: results", sanity=table.sanity,
                                    masks=table.masks)
             for name in ("results.csv", "results.md", "sanity.csv", "per_image.json"):
-                mlflow.log_artifact(str(out / name))
+                tracking.log_artifact(out / name)
             if found:
-                mlflow.log_metrics(analyses.metrics(found))
-                mlflow.log_artifacts(str(out / "analyses"), "analyses")
-            page = report.build(df, found, out / "report", title=cfg.name, masks=table.masks)
-            mlflow.log_artifact(str(out / "report" / "claims.json"))
-            mlflow.log_artifacts(str(out / "report"), "report")
+                tracking.log_metrics(analyses.metrics(found))
+                tracking.log_artifacts(out / "analyses", "analyses")
+            page = report_page.build(df, found, out / "report", title=cfg.name, masks=table.masks)
+            tracking.log_artifact(out / "report" / "claims.json")
+            tracking.log_artifacts(out / "report", "report")
             log(f"report: {page}")
     return df, md

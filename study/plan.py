@@ -28,10 +28,10 @@ from torch.nn import functional as F
 from study import sweep, weights
 from study.attacks import parse_attack
 from study.config import JobConfig
-from study.data.beton import atomic_write_text
 from study.data.registry import build_split, get_info, resolve_params
 from study.engine import autocast
 from study.fastcopy import inference_copy
+from study.files import atomic_write_text
 from study.methods import METHODS
 from study.models import build_model
 from study.objectives import KINDS

@@ -2,12 +2,12 @@
 imported from weights or trained on Ray Train (``study.distributed`` runs the workers)."""
 from __future__ import annotations
 
-import mlflow
 import torch
 
-from study import distributed, objectives, tracking, weights as hub
+from study import distributed, objectives, tracking
+from study import weights as hub
 from study.models import build_model, save_checkpoint
-from study.stages import Job, Stage, finish_model, log
+from study.stages import Job, Trained, finish_model, log
 
 
 def fetch_weights(job: Job) -> dict:
@@ -42,11 +42,11 @@ def identity(job: Job, backbone: str, name: str) -> dict:
     return ident
 
 
-def pretrain(job: Job, backbone: str, objective) -> Stage:
+def pretrain(job: Job, backbone: str, objective) -> Trained:
     """Stage 1 for one backbone and objective: import weights, or train on Ray Train."""
     cfg, p = job.cfg, job.cfg.pretrain
     name = objectives.objective_name(objective)
-    stage = Stage(job, "pretrain", identity(job, backbone, name))
+    stage = Trained(job, "pretrain", identity(job, backbone, name))
     if stage.record is not None:
         log(f"pretrain {backbone} ({name}): done before, reusing {stage.ckpt.name}")
         return stage
@@ -62,7 +62,7 @@ def pretrain(job: Job, backbone: str, objective) -> Stage:
     return stage
 
 
-def _import(stage: Stage, backbone: str, name: str, fetched: hub.Fetched) -> None:
+def _import(stage: Trained, backbone: str, name: str, fetched: hub.Fetched) -> None:
     """A backbone from ImageNet weights instead of training: checkpoint and MLflow run,
     both naming the file and its sha256."""
     model = build_model(backbone, 1000)
@@ -71,11 +71,11 @@ def _import(stage: Stage, backbone: str, name: str, fetched: hub.Fetched) -> Non
     with stage.start_run(f"import-{backbone}") as run:
         tracking.log_params({"backbone": backbone, "objective": name, **record})
         save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
-        mlflow.set_tags({"study.weights": fetched.source.spec, "study.weights.sha256": fetched.sha256})
+        tracking.set_tags({"study.weights": fetched.source.spec, "study.weights.sha256": fetched.sha256})
         stage.finish({"run_id": run.info.run_id, "AOI": None, "checkpoint": str(stage.ckpt), **record})
 
 
-def _train_on_ray(job: Job, stage: Stage, backbone: str, objective, run_name: str) -> dict:
+def _train_on_ray(job: Job, stage: Trained, backbone: str, objective, run_name: str) -> dict:
     """Trains stage 1 with Ray Train (study.distributed); the driver then measures AOI,
     writes the study checkpoint and logs the model. A rerun after a crash continues the
     same MLflow run and Ray Train run (both are keyed by the stage)."""
@@ -96,7 +96,7 @@ def _train_on_ray(job: Job, stage: Stage, backbone: str, objective, run_name: st
             resolution=cfg.resolution(key), num_classes=job.num_classes(key), backbone=backbone,
             objective=objective, train=p.train.settings().model_dump(), seed=cfg.seed,
             use_gpu=p.scaling.use_gpu, desc=run_name, run_id=run.info.run_id,
-            tracking_uri=mlflow.get_tracking_uri(),
+            tracking_uri=tracking.uri(),
             progressive=p.progressive.model_dump() if p.progressive else None,
             deterministic=cfg.deterministic)
         state = distributed.fit(worker_cfg, name=stage.ckpt.stem,

@@ -29,10 +29,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from study import evaluate, report, stats
+from study import evaluate, stats
 from study.config import JobConfig
-from study.data.beton import atomic_write_text
+from study.files import atomic_write_text
 from study.methods import AOI_MARGIN, METHODS
+from study.report.paper import paper_for_row
+from study.report.tables import premise, replicates, sections
 from study.weights import parse as parse_weights
 
 COLUMNS = ["job", "dataset", "backbone", "method", "source", "source_data", "seed", "lam", "lr_f", "lr_g",
@@ -140,7 +142,7 @@ def choose_lambda(clean: list[dict]) -> set[str]:
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
-    rows = [{**report.paper_for_row(r["dataset"], r["method"], r.get("attack")), **r} for r in rows]
+    rows = [{**paper_for_row(r["dataset"], r["method"], r.get("attack")), **r} for r in rows]
     df = pd.DataFrame(rows, columns=COLUMNS)
     for col in ("AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi", "DR", "DR_lo", "DR_hi", "val_acc",
                 "val_acc_1", "val_AAI", "f_l1", "paper_AOI", "paper_AAI", "paper_DR"):
@@ -182,9 +184,8 @@ def write(rows: list[dict], out: Path, title: str = "",
     atomic_write_text(out / "results.csv", df.to_csv(index=False))
     atomic_write_text(out / "per_image.json", json.dumps(masks or {}, sort_keys=True))
     atomic_write_text(out / "sanity.csv", san.to_csv(index=False))
-    parts = [f"# {title}" if title else "", report.replicates(df), report.premise(df), report.stage1(df),
-             report.table1(df), report.table2(df),
-             report.table3(df), report.table4(df), report.table5(df), report.sweep(df), sanity_markdown(san), "## All results\n\n" + to_markdown(df)]
+    parts = [f"# {title}" if title else "", replicates(df), premise(df), *sections(df),
+             sanity_markdown(san), "## All results\n\n" + to_markdown(df)]
     md = "\n\n".join(p for p in parts if p) + "\n"
     atomic_write_text(out / "results.md", md)
     return df, md

@@ -1,6 +1,6 @@
 """The pieces every stage of a job is made of: the job's context (``Job``), one trained
-model's key, checkpoint, record and MLflow run (``Stage``), a trained model's last steps
-(``finish_model``) and the attack suite on a stage's model (``evaluate_stage``).
+model's key, checkpoint, record and MLflow run (``Trained``), a trained model's last steps
+(``finish_model``) and the attack suite on a stage's model (``evaluate_trained``).
 
 Stage 1 (``study.pretrain``), stage 2 (``study.sweep``) and the analyses build on these;
 ``study.pipeline`` only puts them in order.
@@ -19,9 +19,9 @@ import torch
 
 from study import evaluate, tracking
 from study.config import ConfigError, JobConfig
-from study.data.beton import atomic_write_text, config_hash
 from study.data.loaders import make_loader
 from study.engine import accuracy, deterministic_kernels
+from study.files import atomic_write_text, config_hash
 from study.models import load_checkpoint, save_checkpoint
 
 
@@ -48,7 +48,7 @@ class Job:
     progress: bool = True
     fetched: dict = field(default_factory=dict)  # imported weights (study.pretrain.fetch_weights)
 
-    def for_seed(self, seed: int) -> "Job":
+    def for_seed(self, seed: int) -> Job:
         """This job as its replicate ``seed`` (study.config.JobConfig.for_seed)."""
         return self if seed == self.cfg.seed else replace(self, cfg=self.cfg.for_seed(seed))
 
@@ -112,8 +112,10 @@ def _safe(v) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in str(v)).strip("_")
 
 
-class Stage:
-    """One trained model: its key, checkpoint, record and MLflow child run."""
+class Trained:
+    """One trained model: its key, checkpoint, record and MLflow child run. ``kind`` is
+    the study's stage that trains it (``pretrain`` or ``finetune``); its key keeps the
+    name users already have in files, results.csv and MLflow: the *stage key*."""
 
     TAGS = ("dataset", "backbone", "method", "objective", "source_stage")
 
@@ -145,38 +147,29 @@ class Stage:
         that has none, such as a Tune trial). A run left RUNNING by a killed attempt is
         marked KILLED, or, with ``resume`` (a stage that restores its own progress, as Ray
         Train and Tune do from their storage), continued, so no restart adds a run."""
-        import mlflow
-
         run = None
         if self.pending.is_file():
             stale = self.pending.read_text().strip()
-            try:
-                if resume:
-                    mlflow.MlflowClient().get_run(stale)
-                    run = mlflow.start_run(run_id=stale, nested=parent_run_id is None)
-                else:
-                    mlflow.MlflowClient().set_terminated(stale, status="KILLED")
-            except Exception:
-                pass  # the run lives in another store; nothing to mend
+            if resume and tracking.run_exists(stale, "the run a stopped attempt left"):
+                run = tracking.child_run(name, parent_run_id, resume_id=stale)
+            elif not resume:
+                tracking.mark_killed(stale)
         if run is None:
-            run = (mlflow.start_run(run_name=name, parent_run_id=parent_run_id) if parent_run_id
-                   else mlflow.start_run(run_name=name, nested=True))
+            run = tracking.child_run(name, parent_run_id)
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.pending, run.info.run_id)
-        mlflow.set_tags({"study.stage": self.kind, "study.stage_key": self.key,
-                         **{f"study.{k}": str(v) for k, v in self.ident.items() if k in self.TAGS}})
+        tracking.set_tags({"study.stage": self.kind, "study.stage_key": self.key,
+                           **{f"study.{k}": str(v) for k, v in self.ident.items() if k in self.TAGS}})
         return run
 
 
-def finish_model(job: Job, stage: Stage, run, model, test_loader, history: list,
+def finish_model(job: Job, stage: Trained, run, model, test_loader, history: list,
                  extra: dict | None = None, whole: bool = False) -> dict:
     """A trained model's last steps, whoever trained it: AOI on the test split (the
     attacks' images, or ``whole``: every test image, recorded as ``aoi_images``), the
     study checkpoint, the model in MLflow, the stage's record."""
-    import mlflow
-
     aoi = job.aoi(model, test_loader, whole)
-    mlflow.log_metric("AOI", aoi)
+    tracking.log_metric("AOI", aoi)
     if whole:
         extra = {**(extra or {}), "aoi_images": int(test_loader.manifest["count"])}
     save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
@@ -187,12 +180,12 @@ def finish_model(job: Job, stage: Stage, run, model, test_loader, history: list,
 
 
 # -- evaluation ---------------------------------------------------------------------------
-def _eval_store(stage: Stage) -> dict:
+def _eval_store(stage: Trained) -> dict:
     path = stage.eval_path
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
+def evaluate_trained(job: Job, stage: Trained, key: str, backbone: str,
                    method: str) -> tuple[list[dict], list]:
     """Runs the job's attack suite on a stage's model and its dataset's test split.
 
@@ -230,7 +223,7 @@ def evaluate_stage(job: Job, stage: Stage, key: str, backbone: str,
     return records, flags
 
 
-def evaluate_stage_done(job: Job, stage: Stage, method: str, key: str) -> bool:
+def evaluated(job: Job, stage: Trained, method: str, key: str) -> bool:
     """Whether a stage is trained, attacked by the whole suite and logged: nothing to run."""
     if stage.record is None:
         return False

@@ -12,7 +12,7 @@ p-value. Every interval is 95 %.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import stats

@@ -7,7 +7,7 @@ no lr of f to vary, so no two trials train the same model. Tune then runs the li
 single grid dimension, with the job's resources per trial, ``max_concurrent_trials``
 and an optional ASHA scheduler on validation accuracy.
 
-A trial (``trial``) is one trained model, a ``stages.Stage`` like every other:
+A trial (``trial``) is one trained model, a ``stages.Trained`` like every other:
 
 1. builds the model from its pre-trained checkpoint (``study.methods`` says which one,
    which parameters train, and the objective's kind in ``study.objectives.KINDS``);
@@ -42,14 +42,13 @@ from pathlib import Path
 import torch
 
 from study import distributed, tracking
-from study.claims import TABLE1_ATTACK
 from study.config import Distribution, JobConfig, parse
 from study.data.loaders import holdout
 from study.engine import Trainer
-from study.methods import METHODS
+from study.methods import METHODS, TABLE1_ATTACK
 from study.models import build_model, load_checkpoint, save_checkpoint, unwrap
 from study.objectives import KINDS
-from study.stages import Job, Stage, evaluate_stage, evaluate_stage_done, finish_model, log, resolve_device
+from study.stages import Job, Trained, evaluate_trained, evaluated, finish_model, log, resolve_device
 
 STATE_FILE = "trainer.pt"
 
@@ -90,7 +89,7 @@ def _space_points(cfg: JobConfig) -> list[dict]:
                 for k in ("lr_f", "lr_g", "optimizer"):
                     v = getattr(ft.space, k)
                     dims[k] = v if v is not None and k not in fixed else [getattr(base, k)]
-                for lam in (ft.space.lam if KINDS[method.objective].uses_lambda else [None]):
+                for lam in (ft.space.lam if KINDS[method.kind].uses_lambda else [None]):
                     if ft.search == "grid":
                         combos = itertools.product(dims["lr_f"], dims["lr_g"], dims["optimizer"])
                     else:
@@ -124,7 +123,7 @@ def train_spec(cfg: JobConfig, p: dict):
 def objective_spec(cfg: JobConfig, p: dict) -> dict:
     """What the method minimises, as recorded in the stage's identity (its kind's entry)."""
     method = METHODS[p["method"]]
-    return KINDS[method.objective].identity(cfg.finetune, p, source_name(cfg, p["method"]), cfg.robust_objective())
+    return KINDS[method.kind].identity(cfg.finetune, p, source_name(cfg, p["method"]), cfg.robust_objective())
 
 
 def source_name(cfg: JobConfig, method: str) -> str | None:
@@ -136,12 +135,12 @@ def source_name(cfg: JobConfig, method: str) -> str | None:
 
 
 def source_table(stages: dict) -> dict:
-    """(seed, backbone, objective) -> pre-trained Stage, as the plain {key, ckpt} a trial gets."""
+    """(seed, backbone, objective) -> the pre-trained model (``Trained``), as the plain {key, ckpt} a trial gets."""
     return {k: {"key": st.key, "ckpt": str(st.ckpt.resolve())} for k, st in stages.items()}
 
 
-def stage_for(job, p: dict, sources: dict) -> Stage:
-    """The Stage of a point, of its seed's replicate; ``sources`` maps (seed, backbone,
+def trained_for(job, p: dict, sources: dict) -> Trained:
+    """The ``Trained`` of a point, of its seed's replicate; ``sources`` maps (seed, backbone,
     objective) to the pre-trained stage's {key, ckpt} (``source_table``)."""
     job = job.for_seed(p["seed"])
     cfg = job.cfg
@@ -159,7 +158,7 @@ def stage_for(job, p: dict, sources: dict) -> Stage:
     if METHODS[p["method"]].trains == "g" and cfg.finetune.partial_bn == "train":
         # in the key only when BatchNorm trains: models from before the switch were frozen
         ident["partial_bn"] = "train"
-    return Stage(job, "finetune", ident)
+    return Trained(job, "finetune", ident)
 
 
 def _objective(cfg: JobConfig, p: dict, ident: dict, sources: dict, device, generator):
@@ -204,15 +203,13 @@ class _Reporter:
     epoch reports after the attacks."""
 
     def __init__(self, trainer, run_id: str, name: str, epochs: int, every_s: float):
-        import mlflow
-
         self.trainer, self.run_id, self.name, self.epochs, self.every_s = trainer, run_id, name, epochs, every_s
-        self.client, self.saved, self.last = mlflow.MlflowClient(), time.monotonic(), {}
+        self.client, self.saved, self.last = tracking.client(), time.monotonic(), {}
 
     def __call__(self, m: dict) -> None:
         from ray import tune
 
-        distributed.sync_history(self.client, self.run_id, self.trainer.history)
+        tracking.sync_history(self.client, self.run_id, self.trainer.history)
         distributed.say(f"[study]   {self.name} epoch {m['epoch']}/{self.epochs}: loss {m['train_loss']:.3f}, "
                         f"train acc {m['train_acc']:.1f}, val acc {m['val_acc']:.1f}, "
                         f"{m['images_per_s']:.0f} img/s")
@@ -228,10 +225,9 @@ class _Reporter:
         self.saved = time.monotonic()
 
 
-def _fine_tune(job: Job, stage: Stage, p: dict, sources: dict, context: dict) -> dict:
+def _fine_tune(job: Job, stage: Trained, p: dict, sources: dict, context: dict) -> dict:
     """Trains a point's model, resuming from Tune's checkpoint, and finishes its stage;
     returns the last epoch's metrics."""
-    import mlflow
     from ray import tune
 
     cfg, key, name = job.cfg, p["dataset"], label(p)
@@ -259,7 +255,7 @@ def _fine_tune(job: Job, stage: Stage, p: dict, sources: dict, context: dict) ->
         if not run.data.params:
             tracking.log_params(params)
             tracking.log_yaml(params, "config.yaml")
-            mlflow.set_tags({"study.lam": str(p["lam"]), "study.tune_trial": params["tune_trial"]})
+            tracking.set_tags({"study.lam": str(p["lam"]), "study.tune_trial": params["tune_trial"]})
             job.log_inputs(key, (train_idx, val_idx))
         report = _Reporter(trainer, run.info.run_id, name, s.epochs, cfg.finetune.checkpoint_every_s)
         total = s.epochs * len(train_loader)
@@ -275,10 +271,10 @@ def _fine_tune(job: Job, stage: Stage, p: dict, sources: dict, context: dict) ->
         snaps = [{"step": k, "of": total, "checkpoint": str(snapshot_path(stage, k))}
                  for k in sorted(snap_at) if snapshot_path(stage, k).is_file()]
         extra = {"snapshots": snaps, "steps": total, "f_l1": feature_l1(trainer.model, val_loader)}
-        mlflow.log_metric("f_l1", extra["f_l1"])
-        if KINDS[METHODS[p["method"]].objective].uses_lambda:
+        tracking.log_metric("f_l1", extra["f_l1"])
+        if KINDS[METHODS[p["method"]].kind].uses_lambda:
             extra |= validation_attack(job, trainer.model, val_loader)
-            mlflow.log_metric("val_AAI", extra["val_AAI"])
+            tracking.log_metric("val_AAI", extra["val_AAI"])
         finish_model(job, stage, run, trainer.model, test_loader, trainer.history, extra=extra)
     return report.last
 
@@ -312,22 +308,19 @@ def validation_attack(job: Job, model, val_loader) -> dict:
 
 def trial(config: dict, context: dict) -> None:
     """A Tune trial: fine-tune one point, then attack it (see the module docstring)."""
-    import mlflow
     from ray import tune
 
-    tracking.quiet_mlflow()
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint
     p = config["point"]
     cfg = parse(context["job"])
     torch.set_num_threads(max(1, int(context["cpus"])))
     job = Job(cfg.for_seed(p["seed"]), Path(context["out"]), resolve_device(cfg.device, cfg.deterministic), progress=False)
     sources = {(int(k.split("|")[0]), *k.split("|")[1:]): v for k, v in context["sources"].items()}
-    mlflow.set_tracking_uri(context["tracking_uri"])
-    mlflow.set_experiment(experiment_id=context["experiment_id"])
-    stage = stage_for(job, p, sources)
+    tracking.use(context["tracking_uri"], context["experiment_id"])
+    stage = trained_for(job, p, sources)
     last = _fine_tune(job, stage, p, sources, context) if stage.record is None else {}
     rec = stage.record
-    records, _ = evaluate_stage(job, stage, p["dataset"], p["backbone"], p["method"])
+    records, _ = evaluate_trained(job, stage, p["dataset"], p["backbone"], p["method"])
     final = {**(last or rec["history"][-1]), "val_acc": rec["history"][-1]["val_acc"], "AOI": rec["AOI"]}
     for r in records:
         if not r["probe"]:
@@ -344,12 +337,11 @@ def run(job, sources: dict, parent_run_id: str, experiment_id: str) -> list[dict
     when every point is trained and evaluated already. ``sources``: ``source_table``."""
     import os
 
-    import mlflow
     from ray import tune
 
     cfg = job.cfg
     pts = points(cfg)
-    if all(evaluate_stage_done(job, stage_for(job, p, sources), p["method"], p["dataset"]) for p in pts):
+    if all(evaluated(job, trained_for(job, p, sources), p["method"], p["dataset"]) for p in pts):
         log(f"sweep: all {len(pts)} trials done before, reusing")
         return pts
     # Tune warns when one-epoch trials snapshot its state often; that is the price of
@@ -358,7 +350,7 @@ def run(job, sources: dict, parent_run_id: str, experiment_id: str) -> list[dict
     distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     ft = cfg.finetune
     context = {"job": cfg.resolved(), "out": str(job.out.resolve()), "parent_run_id": parent_run_id,
-               "experiment_id": experiment_id, "tracking_uri": mlflow.get_tracking_uri(),
+               "experiment_id": experiment_id, "tracking_uri": tracking.uri(),
                "cpus": ft.resources.cpus,
                "sources": {f"{s}|{b}|{o}": v for (s, b, o), v in sources.items()}}
     resources = {"cpu": ft.resources.cpus, "gpu": ft.resources.gpus}

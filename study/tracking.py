@@ -8,6 +8,11 @@ the sqlite file directly.
 
 Layout: one experiment per job (the job's ``name``), a parent run per job, a child run
 per trained model (tagged ``mlflow.parentRunId``).
+
+This module is the study's one door to MLflow: no other module imports it (a test holds
+that), so the server, the run layout, the names and what a failed call means live here.
+HTTP retries are MLflow's own (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``); a call that fails
+after them raises, except where a function below says what it skips.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from study.data.beton import atomic_write_text
+from study.files import atomic_write_text
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_NAME = "mlartifacts"
@@ -81,7 +86,7 @@ class LocalServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LocalServer":
+    def start(self) -> LocalServer:
         self.out.mkdir(parents=True, exist_ok=True)
         log = open(self.out / LOG_NAME, "ab")
         # Its own session, so stop() takes down the server's worker processes too.
@@ -246,8 +251,6 @@ def log_evaluation(run_id: str, records: list[dict], flags: list, logged: set) -
 
 def parent_run(out: Path, name: str, config_hash: str):
     """The job's parent run: resumed when this OUT already ran the same config."""
-    import json
-
     import mlflow
 
     exp_id = get_or_create_experiment(name)
@@ -256,11 +259,8 @@ def parent_run(out: Path, name: str, config_hash: str):
     if state.is_file():
         prev = json.loads(state.read_text())
         if prev.get("config_hash") == config_hash:
-            try:
-                mlflow.MlflowClient().get_run(prev["parent_run_id"])
+            if run_exists(prev["parent_run_id"], "the job's parent run"):
                 return mlflow.start_run(run_id=prev["parent_run_id"])
-            except Exception:
-                pass  # another store, or the run was deleted: start afresh
     run = mlflow.start_run(experiment_id=exp_id, run_name=name)
     atomic_write_text(state, json.dumps({"config_hash": config_hash, "experiment_id": exp_id,
                                          "parent_run_id": run.info.run_id}, indent=2))
@@ -315,3 +315,143 @@ def log_splits(name: str, parts: list[tuple[str, Path, dict, int, str]]) -> None
 
     for context, beton, manifest, count, digest in parts:
         mlflow.log_input(_split_dataset(name, beton, manifest, count, digest), context=context)
+
+
+# -- runs, metrics, tags and artifacts: every other module's MLflow calls -------------------
+def uri() -> str:
+    """The tracking URI in use (what a Ray worker is handed to log to the same server)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def use(tracking_uri: str, experiment_id: str | None = None) -> None:
+    """Points this process (a Ray worker, a Tune trial) at the job's server and experiment."""
+    import mlflow
+
+    quiet_mlflow()
+    mlflow.set_tracking_uri(tracking_uri)
+    if experiment_id is not None:
+        mlflow.set_experiment(experiment_id=experiment_id)
+
+
+def client(tracking_uri: str | None = None):
+    import mlflow
+
+    quiet_mlflow()
+    return mlflow.MlflowClient(tracking_uri)
+
+
+def run_exists(run_id: str, what: str) -> bool:
+    """Whether the store in use has the run; a run it does not have (another store, a
+    deleted run) is said in one line and is False."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().get_run(run_id)
+        return True
+    except MlflowException as e:
+        print(f"[study] {what} {run_id} is not in this MLflow store ({e.error_code}); starting a new run", flush=True)
+        return False
+
+
+def child_run(name: str, parent_run_id: str | None = None, resume_id: str | None = None):
+    """A child run of the job: of the active run, or of ``parent_run_id`` in a process
+    that has none (a Tune trial); ``resume_id`` continues that run instead."""
+    import mlflow
+
+    if resume_id is not None:
+        return mlflow.start_run(run_id=resume_id, nested=parent_run_id is None)
+    if parent_run_id:
+        return mlflow.start_run(run_name=name, parent_run_id=parent_run_id)
+    return mlflow.start_run(run_name=name, nested=True)
+
+
+def mark_killed(run_id: str) -> None:
+    """Ends a run that a killed attempt left RUNNING (skipped, and said, when the store
+    does not have it)."""
+    if run_exists(run_id, "the run a killed attempt left"):
+        client().set_terminated(run_id, status="KILLED")
+
+
+def set_tags(tags: dict) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_metric(key: str, value: float) -> None:
+    import mlflow
+
+    mlflow.log_metric(key, value)
+
+
+def log_metrics(metrics: dict) -> None:
+    import mlflow
+
+    mlflow.log_metrics(metrics)
+
+
+def log_artifact(path: Path) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path))
+
+
+def log_artifacts(folder: Path, artifact_path: str) -> None:
+    import mlflow
+
+    mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def logged_epochs(client, run_id: str, key: str = "train_loss") -> set[int]:
+    return {int(m.step) for m in client.get_metric_history(run_id, key)}
+
+
+def sync_history(client, run_id: str, history: list[dict]) -> int:
+    """Logs every epoch of ``history`` that the run does not have yet (so a resumed run
+    logs each epoch exactly once); returns how many."""
+    from mlflow.entities import Metric
+
+    done = logged_epochs(client, run_id)
+    now = int(time.time() * 1000)
+    new = 0
+    for m in history:
+        if int(m["epoch"]) in done:
+            continue
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(m["epoch"])) for k, v in m.items() if k != "epoch"])
+        new += 1
+    return new
+
+
+def job_runs(experiment: str | None = None) -> list[tuple[str, str, str, set]]:
+    """For each experiment (or the one named), its newest finished job run (a parent run)
+    that logged ``results.csv``: (experiment name, run id, run name, its artifact paths)."""
+    c = client()
+    if experiment:
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            known = ", ".join(e.name for e in c.search_experiments()) or "none"
+            raise LookupError(f"no MLflow experiment named {experiment!r} (known: {known})")
+        exps = [exp]
+    else:
+        exps = [e for e in c.search_experiments() if e.name != "Default"]
+    found = []
+    for exp in exps:
+        runs = c.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                             order_by=["attributes.start_time DESC"], max_results=200)
+        for run in runs:
+            if run.data.tags.get("mlflow.parentRunId"):
+                continue
+            have = {a.path for a in c.list_artifacts(run.info.run_id)}
+            if "results.csv" in have:
+                found.append((exp.name, run.info.run_id, run.info.run_name, have))
+                break
+    if not found:
+        raise LookupError("no finished job run with results.csv in "
+                          + (f"experiment {experiment!r}" if experiment else "any experiment"))
+    return found
+
+
+def download(run_id: str, artifact_path: str, dest: Path) -> Path:
+    return Path(client().download_artifacts(run_id, artifact_path, str(dest)))

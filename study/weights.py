@@ -24,7 +24,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
@@ -42,7 +42,7 @@ class WeightsError(ModelError):
     """Weights that cannot be named, fetched or trusted; the message says which and why."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def catalog() -> dict[str, dict]:
     """Every catalog model by its full name (``salman/resnet18_linf_eps4.0``), with its
     namespace's repo, citation and where its published numbers come from."""
@@ -257,8 +257,13 @@ def cached(src: Source, cache: Path | None = None) -> Path | None:
 
 def _from_hub(src: Source, cache: Path | None, download: bool) -> tuple[Path, str]:
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         p = hf_hub_download(src.repo, src.filename, revision=src.revision, cache_dir=cache,

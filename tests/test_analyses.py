@@ -1,8 +1,8 @@
 """Known answers of the analyses, and the report page (rendered in headless Chromium)."""
 import json
 import shutil
-import tempfile
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from study import analyses, claims, report
+from study import analyses, claims
+from study.report import page as report_page
+from study.report import sources, tables
 
 
 def test_svcca_known_answers():
@@ -198,21 +200,21 @@ def test_a_merged_report_never_mixes_jobs_backbones_or_source_data():
     every = claims.units(df)
     assert len(every) == 7 and {u["job"] for u in every} == {"table1", "table3", "table4"}
 
-    t1 = report.table1(df)  # Table 1 compares: only the units with more than the full fine-tune
+    t1 = tables.table1(df)  # Table 1 compares: only the units with more than the full fine-tune
     assert t1.count("**pets") == 1 and t1.count("**flowers") == 1 and "job table1" in t1
     assert "| full fine-tune | 92.00" in t1 and "95.00" not in t1 and "70.00" not in t1
-    rows = [r for r in report.table3(df).splitlines() if r.startswith("| table")]
+    rows = [r for r in tables.table3(df).splitlines() if r.startswith("| table")]
     assert sorted(r.split(" | ")[:4] + [r.split(" | ")[4].split(" (")[0]] for r in rows) == [
         ["| table1", "resnet18", "imagenet", "2", "92.00"], ["| table3", "resnet18", "imagenet", "2", "93.00"],
         ["| table3", "resnet50", "imagenet", "2", "95.00"], ["| table4", "resnet18", "cifar10", "1", "70.00"]]
-    t4 = [r for r in report.table4(df).splitlines() if r.startswith("| table")]
+    t4 = [r for r in tables.table4(df).splitlines() if r.startswith("| table")]
     assert len(t4) == 7 and [r for r in t4 if "cifar10" in r] == ["| table4 | cifar10 | resnet18 | pets | 70.00 ± "
                                                                    + t4[-1].split("70.00 ± ")[1]]
     first = claims.judge(df, {}, masks)[0]  # full vs standard: table1's models only
     assert [d["unit_job"] for d in first["datasets"]] == ["table1", "table1"]
     assert all(d["effect"] == pytest.approx(100 * (92 - 40) / 92 - 100 * (90 - 80) / 90, abs=0.01)
                for d in first["datasets"])
-    page = report.build(df, {}, Path(tempfile.mkdtemp()) / "report", title="merged", masks=masks)
+    page = report_page.build(df, {}, Path(tempfile.mkdtemp()) / "report", title="merged", masks=masks)
     assert "<td>table3</td>" in page.read_text() and "resnet50" in page.read_text()
 
 
@@ -224,12 +226,12 @@ def test_the_premise_section_says_whether_pre_training_helped():
     pre = pd.DataFrame([{"method": "pretrain", "dataset": "fashion_mnist", "backbone": "resnet18",
                          "source": "standard", "seed": 0, "AOI": 87.5, "images": 156}])
     helps = pd.concat([pre, df.assign(val_acc_1=df.method.map({"full": 60.0, "scratch": 20.0}))], ignore_index=True)
-    text = report.premise(helps)
+    text = tables.premise(helps)
     assert "resnet18 pre-trained (standard) on fashion_mnist: source AOI 87.5 % (156 test images)" in text
     assert "full fine-tune 60.0 % vs standard model 20.0 % (mean over 2 seeds): pre-training helps" in text
     hurts = df.assign(val_acc_1=df.method.map({"full": 10.0, "scratch": 20.0}))
-    assert "this target does not show that pre-training helps" in report.premise(hurts)
-    assert report.premise(df) == ""  # results from before the column: nothing to say
+    assert "this target does not show that pre-training helps" in tables.premise(hurts)
+    assert tables.premise(df) == ""  # results from before the column: nothing to say
 
 
 def test_dm_lambda_is_chosen_on_validation_and_judged_by_the_papers_claim():
@@ -294,7 +296,7 @@ def test_report_page_has_every_table_figure_and_claim(tmp_path):
         analyses.save_perturbation_png(torch.rand(3, 8, 8) * 0.01, tmp_path / f"uap-alphabet-{k}.png")
         torch.save(torch.rand(3, 8, 8), tmp_path / f"uap-alphabet-{k}.pt")
     df, masks = _fake_results()
-    page = report.build(df, found, tmp_path / "report", title="fake", masks=masks)
+    page = report_page.build(df, found, tmp_path / "report", title="fake", masks=masks)
     html = page.read_text()
     for n in range(1, 6):
         assert f"Table {n}" in html
@@ -321,9 +323,9 @@ def test_the_demo_report_opens_with_every_table_figure_and_a_verdict_per_claim(t
 
     got = tmp_path / "analyses"
     shutil.copytree(DEMO / "analyses", got)
-    found = report.read_analyses(got)
-    df = report.read_results(DEMO / "results.csv")  # written before `setting` became `method`
-    page = report.build(df, found, tmp_path / "report", title="demo")
+    found = sources.read_analyses(got)
+    df = sources.read_results(DEMO / "results.csv")  # written before `setting` became `method`
+    page = report_page.build(df, found, tmp_path / "report", title="demo")
     html = page.read_text()
     for n in range(1, 6):
         assert f"Table {n}" in html and f"## Table {n}\n\n*This run has no models" not in (
@@ -341,10 +343,9 @@ def test_the_demo_report_opens_with_every_table_figure_and_a_verdict_per_claim(t
 def test_the_report_says_when_stage_1_was_not_replicated():
     import pandas as pd
 
-    from study import report
 
     rows = [{"method": "pretrain", "seed": 0}] + [{"method": "full", "seed": s} for s in (0, 1)]
-    shared = report.replicates(pd.DataFrame(rows))
+    shared = tables.replicates(pd.DataFrame(rows))
     assert shared.startswith("Replicates: seeds 0, 1.") and "Stage 1 was trained once, with seed 0" in shared
     rows.append({"method": "pretrain", "seed": 1})
-    assert report.replicates(pd.DataFrame(rows)) == "Replicates: seeds 0, 1."
+    assert tables.replicates(pd.DataFrame(rows)) == "Replicates: seeds 0, 1."

@@ -191,7 +191,7 @@ def test_two_folder_datasets_give_two_fine_tuned_models(tmp_path):
         "pretrain": {"dataset": "shapes", "backbones": ["resnet18"]},
         "finetune": {"datasets": ["a", "b"], "methods": ["scratch"]}})
     job = Job(cfg, tmp_path, torch.device("cpu"))
-    keys = {sweep.stage_for(job, p, {}).key for p in sweep.points(cfg)}
+    keys = {sweep.trained_for(job, p, {}).key for p in sweep.points(cfg)}
     assert len(keys) == 2
 
 

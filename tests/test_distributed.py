@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from study import distributed
+from study import distributed, tracking
 from study.engine import TrainSettings
 
 EPOCHS = 4
@@ -99,7 +99,7 @@ import ray
 from ray.cluster_utils import Cluster
 sys.path.insert(0, sys.argv[1])
 from test_distributed import _cfg, kill_after_first_checkpoint
-from study import distributed
+from study import distributed, tracking
 
 beton, storage, uri, run_id = sys.argv[2:6]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -151,9 +151,9 @@ def test_two_workers_on_a_fake_two_node_cluster_match_one_and_a_killed_worker_re
 def test_sync_history_logs_each_epoch_once(mlflow_server):
     client, run_id = _run(mlflow_server, "sync")
     history = [{"epoch": e, "train_loss": 1.0 / e} for e in (1, 2, 3)]
-    assert distributed.sync_history(client, run_id, history[:2]) == 2
-    assert distributed.sync_history(client, run_id, history) == 1  # only epoch 3 is new
-    assert distributed.sync_history(client, run_id, history) == 0
+    assert tracking.sync_history(client, run_id, history[:2]) == 2
+    assert tracking.sync_history(client, run_id, history) == 1  # only epoch 3 is new
+    assert tracking.sync_history(client, run_id, history) == 0
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
     assert sorted(steps) == [1, 2, 3]
 
@@ -176,3 +176,36 @@ def test_progressive_resizing_follows_ffcv_imagenet(epoch, res):
     spec = {"min_res": 160, "max_res": 192, "start_ramp": 2, "end_ramp": 6, "step": 16}
     assert distributed.resolution_at(epoch, spec, 224) == res
     assert distributed.resolution_at(epoch, None, 224) == 224
+
+
+def test_the_local_ray_drops_only_the_autoscaling_requests_transient_warning(monkeypatch, caplog):
+    """Ray Train's controller warns, with a traceback, when its autoscaling request times out
+    on a busy machine; the local Ray's setup hook drops that record and no other."""
+    import logging
+
+    import ray
+
+    distributed.quiet_ray_process()
+    distributed.quiet_ray_process()  # idempotent: one filter
+    logger = logging.getLogger(distributed.AUTOSCALING_LOGGER)
+    assert logger.filters.count(distributed._not_autoscaling_noise) == 1
+    logger.addHandler(caplog.handler)  # Ray's loggers do not propagate to the root
+    with caplog.at_level(logging.WARNING, logger=distributed.AUTOSCALING_LOGGER):
+        try:
+            raise TimeoutError("GetTimeoutError")
+        except TimeoutError:
+            logger.warning("Failed to send resource request for train-1. If this only happens ...", exc_info=True)
+        logger.warning("Failed to cancel resource request for train-1.")
+        logger.error("a real error")
+    logger.removeHandler(caplog.handler)
+    assert [r.getMessage() for r in caplog.records] == ["Failed to cancel resource request for train-1.",
+                                                        "a real error"]
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(distributed, "_STARTED_HERE", False)
+    distributed.ensure_ray(None, 2)
+    assert seen["runtime_env"] == {"worker_process_setup_hook": "study.distributed.quiet_ray_process"}
+    assert seen["dashboard_host"] == "127.0.0.1"
+    monkeypatch.setattr(distributed, "_STARTED_HERE", False)

@@ -3,8 +3,7 @@ import torch
 import torchvision
 
 from study.backbones import family
-from study.models import (BACKBONES, ModelError, build_model, load_checkpoint,
-                          load_trunk_weights, save_checkpoint)
+from study.models import BACKBONES, ModelError, build_model, load_checkpoint, load_trunk_weights, save_checkpoint
 
 
 @pytest.mark.parametrize("backbone", [b for b in BACKBONES if family(b).name == "resnet"])
@@ -246,7 +245,7 @@ def test_small_map_conv_is_the_convolution(kernel, stride, padding, groups, dila
 
 
 def test_small_map_conv_follows_weight_changes_and_leaves_trainable_weights_alone(monkeypatch):
-    from study.fastcopy import SmallMapConv2d, PhaseConv2d
+    from study.fastcopy import PhaseConv2d, SmallMapConv2d
 
     stem = PhaseConv2d.from_conv(torch.nn.Conv2d(3, 8, 7, 2, 3))
     assert SmallMapConv2d.from_conv(stem) is stem  # another form is kept as it is

@@ -112,6 +112,7 @@ def test_results_table(tiny_run):
 
 def test_mlflow_runs_and_models_give_the_reported_aoi(tiny_run):
     import mlflow
+
     from study.tracking import LocalServer
 
     _, out = tiny_run

@@ -83,15 +83,15 @@ def test_an_added_seed_keeps_the_finished_replicates_and_draws_anew(tmp_path):
     validation hold-out (the rest of what a seed draws: test_data's crops, the trial's
     torch seed)."""
     from study import sweep
-    from study.stages import Job, Stage
+    from study.stages import Job, Trained
 
     one, two = config.parse({**JOB, "seeds": [0]}), config.parse({**JOB, "seeds": [0, 1]})
     sources = {(s, "resnet18", "standard"): {"key": f"pre{s}", "ckpt": "x"} for s in (0, 1)}
-    keys = {cfg.seeds[-1]: {(p["seed"], p["method"]): sweep.stage_for(Job(cfg, tmp_path, None), p, sources).key
+    keys = {cfg.seeds[-1]: {(p["seed"], p["method"]): sweep.trained_for(Job(cfg, tmp_path, None), p, sources).key
                             for p in sweep.points(cfg)} for cfg in (one, two)}
     assert all(keys[1][k] == v for k, v in keys[0].items())
     assert len(set(keys[1].values())) == 4
-    pre = [Stage(Job(two.for_seed(s), tmp_path, None), "pretrain", {"stage": "pretrain", "seed": s}).key for s in (0, 1)]
+    pre = [Trained(Job(two.for_seed(s), tmp_path, None), "pretrain", {"stage": "pretrain", "seed": s}).key for s in (0, 1)]
     assert pre[0] != pre[1]
     from study.data.loaders import holdout
 

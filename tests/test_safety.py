@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from study import locks
-from study.data.beton import config_hash
+from study.files import config_hash
 
 
 def _weights(tmp_path: Path) -> Path:

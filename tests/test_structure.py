@@ -77,6 +77,32 @@ def long_functions(limit: int = MAX_LINES) -> list[tuple[int, str]]:
     return sorted(out, reverse=True)
 
 
+def importers_of(top: str, package: Path = PACKAGE) -> list[str]:
+    """The modules of ``package`` that import ``top`` (or a module under it) anywhere."""
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == top or n.startswith(top + ".") for n in names):
+                out.append(_module(path) if package == PACKAGE else path.name)
+                break
+    return out
+
+
+def test_only_tracking_talks_to_mlflow():
+    """Every MLflow call goes through study.tracking: one place knows the server, the
+    run layout and what a failed call means."""
+    assert importers_of("mlflow") == ["study.tracking"]
+
+
+def test_the_mlflow_door_check_finds_a_second_door(tmp_path):
+    (tmp_path / "a.py").write_text("def f():\n    from mlflow.entities import Metric\n")
+    (tmp_path / "b.py").write_text("import mlflowish\nimport os\n")
+    (tmp_path / "c.py").write_text("import os, mlflow\n")
+    assert importers_of("mlflow", tmp_path) == ["a.py", "c.py"]
+
+
 def test_no_import_cycle():
     assert find_cycle(import_graph()) is None, f"import cycle: {' -> '.join(find_cycle(import_graph()))}"
 
@@ -94,7 +120,7 @@ def test_functions_are_short():
 def test_a_family_missing_a_piece_is_refused_naming_it():
     import pytest
 
-    from study.backbones import ResNet, RegistryError, register
+    from study.backbones import RegistryError, ResNet, register
 
     pieces = {k: getattr(ResNet, k) for k in ("variants", "stages", "build", "stem", "stage", "pool", "fold",
                                               "map_weights", "fast_copy", "signature")}

@@ -64,10 +64,10 @@ def test_stage_identity_separates_trials(tmp_path):
     cfg = _cfg()
     job = Job(cfg, tmp_path, None)
     sources = {(0, "resnet18", n): {"key": n, "ckpt": "x"} for n in ("standard", "fgsm_linf_2.0")}
-    keys = [sweep.stage_for(job, p, sources).key for p in sweep.points(cfg)]
+    keys = [sweep.trained_for(job, p, sources).key for p in sweep.points(cfg)]
     assert len(set(keys)) == len(keys)
     dm = [p for p in sweep.points(cfg) if p["method"] == "dm_stage12"][0]
-    assert sweep.stage_for(job, dm, sources).ident["source_stage"] == "fgsm_linf_2.0"  # stage 1&2
+    assert sweep.trained_for(job, dm, sources).ident["source_stage"] == "fgsm_linf_2.0"  # stage 1&2
 
 
 def test_kd_distils_the_robust_source_unless_told_otherwise(tmp_path):
@@ -78,7 +78,7 @@ def test_kd_distils_the_robust_source_unless_told_otherwise(tmp_path):
     sources = {(0, "resnet18", n): {"key": f"key-{n}", "ckpt": "x"} for n in ("standard", "fgsm_linf_2.0")}
     for kd, teacher in (({}, "fgsm_linf_2.0"), ({"teacher": "standard"}, "standard")):
         cfg = _cfg(methods=["kd_stage2"], kd=kd)
-        stage = sweep.stage_for(Job(cfg, tmp_path, None), sweep.points(cfg)[0], sources)
+        stage = sweep.trained_for(Job(cfg, tmp_path, None), sweep.points(cfg)[0], sources)
         obj = stage.ident["objective"]
         assert (obj["teacher"], obj["teacher_key"]) == (teacher, f"key-{teacher}")
         assert stage.ident["source_stage"] == "key-standard"
@@ -90,24 +90,24 @@ def test_stage_keys_stay_put_across_versions(tmp_path):
     a job option like ``deterministic`` (how kernels run, not what is trained) is no part
     of them. A change here makes every user retrain: it must be deliberate."""
     from study import objectives, pretrain
-    from study.stages import Job, Stage
+    from study.stages import Job, Trained
 
     for cfg in (_cfg(), config.parse({**copy.deepcopy(BASE), "deterministic": True})):
         job = Job(cfg, tmp_path, None)
-        keys = {objectives.objective_name(o): Stage(job, "pretrain", pretrain.identity(
+        keys = {objectives.objective_name(o): Trained(job, "pretrain", pretrain.identity(
             job, "resnet18", objectives.objective_name(o))).key for o in cfg.pretrain.objective_specs()}
         assert keys == {"standard": "9c1c9f3b0cd743e6", "fgsm_linf_2.0": "b7fc4e1ae4f04fe3"}
         sources = {(0, "resnet18", n): {"key": k, "ckpt": "x"} for n, k in keys.items()}
-        assert [sweep.stage_for(job, p, sources).key for p in sweep.points(cfg)][::3] == [
+        assert [sweep.trained_for(job, p, sources).key for p in sweep.points(cfg)][::3] == [
             "2037a66bb2442dcb", "733b55b12e8e2b8b", "2c2e3298cba2724b", "020382068c1d172f"]
 
     # the partial fine-tune: BatchNorm now trains by default (a new key); with partial_bn:
     # frozen, what every earlier version did, it keeps its old key
     job = Job(_cfg(partial_bn="frozen"), tmp_path, None)
     partial = [p for p in sweep.points(job.cfg) if p["method"] == "partial"]
-    assert [sweep.stage_for(job, p, sources).key for p in partial] == ["3675fa8e9cc0d520"]
+    assert [sweep.trained_for(job, p, sources).key for p in partial] == ["3675fa8e9cc0d520"]
     job = Job(_cfg(), tmp_path, None)
-    assert [sweep.stage_for(job, p, sources).key for p in partial] != ["3675fa8e9cc0d520"]
+    assert [sweep.trained_for(job, p, sources).key for p in partial] != ["3675fa8e9cc0d520"]
 
 
 # -- the driver dies mid-sweep ------------------------------------------------------------
@@ -142,7 +142,6 @@ def _finished(out: Path) -> dict:
 def test_killed_driver_then_rerun_finishes_only_the_remaining_trials(tmp_path, ray_local, mlflow_server):
     import mlflow
     import torch
-
     import torchvision
 
     weights = tmp_path / "imagenet_like.pt"  # a torchvision-format ResNet-18, as downloaded

@@ -10,7 +10,6 @@ not written again. A truncated or corrupt .beton is refused with its path named.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,29 +19,13 @@ import numpy as np
 
 from study import locks
 from study.data.registry import build_split, get_info, resolve_params
+from study.files import atomic_write_text, config_hash
 
 FORMAT_VERSION = 1  # bump when the way a split is written changes
 
 
 class BetonError(RuntimeError):
     """A .beton file that is missing, truncated or corrupt."""
-
-
-def config_hash(obj) -> str:
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -8,9 +8,8 @@ Normalisation is *not* done here: it is the model's first layer (see study.model
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 import torch
 

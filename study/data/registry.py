@@ -9,9 +9,9 @@ Real datasets are read from a user-given root in their published on-disk layout
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

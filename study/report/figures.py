@@ -1,0 +1,178 @@
+"""Figures 3-6 of the paper as PNG files, drawn from a run's analyses and results, and
+the plotting helpers the analyses use. With several seeds, bars and points are means with
+±1 standard deviation over the seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from study.claims import picks, units
+from study.files import atomic_write_bytes
+from study.methods import TABLE1_ATTACK
+from study.report.sources import merged
+
+FIGURES = {
+    "fig3": "Figure 3: SVCCA similarity (×100) of the fine-tuned (FT), pre-trained (PT) and "
+            "standard (ST) models, (a) bottom layer (layer1), (b) all four layers.",
+    "fig4": "Figure 4: targeted UAPs of the fine-tuned and the standard model (scaled to [0, 1] to be seen).",
+    "fig5": "Figure 5: (a) each model's UAP against snapshots taken along its own training "
+            "(success rate); (b) DR that the pre-trained model's UAP causes on the fine-tuned and the standard model.",
+    "fig6": "Figure 6: MMD² between source and target embeddings of the pre-trained model "
+            "against the fine-tuned model's DR (Table 1's attack).",
+}
+PAPER_FINDINGS = {
+    "fig3": "Paper: the fine-tuned model is closer to the pre-trained than to the standard model, on the "
+            "bottom layer and on all layers, for most datasets.",
+    "fig4": "Paper: the fine-tuned model's UAP shows no semantics; the standard model's shows the target letter's edges.",
+    "fig5": "Paper: (a) the fine-tuned model is fooled by its UAP from the very beginning of training; "
+            "(b) the pre-trained UAP raises the fine-tuned model's DR clearly, the standard model's trivially.",
+    "fig6": "Paper: DR grows with MMD; above MMD 1.0 DR is almost 100 %.",
+}
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, wrap=True, transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+
+def figures(df: pd.DataFrame, found: dict, folder) -> dict:
+    """Figures 3-6 as PNG files in ``folder``; returns name -> file name. A figure whose
+    numbers this run lacks still gets its file, saying what is missing. With several
+    seeds, bars and points are means with ±1 standard deviation over the seeds."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data, spread, _ = merged(found)
+    out = {}
+    for name, (draw, file) in {"fig3": (_fig3, "fig3_cca.png"), "fig4": (_fig4, "fig4_uap.png"),
+                               "fig5": (_fig5, "fig5_uap_attacks.png"), "fig6": (_fig6, "fig6_mmd_dr.png")}.items():
+        save_png(draw(df, data, spread), folder / file)
+        out[name] = file
+    return out
+
+
+def _fig3(df: pd.DataFrame, data: dict, spread: dict):
+    """CCA: two panels of grouped bars."""
+    pairs = [("fine-tuned|pre-trained", "FT/PT"), ("fine-tuned|standard", "FT/ST"), ("pre-trained|standard", "PT/ST")]
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
+    have = [d for d in data if data[d].get("cca")]
+    for ax, part, title in zip(axes, ("bottom", "all"), ("(a) bottom layer", "(b) all layers")):
+        if not have:
+            _empty(ax, "no CCA in this run")
+            continue
+        x = np.arange(len(have))
+        for i, (pair, label) in enumerate(pairs):
+            vals = [100 * data[d]["cca"].get(pair, {}).get(part, float("nan")) for d in have]
+            err = [100 * (spread.get(d, {}).get("cca", {}).get(pair, {}).get(part) or 0.0) for d in have]
+            ax.bar(x + (i - 1) * 0.27, vals, 0.27, yerr=err, capsize=2, label=label)
+        chance = [100 * data[d]["cca"].get("chance", {}).get(part, float("nan")) for d in have]
+        ax.hlines(chance, x - 0.45, x + 0.45, colors="k", linestyles="dashed", label="chance (rows shuffled)")
+        ax.set_xticks(x, have)
+        ax.set_ylim(0, 100)
+        ax.set_title(title)
+        ax.set_ylabel("SVCCA ×100")
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+def _fig4(df: pd.DataFrame, data: dict, spread: dict):
+    """The UAP images, fine-tuned and standard, per dataset."""
+    import torch
+
+    uaps = [(d, k, v) for d in data for k, v in data[d].get("uap", {}).items()]
+    fig, axes = pyplot().subplots(1, max(1, len(uaps)), figsize=(2.6 * max(1, len(uaps)), 2.8), squeeze=False)
+    if not uaps:
+        _empty(axes[0][0], "no UAP in this run")
+    for ax, (d, k, v) in zip(axes[0], uaps):
+        pt = Path(v["png"]).with_suffix(".pt")
+        if pt.is_file():
+            delta = torch.load(pt, weights_only=True).float()
+            img = ((delta - delta.min()) / (delta.max() - delta.min()).clamp_min(1e-12)).permute(1, 2, 0).numpy()
+            ax.imshow(img, interpolation="nearest")
+            ax.set_axis_off()
+        else:
+            _empty(ax, "perturbation file missing")
+        ax.set_title(f"{d}, {'fine-tuned' if k == 'full' else 'standard'}\nsuccess {v['success']:.1f} %",
+                     fontsize=8)
+    return fig
+
+
+def _fig5(df: pd.DataFrame, data: dict, spread: dict):
+    """(a) UAP success along training, (b) the pre-trained UAP's DR."""
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.2))
+    drawn = False
+    for d in data:
+        for k, v in data[d].get("uap", {}).items():
+            pts = [(p["step"], p["success"]) for p in v.get("along_training", []) if p["step"] is not None]
+            if pts:
+                a.plot(*zip(*pts), marker="o", label=f"{d}, {'fine-tuned' if k == 'full' else 'standard'}")
+                drawn = True
+    if drawn:
+        a.set_xlabel("training step")
+        a.set_ylabel("UAP success rate (%)")
+        a.set_ylim(0, 100)
+        a.legend(fontsize=8)
+        a.set_title("(a) UAP against training snapshots")
+    else:
+        _empty(a, "no snapshots in this run")
+    trans = [d for d in data if data[d].get("uap_transfer")]
+    if trans:
+        x = np.arange(len(trans))
+        for i, who in enumerate(("fine-tuned", "standard")):
+            err = [spread.get(d, {}).get("uap_transfer", {}).get("DR", {}).get(who) or 0.0 for d in trans]
+            b.bar(x + (i - 0.5) * 0.35, [data[d]["uap_transfer"]["DR"].get(who, float("nan")) for d in trans],
+                  0.35, yerr=err, capsize=2, label=who)
+        b.set_xticks(x, trans)
+        b.set_ylabel("DR under the pre-trained UAP (%)")
+        b.legend(fontsize=8)
+        b.set_title("(b) pre-trained model's UAP")
+    else:
+        _empty(b, "no source data here for the pre-trained UAP")
+    return fig
+
+
+def _fig6(df: pd.DataFrame, data: dict, spread: dict):
+    """MMD against the full fine-tune's DR (means, ±1 sd over seeds)."""
+    fig, ax = pyplot().subplots(figsize=(4.5, 3.2))
+    xs, ys, xe, ye, ls = [], [], [], [], []
+    every = units(df[df.attack == TABLE1_ATTACK]) if len(df) else []
+    for d in data:
+        unit = next((u for u in every if u["dataset"] == d), None)
+        rows = picks(df, unit, "full", TABLE1_ATTACK) if unit else []
+        if "mmd" in data[d] and len(rows):
+            xs.append(data[d]["mmd"]["mmd2"])
+            xe.append(spread.get(d, {}).get("mmd", {}).get("mmd2") or 0.0)
+            ys.append(float(rows.DR.mean()))
+            ye.append(float(rows.DR.std(ddof=1)) if len(rows) > 1 else 0.0)
+            ls.append(d)
+    if xs:
+        ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt="o", capsize=2)
+        for x_, y_, l_ in zip(xs, ys, ls):
+            ax.annotate(l_, (x_, y_), fontsize=8)
+        ax.set_xlabel("MMD² (source, target)")
+        ax.set_ylabel(f"DR of the full fine-tune (%), {TABLE1_ATTACK}")
+    else:
+        _empty(ax, "no MMD in this run")
+    return fig

@@ -16,6 +16,7 @@ both AAIs. ``--device cuda`` runs both sides on a GPU.
 Ours counts a sample as broken if *any* iterate breaks it; the reference looks at its
 last iterate only, so our AAI is expected to be at most the reference's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ def reference(model, batches, attack, seed):
     import torchattacks
 
     torch.manual_seed(seed)
-    atk = torchattacks.PGD(model, eps=attack.eps_pixels, alpha=attack.step_pixels,
-                           steps=attack.steps, random_start=attack.random_start)
+    atk = torchattacks.PGD(
+        model, eps=attack.eps_pixels, alpha=attack.step_pixels, steps=attack.steps, random_start=attack.random_start
+    )
     n = clean = robust = 0
     for x, y in batches:
         with torch.no_grad():
@@ -79,13 +81,19 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="full", help="which model of OUT (default: full fine-tune)")
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--eps", type=float, nargs="+", default=[0.5, 2.0, 0.01],
-                    help="L-inf eps in 1/255 (0.01: almost no sample breaks)")
+    ap.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        default=[0.5, 2.0, 0.01],
+        help="L-inf eps in 1/255 (0.01: almost no sample breaks)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--random-start", action="store_true",
-                    help="both sides start at a random point of the ball (Madry's PGD)")
+    ap.add_argument(
+        "--random-start", action="store_true", help="both sides start at a random point of the ball (Madry's PGD)"
+    )
     args = ap.parse_args(argv)
 
     import torchattacks  # noqa: F401  (fail early: uv run --group bench ...)
@@ -104,16 +112,23 @@ def main(argv=None) -> int:
     loader = make_loader(beton, train=False, resolution=side, batch_size=args.batch_size, workers=2)
     batches, n = [], 0
     for x, y in loader:  # the same tensors for both sides
-        x, y = x[: args.images - n].contiguous().to(device, copy=True), y[: args.images - n].to(device, copy=True)  # FFCV reuses its buffers
+        x, y = (
+            x[: args.images - n].contiguous().to(device, copy=True),
+            y[: args.images - n].to(device, copy=True),
+        )  # FFCV reuses its buffers
         batches.append((x, y))
         n += len(y)
         if n >= args.images:
             break
-    print(f"model {ckpt.name} ({model.backbone_name}), {n} images of {beton.parent.name}, "
-          f"batch {args.batch_size}, {device}"
-          f"{f', {args.threads} threads' if device.type == 'cpu' else ''}, {args.repeats} repeats")
-    print(f"{'eps/255':>8} {'ours s':>8} {'ref s':>8} {'speed-up':>9} {'pairs':>13} {'AOI':>7} "
-          f"{'AAI ours':>9} {'AAI ref':>8}")
+    print(
+        f"model {ckpt.name} ({model.backbone_name}), {n} images of {beton.parent.name}, "
+        f"batch {args.batch_size}, {device}"
+        f"{f', {args.threads} threads' if device.type == 'cpu' else ''}, {args.repeats} repeats"
+    )
+    print(
+        f"{'eps/255':>8} {'ours s':>8} {'ref s':>8} {'speed-up':>9} {'pairs':>13} {'AOI':>7} "
+        f"{'AAI ours':>9} {'AAI ref':>8}"
+    )
     rows = []
     for eps in args.eps:
         attack = parse_attack({"name": f"pgd10_linf_{eps}", "random_start": args.random_start})
@@ -133,16 +148,19 @@ def main(argv=None) -> int:
         a, b = statistics.median(t_ours), statistics.median(t_ref)
         pairs = [r / o for o, r in zip(t_ours, t_ref)]  # each pair ran back to back
         rows.append((eps, a, b, aoi, aai, aai_ref))
-        print(f"{eps:8.2f} {a:8.2f} {b:8.2f} {b / a:8.2f}x {min(pairs):5.2f}-{max(pairs):.2f}x "
-              f"{aoi:7.2f} {aai:9.2f} {aai_ref:8.2f}", flush=True)
+        print(
+            f"{eps:8.2f} {a:8.2f} {b:8.2f} {b / a:8.2f}x {min(pairs):5.2f}-{max(pairs):.2f}x "
+            f"{aoi:7.2f} {aai:9.2f} {aai_ref:8.2f}",
+            flush=True,
+        )
     print()
     for eps, a, b, aoi, aai, aai_ref in rows:
         broken = 100.0 - aai / max(aoi, 1e-9) * 100.0
-        verdict = [f"AAI ours <= ref + 0.5: {'yes' if aai <= aai_ref + 0.5 else 'NO'}",
-                   f"speed-up {b / a:.2f}x"]
+        verdict = [f"AAI ours <= ref + 0.5: {'yes' if aai <= aai_ref + 0.5 else 'NO'}", f"speed-up {b / a:.2f}x"]
         if broken < 5:
-            verdict.append(f"almost nothing breaks ({broken:.1f} % of the correct): "
-                           f"not slower: {'yes' if b >= a else 'NO'}")
+            verdict.append(
+                f"almost nothing breaks ({broken:.1f} % of the correct): not slower: {'yes' if b >= a else 'NO'}"
+            )
         else:
             verdict.append(f"{broken:.1f} % of the correct break: >= 3x: {'yes' if b >= 3 * a else 'NO'}")
         print(f"eps {eps}/255: " + "; ".join(verdict))

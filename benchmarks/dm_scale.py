@@ -10,6 +10,7 @@ classifier (the first step of fine-tuning), in training mode as the trial runs i
     uv run python benchmarks/dm_scale.py --out runs/demo            # the demo's robust backbone
     uv run python benchmarks/dm_scale.py --checkpoint X.pt --dataset alphabet --beton-dir D
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def main(argv=None) -> int:
     if args.checkpoint is None or args.beton is None:
         ap.error("give --out, or --checkpoint and --beton")
     torch.manual_seed(0)
-    loader = make_loader(args.beton, train=True, resolution=args.resolution, batch_size=args.batch_size,
-                         workers=1, seed=0)
+    loader = make_loader(
+        args.beton, train=True, resolution=args.resolution, batch_size=args.batch_size, workers=1, seed=0
+    )
     x, y = next(iter(loader))
     model = load_checkpoint(args.checkpoint)
     model.reset_classifier(len(loader.manifest["classes"]))  # the trial's start: a fresh g

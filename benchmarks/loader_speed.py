@@ -11,6 +11,7 @@ images/s of each, median of --repeats epochs after one warm-up epoch, and the ra
     uv run python benchmarks/loader_speed.py                    # 12,000 images, PNG, 2 threads
     uv run python benchmarks/loader_speed.py --format jpg --images 60000 --workers 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ def write_folder(dataset, root: Path, fmt: str) -> None:
         img, label = dataset[i]
         d = root / f"{label:02d}"
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(d / f"{i:06d}.{fmt}", quality=95) if fmt == "jpg" else \
-            Image.fromarray(img).save(d / f"{i:06d}.{fmt}")
+        Image.fromarray(img).save(d / f"{i:06d}.{fmt}", quality=95) if fmt == "jpg" else Image.fromarray(img).save(
+            d / f"{i:06d}.{fmt}"
+        )
 
 
 def epoch_rate(loader, to_float=None) -> float:
@@ -44,8 +46,15 @@ def epoch_rate(loader, to_float=None) -> float:
 def ffcv_rates(beton: Path, args) -> list[float]:
     from study.data.loaders import make_loader
 
-    loader = make_loader(beton, train=True, resolution=32, batch_size=args.batch_size, dataset="fashion_mnist",
-                         workers=args.workers, seed=0)
+    loader = make_loader(
+        beton,
+        train=True,
+        resolution=32,
+        batch_size=args.batch_size,
+        dataset="fashion_mnist",
+        workers=args.workers,
+        seed=0,
+    )
     epoch_rate(loader)  # warm-up: numba compiles the pipeline
     return [epoch_rate(loader) for _ in range(args.repeats)]
 
@@ -57,12 +66,23 @@ def torch_rates(folder: Path, args) -> list[float]:
     from study.data.registry import get_info
 
     info = get_info("fashion_mnist")
-    tf = transforms.Compose([transforms.RandomResizedCrop(32, scale=info.crop_scale),
-                             transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+    tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(32, scale=info.crop_scale),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+        ]
+    )
     ds = datasets.ImageFolder(str(folder), transform=tf)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                         drop_last=True, persistent_workers=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
+        persistent_workers=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     epoch_rate(loader)  # warm-up: worker processes start
     return [epoch_rate(loader) for _ in range(args.repeats)]
 
@@ -81,17 +101,21 @@ def main(argv=None) -> int:
     params = {"train_per_class": args.images // 10}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        beton = prepare("fashion_mnist", tmp / "beton", root=args.root, params=params,
-                        workers=args.workers)["train"].beton
+        beton = prepare("fashion_mnist", tmp / "beton", root=args.root, params=params, workers=args.workers)[
+            "train"
+        ].beton
         from study.data.registry import build_split
 
         write_folder(build_split("fashion_mnist", "train", root=args.root, params=params), tmp / "folder", args.format)
         ours, theirs = ffcv_rates(beton, args), torch_rates(tmp / "folder", args)
     a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"{args.images} Fashion-MNIST images, 32 px random-resized crop + flip, batch {args.batch_size}, "
-          f"{args.workers} loader threads/processes, median of {args.repeats} epochs")
+    print(
+        f"{args.images} Fashion-MNIST images, 32 px random-resized crop + flip, batch {args.batch_size}, "
+        f"{args.workers} loader threads/processes, median of {args.repeats} epochs"
+    )
     print(f"  FFCV .beton                 {a:10.0f} images/s   (epochs: {', '.join(f'{r:.0f}' for r in ours)})")
-    print(f"  torchvision ImageFolder {args.format}  {b:10.0f} images/s   (epochs: {', '.join(f'{r:.0f}' for r in theirs)})")
+    epochs = ", ".join(f"{r:.0f}" for r in theirs)
+    print(f"  torchvision ImageFolder {args.format}  {b:10.0f} images/s   (epochs: {epochs})")
     print(f"  ratio {a / b:.2f}x  (goal >= 3x: {'yes' if a / b >= 3 else 'no'})")
     return 0
 

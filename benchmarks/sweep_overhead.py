@@ -12,6 +12,7 @@ of the local Ray); the sweep's overhead is what the wall time adds to it:
 It prints the wall time, the ideal, their ratio (target <= 1.3) and where the time went.
 Ray's own start-up is not counted: a cluster is up before a sweep starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,10 @@ def tiny_trial(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "epoch").write_text(str(epoch + 1))
             torch.save({"w": torch.zeros(1000)}, Path(d) / "state.pt")
-            tune.report({"val_acc": float(epoch), "work_s": work, "trial_s": time.perf_counter() - start},
-                        checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(
+                {"val_acc": float(epoch), "work_s": work, "trial_s": time.perf_counter() - start},
+                checkpoint=tune.Checkpoint.from_directory(d),
+            )
 
 
 def main(argv=None) -> int:
@@ -82,8 +85,7 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     reps = calibrate(args.work)
-    ray.init(num_cpus=args.cpus, dashboard_host="127.0.0.1", include_dashboard=False,
-             log_to_driver=False)
+    ray.init(num_cpus=args.cpus, dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         from ray import tune
 

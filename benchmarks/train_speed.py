@@ -10,6 +10,7 @@ attack passes build no weight gradients, so they cost less than a training step 
     uv run python benchmarks/train_speed.py --backbone resnet50 --resolution 160 \\
         --batch-size 256 --device cuda                            # bf16 + channels_last
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ def throughput(backbone, objective, x, y, device, amp, steps, repeats) -> list[f
     torch.manual_seed(0)
     model = build_model(backbone, int(y.max()) + 1)
     settings = TrainSettings(epochs=1, batch_size=len(x), lr_f=0.01, lr_g=0.01, amp=amp)
-    trainer = Trainer(model, settings, "f+g", steps, device,
-                      objectives.build(objective, generator=torch.Generator().manual_seed(0)))
+    trainer = Trainer(
+        model, settings, "f+g", steps, device, objectives.build(objective, generator=torch.Generator().manual_seed(0))
+    )
     if trainer.amp:
         x = x.contiguous(memory_format=torch.channels_last)
     batch = [(x, y)]
@@ -68,9 +70,11 @@ def main(argv=None) -> int:
     y = torch.randint(0, 100, (args.batch_size,), generator=gen).to(device)
     amp = not args.no_amp
     adv = f"pgd{args.k}_linf_{args.eps}"
-    print(f"{args.backbone} at {args.resolution} px, batch {args.batch_size}, {device}"
-          f"{' bf16 + channels_last' if amp and device.type == 'cuda' else ' float32'}, "
-          f"{args.steps} steps x {args.repeats} repeats (median)")
+    print(
+        f"{args.backbone} at {args.resolution} px, batch {args.batch_size}, {device}"
+        f"{' bf16 + channels_last' if amp and device.type == 'cuda' else ' float32'}, "
+        f"{args.steps} steps x {args.repeats} repeats (median)"
+    )
     clean, pgd = [], []
     for _ in range(args.repeats):  # interleaved, so drift hits both sides alike
         clean += throughput(args.backbone, "standard", x, y, device, amp, args.steps, 1)
@@ -80,8 +84,10 @@ def main(argv=None) -> int:
     print(f"{'standard':>16} {c:10.1f}")
     print(f"{adv:>16} {p:10.1f}")
     bound = 1.0 / (args.k + 1)
-    print(f"ratio PGD-{args.k} / clean: {p / c:.3f} (1/(k+1) = {bound:.3f}): "
-          f"{'yes' if p / c >= bound else 'NO'}, at least 1/(k+1)")
+    print(
+        f"ratio PGD-{args.k} / clean: {p / c:.3f} (1/(k+1) = {bound:.3f}): "
+        f"{'yes' if p / c >= bound else 'NO'}, at least 1/(k+1)"
+    )
     return 0
 
 

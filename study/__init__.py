@@ -1,4 +1,5 @@
 """study: does ImageNet pre-training transfer non-robustness? (Zhang et al.)"""
+
 import os
 
 # Under `uv run`, Ray by default rebuilds the driver's uv environment for every job in a

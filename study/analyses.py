@@ -18,6 +18,7 @@
 ``Analyst`` is a Ray actor: it holds the models it has loaded on its device and serves
 tasks; ``run`` fans the tasks of every target dataset out over a pool of actors.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ def _svd_keep(a: torch.Tensor, keep: float) -> torch.Tensor:
     """The centred rows of ``a`` in the top singular directions holding ``keep`` of the
     variance (directions with no variance are always dropped)."""
     _, s, vt = torch.linalg.svd(a, full_matrices=False)
-    var = s ** 2
+    var = s**2
     k = int((torch.cumsum(var, 0) / var.sum() < keep - 1e-12).sum()) + 1
     k = min(k, int((s > s[0] * 1e-8).sum()))
     return a @ vt[:k].T
@@ -100,8 +101,11 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> fl
         s2 = float(bandwidth) ** 2
     k = torch.exp(-d2 / (2 * s2))
     kxx, kyy, kxy = k[:m, :m], k[m:, m:], k[:m, m:]
-    return float((kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
-                 + (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1)) - 2 * kxy.mean())
+    return float(
+        (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
+        + (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
+        - 2 * kxy.mean()
+    )
 
 
 # -- GAP: a generator of universal perturbations ----------------------------------------
@@ -110,8 +114,13 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> fl
 class _Residual(nn.Module):
     def __init__(self, c: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),
-                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(True),
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+        )
 
     def forward(self, x):
         return x + self.body(x)
@@ -131,12 +140,18 @@ class GapGenerator(nn.Module):
         self.register_buffer("z", torch.rand(1, 3, side, side, generator=g))
         c = width
         self.net = nn.Sequential(
-            nn.Conv2d(3, c, 7, padding=3, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),
-            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(True),
+            nn.Conv2d(3, c, 7, padding=3, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(True),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(2 * c),
+            nn.ReLU(True),
             *[_Residual(2 * c) for _ in range(blocks)],
             nn.ConvTranspose2d(2 * c, c, 3, stride=2, padding=1, output_padding=1, bias=False),
-            nn.BatchNorm2d(c), nn.ReLU(True),
-            nn.Conv2d(c, 3, 7, padding=3))
+            nn.BatchNorm2d(c),
+            nn.ReLU(True),
+            nn.Conv2d(c, 3, 7, padding=3),
+        )
 
     def forward(self) -> torch.Tensor:
         # eps as the largest float32 not above it: float32(eps) itself may round up
@@ -146,8 +161,16 @@ class GapGenerator(nn.Module):
         return (e * torch.tanh(self.net(self.z))[0]).clamp(-e, e)
 
 
-def train_uap(model: nn.Module, batches, target: int, eps: float, steps: int, lr: float = 2e-3,
-              seed: int = 0, side: int | None = None) -> torch.Tensor:
+def train_uap(
+    model: nn.Module,
+    batches,
+    target: int,
+    eps: float,
+    steps: int,
+    lr: float = 2e-3,
+    seed: int = 0,
+    side: int | None = None,
+) -> torch.Tensor:
     """A targeted UAP for ``model``: the generator learns to make every image of
     ``batches`` (an iterable of (x, y), cycled) classify as ``target``. Returns the
     perturbation (3, H, W), detached, |delta| <= eps."""
@@ -201,10 +224,15 @@ def uap_effect(model: nn.Module, batches, delta: torch.Tensor, target: int | Non
             others += int(mask.sum())
             hit += int((p[mask] == target).sum())
     aoi, acc = 100.0 * clean / max(n, 1), 100.0 * under / max(n, 1)
-    return {"images": n, "AOI": aoi, "acc_under_uap": acc,
-            "correct": mask_bits(torch.cat(oks)), "robust": mask_bits(torch.cat(unders)),
-            "DR": 100.0 * (aoi - acc) / aoi if aoi > 0 else float("nan"),
-            "success": 100.0 * hit / max(others, 1) if target is not None else None}
+    return {
+        "images": n,
+        "AOI": aoi,
+        "acc_under_uap": acc,
+        "correct": mask_bits(torch.cat(oks)),
+        "robust": mask_bits(torch.cat(unders)),
+        "DR": 100.0 * (aoi - acc) / aoi if aoi > 0 else float("nan"),
+        "success": 100.0 * hit / max(others, 1) if target is not None else None,
+    }
 
 
 def save_perturbation_png(delta: torch.Tensor, path: Path, title: str = "") -> None:
@@ -246,8 +274,7 @@ class Analyst:
 
     def batches(self, key: str, split: str, images: int, train: bool = False) -> list:
         out, n = [], 0
-        for x, y in self.job.loader(key, split, self.cfg.eval.batch_size, train=train, seed=self.seed,
-                                    workers=1):
+        for x, y in self.job.loader(key, split, self.cfg.eval.batch_size, train=train, seed=self.seed, workers=1):
             x, y = x[: images - n].clone().contiguous().to(self.job.device), y[: images - n].clone()
             out.append((x, y.to(self.job.device)))
             n += len(y)
@@ -263,9 +290,15 @@ class Analyst:
         result = getattr(self, "_" + task["kind"])(**task["args"])
         import ray
 
-        return {"task": task, "result": result, "seconds": time.perf_counter() - t0,
-                "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "started": start, "ended": time.time()}
+        return {
+            "task": task,
+            "result": result,
+            "seconds": time.perf_counter() - t0,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "started": start,
+            "ended": time.time(),
+        }
 
     # each task returns plain data (numbers, lists, file paths)
     def _cca(self, key: str, models: dict) -> dict:
@@ -283,7 +316,7 @@ class Analyst:
         g = torch.Generator().manual_seed(self.seed)
         out = {}
         names = list(models)
-        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
         for i, (a, b) in enumerate(pairs):
             per_layer, chance = {}, {}
             for layer in acts[a]:
@@ -313,8 +346,13 @@ class Analyst:
         along.append({"step": snapshots[-1]["of"] if snapshots else None, "success": own["success"]})
         save_perturbation_png(delta, Path(png), f"{name}: UAP to class {u.target}")
         torch.save(delta, Path(png).with_suffix(".pt"))
-        return {"success": own["success"], "max_abs": float(delta.abs().max()),
-                "eps_pixels": u.eps / 255.0, "along_training": along, "png": png}
+        return {
+            "success": own["success"],
+            "max_abs": float(delta.abs().max()),
+            "eps_pixels": u.eps / 255.0,
+            "along_training": along,
+            "png": png,
+        }
 
     def _uap_transfer(self, source_key: str, key: str, pretrained: str, models: dict) -> dict:
         """The pre-trained model's UAP (made on the source task) against target models:
@@ -323,11 +361,13 @@ class Analyst:
         src = self.batches(source_key, "train", u.train_images)
         delta = train_uap(self.model(pretrained), src, u.target, u.eps / 255.0, u.steps, u.lr, self.seed)
         test = self.batches(key, "test", self.spec.images)
-        own = uap_effect(self.model(pretrained), self.batches(source_key, "test", self.spec.images), delta,
-                         u.target)
+        own = uap_effect(self.model(pretrained), self.batches(source_key, "test", self.spec.images), delta, u.target)
         effects = {name: uap_effect(self.model(c), test, delta, None) for name, c in models.items()}
-        return {"source_success": own["success"], "DR": {name: e["DR"] for name, e in effects.items()},
-                "masks": {name: {"correct": e["correct"], "robust": e["robust"]} for name, e in effects.items()}}
+        return {
+            "source_success": own["success"],
+            "DR": {name: e["DR"] for name, e in effects.items()},
+            "masks": {name: {"correct": e["correct"], "robust": e["robust"]} for name, e in effects.items()},
+        }
 
     def _mmd(self, source_key: str, key: str, pretrained: str) -> dict:
         m = self.model(pretrained)
@@ -358,8 +398,10 @@ class Analyst:
 
 def run_replicates(job: Job, rows: list[dict], stages: dict, sources: dict, log=print) -> dict:
     """Section 4's analyses of every seed's models (``run``)."""
-    per_seed = {s: models_of(job.for_seed(s), [r for r in rows if r.get("seed") == s], stages, sources)
-                for s in job.cfg.replicate_seeds()}
+    per_seed = {
+        s: models_of(job.for_seed(s), [r for r in rows if r.get("seed") == s], stages, sources)
+        for s in job.cfg.replicate_seeds()
+    }
     return run(job, per_seed, log)
 
 
@@ -376,8 +418,13 @@ def models_of(job: Job, rows: list[dict], stages: dict, sources: dict) -> dict:
         if pre is not None and pre.ckpt.is_file():
             m["pretrained"] = str(pre.ckpt)
         for r in rows:
-            if (r["dataset"] == key and r["backbone"] == backbone and r.get("selected")
-                    and not r.get("attack") and r["method"] in ("full", "scratch")):
+            if (
+                r["dataset"] == key
+                and r["backbone"] == backbone
+                and r.get("selected")
+                and not r.get("attack")
+                and r["method"] in ("full", "scratch")
+            ):
                 st = stages[r["stage"]]
                 m[r["method"]] = str(st.ckpt)
                 m["snapshots"][r["method"]] = (st.record or {}).get("snapshots", [])
@@ -403,22 +450,38 @@ def _plan(job, models: dict, seed: int) -> list[dict]:
         trio = {k: m[k] for k in ("full", "pretrained", "scratch") if m.get(k)}
         names = {"full": "fine-tuned", "pretrained": "pre-trained", "scratch": "standard"}
         if len(trio) >= 2:
-            tasks.append({"kind": "cca", "dataset": key,
-                          "args": {"key": key, "models": {names[k]: v for k, v in trio.items()}}})
+            tasks.append(
+                {"kind": "cca", "dataset": key, "args": {"key": key, "models": {names[k]: v for k, v in trio.items()}}}
+            )
         for k in ("full", "scratch"):
             if m.get(k):
-                tasks.append({"kind": "uap", "dataset": key, "model": k,
-                              "args": {"key": key, "name": names[k], "ckpt": m[k],
-                                       "snapshots": m.get("snapshots", {}).get(k, []),
-                                       "png": str(folder / f"uap-{key}-{k}-s{seed}.png")}})
+                tasks.append(
+                    {
+                        "kind": "uap",
+                        "dataset": key,
+                        "model": k,
+                        "args": {
+                            "key": key,
+                            "name": names[k],
+                            "ckpt": m[k],
+                            "snapshots": m.get("snapshots", {}).get(k, []),
+                            "png": str(folder / f"uap-{key}-{k}-s{seed}.png"),
+                        },
+                    }
+                )
         if m.get("pretrained") and source_ok:
             both = {names[k]: m[k] for k in ("full", "scratch") if m.get(k)}
             if both:
-                tasks.append({"kind": "uap_transfer", "dataset": key,
-                              "args": {"source_key": src, "key": key, "pretrained": m["pretrained"],
-                                       "models": both}})
-            tasks.append({"kind": "mmd", "dataset": key,
-                          "args": {"source_key": src, "key": key, "pretrained": m["pretrained"]}})
+                tasks.append(
+                    {
+                        "kind": "uap_transfer",
+                        "dataset": key,
+                        "args": {"source_key": src, "key": key, "pretrained": m["pretrained"], "models": both},
+                    }
+                )
+            tasks.append(
+                {"kind": "mmd", "dataset": key, "args": {"source_key": src, "key": key, "pretrained": m["pretrained"]}}
+            )
         ll = {names[k]: m[k] for k in ("pretrained", "scratch", "full") if m.get(k)}
         if ll:
             tasks.append({"kind": "ll", "dataset": key, "args": {"key": key, "models": ll}})
@@ -451,10 +514,11 @@ def run(job, per_seed: dict, log=print) -> dict:
     distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     n = min(spec.actors, len(tasks))
     actor = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(Analyst)
-    actors = [actor.remote(cfg.resolved(), str(job.out.resolve()), max(1, int(spec.resources.cpus)))
-              for _ in range(n)]
-    log(f"analyses: {len(tasks)} tasks on {n} Ray actor(s) "
-        f"({spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU each)")
+    actors = [actor.remote(cfg.resolved(), str(job.out.resolve()), max(1, int(spec.resources.cpus))) for _ in range(n)]
+    log(
+        f"analyses: {len(tasks)} tasks on {n} Ray actor(s) "
+        f"({spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU each)"
+    )
     from tqdm.auto import tqdm
 
     done = []
@@ -464,17 +528,32 @@ def run(job, per_seed: dict, log=print) -> dict:
         for r in pool.map_unordered(lambda a, t: a.run.remote(t), tasks):
             done.append(r)
             t = r["task"]
-            log(f"analyses: {t['kind']} on {t['dataset']}{' (' + t['model'] + ')' if 'model' in t else ''} "
-                f"in {r['seconds']:.1f} s")
+            log(
+                f"analyses: {t['kind']} on {t['dataset']}{' (' + t['model'] + ')' if 'model' in t else ''} "
+                f"in {r['seconds']:.1f} s"
+            )
             bar.update(1)
     for a in actors:
         ray.kill(a)
-    out: dict = {"key": key, "seconds": time.perf_counter() - start, "actors": n,
-                 "seeds": {str(s): {"datasets": {}} for s in per_seed},
-                 "tasks": [{"kind": r["task"]["kind"], "dataset": r["task"]["dataset"], "seed": r["task"]["seed"],
-                            "model": r["task"].get("model"), "pid": r["pid"], "node": r["node"],
-                            "started": r["started"],
-                            "ended": r["ended"]} for r in done]}
+    out: dict = {
+        "key": key,
+        "seconds": time.perf_counter() - start,
+        "actors": n,
+        "seeds": {str(s): {"datasets": {}} for s in per_seed},
+        "tasks": [
+            {
+                "kind": r["task"]["kind"],
+                "dataset": r["task"]["dataset"],
+                "seed": r["task"]["seed"],
+                "model": r["task"].get("model"),
+                "pid": r["pid"],
+                "node": r["node"],
+                "started": r["started"],
+                "ended": r["ended"],
+            }
+            for r in done
+        ],
+    }
     for r in sorted(done, key=lambda r: tasks.index(r["task"])):
         t = r["task"]
         slot = out["seeds"][str(t["seed"])]["datasets"].setdefault(t["dataset"], {})  # the job's key, as in results

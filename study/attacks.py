@@ -27,6 +27,7 @@ have seen there, which the benchmark checks against the reference's AAI.
 ``auto`` means bf16 for evaluation where it is fast, fp32 otherwise; adversarial
 training (``early_stop=False``) uses fp32 unless ``bf16`` is asked for.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-_NAME = re.compile(r"^(?:(?P<pgd>pgd)(?P<steps>\d+)|(?P<fgsm>fgsm)|(?P<aa>autoattack))"
-                   r"_(?P<norm>linf|l2)_(?P<eps>\d+(?:\.\d+)?)$")
+_NAME = re.compile(
+    r"^(?:(?P<pgd>pgd)(?P<steps>\d+)|(?P<fgsm>fgsm)|(?P<aa>autoattack))"
+    r"_(?P<norm>linf|l2)_(?P<eps>\d+(?:\.\d+)?)$"
+)
 
 
 class AttackError(ValueError):
@@ -50,17 +53,17 @@ class AttackError(ValueError):
 
 @dataclass(frozen=True)
 class Attack:
-    kind: str                  # "pgd" | "fgsm" | "autoattack"
-    norm: str                  # "linf" | "l2"
-    eps: float                 # as written: 1/255 units for linf, pixel L2 norm for l2
+    kind: str  # "pgd" | "fgsm" | "autoattack"
+    norm: str  # "linf" | "l2"
+    eps: float  # as written: 1/255 units for linf, pixel L2 norm for l2
     steps: int = 10
     restarts: int = 1
     random_start: bool = False
-    rel_step: float = 1.25     # step size = rel_step * eps / steps (the paper's 1.25)
+    rel_step: float = 1.25  # step size = rel_step * eps / steps (the paper's 1.25)
     targeted: bool = False
     max_images: int | None = None  # a cap of its own (AutoAttack on CPU needs one)
-    precision: str = "auto"    # of the ascent steps; verdicts are always fp32 (see above)
-    loss: str = "ce"           # what the steps ascend: cross-entropy, or "cw" (C&W's margin)
+    precision: str = "auto"  # of the ascent steps; verdicts are always fp32 (see above)
+    loss: str = "ce"  # what the steps ascend: cross-entropy, or "cw" (C&W's margin)
 
     @property
     def name(self) -> str:
@@ -131,11 +134,12 @@ def parse_attack(spec) -> Attack:
     if not m:
         if re.match(r"^\w+_(linf|l2)_-", spec):
             raise AttackError(f"attack {spec!r}: eps must not be negative")
-        raise AttackError(f"unknown attack {spec!r} (expected pgd<steps>_<linf|l2>_<eps>, "
-                          f"fgsm_<linf|l2>_<eps> or autoattack_<linf|l2>_<eps>, e.g. pgd10_linf_0.5)")
+        raise AttackError(
+            f"unknown attack {spec!r} (expected pgd<steps>_<linf|l2>_<eps>, "
+            f"fgsm_<linf|l2>_<eps> or autoattack_<linf|l2>_<eps>, e.g. pgd10_linf_0.5)"
+        )
     if m["aa"]:
-        base = Attack("autoattack", m["norm"], float(m["eps"]), steps=0, random_start=False,
-                      rel_step=1.0)
+        base = Attack("autoattack", m["norm"], float(m["eps"]), steps=0, random_start=False, rel_step=1.0)
     elif m["fgsm"]:
         base = Attack("fgsm", m["norm"], float(m["eps"]), steps=1, random_start=False, rel_step=1.0)
     else:
@@ -146,12 +150,20 @@ def parse_attack(spec) -> Attack:
     number, integer, flag = ((int, float), "a number"), (int, "an integer"), (bool, "true or false")
     allowed = {"eps": number, "max_images": integer}
     if not m["aa"]:
-        allowed.update(restarts=integer, random_start=flag, rel_step=number, targeted=flag,
-                       precision=(str, "one of auto, fp32, bf16"), loss=(str, "one of ce, cw"))
+        allowed.update(
+            restarts=integer,
+            random_start=flag,
+            rel_step=number,
+            targeted=flag,
+            precision=(str, "one of auto, fp32, bf16"),
+            loss=(str, "one of ce, cw"),
+        )
     for key, value in options.items():
         if key == "loss" and m["aa"]:
-            raise AttackError(f"attack {spec!r}: AutoAttack's standard version fixes its own losses "
-                              f"(APGD-CE, APGD-T, FAB-T, Square); loss applies to pgd and fgsm")
+            raise AttackError(
+                f"attack {spec!r}: AutoAttack's standard version fixes its own losses "
+                f"(APGD-CE, APGD-T, FAB-T, Square); loss applies to pgd and fgsm"
+            )
         if key not in allowed:
             raise AttackError(f"attack {spec!r}: unknown option {key!r} (allowed: {', '.join(allowed)})")
         types, words = allowed[key]
@@ -167,8 +179,9 @@ def parse_attack(spec) -> Attack:
     if attack.loss not in LOSSES:
         raise AttackError(f"attack {spec!r}: loss must be one of {', '.join(LOSSES)}, got {attack.loss!r}")
     if attack.precision not in PRECISIONS:
-        raise AttackError(f"attack {spec!r}: precision must be one of {', '.join(PRECISIONS)}, "
-                          f"got {attack.precision!r}")
+        raise AttackError(
+            f"attack {spec!r}: precision must be one of {', '.join(PRECISIONS)}, got {attack.precision!r}"
+        )
     if attack.max_images is not None and attack.max_images < 1:
         raise AttackError(f"attack {spec!r}: max_images must be >= 1")
     return attack
@@ -194,8 +207,7 @@ def step_dtype(attack: Attack, device: torch.device, early_stop: bool) -> torch.
         return None
     if attack.precision == "bf16":
         return torch.bfloat16
-    fast = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-            else device.type == "cpu" and _cpu_has_bf16_units())
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and _cpu_has_bf16_units()
     return torch.bfloat16 if fast else None
 
 
@@ -240,9 +252,9 @@ VANISHING = 1e-30
 
 @dataclass
 class Outcome:
-    x_adv: torch.Tensor        # the iterate that broke each sample, else the last one
-    fooled: torch.Tensor       # bool per sample: misclassified (untargeted) or hit (targeted)
-    grad_norm: torch.Tensor    # input-gradient norm at the first step (gradient-masking check)
+    x_adv: torch.Tensor  # the iterate that broke each sample, else the last one
+    fooled: torch.Tensor  # bool per sample: misclassified (untargeted) or hit (targeted)
+    grad_norm: torch.Tensor  # input-gradient norm at the first step (gradient-masking check)
     notes: list = field(default_factory=list)  # warnings of AutoAttack's own checks
 
 
@@ -252,9 +264,15 @@ def _success(logits, labels, targeted: bool):
     return pred == labels if targeted else pred != labels
 
 
-def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
-            target: torch.Tensor | None = None, early_stop: bool = True,
-            generator: torch.Generator | None = None) -> Outcome:
+def perturb(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Attack,
+    target: torch.Tensor | None = None,
+    early_stop: bool = True,
+    generator: torch.Generator | None = None,
+) -> Outcome:
     """Runs ``attack`` on a batch. The model is put in eval mode for the attack and
     restored after. ``target`` (targeted attacks) is the class each sample is pushed to.
     Restarts serve evaluation only: with ``early_stop=False`` one run gives the last iterate."""
@@ -323,9 +341,15 @@ def attack_loss(attack: Attack):
     return lambda logits, labels: F.cross_entropy(logits, labels, reduction="none")
 
 
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
-        target: torch.Tensor | None = None, generator: torch.Generator | None = None,
-        loss=None) -> torch.Tensor:
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Attack,
+    target: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    loss=None,
+) -> torch.Tensor:
     """The paper's PGD (FGSM: one step) on a fixed batch: ``attack.steps`` ascent steps of
     ``attack``'s loss from its start (the clean image, or a random point of the ball), each
     taken by ``ascend``; returns the last iterate, detached, with no early exit: what
@@ -340,16 +364,16 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
         cur = cur.detach().requires_grad_(True)
         with torch.enable_grad():
             total = loss_fn(model(cur).float(), lab).sum()
-        grad, = torch.autograd.grad(total, cur)
+        (grad,) = torch.autograd.grad(total, cur)
         with torch.no_grad():
             cur = ascend(x0, cur.detach(), grad, attack)
     return cur.detach()
 
 
 class _Stream:
-    """PGD/FGSM (``ascend``, as ``pgd`` takes it) over a stream of chunks ``(x, y, target|None)``. Yields ``(pool, fooled)``
-    of the samples that finish, as they finish: ``pool.cur`` is the iterate that broke a
-    sample, else its last one.
+    """PGD/FGSM (``ascend``, as ``pgd`` takes it) over a stream of chunks
+    ``(x, y, target|None)``. Yields ``(pool, fooled)`` of the samples that finish, as they
+    finish: ``pool.cur`` is the iterate that broke a sample, else its last one.
 
     The samples of the stream flow through one pool of the first chunk's size: broken
     samples leave (early stop) and new ones take their place, so every pass runs on a
@@ -363,14 +387,15 @@ class _Stream:
 
     bf16 evaluation: a sample whose bf16 logits say it broke leaves the pool with that
     iterate and with the next one (its gradient came with the same pass) and waits for an
-    fp32 pass, and so does every last iterate, as soon as its step makes it. The waiting samples are judged together once they fill a quarter of the
-    pool, or at once when the stream runs dry. A break ends there; any other goes back to
-    the queue and carries on from its next iterate, so the wait costs no step. So every
-    final verdict is fp32, and a last iterate costs an fp32 forward pass instead of a bf16
-    forward and backward one. (Not an fp32 pass per bf16 pass on the few samples near the
-    boundary: a pass pays a fixed price, the weights' reorder, whatever its batch.) bf16
-    logits are off by a little, so a middle iterate that fp32 would call a break may pass
-    unseen; the last iterates are judged in fp32, and proposing near-breaks as well found
+    fp32 pass, and so does every last iterate, as soon as its step makes it. The waiting
+    samples are judged together once they fill a quarter of the pool, or at once when the
+    stream runs dry. A break ends there; any other goes back to the queue and carries on
+    from its next iterate, so the wait costs no step. So every final verdict is fp32, and
+    a last iterate costs an fp32 forward pass instead of a bf16 forward and backward one.
+    (Not an fp32 pass per bf16 pass on the few samples near the boundary: a pass pays a
+    fixed price, the weights' reorder, whatever its batch.) bf16 logits are off by a
+    little, so a middle iterate that fp32 would call a break may pass unseen; the last
+    iterates are judged in fp32, and proposing near-breaks as well found
     no more breaks (README, "Where the gain comes from")."""
 
     def __init__(self, model, chunks, attack: Attack, early_stop: bool, generator):
@@ -389,8 +414,9 @@ class _Stream:
             # a last iterate can wait for company; a sample that may go on waits while the
             # stream has others to fill its place, and not once it runs dry
             held = self.held
-            if held is not None and (idle or not self.judged and (
-                    4 * len(held) >= self.cap or dry and bool((held.step < steps).any()))):
+            if held is not None and (
+                idle or not self.judged and (4 * len(held) >= self.cap or dry and bool((held.step < steps).any()))
+            ):
                 self.judged = True  # at most one fp32 pass of the waiting between two passes
                 yield from self._judge()
                 continue
@@ -437,9 +463,16 @@ class _Stream:
             correct = pred == y
             done = pred == lab if a.targeted else ~correct
         zeros = torch.zeros(n, dtype=torch.long, device=self.device)
-        new = _Pool(ids=torch.arange(self.arrived, self.arrived + n, device=self.device), x0=x, cur=x, lab=lab,
-                    correct=correct, gn=torch.full((n,), float("nan"), device=self.device), step=zeros,
-                    restart=zeros)
+        new = _Pool(
+            ids=torch.arange(self.arrived, self.arrived + n, device=self.device),
+            x0=x,
+            cur=x,
+            lab=lab,
+            correct=correct,
+            gn=torch.full((n,), float("nan"), device=self.device),
+            step=zeros,
+            restart=zeros,
+        )
         self.arrived += n
         if done.any():
             yield new.take(done), done[done]
@@ -512,7 +545,7 @@ class _Stream:
             stepping = (move | park) & ~last  # the waiting ones take their next iterate along
             if need_grad:
                 loss = self.loss(logits, pool.lab) * stepping  # the rest pull on nothing
-                grad, = torch.autograd.grad(loss.sum(), cur)
+                (grad,) = torch.autograd.grad(loss.sum(), cur)
         if leave.any():
             out = pool.take(leave)
             out.cur = out.cur.detach()
@@ -566,7 +599,7 @@ def _input_grad_norm(model, x, y) -> torch.Tensor:
     with torch.enable_grad():
         x = x.clone().requires_grad_(True)
         loss = F.cross_entropy(model(x), y, reduction="sum")
-        grad, = torch.autograd.grad(loss, x)
+        (grad,) = torch.autograd.grad(loss, x)
     return _flat_norm(grad).flatten()
 
 
@@ -590,8 +623,14 @@ def _autoattack(model, x, y, attack, generator) -> Outcome:
     from pyautoattack import AutoAttack
 
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator else 0
-    aa = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[attack.norm], eps=attack.eps_pixels,
-                    version="standard", device=x.device, seed=seed)
+    aa = AutoAttack(
+        model,
+        norm={"linf": "Linf", "l2": "L2"}[attack.norm],
+        eps=attack.eps_pixels,
+        version="standard",
+        device=x.device,
+        seed=seed,
+    )
     collect, logger = _Collect(), aa.logger
     saved = logger.level, logger.propagate
     logger.addHandler(collect)
@@ -609,8 +648,7 @@ def _autoattack(model, x, y, attack, generator) -> Outcome:
     return Outcome(x_adv.detach(), y_adv != y, _input_grad_norm(model, x, y), notes)
 
 
-def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int | None = None,
-                    seed: int = 0) -> dict:
+def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int | None = None, seed: int = 0) -> dict:
     """AOI, AAI and DR (percent) of ``model`` under ``attack`` on the same images, plus what
     the sanity checks need: per-sample clean and robust correctness, the largest
     perturbation norm, whether every adversarial image stays in [0, 1], the count of
@@ -673,18 +711,35 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
     aai = 100.0 * float(robust.sum()) / max(n, 1)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = None if attack.kind == "autoattack" else step_dtype(attack, device, early_stop=True)
-    return {"attack": attack.name, "images": n, "AOI": aoi, "AAI": aai,
-            "DR": 100.0 * (aoi - aai) / aoi if aoi > 0 else float("nan"),
-            "max_delta": max_delta, "eps_pixels": attack.eps_pixels, "in_range": in_range,
-            "vanishing_gradients": vanished, "notes": notes,
-            "precision": "fp32" if dtype is None else "bf16",
-            "seconds": time.perf_counter() - start, "correct": correct, "robust": robust}
+    return {
+        "attack": attack.name,
+        "images": n,
+        "AOI": aoi,
+        "AAI": aai,
+        "DR": 100.0 * (aoi - aai) / aoi if aoi > 0 else float("nan"),
+        "max_delta": max_delta,
+        "eps_pixels": attack.eps_pixels,
+        "in_range": in_range,
+        "vanishing_gradients": vanished,
+        "notes": notes,
+        "precision": "fp32" if dtype is None else "bf16",
+        "seconds": time.perf_counter() - start,
+        "correct": correct,
+        "robust": robust,
+    }
 
 
 # -- feature-space steepness (the paper's Eq. 4) ---------------------------------------
-def steepest_neighbour(f: nn.Module, x: torch.Tensor, eps: float, steps: int = 10,
-                       rel_step: float = 2.5, generator: torch.Generator | None = None,
-                       distance: str = "l1", start_std: float | None = None) -> torch.Tensor:
+def steepest_neighbour(
+    f: nn.Module,
+    x: torch.Tensor,
+    eps: float,
+    steps: int = 10,
+    rel_step: float = 2.5,
+    generator: torch.Generator | None = None,
+    distance: str = "l1",
+    start_std: float | None = None,
+) -> torch.Tensor:
     """The inner maximisation of the paper's Eq. 4 by PGD: for each x, a point x' of the
     L-inf ball of radius ``eps`` (pixels) that maximises ||f(x) - f(x')||_1 / ||x - x'||_inf.
 
@@ -717,7 +772,7 @@ def steepest_neighbour(f: nn.Module, x: torch.Tensor, eps: float, steps: int = 1
             with torch.enable_grad():  # the search needs input gradients even when measuring
                 gap = fx - f(cur).flatten(1)
                 spread = gap.abs().sum() if distance == "l1" else gap.pow(2).mean()
-                grad, = torch.autograd.grad(spread, cur)
+                (grad,) = torch.autograd.grad(spread, cur)
             with torch.no_grad():
                 cur = (x + _project(cur + alpha * grad.sign() - x, "linf", eps)).clamp(0, 1)
         return cur.detach()
@@ -731,9 +786,15 @@ def steepness(fx: torch.Tensor, fx_adv: torch.Tensor, x: torch.Tensor, x_adv: to
     return (fx - fx_adv).abs().sum(1) / dist
 
 
-def local_lipschitz(f: nn.Module, x: torch.Tensor, eps: float, steps: int = 10,
-                    rel_step: float = 2.5, generator: torch.Generator | None = None,
-                    x_adv: torch.Tensor | None = None) -> torch.Tensor:
+def local_lipschitz(
+    f: nn.Module,
+    x: torch.Tensor,
+    eps: float,
+    steps: int = 10,
+    rel_step: float = 2.5,
+    generator: torch.Generator | None = None,
+    x_adv: torch.Tensor | None = None,
+) -> torch.Tensor:
     """LL(f(X)) of the paper's Eq. 4 on the batch ``x``: the mean over samples of the
     steepest ratio found by ``steepest_neighbour`` (pass ``x_adv`` to reuse one). The
     value keeps f's graph, so the DM objective can minimise it; under ``torch.no_grad()``
@@ -741,5 +802,5 @@ def local_lipschitz(f: nn.Module, x: torch.Tensor, eps: float, steps: int = 10,
     if x_adv is None:
         x_adv = steepest_neighbour(f, x, eps, steps, rel_step, generator)
     both = f(torch.cat([x, x_adv])).flatten(1)  # one pass: BatchNorm sees both halves together
-    fx, fx_adv = both[: len(x)], both[len(x):]
+    fx, fx_adv = both[: len(x)], both[len(x) :]
     return steepness(fx, fx_adv, x, x_adv).mean()

@@ -22,6 +22,7 @@ dict made at another resolution). Every family runs at any input side.
 A family missing a piece is refused when its module is imported, naming the family and
 the piece.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -116,7 +117,7 @@ def _fold_pairs(block: nn.Module, pairs) -> None:
 
 def _split(prefix: str) -> Callable[[dict], tuple[dict, dict]]:
     def split(state: dict) -> tuple[dict, dict]:
-        head = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        head = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         return {k: v for k, v in state.items() if not k.startswith(prefix)}, head
 
     return split
@@ -193,8 +194,10 @@ class ViT(Family):
     fold = None
     signature = "encoder.layers.encoder_layer_0.ln_1.weight"
     map_weights = staticmethod(_split("heads.head."))
-    SIZES = {"vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
-             "vit_tiny_p4": dict(patch_size=4, num_layers=4, num_heads=3, hidden_dim=192, mlp_dim=768)}
+    SIZES = {
+        "vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
+        "vit_tiny_p4": dict(patch_size=4, num_layers=4, num_heads=3, hidden_dim=192, mlp_dim=768),
+    }
 
     @staticmethod
     def build(variant: str, resolution: int | None = None):

@@ -16,6 +16,7 @@ the paper's wording: DM@stage-1&2, at the λ chosen on validation, has a better 
 DR than every other defense with an AOI at most AOI_MARGIN points below the full
 fine-tune's, on most units (the paper's own Table 5 has an exception, Cars).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,7 @@ def units(df: pd.DataFrame) -> list[dict]:
     keys = list(zip(*(_col(tuned, k).tolist() for k in UNIT)))
     scratch = [m in METHODS and METHODS[m].starts_from is None for m in tuned.method]
     found = list(dict.fromkeys(k for k, s in zip(keys, scratch) if not s))
-    alone = [u for u in dict.fromkeys(k[:3] for k, s in zip(keys, scratch) if s)
-             if not any(f[:3] == u for f in found)]
+    alone = [u for u in dict.fromkeys(k[:3] for k, s in zip(keys, scratch) if s) if not any(f[:3] == u for f in found)]
     return [dict(zip(UNIT, u)) for u in found] + [dict(zip(UNIT, (*u, ""))) for u in alone]
 
 
@@ -130,9 +130,12 @@ def _judge(claim: str, per_dataset: list[dict], missing: str, most: bool = False
     for d in per_dataset:
         d.setdefault("verdict", stats.verdict(d["lo"], d["hi"]))
     verdict = _tally(per_dataset, most)
-    detail = "; ".join(f"{d['dataset']}: {d['what']} {d['effect']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
-                       f"{d.get('also', '')} ({d['images']} images, {d['seeds']} seed{'s' if d['seeds'] > 1 else ''}) "
-                       f"{d['verdict']}" for d in per_dataset)
+    detail = "; ".join(
+        f"{d['dataset']}: {d['what']} {d['effect']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
+        f"{d.get('also', '')} ({d['images']} images, {d['seeds']} seed{'s' if d['seeds'] > 1 else ''}) "
+        f"{d['verdict']}"
+        for d in per_dataset
+    )
     n = len(per_dataset)
     tally = f"agree on {sum(d['verdict'] == 'agree' for d in per_dataset)} of {n} dataset{'s' if n > 1 else ''}"
     return {"claim": claim, "verdict": verdict, "detail": f"{tally}: {detail}", "datasets": per_dataset}
@@ -170,10 +173,15 @@ def _uap_claim(found: dict) -> dict:
                 (cf, rf), (cs, rs) = _arrays(m["fine-tuned"]), _arrays(m["standard"])
                 n = min(len(cf), len(cs))
                 per_dataset.setdefault(d, []).append({"ft": (cf[:n], rf[:n]), "st": (cs[:n], rs[:n])})
-    per = [{"dataset": d, "what": "DR under it, fine-tuned − standard", **stats.paired_effect(reps, _dr_gap("ft", "st"))}
-           for d, reps in per_dataset.items()]
-    return _judge("The pre-trained model's UAP transfers to fine-tuned models but not to standard ones.", per,
-                  "no UAP transfer with per-image results in this run")
+    per = [
+        {"dataset": d, "what": "DR under it, fine-tuned − standard", **stats.paired_effect(reps, _dr_gap("ft", "st"))}
+        for d, reps in per_dataset.items()
+    ]
+    return _judge(
+        "The pre-trained model's UAP transfers to fine-tuned models but not to standard ones.",
+        per,
+        "no UAP transfer with per-image results in this run",
+    )
 
 
 def _mmd_claim(df: pd.DataFrame, found: dict, every: list[dict]) -> dict:
@@ -190,21 +198,36 @@ def _mmd_claim(df: pd.DataFrame, found: dict, every: list[dict]) -> dict:
         rows = picks(df, unit, "full", TABLE1_ATTACK) if unit["dataset"] in mmd else []
         if len(rows) and rows.DR.notna().any():
             groups.setdefault((unit["job"], unit["backbone"], unit["source_data"]), []).append(
-                (unit["dataset"], float(np.mean(mmd[unit["dataset"]])), float(rows.DR.mean())))
+                (unit["dataset"], float(np.mean(mmd[unit["dataset"]])), float(rows.DR.mean()))
+            )
     pts = max(groups.values(), key=len, default=[])
     listing = ", ".join(f"{d} MMD² {m:.3f} DR {r:.1f}" for d, m, r in sorted(pts, key=lambda p: p[1]))
     if len(pts) < MIN_MMD_DATASETS:
-        return {"claim": claim, "verdict": "inconclusive", "datasets": [],
-                "detail": f"needs at least {MIN_MMD_DATASETS} target datasets with MMD and DR "
-                          f"(ρ over two is always ±1), this run has {len(pts)}" + (f": {listing}" if pts else "")}
+        return {
+            "claim": claim,
+            "verdict": "inconclusive",
+            "datasets": [],
+            "detail": f"needs at least {MIN_MMD_DATASETS} target datasets with MMD and DR "
+            f"(ρ over two is always ±1), this run has {len(pts)}" + (f": {listing}" if pts else ""),
+        }
     rho, p = stats.spearman([m for _, m, _ in pts], [r for _, _, r in pts])
     verdict = "inconclusive" if not p < 0.05 or rho != rho else ("agree" if rho > 0 else "disagree")
     floor = 2.0 / math.factorial(len(pts))  # the exact test's smallest two-sided p: ρ = ±1
-    note = (f"; with {len(pts)} datasets the smallest possible p is 2/{len(pts)}! = {floor:.3f}, so p < 0.05 "
-            f"needs at least 5" if floor >= 0.05 else "")
-    return {"claim": claim, "verdict": verdict, "rho": rho, "p": p, "datasets": [],
-            "detail": f"Spearman ρ(MMD², DR) = {rho:.2f}, permutation p = {p:.3f}, over {len(pts)} target "
-                      f"datasets: {listing}{note}"}
+    note = (
+        f"; with {len(pts)} datasets the smallest possible p is 2/{len(pts)}! = {floor:.3f}, so p < 0.05 "
+        f"needs at least 5"
+        if floor >= 0.05
+        else ""
+    )
+    return {
+        "claim": claim,
+        "verdict": verdict,
+        "rho": rho,
+        "p": p,
+        "datasets": [],
+        "detail": f"Spearman ρ(MMD², DR) = {rho:.2f}, permutation p = {p:.3f}, over {len(pts)} target "
+        f"datasets: {listing}{note}",
+    }
 
 
 def _dm_unit(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict]) -> dict | None:
@@ -236,17 +259,32 @@ def _dm_unit(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict]) -> di
         gap = stats.paired_effect(reps, lambda m, idx: 100.0 * (m["dm"][0][idx].mean(-1) - m["full"][0][idx].mean(-1)))
         aoi_ok = gap["hi"] >= -AOI_MARGIN
         also += f"; AOI DM − full {gap['effect']:+.1f} [{gap['lo']:+.1f}, {gap['hi']:+.1f}] (margin {AOI_MARGIN:g})"
-    verdict = ("agree" if gain["lo"] > 0 and drop["lo"] > 0 and aoi_ok else
-               "disagree" if gain["hi"] < 0 or not aoi_ok else "inconclusive")
-    return {**_unit_fields(unit, every), "what": "AAI DM@stage-1&2 − best other defense", **gain,
-            "also": also, "verdict": verdict, "rivals": rivals}
+    verdict = (
+        "agree"
+        if gain["lo"] > 0 and drop["lo"] > 0 and aoi_ok
+        else "disagree"
+        if gain["hi"] < 0 or not aoi_ok
+        else "inconclusive"
+    )
+    return {
+        **_unit_fields(unit, every),
+        "what": "AAI DM@stage-1&2 − best other defense",
+        **gain,
+        "also": also,
+        "verdict": verdict,
+        "rivals": rivals,
+    }
 
 
 def _dm_claim(df: pd.DataFrame, masks: dict, every: list[dict]) -> dict:
     per = [d for d in (_dm_unit(df, masks, u, every) for u in every) if d is not None]
-    return _judge("DM@stage-1&2 gives a better AAI and DR than the other defenses, keeping the full fine-tune's "
-                  "AOI, on most datasets.", per, "needs DM@stage-1&2 and another defense under " + TABLE1_ATTACK,
-                  most=True)
+    return _judge(
+        "DM@stage-1&2 gives a better AAI and DR than the other defenses, keeping the full fine-tune's "
+        "AOI, on most datasets.",
+        per,
+        "needs DM@stage-1&2 and another defense under " + TABLE1_ATTACK,
+        most=True,
+    )
 
 
 def judge(df: pd.DataFrame, found: dict, masks: dict) -> list[dict]:
@@ -255,12 +293,26 @@ def judge(df: pd.DataFrame, found: dict, masks: dict) -> list[dict]:
     every = units(df[df.attack == TABLE1_ATTACK]) if len(df) else []
     masks = masks or {}
     return [
-        _dr_claim(df, masks, every, "Fine-tuned models have a higher DR than standard ones.", "full", "scratch",
-                  "DR full − standard", "no full fine-tune and standard model with per-image results under "
-                  + TABLE1_ATTACK),
-        _dr_claim(df, masks, every, "Partial fine-tuning is worse (higher DR) than full fine-tuning.", "partial",
-                  "full", "DR partial − full", "no partial and full fine-tune with per-image results under "
-                  + TABLE1_ATTACK),
+        _dr_claim(
+            df,
+            masks,
+            every,
+            "Fine-tuned models have a higher DR than standard ones.",
+            "full",
+            "scratch",
+            "DR full − standard",
+            "no full fine-tune and standard model with per-image results under " + TABLE1_ATTACK,
+        ),
+        _dr_claim(
+            df,
+            masks,
+            every,
+            "Partial fine-tuning is worse (higher DR) than full fine-tuning.",
+            "partial",
+            "full",
+            "DR partial − full",
+            "no partial and full fine-tune with per-image results under " + TABLE1_ATTACK,
+        ),
         _uap_claim(found),
         _mmd_claim(df, found, every),
         _dm_claim(df, masks, every),

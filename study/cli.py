@@ -15,6 +15,7 @@
 
 Exit codes: 0 done, 2 bad input (one line on stderr naming what is wrong), 1 failure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def cmd_run(args, job_path: Path) -> int:
         if est["unknown"] or est["seconds"] / 3600 > cfg.limits.gpu_hours:
             raise config.ConfigError(
                 f"limits.gpu_hours: the estimate is {est['seconds'] / 3600:,.1f} GPU-hours against a limit "
-                f"of {cfg.limits.gpu_hours:g}" + (f" (not counted: {'; '.join(est['unknown'])})"
-                                                   if est["unknown"] else ""))
+                f"of {cfg.limits.gpu_hours:g}"
+                + (f" (not counted: {'; '.join(est['unknown'])})" if est["unknown"] else "")
+            )
     out = Path(args.out or Path("runs") / cfg.name)
     from study.pipeline import run_job
 
@@ -75,11 +77,12 @@ def cmd_data_prepare(args) -> int:
 
     get_info(args.name)
     params = resolve_params(args.name, dict(_parse_param(p) for p in args.param))
-    for split, p in prepare(args.name, Path(args.out), root=args.root, params=params,
-                            workers=args.workers).items():
+    for split, p in prepare(args.name, Path(args.out), root=args.root, params=params, workers=args.workers).items():
         state = "written" if p.written else "already prepared, nothing to do"
-        print(f"{args.name}/{split}: {p.manifest['count']} images, "
-              f"{p.manifest['num_classes']} classes -> {p.beton} ({state})")
+        print(
+            f"{args.name}/{split}: {p.manifest['count']} images, "
+            f"{p.manifest['num_classes']} classes -> {p.beton} ({state})"
+        )
     return 0
 
 
@@ -135,22 +138,38 @@ def _verify(args, hub, src, got) -> int:
     if arch is None:
         raise hub.WeightsError(f"{args.name}: say which architecture the file holds (--backbone)")
     attack = hub.default_attack(src) if args.attack == "own" else args.attack
-    res = hub.verify(got, arch, args.data, args.images, attack, args.resolution, args.batch_size,
-                     "cuda" if torch.cuda.is_available() else "cpu")
+    res = hub.verify(
+        got,
+        arch,
+        args.data,
+        args.images,
+        attack,
+        args.resolution,
+        args.batch_size,
+        "cuda" if torch.cuda.is_available() else "cpu",
+    )
     published = args.expect if args.expect is not None else src.published
-    print(f"{args.name} ({arch}{', ' + hub.threat(src.entry) if src.entry else ''}) on {res['images']} "
-          f"ImageNet validation images of {args.data}")
-    print(f"  clean {res['clean']:.2f} % [{res['clean_lo']:.2f}, {res['clean_hi']:.2f}] (Wilson 95 %)"
-          + (f"; published {published:.2f} %" if published is not None else "; nothing published to compare"))
+    print(
+        f"{args.name} ({arch}{', ' + hub.threat(src.entry) if src.entry else ''}) on {res['images']} "
+        f"ImageNet validation images of {args.data}"
+    )
+    print(
+        f"  clean {res['clean']:.2f} % [{res['clean_lo']:.2f}, {res['clean_hi']:.2f}] (Wilson 95 %)"
+        + (f"; published {published:.2f} %" if published is not None else "; nothing published to compare")
+    )
     if "robust" in res:
         known = (src.entry or {}).get("robust")
-        print(f"  robust under {res['attack']}: {res['robust']:.2f} %"
-              + (f"; published {known:.2f} %" if known is not None else "; not published"))
+        print(
+            f"  robust under {res['attack']}: {res['robust']:.2f} %"
+            + (f"; published {known:.2f} %" if known is not None else "; not published")
+        )
     if published is None:
         return 0
     if res["clean_hi"] + args.tolerance < published:
-        print(f"  FAILED: even the interval's upper end is more than {args.tolerance:g} points below the "
-              f"published {published:.2f} %: this file does not behave as the published model")
+        print(
+            f"  FAILED: even the interval's upper end is more than {args.tolerance:g} points below the "
+            f"published {published:.2f} %: this file does not behave as the published model"
+        )
         return 1
     print(f"  consistent with the published number (within {args.tolerance:g} points of the interval)")
     return 0
@@ -166,8 +185,9 @@ def cmd_report(args) -> int:
 
     store = Path(args.source)
     if not os.environ.get("MLFLOW_TRACKING_URI") and not (store / tracking.DB_NAME).is_file():
-        print(f"study: error: no MLflow store at {store / tracking.DB_NAME} and no MLFLOW_TRACKING_URI",
-              file=sys.stderr)
+        print(
+            f"study: error: no MLflow store at {store / tracking.DB_NAME} and no MLFLOW_TRACKING_URI", file=sys.stderr
+        )
         return USAGE_ERROR
     with tracking.tracking(store, quiet=True):
         try:
@@ -188,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="output folder (default runs/<job name>)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    d = sub.add_parser("demo", help="the whole study on one laptop: Fashion-MNIST as the source, alphabet and two generated targets (jobs/demo.yaml)")
+    d = sub.add_parser(
+        "demo",
+        help="the whole study on one laptop: Fashion-MNIST as the source, alphabet and two generated targets "
+        "(jobs/demo.yaml)",
+    )
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--quiet", action="store_true")
 
@@ -208,18 +232,28 @@ def build_parser() -> argparse.ArgumentParser:
     ws = w.add_subparsers(dest="weights_command", required=True)
     wl = ws.add_parser("list", help="the catalog (Salman et al.'s robust models) and torchvision's weights")
     wl.add_argument("--backbone", help="only this architecture")
-    for verb, text in (("fetch", "download into the cache; print the path and sha256"),
-                       ("verify", "clean (and robust) ImageNet accuracy beside the published number")):
+    for verb, text in (
+        ("fetch", "download into the cache; print the path and sha256"),
+        ("verify", "clean (and robust) ImageNet accuracy beside the published number"),
+    ):
         wv = ws.add_parser(verb, help=text)
         wv.add_argument("name", help="a catalog name, hf://OWNER/REPO/FILE[@REV], IMAGENET1K_V1 or a path")
         wv.add_argument("--backbone", help="the architecture, where the name does not say it")
         wv.add_argument("--cache", type=Path, help="download folder (default: huggingface_hub's and torch's caches)")
     wv.add_argument("--data", type=Path, required=True, help="ImageNet's root (ROOT/val/<wnid>/...)")
     wv.add_argument("--images", type=int, default=1000, help="validation images, one class after another")
-    wv.add_argument("--attack", nargs="?", const="own",
-                    help="also attack: an attack name, or none for PGD-10 at the model's own eps")
-    wv.add_argument("--tolerance", type=float, default=2.0,
-                    help="points the clean accuracy's interval may lie below the published number")
+    wv.add_argument(
+        "--attack",
+        nargs="?",
+        const="own",
+        help="also attack: an attack name, or none for PGD-10 at the model's own eps",
+    )
+    wv.add_argument(
+        "--tolerance",
+        type=float,
+        default=2.0,
+        help="points the clean accuracy's interval may lie below the published number",
+    )
     wv.add_argument("--expect", type=float, help="the accuracy to compare with (default: the published one)")
     wv.add_argument("--resolution", type=int, default=224)
     wv.add_argument("--batch-size", type=int, default=50)
@@ -227,15 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="trials, stages and a GPU-hour estimate, without starting anything")
     pl.add_argument("job", type=Path)
     pl.add_argument("--costs", type=Path, help="per-image costs file (default: the job's limits.costs)")
-    pl.add_argument("--no-measure", action="store_true",
-                    help="use the costs file as it is (default: time what it lacks on this machine's "
-                         "device, a few seconds per backbone, and store it there)")
+    pl.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="use the costs file as it is (default: time what it lacks on this machine's "
+        "device, a few seconds per backbone, and store it there)",
+    )
 
     rp = sub.add_parser("report", help="rebuild the paper's tables and figures from MLflow")
     rp.add_argument("--out", type=Path, required=True, help="folder for index.html, index.md and the PNGs")
     rp.add_argument("--experiment", help="one MLflow experiment (a job's name); default: all")
-    rp.add_argument("--from", dest="source", default="runs/demo",
-                    help="a job's OUT whose store to read when MLFLOW_TRACKING_URI is unset")
+    rp.add_argument(
+        "--from",
+        dest="source",
+        default="runs/demo",
+        help="a job's OUT whose store to read when MLFLOW_TRACKING_URI is unset",
+    )
     return p
 
 

@@ -3,6 +3,7 @@
 Every mistake is reported as one line naming the field, e.g.
 ``pretrain.backbones[0]: unknown backbone 'resnet9' (known: resnet18, ...)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,6 +53,7 @@ MethodName = Annotated[str, one_of(list(METHODS), "method")]
 class TrainSpec(TrainSettings):
     """The engine's TrainSettings as a job file writes them, plus ``lr``, a shorthand for
     lr_f = lr_g (each defaults to lr, else 0.1)."""
+
     lr: float | None = Field(None, ge=0)
     lr_f: float | None = Field(None, ge=0)
     lr_g: float | None = Field(None, ge=0)
@@ -65,16 +67,16 @@ class TrainSpec(TrainSettings):
 
 
 class DatasetSpec(_Strict):
-    name: str | None = None           # registry name; defaults to the key in `datasets`
-    root: str | None = None           # for real datasets; defaults to data.root
+    name: str | None = None  # registry name; defaults to the key in `datasets`
+    root: str | None = None  # for real datasets; defaults to data.root
     resolution: int | None = Field(None, gt=0)  # training/eval image side
     params: dict = Field(default_factory=dict)
 
 
 class DataSpec(_Strict):
-    root: str | None = None           # default root of real datasets
-    dir: str = "data"                    # .beton folder, relative to OUT unless absolute
-    workers: int = Field(2, gt=0)        # loader threads and writer processes
+    root: str | None = None  # default root of real datasets
+    dir: str = "data"  # .beton folder, relative to OUT unless absolute
+    workers: int = Field(2, gt=0)  # loader threads and writer processes
 
 
 def _no_repeats(names: list[str], what: str) -> None:
@@ -96,15 +98,17 @@ Objective = Annotated[Any, AfterValidator(_check_objective)]
 
 class ScalingSpec(_Strict):
     """Ray Train's ScalingConfig: DDP workers, each with its own FFCV loader."""
+
     workers: int = Field(1, gt=0)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)   # also the worker's loader threads
-    gpus_per_worker: float = Field(1, gt=0)   # with use_gpu
+    cpus_per_worker: float = Field(1, gt=0)  # also the worker's loader threads
+    gpus_per_worker: float = Field(1, gt=0)  # with use_gpu
 
 
 class Progressive(_Strict):
     """ffcv-imagenet's progressive resizing: min_res until start_ramp, then linearly to
     max_res at end_ramp (epochs, 0-based), in steps of `step` pixels."""
+
     min_res: int = Field(gt=0)
     max_res: int = Field(gt=0)
     start_ramp: int = Field(ge=0)
@@ -121,6 +125,7 @@ class Progressive(_Strict):
 class WeightsRef(_Strict):
     """A weights entry with its pin: ``{from: salman/resnet18_linf_eps4.0, sha256: <64 hex>}``;
     a file whose sha256 differs is refused before any work."""
+
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
     source: str = Field(alias="from")
     sha256: str
@@ -139,12 +144,13 @@ def _weights_entry(v, where: str):
         if not SHA256.match(digest):
             raise ValueError(f"{where}sha256 is 64 hexadecimal digits, got {v['sha256']!r}")
         return WeightsRef(source=v["from"], sha256=digest)
-    raise ValueError(f"{where}a weights entry is a name, an hf:// address, a path or {{from: ..., sha256: ...}}, "
-                     f"got {v!r}")
+    raise ValueError(
+        f"{where}a weights entry is a name, an hf:// address, a path or {{from: ..., sha256: ...}}, got {v!r}"
+    )
 
 
 class PretrainSpec(_Strict):
-    dataset: str | None = None        # a key of `datasets`; with weights, the source data of the analyses
+    dataset: str | None = None  # a key of `datasets`; with weights, the source data of the analyses
     backbones: list[Backbone] = Field(default_factory=lambda: ["resnet18"], min_length=1)
     # None: train; a weights entry (study.weights: imagenet, IMAGENET1K_V2, a catalog name,
     # hf://OWNER/REPO/FILE, a path; or {from: ..., sha256: ...} to pin it) imports a standard
@@ -160,7 +166,7 @@ class PretrainSpec(_Strict):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint
     progressive: Progressive | None = None
-    replicate: bool = True               # false: every seed fine-tunes the first seed's backbones
+    replicate: bool = True  # false: every seed fine-tunes the first seed's backbones
 
     @field_validator("weights", mode="before")
     @classmethod
@@ -199,13 +205,14 @@ class PretrainSpec(_Strict):
 
 
 class RaySpec(_Strict):
-    address: str | None = None        # a running cluster; default $RAY_ADDRESS or a local Ray
+    address: str | None = None  # a running cluster; default $RAY_ADDRESS or a local Ray
     num_cpus: int | None = Field(None, gt=0)  # a local Ray's CPUs (default: all)
-    storage: str = "ray"                 # Ray Train/Tune storage: relative to OUT, a path or a URI
+    storage: str = "ray"  # Ray Train/Tune storage: relative to OUT, a path or a URI
 
 
 class Distribution(_Strict):
     """A range for random search: exactly one of ``loguniform: [lo, hi]`` or ``uniform: [lo, hi]``."""
+
     loguniform: list[float] | None = Field(None, min_length=2, max_length=2)
     uniform: list[float] | None = Field(None, min_length=2, max_length=2)
 
@@ -216,8 +223,9 @@ class Distribution(_Strict):
             raise ValueError("a range is {loguniform: [lo, hi]} or {uniform: [lo, hi]}")
         lo, hi = getattr(self, given[0])
         if not 0 <= lo <= hi or (given[0] == "loguniform" and lo == 0):
-            raise ValueError(f"{given[0]}: need 0 {'<' if given[0] == 'loguniform' else '<='} lo <= hi, "
-                             f"got [{lo}, {hi}]")
+            raise ValueError(
+                f"{given[0]}: need 0 {'<' if given[0] == 'loguniform' else '<='} lo <= hi, got [{lo}, {hi}]"
+            )
         return self
 
 
@@ -228,6 +236,7 @@ class SpaceSpec(_Strict):
     """The sweep's space. A list is a grid dimension (grid search: every value; random
     search: one drawn per sample); a range is for random search only. Unset: the train
     spec's value. λ applies to the DM methods only and is always a grid dimension."""
+
     lr_f: list[Rate] | Distribution | None = None
     lr_g: list[Rate] | Distribution | None = None
     optimizer: list[Annotated[str, one_of(OPTIMIZERS, "optimizer")]] | None = None
@@ -245,8 +254,9 @@ class SpaceSpec(_Strict):
 
 class KDSpec(_Strict):
     """KD@stage-2: CE + weight * ||f(x) - f_teacher(x)||^2 / d (Shafahi et al. 2020)."""
+
     weight: float = Field(1.0, ge=0)
-    teacher: str | None = None        # a pretrain objective; default the robust source (Shafahi et al.)
+    teacher: str | None = None  # a pretrain objective; default the robust source (Shafahi et al.)
 
 
 class DMSpec(_Strict):
@@ -254,6 +264,7 @@ class DMSpec(_Strict):
     maximisation. ``form: eq4``: the paper's Eq. 4, LL = ||f(x) - f(x')||_1 / ||x - x'||_inf
     (defaults eps 2, 1 step of 2.5 eps). ``form: code``: what the authors' train_dm.py
     minimises, (1/B) MSE(f(x'), f(x)) (defaults eps 0.5, 10 steps of 1.25 eps / 10)."""
+
     form: Literal["eq4", "code"] = "eq4"
     eps: float = Field(2.0, gt=0)
     steps: int = Field(1, gt=0)
@@ -270,6 +281,7 @@ class DMSpec(_Strict):
 
 class TradesSpec(_Strict):
     """TRADES@stage-2: CE + beta * KL(p(x) || p(x')), x' by the attack (Zhang et al. 2019: beta 6)."""
+
     beta: float = Field(6.0, ge=0)
     attack: Objective = "pgd10_linf_2.0"  # the inner maximisation; its training defaults (random start)
 
@@ -283,32 +295,34 @@ class TradesSpec(_Strict):
 
 class SchedulerSpec(_Strict):
     """ASHA early stopping on validation accuracy (epochs are Tune's time unit)."""
+
     type: Literal["asha"] = "asha"
     grace_period: int = Field(1, gt=0)
     reduction_factor: float = Field(2.0, gt=1)
 
 
 class ResourcesSpec(_Strict):
-    cpus: float = Field(1, gt=0)         # also the trial's torch threads
-    gpus: float = Field(0, ge=0)         # fractions share a GPU between trials
+    cpus: float = Field(1, gt=0)  # also the trial's torch threads
+    gpus: float = Field(0, ge=0)  # fractions share a GPU between trials
 
 
 class FinetuneSpec(_Strict):
     """Stage 2 on Ray Tune: one trial per (dataset, backbone, method, λ, point of the space)."""
+
     datasets: list[str] = Field(min_length=1)
     backbones: list[Backbone] | None = None  # default: pretrain.backbones
     methods: list[MethodName] = Field(default_factory=lambda: list(TABLE1), min_length=1)
     # per-dataset method lists that replace `methods` there, e.g. {shapes10: [full]} to
     # add a cheap target that only Fig. 6 (MMD against DR) needs
     methods_for: dict[str, list[MethodName]] = Field(default_factory=dict)
-    source: str | None = None         # the standard pre-training: default `standard` or the first
+    source: str | None = None  # the standard pre-training: default `standard` or the first
     robust_source: str | None = None  # the adversarial one: default the first that is not standard
     train: TrainSpec = Field(default_factory=TrainSpec)
     overrides: dict[MethodName, TrainSpec] = Field(default_factory=dict)  # per-method changes; they win over the space
     space: SpaceSpec = Field(default_factory=SpaceSpec)
     search: Literal["grid", "random"] = "grid"
-    num_samples: int = Field(1, gt=0)    # random search: points drawn per (dataset, backbone, method, λ)
-    at: Objective = "pgd10_linf_2.0"     # AT@stage-2's adversarial objective (study.objectives)
+    num_samples: int = Field(1, gt=0)  # random search: points drawn per (dataset, backbone, method, λ)
+    at: Objective = "pgd10_linf_2.0"  # AT@stage-2's adversarial objective (study.objectives)
     kd: KDSpec = Field(default_factory=KDSpec)
     dm: DMSpec = Field(default_factory=DMSpec)
     trades: TradesSpec = Field(default_factory=TradesSpec)
@@ -370,25 +384,25 @@ class FinetuneSpec(_Strict):
 
 
 class CCASpec(_Strict):
-    images: int = Field(512, gt=1)       # test images whose activations are compared
-    max_rows: int = Field(4096, gt=1)    # spatial positions sampled per layer (SVCCA rows)
+    images: int = Field(512, gt=1)  # test images whose activations are compared
+    max_rows: int = Field(4096, gt=1)  # spatial positions sampled per layer (SVCCA rows)
     keep: float = Field(0.99, gt=0, le=1)  # variance the SVD step keeps
 
 
 class UAPSpec(_Strict):
-    eps: float = Field(10.0, gt=0)       # L-inf bound, 1/255 units (Poursaeed et al.: 10)
-    target: int = Field(0, ge=0)         # the class the UAP pushes to
-    steps: int = Field(200, gt=0)        # generator updates
+    eps: float = Field(10.0, gt=0)  # L-inf bound, 1/255 units (Poursaeed et al.: 10)
+    target: int = Field(0, ge=0)  # the class the UAP pushes to
+    steps: int = Field(200, gt=0)  # generator updates
     lr: float = Field(2e-3, gt=0)
     train_images: int = Field(512, gt=0)
 
 
 class MMDSpec(_Strict):
-    images: int = Field(256, gt=1)       # per side
+    images: int = Field(256, gt=1)  # per side
 
 
 class LLSpec(_Strict):
-    eps: float = Field(2.0, gt=0)        # L-inf radius of Eq. 4's neighbourhood, 1/255 units
+    eps: float = Field(2.0, gt=0)  # L-inf radius of Eq. 4's neighbourhood, 1/255 units
     steps: int = Field(10, gt=0)
     images: int = Field(128, gt=0)
 
@@ -397,15 +411,17 @@ class LimitsSpec(_Strict):
     """What the job may use on a real cluster. ``gpus``: the most GPUs it holds at once
     (checked against its resource requests here); ``gpu_hours``: its budget, checked by
     ``study run`` against ``study plan``'s estimate before anything starts."""
+
     gpus: float | None = Field(None, ge=0)
     gpu_hours: float | None = Field(None, gt=0)
-    costs: str | None = None          # per-image costs (study plan --measure) the check uses
+    costs: str | None = None  # per-image costs (study plan --measure) the check uses
 
     @model_validator(mode="after")
     def _costs(self):
         if self.gpu_hours is not None and not self.costs:
-            raise ValueError("gpu_hours needs costs: a file written by `study plan JOB --measure "
-                             "--costs FILE` on a GPU node")
+            raise ValueError(
+                "gpu_hours needs costs: a file written by `study plan JOB --measure --costs FILE` on a GPU node"
+            )
         if self.costs and _CHECK_PATHS.get() and not Path(self.costs).expanduser().is_file():
             raise ValueError(f"costs file not found: {self.costs}")
         return self
@@ -413,10 +429,11 @@ class LimitsSpec(_Strict):
 
 class AnalysesSpec(_Strict):
     """Section 4's analyses (study.analyses) on Ray actors, after the sweep."""
+
     enabled: bool = True
-    actors: int = Field(2, gt=0)         # at most this many actors run tasks in parallel
+    actors: int = Field(2, gt=0)  # at most this many actors run tasks in parallel
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)  # per actor
-    images: int = Field(512, gt=0)       # test images for the UAP attacks
+    images: int = Field(512, gt=0)  # test images for the UAP attacks
     # fine-tuning snapshots for Fig. 5a, as fractions of the training steps (scratch and
     # full fine-tune only); the final model is the last point
     snapshots: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.02, 0.1, 0.3])
@@ -435,6 +452,7 @@ class AttackEntry(BaseModel):
     ``pretrain`` or stage-2 methods) and dataset keys it is limited to (None: all). A job
     file writes a name or a mapping ``{name: ..., <option>: ..., methods: [...],
     datasets: [...]}``; the entry dumps back to what was written."""
+
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
     attack: Attack
@@ -457,27 +475,36 @@ class AttackEntry(BaseModel):
         except AttackError as err:
             raise ValueError(str(err)) from None
         only, data, seeds = limits.get("methods"), limits.get("datasets"), limits.get("seeds")
-        if seeds is not None and (not isinstance(seeds, list) or not seeds
-                                  or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        if seeds is not None and (
+            not isinstance(seeds, list)
+            or not seeds
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+        ):
             raise ValueError(f"attack {attack.name!r}: seeds must be a list of seeds of the job, got {seeds!r}")
         if only is not None and (not isinstance(only, list) or not only or any(m not in MODELS for m in only)):
-            raise ValueError(f"attack {attack.name!r}: methods must be a list drawn from "
-                             f"{', '.join(MODELS)}, got {only!r}")
-        if data is not None and (not isinstance(data, list) or not data
-                                 or not all(isinstance(d, str) for d in data)):
+            raise ValueError(
+                f"attack {attack.name!r}: methods must be a list drawn from {', '.join(MODELS)}, got {only!r}"
+            )
+        if data is not None and (not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data)):
             raise ValueError(f"attack {attack.name!r}: datasets must be a list of keys of datasets, got {data!r}")
-        return {"attack": attack, "methods": None if only is None else tuple(only),
-                "datasets": None if data is None else tuple(data),
-                "seeds": None if seeds is None else tuple(seeds), "written": spec}
+        return {
+            "attack": attack,
+            "methods": None if only is None else tuple(only),
+            "datasets": None if data is None else tuple(data),
+            "seeds": None if seeds is None else tuple(seeds),
+            "written": spec,
+        }
 
     @model_serializer
     def _dump(self):
         return self.written
 
     def applies(self, method: str | None, dataset: str | None, seed: int | None = None) -> bool:
-        return ((method is None or self.methods is None or method in self.methods)
-                and (dataset is None or self.datasets is None or dataset in self.datasets)
-                and (seed is None or self.seeds is None or seed in self.seeds))
+        return (
+            (method is None or self.methods is None or method in self.methods)
+            and (dataset is None or self.datasets is None or dataset in self.datasets)
+            and (seed is None or self.seeds is None or seed in self.seeds)
+        )
 
 
 class EvalSpec(_Strict):
@@ -501,7 +528,7 @@ class EvalSpec(_Strict):
         return [e.attack for e in self.attacks if e.applies(method, dataset, seed)]
 
 
-Seed = Annotated[int, Field(ge=0, lt=2 ** 31)]
+Seed = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class JobConfig(_Strict):
@@ -517,7 +544,7 @@ class JobConfig(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     datasets: dict[str, DatasetSpec] = Field(min_length=1)
     pretrain: PretrainSpec
-    finetune: FinetuneSpec | None = None   # None: a job that only pre-trains
+    finetune: FinetuneSpec | None = None  # None: a job that only pre-trains
     eval: EvalSpec = Field(default_factory=EvalSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     analyses: AnalysesSpec = Field(default_factory=AnalysesSpec)
@@ -538,8 +565,10 @@ class JobConfig(_Strict):
         first unless set; ``for_seed`` sets the others)."""
         if self.seeds is not None:
             if "seed" in self.model_fields_set and self.seed not in self.seeds:
-                raise _FieldError("seed", f"{self.seed} is not one of seeds ({', '.join(map(str, self.seeds))}): "
-                                  f"leave seed out with seeds")
+                raise _FieldError(
+                    "seed",
+                    f"{self.seed} is not one of seeds ({', '.join(map(str, self.seeds))}): leave seed out with seeds",
+                )
             if "seed" not in self.model_fields_set:
                 self.seed = self.seeds[0]
         return self
@@ -555,12 +584,13 @@ class JobConfig(_Strict):
                 else:
                     resolve_params(name, spec.params)
             except (DatasetError, ValueError) as err:
-                raise _FieldError(f"datasets.{key}", str(err))
+                raise _FieldError(f"datasets.{key}", str(err)) from err
             root = self.dataset_root(key)
             if not get_info(name).generated:
                 if root is None:
-                    raise _FieldError(f"datasets.{key}.root", f"dataset {name!r} needs a data root "
-                                      f"(datasets.{key}.root or data.root)")
+                    raise _FieldError(
+                        f"datasets.{key}.root", f"dataset {name!r} needs a data root (datasets.{key}.root or data.root)"
+                    )
                 if _CHECK_PATHS.get() and not Path(root).expanduser().is_dir():
                     raise _FieldError(f"datasets.{key}.root", f"data root does not exist: {root}")
         return self
@@ -577,13 +607,19 @@ class JobConfig(_Strict):
             if p.dataset is not None:  # imported weights: the source data for the UAP and MMD analyses
                 self._known_dataset("pretrain.dataset", p.dataset)
         if p.weights is not None and p.objectives != ["standard"]:
-            raise _FieldError("pretrain.objectives", "imported weights are not trained here: "
-                              "leave objectives out with pretrain.weights (a mapping "
-                              "{objective: weights} names imported adversarial backbones)")
+            raise _FieldError(
+                "pretrain.objectives",
+                "imported weights are not trained here: "
+                "leave objectives out with pretrain.weights (a mapping "
+                "{objective: weights} names imported adversarial backbones)",
+            )
         if p.train.batch_size % p.scaling.workers:
-            raise _FieldError("pretrain.train.batch_size", f"{p.train.batch_size} is not divisible "
-                              f"by pretrain.scaling.workers ({p.scaling.workers}): each worker "
-                              f"takes an equal share of the global batch")
+            raise _FieldError(
+                "pretrain.train.batch_size",
+                f"{p.train.batch_size} is not divisible "
+                f"by pretrain.scaling.workers ({p.scaling.workers}): each worker "
+                f"takes an equal share of the global batch",
+            )
         return self
 
     def _check_weights(self) -> None:
@@ -597,13 +633,13 @@ class JobConfig(_Strict):
                 try:
                     check_objective(objective)
                 except ObjectiveError as err:
-                    raise _FieldError(where, str(err))
+                    raise _FieldError(where, str(err)) from err
             spec = w.source if isinstance(w, WeightsRef) else w
             try:  # names only: nothing is fetched here (study run fetches before any work)
                 for backbone in p.backbones:
                     src = parse_weights(spec, backbone)
             except WeightsError as err:
-                raise _FieldError(where, str(err))
+                raise _FieldError(where, str(err)) from err
             if src.kind == "file" and _CHECK_PATHS.get() and not Path(spec).expanduser().is_file():
                 raise _FieldError(where, f"weights file not found: {spec}")
         _no_repeats(p.objective_names(), "objective")
@@ -621,30 +657,42 @@ class JobConfig(_Strict):
         for field in ("source", "robust_source"):
             name = getattr(ft, field)
             if name is not None and name not in have:
-                raise _FieldError(f"finetune.{field}", f"{name!r} is not one of pretrain.objectives "
-                                  f"(have: {', '.join(have)})")
+                raise _FieldError(
+                    f"finetune.{field}", f"{name!r} is not one of pretrain.objectives (have: {', '.join(have)})"
+                )
         if ft.kd.teacher is not None and ft.kd.teacher not in have:
-            raise _FieldError("finetune.kd.teacher", f"{ft.kd.teacher!r} is not one of "
-                              f"pretrain.objectives (have: {', '.join(have)})")
+            raise _FieldError(
+                "finetune.kd.teacher", f"{ft.kd.teacher!r} is not one of pretrain.objectives (have: {', '.join(have)})"
+            )
         if "kd_stage2" in ft.all_methods() and ft.kd.teacher is None and self.robust_objective() is None:
-            raise _FieldError("finetune.kd.teacher", "KD@stage-2 distils the robust source's features (Shafahi "
-                              "et al. 2020): add an adversarial objective to pretrain.objectives, or name "
-                              "the teacher")
+            raise _FieldError(
+                "finetune.kd.teacher",
+                "KD@stage-2 distils the robust source's features (Shafahi "
+                "et al. 2020): add an adversarial objective to pretrain.objectives, or name "
+                "the teacher",
+            )
         robust = [m for m in ft.all_methods() if METHODS[m].starts_from == "robust"]
         if robust and self.robust_objective() is None:
-            raise _FieldError("finetune.methods", f"{', '.join(robust)} start(s) from an adversarially "
-                              f"pre-trained backbone: add one to pretrain.objectives "
-                              f"(e.g. pgd3_linf_4.0 or fgsm_linf_2.0)")
+            raise _FieldError(
+                "finetune.methods",
+                f"{', '.join(robust)} start(s) from an adversarially "
+                f"pre-trained backbone: add one to pretrain.objectives "
+                f"(e.g. pgd3_linf_4.0 or fgsm_linf_2.0)",
+            )
         for i, b in enumerate(ft.backbones or []):
             if b not in p.backbones:
-                raise _FieldError(f"finetune.backbones[{i}]", f"{b!r} is not pre-trained "
-                                  f"(pretrain.backbones: {', '.join(p.backbones)})")
+                raise _FieldError(
+                    f"finetune.backbones[{i}]",
+                    f"{b!r} is not pre-trained (pretrain.backbones: {', '.join(p.backbones)})",
+                )
         for i, d in enumerate(ft.datasets):
             self._known_dataset(f"finetune.datasets[{i}]", d)
         for d in ft.methods_for:
             if d not in ft.datasets:
-                raise _FieldError(f"finetune.methods_for.{d}", f"{d!r} is not one of finetune.datasets "
-                                  f"(have: {', '.join(ft.datasets)})")
+                raise _FieldError(
+                    f"finetune.methods_for.{d}",
+                    f"{d!r} is not one of finetune.datasets (have: {', '.join(ft.datasets)})",
+                )
         return self
 
     @model_validator(mode="after")
@@ -654,8 +702,10 @@ class JobConfig(_Strict):
                 self._known_dataset(f"eval.attacks[{i}].datasets", d)
             for seed in entry.seeds or ():
                 if seed not in self.replicate_seeds():
-                    raise _FieldError(f"eval.attacks[{i}].seeds", f"{seed} is not a seed of the job "
-                                      f"(seeds: {', '.join(map(str, self.replicate_seeds()))})")
+                    raise _FieldError(
+                        f"eval.attacks[{i}].seeds",
+                        f"{seed} is not a seed of the job (seeds: {', '.join(map(str, self.replicate_seeds()))})",
+                    )
         return self
 
     @model_validator(mode="after")
@@ -665,19 +715,23 @@ class JobConfig(_Strict):
             return self
         sc = p.scaling
         if p.weights is None and sc.use_gpu and sc.workers * sc.gpus_per_worker > cap:
-            raise _FieldError("pretrain.scaling", f"{sc.workers} workers x {sc.gpus_per_worker:g} GPU "
-                              f"exceed limits.gpus ({cap:g})")
+            raise _FieldError(
+                "pretrain.scaling", f"{sc.workers} workers x {sc.gpus_per_worker:g} GPU exceed limits.gpus ({cap:g})"
+            )
         if ft is not None and ft.resources.gpus > 0:
-            most = ft.resources.gpus * (ft.max_concurrent_trials or 10 ** 9)
+            most = ft.resources.gpus * (ft.max_concurrent_trials or 10**9)
             if ft.max_concurrent_trials is None or most > cap:
-                raise _FieldError("finetune.max_concurrent_trials",
-                                  f"trials of {ft.resources.gpus:g} GPU each could hold more than limits.gpus "
-                                  f"({cap:g}): set max_concurrent_trials to at most "
-                                  f"{int(cap // ft.resources.gpus)}")
+                raise _FieldError(
+                    "finetune.max_concurrent_trials",
+                    f"trials of {ft.resources.gpus:g} GPU each could hold more than limits.gpus "
+                    f"({cap:g}): set max_concurrent_trials to at most "
+                    f"{int(cap // ft.resources.gpus)}",
+                )
         a = self.analyses.resources
         if ft is not None and self.analyses.enabled and a.gpus * self.analyses.actors > cap:
-            raise _FieldError("analyses.actors", f"{self.analyses.actors} actors x {a.gpus:g} GPU "
-                              f"exceed limits.gpus ({cap:g})")
+            raise _FieldError(
+                "analyses.actors", f"{self.analyses.actors} actors x {a.gpus:g} GPU exceed limits.gpus ({cap:g})"
+            )
         return self
 
     # -- derived --------------------------------------------------------------------
@@ -720,8 +774,7 @@ class JobConfig(_Strict):
         return next((n for n in self.pretrain.objective_names() if n != "standard"), None)
 
     def finetune_backbones(self) -> list[str]:
-        return (self.finetune.backbones if self.finetune and self.finetune.backbones
-                else self.pretrain.backbones)
+        return self.finetune.backbones if self.finetune and self.finetune.backbones else self.pretrain.backbones
 
     def resolved(self) -> dict:
         return json.loads(self.model_dump_json())
@@ -747,7 +800,7 @@ def _one_line(err: ValidationError) -> str:
     msg = e["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     if e["type"] == "extra_forbidden":
         msg = "unknown field (a typo?)"
     elif e["type"] == "missing":

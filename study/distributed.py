@@ -17,6 +17,7 @@ restart it fills in any epoch the checkpoint holds but MLflow missed.
 Every epoch also checks that the workers' weights are still identical
 (``workers_in_sync``), the property DDP promises.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -130,18 +131,23 @@ class _EpochEnd:
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if self.rank == 0:
-                torch.save({**self.trainer.state_dict(), "run_id": cfg.get("run_id"), "restarts": self.restarts},
-                           Path(d) / STATE_FILE)
+                torch.save(
+                    {**self.trainer.state_dict(), "run_id": cfg.get("run_id"), "restarts": self.restarts},
+                    Path(d) / STATE_FILE,
+                )
                 ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({**m, "fingerprints": prints}, checkpoint=ckpt,
-                             checkpoint_dir_name=f"epoch-{m['epoch']:04d}")
+            ray.train.report(
+                {**m, "fingerprints": prints}, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{m['epoch']:04d}"
+            )
         if self.client is not None:  # after report: the checkpoint of this epoch exists
             tracking.sync_history(self.client, cfg["run_id"], self.trainer.history)
         if self.rank == 0:
-            say(f"[study]   {cfg['desc']} epoch {m['epoch']}/{self.trainer.settings.epochs}: loss "
+            say(
+                f"[study]   {cfg['desc']} epoch {m['epoch']}/{self.trainer.settings.epochs}: loss "
                 f"{m['train_loss']:.3f}, train acc {m['train_acc']:.1f}, "
                 f"{m['images_per_s']:.0f} img/s on {world} worker(s)"
-                + ("" if m["workers_in_sync"] else ", WORKERS OUT OF SYNC"))
+                + ("" if m["workers_in_sync"] else ", WORKERS OUT OF SYNC")
+            )
 
 
 def train_loop(cfg: dict) -> None:
@@ -166,11 +172,20 @@ def train_loop(cfg: dict) -> None:
     if not Path(cfg["beton"]).is_file():  # a node that does not see the shared data dir
         raise FileNotFoundError(
             f"{cfg['beton']} is not on node {ray.util.get_node_ip_address()}: on a cluster, "
-            f"data.dir must be storage that every node mounts at the same path")
-    loader = make_loader(cfg["beton"], train=True, resolution=cfg["resolution"],
-                         batch_size=settings.batch_size // world, dataset=cfg["dataset"],
-                         workers=cpus, device=device, distributed=world > 1, seed=cfg["seed"],
-                         channels_last=device.type == "cuda")
+            f"data.dir must be storage that every node mounts at the same path"
+        )
+    loader = make_loader(
+        cfg["beton"],
+        train=True,
+        resolution=cfg["resolution"],
+        batch_size=settings.batch_size // world,
+        dataset=cfg["dataset"],
+        workers=cpus,
+        device=device,
+        distributed=world > 1,
+        seed=cfg["seed"],
+        channels_last=device.type == "cuda",
+    )
     torch.manual_seed(cfg["seed"])  # DDP broadcasts rank 0's weights anyway
     model = build_model(cfg["backbone"], cfg["num_classes"], cfg["resolution"])
     # each worker draws its own random starts for the attack
@@ -189,19 +204,50 @@ def train_loop(cfg: dict) -> None:
         if cfg.get("progressive"):
             loader.set_resolution(resolution_at(epoch, cfg["progressive"], cfg["resolution"]))
 
-    trainer.fit(loader, None, on_epoch=_EpochEnd(trainer, cfg, rank, world, restarts, client), progress=False,
-                desc=cfg["desc"], before_epoch=before_epoch)
+    trainer.fit(
+        loader,
+        None,
+        on_epoch=_EpochEnd(trainer, cfg, rank, world, restarts, client),
+        progress=False,
+        desc=cfg["desc"],
+        before_epoch=before_epoch,
+    )
 
 
 # -- the driver side ------------------------------------------------------------------------
-def worker_config(*, beton, dataset: str, resolution: int, num_classes: int, backbone: str,
-                  objective, train: dict, seed: int, use_gpu: bool, desc: str,
-                  run_id: str | None = None, tracking_uri: str | None = None,
-                  progressive: dict | None = None, deterministic: bool = False) -> dict:
-    return {"deterministic": deterministic, "beton": str(Path(beton).resolve()), "dataset": dataset, "resolution": resolution,
-            "num_classes": num_classes, "backbone": backbone, "objective": objective,
-            "train": dict(train), "seed": seed, "use_gpu": use_gpu, "desc": desc,
-            "run_id": run_id, "tracking_uri": tracking_uri, "progressive": progressive}
+def worker_config(
+    *,
+    beton,
+    dataset: str,
+    resolution: int,
+    num_classes: int,
+    backbone: str,
+    objective,
+    train: dict,
+    seed: int,
+    use_gpu: bool,
+    desc: str,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    progressive: dict | None = None,
+    deterministic: bool = False,
+) -> dict:
+    return {
+        "deterministic": deterministic,
+        "beton": str(Path(beton).resolve()),
+        "dataset": dataset,
+        "resolution": resolution,
+        "num_classes": num_classes,
+        "backbone": backbone,
+        "objective": objective,
+        "train": dict(train),
+        "seed": seed,
+        "use_gpu": use_gpu,
+        "desc": desc,
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "progressive": progressive,
+    }
 
 
 def storage_path(storage: str, out: Path) -> str:
@@ -213,8 +259,17 @@ def storage_path(storage: str, out: Path) -> str:
     return str((p if p.is_absolute() else Path(out) / p).resolve())
 
 
-def fit(cfg: dict, *, name: str, storage: str, workers: int, use_gpu: bool = False,
-        cpus_per_worker: float = 1, gpus_per_worker: float = 1, max_failures: int = 2) -> dict:
+def fit(
+    cfg: dict,
+    *,
+    name: str,
+    storage: str,
+    workers: int,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1,
+    gpus_per_worker: float = 1,
+    max_failures: int = 2,
+) -> dict:
     """Trains on Ray and returns the final checkpoint's state (``model`` is the state dict
     of the bare StudyModel; ``history`` has one entry per epoch)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -224,14 +279,18 @@ def fit(cfg: dict, *, name: str, storage: str, workers: int, use_gpu: bool = Fal
     if use_gpu:
         resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
-        train_loop, train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             # Ray Train's per-report INFO lines would bury the study's own
-                             logging_config=LoggingConfig(log_level="WARNING")))
+        train_loop,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's per-report INFO lines would bury the study's own
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: Ray Train finished without a checkpoint")
@@ -260,8 +319,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # the dashboard serves Ray's state API, which Ray Train's clean-up polls; it
         # listens on 127.0.0.1 only
         quiet_ray_process()
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
-                 runtime_env={"worker_process_setup_hook": "study.distributed.quiet_ray_process"})
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            dashboard_host="127.0.0.1",
+            runtime_env={"worker_process_setup_hook": "study.distributed.quiet_ray_process"},
+        )
         _STARTED_HERE = True
 
 

@@ -19,6 +19,7 @@ What trains (``trains``; the methods of ``study.methods`` pick it):
 ``TrainSettings`` is the one list of training options: job files take it as it is
 (``study.config.TrainSpec`` adds only the ``lr`` shorthand).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,6 +58,7 @@ def deterministic_kernels(on: bool) -> None:
 
 def one_of(known, what):
     """A validator: the value is one of ``known`` (the message names them)."""
+
     def check(v):
         if v not in known:
             raise ValueError(f"unknown {what} {v!r} (known: {', '.join(known)})")
@@ -72,16 +74,16 @@ class TrainSettings(BaseModel):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0)
     optimizer: Annotated[str, one_of(OPTIMIZERS, "optimizer")] = "sgd"
-    lr_f: float = Field(0.1, ge=0)           # learning rate of the feature extractor f
-    lr_g: float = Field(0.1, ge=0)           # learning rate of the classifier g
+    lr_f: float = Field(0.1, ge=0)  # learning rate of the feature extractor f
+    lr_g: float = Field(0.1, ge=0)  # learning rate of the classifier g
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Annotated[str, one_of(SCHEDULES, "schedule")] = "cosine"
-    step_every: int = Field(30, gt=0)        # step schedule: epochs between decays
-    gamma: float = Field(0.1, gt=0)          # step schedule: decay factor
+    step_every: int = Field(30, gt=0)  # step schedule: epochs between decays
+    gamma: float = Field(0.1, gt=0)  # step schedule: decay factor
     warmup_epochs: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    amp: bool = True                         # autocast + channels_last, on CUDA only
+    amp: bool = True  # autocast + channels_last, on CUDA only
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a gradient scaler
 
 
@@ -132,8 +134,9 @@ def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16"):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: Iterable, device=None, amp: bool = False,
-             max_images: int | None = None) -> float:
+def accuracy(
+    model: nn.Module, loader: Iterable, device=None, amp: bool = False, max_images: int | None = None
+) -> float:
     """Top-1 accuracy in percent (the paper's AOI on a test loader)."""
     was_training = model.training
     model.eval()
@@ -152,9 +155,16 @@ def accuracy(model: nn.Module, loader: Iterable, device=None, amp: bool = False,
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, settings: TrainSettings, trains: str,
-                 steps_per_epoch: int, device: str | torch.device = "cpu",
-                 objective: Callable | None = None, partial_bn: str = "train"):
+    def __init__(
+        self,
+        model: nn.Module,
+        settings: TrainSettings,
+        trains: str,
+        steps_per_epoch: int,
+        device: str | torch.device = "cpu",
+        objective: Callable | None = None,
+        partial_bn: str = "train",
+    ):
         if partial_bn not in PARTIAL_BN:
             raise ValueError(f"unknown partial_bn {partial_bn!r} (known: {', '.join(PARTIAL_BN)})")
         self.device = torch.device(device)
@@ -166,8 +176,7 @@ class Trainer:
         self.objective = objective or cross_entropy(settings.label_smoothing)
         groups = param_groups(self.model, trains, settings.lr_f, settings.lr_g)
         self.optimizer = make_optimizer(groups, settings)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(settings, steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(settings, steps_per_epoch))
         # bf16 keeps float32's range and needs no loss scaling; float16 does
         self.scaler = torch.amp.GradScaler("cuda") if self.amp and settings.amp_dtype == "float16" else None
         self.epoch = 0  # epochs completed
@@ -176,11 +185,17 @@ class Trainer:
 
     # -- state, for checkpoints that resume mid-run -------------------------------------
     def state_dict(self) -> dict:
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "steps_done": self.steps_done,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "history": list(self.history), "settings": self.settings.model_dump(),
-                "trains": self.trains}
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "steps_done": self.steps_done,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "history": list(self.history),
+            "settings": self.settings.model_dump(),
+            "trains": self.trains,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.model).load_state_dict(state["model"])
@@ -199,17 +214,22 @@ class Trainer:
     def lrs(self) -> dict:
         return {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
 
-    def train_epoch(self, loader: Iterable, progress: bool = True, desc: str = "",
-                    after_step: Callable[[int], None] | None = None) -> dict:
+    def train_epoch(
+        self, loader: Iterable, progress: bool = True, desc: str = "", after_step: Callable[[int], None] | None = None
+    ) -> dict:
         from tqdm.auto import tqdm
 
         self._set_mode()
         loss_sum = correct = seen = 0.0
         start = time.perf_counter()
         # a live bar on a terminal; in logs (CI, ray job logs) the per-epoch line is enough
-        bar = tqdm(loader, desc=f"{desc} epoch {self.epoch + 1}/{self.settings.epochs}",
-                   disable=not (progress and sys.stderr.isatty()), leave=False,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            loader,
+            desc=f"{desc} epoch {self.epoch + 1}/{self.settings.epochs}",
+            disable=not (progress and sys.stderr.isatty()),
+            leave=False,
+            dynamic_ncols=True,
+        )
         for images, labels in bar:
             with autocast(self.device, self.amp, self.settings.amp_dtype):
                 loss, logits = self.objective(self.model, images, labels)
@@ -231,14 +251,24 @@ class Trainer:
             seen += n
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
         seconds = time.perf_counter() - start
-        return {"train_loss": loss_sum / max(1, seen), "train_acc": 100 * correct / max(1, seen),
-                "epoch_seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+        return {
+            "train_loss": loss_sum / max(1, seen),
+            "train_acc": 100 * correct / max(1, seen),
+            "epoch_seconds": seconds,
+            "images_per_s": seen / max(seconds, 1e-9),
+        }
 
-    def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
-            on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
-            desc: str = "", val_name: str = "val_acc",
-            before_epoch: Callable[[int], None] | None = None,
-            after_step: Callable[[int], None] | None = None) -> list[dict]:
+    def fit(
+        self,
+        train_loader: Iterable,
+        val_loader: Iterable | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+        progress: bool = True,
+        desc: str = "",
+        val_name: str = "val_acc",
+        before_epoch: Callable[[int], None] | None = None,
+        after_step: Callable[[int], None] | None = None,
+    ) -> list[dict]:
         """Trains from ``self.epoch`` (0, or where a loaded state left off) to the last epoch.
 
         ``val_loader``'s accuracy is recorded each epoch as ``val_name``; it is a monitor,

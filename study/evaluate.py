@@ -20,6 +20,7 @@ AutoAttack's own checks:
 A failed flag is a finding to show, not an error: with the paper's PGD step (1.25 eps /
 steps) ``pgd_le_fgsm`` can fail on near-linear models, and that is worth seeing.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -38,7 +39,7 @@ EPS0_IMAGES = 256  # the eps = 0 check needs few images: it must reproduce AOI e
 @dataclass(frozen=True)
 class Flag:
     name: str
-    attack: str          # the attack (or "a vs b") it concerns; "" for the model as a whole
+    attack: str  # the attack (or "a vs b") it concerns; "" for the model as a whole
     passed: bool
     detail: str = ""
 
@@ -76,9 +77,16 @@ def missing(attacks: list[Attack], max_images: int | None, seed: int, cache: dic
     return any(key not in cache for *_, key in plan(attacks, max_images, seed))
 
 
-def evaluate(model, batches: Iterable, attacks: list[Attack], max_images: int | None = None,
-             seed: int = 0, cache: dict | None = None,
-             on_result: Callable[[str, dict], None] | None = None, fast_copy: bool = True) -> list[dict]:
+def evaluate(
+    model,
+    batches: Iterable,
+    attacks: list[Attack],
+    max_images: int | None = None,
+    seed: int = 0,
+    cache: dict | None = None,
+    on_result: Callable[[str, dict], None] | None = None,
+    fast_copy: bool = True,
+) -> list[dict]:
     """Runs every attack (and the eps = 0 probe) not already in ``cache`` (attack key ->
     record) on the model's inference copy (``study.fastcopy``; ``fast_copy``: with its
     CPU conversions) and returns the records in suite order, the probe last.
@@ -93,8 +101,13 @@ def evaluate(model, batches: Iterable, attacks: list[Attack], max_images: int | 
                 frozen = inference_copy(model, fast_copy) if isinstance(model, StudyModel) else model
             res = robust_accuracy(frozen, batches, attack, max_images=cap, seed=seed)
             rec = {k: v for k, v in res.items() if k not in ("correct", "robust")}
-            rec.update(correct=mask_bits(res["correct"]), robust=mask_bits(res["robust"]),
-                       spec=asdict(attack), probe=is_probe, key=key)
+            rec.update(
+                correct=mask_bits(res["correct"]),
+                robust=mask_bits(res["robust"]),
+                spec=asdict(attack),
+                probe=is_probe,
+                key=key,
+            )
             cache[key] = rec
             if on_result is not None:
                 on_result(key, rec)
@@ -112,9 +125,12 @@ def _cmp(name: str, low: dict, high: dict) -> Flag:
     """Passes when ``low``'s AAI is not above ``high``'s on their common images."""
     n = min(low["images"], high["images"])
     a, b = _robust_on(low, n), _robust_on(high, n)
-    return Flag(name, f"{low['attack']} vs {high['attack']}", a <= b,
-                f"{low['attack']} {a:.2f} {'<=' if a <= b else '>'} {high['attack']} {b:.2f} "
-                f"on {n} images")
+    return Flag(
+        name,
+        f"{low['attack']} vs {high['attack']}",
+        a <= b,
+        f"{low['attack']} {a:.2f} {'<=' if a <= b else '>'} {high['attack']} {b:.2f} on {n} images",
+    )
 
 
 def sanity_flags(records: list[dict]) -> list[Flag]:
@@ -123,19 +139,36 @@ def sanity_flags(records: list[dict]) -> list[Flag]:
     for r in main:
         spec = r["spec"]
         tol = r["eps_pixels"] * 1e-5 + 1e-6
-        flags.append(Flag("in_ball", r["attack"], r["max_delta"] <= r["eps_pixels"] + tol,
-                          f"largest perturbation {r['max_delta']:.3g} vs eps {r['eps_pixels']:.3g}"))
+        flags.append(
+            Flag(
+                "in_ball",
+                r["attack"],
+                r["max_delta"] <= r["eps_pixels"] + tol,
+                f"largest perturbation {r['max_delta']:.3g} vs eps {r['eps_pixels']:.3g}",
+            )
+        )
         flags.append(Flag("in_range", r["attack"], bool(r["in_range"])))
-        flags.append(Flag("aai_le_aoi", r["attack"], r["AAI"] <= r["AOI"],
-                          f"AAI {r['AAI']:.2f}, AOI {r['AOI']:.2f}"))
-        flags.append(Flag("no_vanishing_gradients", r["attack"], r["vanishing_gradients"] == 0,
-                          f"{r['vanishing_gradients']} unbroken samples with a vanished input gradient"))
+        flags.append(Flag("aai_le_aoi", r["attack"], r["AAI"] <= r["AOI"], f"AAI {r['AAI']:.2f}, AOI {r['AOI']:.2f}"))
+        flags.append(
+            Flag(
+                "no_vanishing_gradients",
+                r["attack"],
+                r["vanishing_gradients"] == 0,
+                f"{r['vanishing_gradients']} unbroken samples with a vanished input gradient",
+            )
+        )
         if spec["kind"] == "autoattack":
             flags.append(Flag("autoattack_checks", r["attack"], not r["notes"], " | ".join(r["notes"])))
     for r in records:
         if r.get("probe"):
-            flags.append(Flag("eps0_aai_eq_aoi", r["attack"], r["AAI"] == r["AOI"],
-                              f"AAI {r['AAI']:.2f}, AOI {r['AOI']:.2f} on {r['images']} images"))
+            flags.append(
+                Flag(
+                    "eps0_aai_eq_aoi",
+                    r["attack"],
+                    r["AAI"] == r["AOI"],
+                    f"AAI {r['AAI']:.2f}, AOI {r['AOI']:.2f} on {r['images']} images",
+                )
+            )
 
     def family(spec):
         return tuple((k, v) for k, v in spec.items() if k not in ("eps", "max_images"))

@@ -6,6 +6,7 @@ and convolutions on maps smaller than their kernels as dense matrices
 (``SmallMapConv2d``). Both compute the same function up to float rounding; other devices
 take the native paths. ``eval.fast_copy: false`` in a job turns the conversions off.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,9 +21,19 @@ from study.backbones import family
 def _as(cls, conv: nn.Conv2d) -> nn.Conv2d:
     """``conv`` as a ``cls``, a subclass of Conv2d: the same hyperparameters, weights and
     requires_grad flags."""
-    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-              conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-              device=conv.weight.device, dtype=conv.weight.dtype)
+    new = cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
     new.load_state_dict(conv.state_dict())
     for name, p in new.named_parameters():
         p.requires_grad_(getattr(conv, name).requires_grad)
@@ -43,8 +54,14 @@ class PhaseConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> nn.Conv2d:
-        if (type(conv) is not nn.Conv2d or conv.stride[0] != conv.stride[1] or conv.dilation != (1, 1)
-                or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
+        if (
+            type(conv) is not nn.Conv2d
+            or conv.stride[0] != conv.stride[1]
+            or conv.dilation != (1, 1)
+            or conv.groups != 1
+            or conv.padding_mode != "zeros"
+            or isinstance(conv.padding, str)
+        ):
             return conv
         return _as(cls, conv)
 
@@ -86,7 +103,7 @@ class PhaseConv2d(nn.Conv2d):
         ph = max(-lo_h, a - 1 + hi_h - (grad.shape[-2] - 1), 0)
         pw = max(-lo_w, b - 1 + hi_w - (grad.shape[-1] - 1), 0)
         kernel = self.phase_kernel(grad.dtype, grad.is_contiguous(memory_format=torch.channels_last))
-        out = F.conv2d(grad, kernel, padding=(ph, pw))[..., ph + lo_h:ph + lo_h + a, pw + lo_w:pw + lo_w + b]
+        out = F.conv2d(grad, kernel, padding=(ph, pw))[..., ph + lo_h : ph + lo_h + a, pw + lo_w : pw + lo_w + b]
         return F.pixel_shuffle(out, s)[..., :h, :w]
 
     def forward(self, x):
@@ -111,8 +128,11 @@ class _PhaseConv(torch.autograd.Function):
                 shape = (grad.shape[0], conv.in_channels, *ctx.size)
                 gx = torch.nn.grad.conv2d_input(shape, weight.to(grad.dtype), grad, conv.stride, conv.padding)
             gx = gx.to(ctx.x_dtype)
-        gw = (torch.nn.grad.conv2d_weight(x, weight.shape, grad.to(x.dtype), conv.stride, conv.padding)
-              if ctx.needs_input_grad[1] else None)
+        gw = (
+            torch.nn.grad.conv2d_weight(x, weight.shape, grad.to(x.dtype), conv.stride, conv.padding)
+            if ctx.needs_input_grad[1]
+            else None
+        )
         gb = grad.sum((0, 2, 3)).to(weight.dtype) if ctx.needs_input_grad[2] else None
         return gx, gw, gb, None
 
@@ -168,9 +188,12 @@ class SmallMapConv2d(nn.Conv2d):
 
     def forward(self, x):
         h, w = x.shape[-2:]
-        if (h * w * self.groups >= self.kernel_size[0] * self.kernel_size[1] or self.weight.requires_grad
-                or x.device.type not in self.DENSE_DEVICES
-                or self.in_channels * self.out_channels * (h * w) ** 2 > self.MAX_ENTRIES):
+        if (
+            h * w * self.groups >= self.kernel_size[0] * self.kernel_size[1]
+            or self.weight.requires_grad
+            or x.device.type not in self.DENSE_DEVICES
+            or self.in_channels * self.out_channels * (h * w) ** 2 > self.MAX_ENTRIES
+        ):
             return super().forward(x)
         kind = x.device.type  # under autocast the product runs in its dtype: no cast per call
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype

@@ -6,6 +6,7 @@ file stays; the lock does not). On NFSv4 Linux emulates ``flock`` with POSIX byt
 locks, which the server arbitrates between machines; see the README for what that
 does and does not guarantee.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,9 @@ def exclusive(out: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise Busy(f"{out} is in use by another study run ({holder(path)}); wait for it to finish "
-                       f"or give another --out") from None
+            raise Busy(
+                f"{out} is in use by another study run ({holder(path)}); wait for it to finish or give another --out"
+            ) from None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)

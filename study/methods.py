@@ -20,6 +20,7 @@ adversarial objective). Each kind's options are a section of ``finetune`` (``at`
 ``kd``, ``dm``, ``trades``); the kinds themselves are ``study.objectives.KINDS``. DM's λ is a
 dimension of the sweep (``finetune.space.lam``, default the paper's 500).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,40 +29,65 @@ from dataclasses import dataclass
 @dataclass(frozen=True, kw_only=True)
 class Method:
     name: str
-    label: str               # the paper's name
-    paper: str | None        # its name in study/paper/tables.csv
+    label: str  # the paper's name
+    paper: str | None  # its name in study/paper/tables.csv
     starts_from: str | None  # None (random init), "standard" or "robust" pre-training
-    trains: str              # which parameters train: "f+g" or "g" (study.engine.TRAINS)
-    kind: str                # its objective's kind in study.objectives.KINDS
+    trains: str  # which parameters train: "f+g" or "g" (study.engine.TRAINS)
+    kind: str  # its objective's kind in study.objectives.KINDS
 
 
-METHODS = {m.name: m for m in [
-    Method(name="scratch", label="standard model", paper="standard", starts_from=None, trains="f+g", kind="ce"),
-    Method(name="partial", label="partial fine-tune", paper="partial_finetune", starts_from="standard",
-           trains="g", kind="ce"),
-    Method(name="full", label="full fine-tune", paper="full_finetune", starts_from="standard",
-           trains="f+g", kind="ce"),
-    Method(name="at_stage1", label="AT@stage-1", paper="at_stage1", starts_from="robust", trains="f+g",
-           kind="ce"),
-    Method(name="at_stage2", label="AT@stage-2", paper="at_stage2", starts_from="standard", trains="f+g",
-           kind="at"),
-    Method(name="at_stage12", label="AT@stage-1&2", paper="at_stage12", starts_from="robust", trains="f+g",
-           kind="at"),
-    Method(name="kd_stage2", label="KD@stage-2", paper="kd_stage2", starts_from="standard", trains="f+g",
-           kind="kd"),
-    Method(name="dm_stage2", label="DM@stage-2", paper=None, starts_from="standard", trains="f+g",
-           kind="dm"),
-    Method(name="dm_stage12", label="DM@stage-1&2", paper="dm_stage12", starts_from="robust", trains="f+g",
-           kind="dm"),
-    # Zhang et al. 2019, beside DM; the paper has no number for it
-    Method(name="trades_stage2", label="TRADES@stage-2", paper=None, starts_from="standard", trains="f+g",
-           kind="trades"),
-]}
+METHODS = {
+    m.name: m
+    for m in [
+        Method(name="scratch", label="standard model", paper="standard", starts_from=None, trains="f+g", kind="ce"),
+        Method(
+            name="partial",
+            label="partial fine-tune",
+            paper="partial_finetune",
+            starts_from="standard",
+            trains="g",
+            kind="ce",
+        ),
+        Method(
+            name="full", label="full fine-tune", paper="full_finetune", starts_from="standard", trains="f+g", kind="ce"
+        ),
+        Method(name="at_stage1", label="AT@stage-1", paper="at_stage1", starts_from="robust", trains="f+g", kind="ce"),
+        Method(
+            name="at_stage2", label="AT@stage-2", paper="at_stage2", starts_from="standard", trains="f+g", kind="at"
+        ),
+        Method(
+            name="at_stage12", label="AT@stage-1&2", paper="at_stage12", starts_from="robust", trains="f+g", kind="at"
+        ),
+        Method(
+            name="kd_stage2", label="KD@stage-2", paper="kd_stage2", starts_from="standard", trains="f+g", kind="kd"
+        ),
+        Method(name="dm_stage2", label="DM@stage-2", paper=None, starts_from="standard", trains="f+g", kind="dm"),
+        Method(
+            name="dm_stage12", label="DM@stage-1&2", paper="dm_stage12", starts_from="robust", trains="f+g", kind="dm"
+        ),
+        # Zhang et al. 2019, beside DM; the paper has no number for it
+        Method(
+            name="trades_stage2",
+            label="TRADES@stage-2",
+            paper=None,
+            starts_from="standard",
+            trains="f+g",
+            kind="trades",
+        ),
+    ]
+}
 TABLE1 = ("scratch", "partial", "full")
 TABLE1_ATTACK = "pgd10_linf_0.5"  # the paper's attack of Tables 1, 3, 4 and 5: PGD-10 at 0.5/255
 TABLE5 = ("full", "at_stage1", "at_stage2", "at_stage12", "kd_stage2", "dm_stage12", "trades_stage2")
-DEFENSES = ("at_stage1", "at_stage2", "at_stage12", "kd_stage2", "dm_stage2", "dm_stage12",
-            "trades_stage2")  # rivals of claim 5
+DEFENSES = (
+    "at_stage1",
+    "at_stage2",
+    "at_stage12",
+    "kd_stage2",
+    "dm_stage2",
+    "dm_stage12",
+    "trades_stage2",
+)  # rivals of claim 5
 DEFAULT_LAMBDA = 500.0
 # DM "guarantees" AOI (the paper): its λ is chosen among those whose validation accuracy,
 # and claim 5 holds DM to a test AOI, at most this many points below the full fine-tune's

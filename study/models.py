@@ -6,6 +6,7 @@ robustness ``AttackerModel`` does). f ends at the pooled embedding; g is the las
 linear layer. ``model.layers(x)`` returns the four stages of the backbone's family
 (``study.backbones``: layer1 ... layer4, the paper's conv2_x ... conv5_x, for ResNets).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,16 @@ from study.backbones import BACKBONES, FAMILIES, ModelError, family, file_family
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-__all__ = ["BACKBONES", "ModelError", "StudyModel", "build_model", "load_checkpoint", "load_trunk_weights",
-           "save_checkpoint", "unwrap"]
+__all__ = [
+    "BACKBONES",
+    "ModelError",
+    "StudyModel",
+    "build_model",
+    "load_checkpoint",
+    "load_trunk_weights",
+    "save_checkpoint",
+    "unwrap",
+]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -154,17 +163,15 @@ def _unwrap_state(state, origin: str):
         if key in state and isinstance(state[key], dict):
             state = state[key]
             break
-    bare = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    bare = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     if any(k.startswith(("model.", "attacker.model.")) for k in bare):
-        net = {k[len("model."):]: v for k, v in bare.items() if k.startswith("model.")}
+        net = {k[len("model.") :]: v for k, v in bare.items() if k.startswith("model.")}
         if not net:  # only the attacker's copy was saved
-            net = {k[len("attacker.model."):]: v for k, v in bare.items()
-                   if k.startswith("attacker.model.")}
+            net = {k[len("attacker.model.") :]: v for k, v in bare.items() if k.startswith("attacker.model.")}
         mean = bare.get("normalizer.new_mean", bare.get("attacker.normalize.new_mean"))
         std = bare.get("normalizer.new_std", bare.get("attacker.normalize.new_std"))
         if mean is not None and (mean.numel() != 3 or std is None or std.numel() != 3):
-            raise ModelError(f"{origin}: a robustness-library normaliser with "
-                             f"{mean.numel()} channels; expected 3")
+            raise ModelError(f"{origin}: a robustness-library normaliser with {mean.numel()} channels; expected 3")
         return net, mean, std, "robustness"
     return bare, None, None, "torchvision"
 
@@ -179,8 +186,9 @@ def load_state(module: nn.Module, state: dict, origin: str, arch: str) -> None:
         detail = []
         if wrong:
             k = wrong[0]
-            detail.append(f"{len(wrong)} tensors of another shape, e.g. {k}: "
-                          f"{tuple(state[k].shape)} vs {tuple(own[k].shape)}")
+            detail.append(
+                f"{len(wrong)} tensors of another shape, e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+            )
         if missing:
             detail.append(f"{len(missing)} missing, e.g. {missing[0]}")
         if unexpected:
@@ -194,8 +202,16 @@ def save_checkpoint(model: StudyModel, path: Path, extra: dict | None = None) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"backbone": model.backbone_name, "num_classes": model.num_classes,
-                "resolution": model.resolution, "state_dict": model.state_dict(), **(extra or {})}, tmp)
+    torch.save(
+        {
+            "backbone": model.backbone_name,
+            "num_classes": model.num_classes,
+            "resolution": model.resolution,
+            "state_dict": model.state_dict(),
+            **(extra or {}),
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 

@@ -36,6 +36,7 @@ pre-trained backbone it needs besides its own (KD's teacher), and its cost in at
 passes per training image for ``study plan``. A method (``study.methods``) names its
 kind; the sweep and the plan read the entry and nothing else.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -51,8 +52,7 @@ STANDARD = "standard"
 # Training defaults differ from evaluation ones: a random start (without one, training
 # on PGD from the clean image overfits to a single attack path), Madry's 2.5 eps / k
 # step for PGD and Wong et al.'s 1.25 eps for FGSM.
-TRAIN_DEFAULTS = {"pgd": {"random_start": True, "rel_step": 2.5},
-                  "fgsm": {"random_start": True, "rel_step": 1.25}}
+TRAIN_DEFAULTS = {"pgd": {"random_start": True, "rel_step": 2.5}, "fgsm": {"random_start": True, "rel_step": 1.25}}
 
 
 class ObjectiveError(ValueError):
@@ -67,11 +67,9 @@ def training_attack(spec) -> Attack:
     except AttackError as err:
         raise ObjectiveError(str(err)) from None
     if base.kind == "autoattack":
-        raise ObjectiveError(f"objective {options['name']!r}: AutoAttack evaluates; "
-                             f"train with pgd<k>_... or fgsm_...")
+        raise ObjectiveError(f"objective {options['name']!r}: AutoAttack evaluates; train with pgd<k>_... or fgsm_...")
     if "restarts" in options or "max_images" in options:
-        raise ObjectiveError(f"objective {options['name']!r}: restarts and max_images are "
-                             f"evaluation options")
+        raise ObjectiveError(f"objective {options['name']!r}: restarts and max_images are evaluation options")
     try:
         return parse_attack({**TRAIN_DEFAULTS[base.kind], **options})
     except AttackError as err:
@@ -86,8 +84,11 @@ def objective_name(spec) -> str:
     attack = training_attack(spec)
     head = f"pgd{attack.steps}" if attack.kind == "pgd" else "fgsm"
     plain = training_attack(f"{head}_{attack.norm}_{float(attack.eps)!r}")
-    extra = [f"{k}={getattr(attack, k)}" for k in ("random_start", "rel_step", "targeted", "loss")
-             if getattr(attack, k) != getattr(plain, k)]
+    extra = [
+        f"{k}={getattr(attack, k)}"
+        for k in ("random_start", "rel_step", "targeted", "loss")
+        if getattr(attack, k) != getattr(plain, k)
+    ]
     return f"{head}_{attack.norm}_{float(attack.eps)!r}" + (f"[{','.join(extra)}]" if extra else "")
 
 
@@ -96,8 +97,7 @@ def check(spec) -> str:
     if isinstance(spec, str) and spec.strip() == STANDARD:
         return STANDARD
     if not isinstance(spec, (str, dict)):
-        raise ObjectiveError(f"an objective is 'standard' or an attack name like pgd3_linf_4.0, "
-                             f"got {spec!r}")
+        raise ObjectiveError(f"an objective is 'standard' or an attack name like pgd3_linf_4.0, got {spec!r}")
     try:
         return objective_name(spec)
     except (AttackError, KeyError) as err:
@@ -116,6 +116,7 @@ def adversarial(attack: Attack, label_smoothing: float = 0.0, generator=None) ->
     """Trains on the attack's last iterate (no early exit). The attack runs on the bare
     module (never through a DDP wrapper: its input-only backward must not trigger DDP's
     gradient all-reduce) and in eval mode, as MadryLab's AttackerModel does."""
+
     def objective(model, images, labels):
         bare = unwrap(model)
         was = bare.training
@@ -150,8 +151,9 @@ def distillation(teacher_f, weight: float, label_smoothing: float = 0.0) -> Call
     return objective
 
 
-def discrepancy_mitigating(lam: float, eps: float, steps: int = 1, rel_step: float = 2.5,
-                           label_smoothing: float = 0.0, generator=None) -> Callable:
+def discrepancy_mitigating(
+    lam: float, eps: float, steps: int = 1, rel_step: float = 2.5, label_smoothing: float = 0.0, generator=None
+) -> Callable:
     """DM (Eq. 5): CE(y, g(f(x))) + lam * LL(f(X)), LL as in Eq. 4 at L-inf radius
     ``eps`` (1/255 units) with ``steps`` PGD steps for the inner max. The clean and the
     steepest points go through f in separate passes, so the CE term is exactly plain
@@ -177,8 +179,9 @@ def discrepancy_mitigating(lam: float, eps: float, steps: int = 1, rel_step: flo
 CODE_START_STD = 0.0005
 
 
-def discrepancy_mitigating_code(beta: float, eps: float, steps: int = 10, rel_step: float = 1.25,
-                                label_smoothing: float = 0.0, generator=None) -> Callable:
+def discrepancy_mitigating_code(
+    beta: float, eps: float, steps: int = 10, rel_step: float = 1.25, label_smoothing: float = 0.0, generator=None
+) -> Callable:
     """DM as the authors' released ``train_dm.py`` computes it: CE + beta * (1/B) *
     MSE(f(x'), f(x)), the MSE a mean over the B x d features, x' from ``steps`` PGD steps
     of ``rel_step * eps / steps`` (eps in 1/255 units) that ascend the same MSE in eval
@@ -190,8 +193,13 @@ def discrepancy_mitigating_code(beta: float, eps: float, steps: int = 10, rel_st
 
     def objective(model, images, labels):
         m = unwrap(model)
-        x_adv = None if beta == 0 else steepest_neighbour(
-            m.f, images, eps_pixels, steps, rel_step, generator, distance="mse", start_std=CODE_START_STD)
+        x_adv = (
+            None
+            if beta == 0
+            else steepest_neighbour(
+                m.f, images, eps_pixels, steps, rel_step, generator, distance="mse", start_std=CODE_START_STD
+            )
+        )
         feats = m.f(images)
         logits = m.g(feats)
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
@@ -209,6 +217,7 @@ def trades(attack: Attack, beta: float, label_smoothing: float = 0.0, generator=
     the ball: at x itself the KL's gradient is zero; the original starts at x + 0.001 N(0, 1)).
     Both terms take their own forward pass in the model's training mode, as the
     original's do; the KL is the batch mean of the per-sample sums."""
+
     def kl(clean_p):
         return lambda logits, _: F.kl_div(F.log_softmax(logits, 1), clean_p, reduction="none").sum(1)
 
@@ -249,6 +258,7 @@ class Kind:
     ``teacher(identity)``: the pre-training objective whose frozen model it needs, or None.
     ``passes(identity)``: attack passes (forward and input backward) per training image.
     ``uses_lambda``: λ (``finetune.space.lam``) is a dimension of its trials."""
+
     name: str
     identity: Callable[..., dict]
     build: Callable[..., Callable]
@@ -272,16 +282,37 @@ def _attack_passes(spec) -> int:
     return attack.steps * attack.restarts
 
 
-register(Kind(name="ce", identity=lambda ft, point, source, robust: {"kind": "ce"},
-              build=lambda ident, ls, generator, teacher: cross_entropy(ls),
-              passes=lambda ident: 0))
-register(Kind(name="at", identity=lambda ft, point, source, robust: {"kind": "at", "attack": check(ft.at)},
-              build=lambda ident, ls, generator, teacher: adversarial(training_attack(ident["attack"]), ls, generator),
-              passes=lambda ident: _attack_passes(ident["attack"])))
-register(Kind(name="kd", identity=lambda ft, point, source, robust: {"kind": "kd", "weight": ft.kd.weight,
-                                                             "teacher": ft.kd.teacher or robust},
-              build=lambda ident, ls, generator, teacher: distillation(teacher.f, ident["weight"], ls),
-              teacher=lambda ident: ident["teacher"], passes=lambda ident: 0))
+register(
+    Kind(
+        name="ce",
+        identity=lambda ft, point, source, robust: {"kind": "ce"},
+        build=lambda ident, ls, generator, teacher: cross_entropy(ls),
+        passes=lambda ident: 0,
+    )
+)
+register(
+    Kind(
+        name="at",
+        identity=lambda ft, point, source, robust: {"kind": "at", "attack": check(ft.at)},
+        build=lambda ident, ls, generator, teacher: adversarial(training_attack(ident["attack"]), ls, generator),
+        passes=lambda ident: _attack_passes(ident["attack"]),
+    )
+)
+register(
+    Kind(
+        name="kd",
+        identity=lambda ft, point, source, robust: {
+            "kind": "kd",
+            "weight": ft.kd.weight,
+            "teacher": ft.kd.teacher or robust,
+        },
+        build=lambda ident, ls, generator, teacher: distillation(teacher.f, ident["weight"], ls),
+        teacher=lambda ident: ident["teacher"],
+        passes=lambda ident: 0,
+    )
+)
+
+
 def _dm_identity(ft, point, source, robust) -> dict:
     # Eq. 4's identity holds no form, as before the switch existed: its models keep their keys
     dump = ft.dm.model_dump(exclude={"form"} if ft.dm.form == "eq4" else set())
@@ -293,10 +324,20 @@ def _dm_build(ident, ls, generator, teacher):
     return form(ident["lam"], ident["eps"], ident["steps"], ident["rel_step"], ls, generator)
 
 
-register(Kind(name="dm", identity=_dm_identity, build=_dm_build,
-              passes=lambda ident: ident["steps"] + 1, uses_lambda=True))
-register(Kind(name="trades", identity=lambda ft, point, source, robust: {"kind": "trades", "beta": ft.trades.beta,
-                                                                 "attack": check(ft.trades.attack)},
-              build=lambda ident, ls, generator, teacher: trades(training_attack(ident["attack"]), ident["beta"],
-                                                                 ls, generator),
-              passes=lambda ident: _attack_passes(ident["attack"]) + 1))
+register(
+    Kind(name="dm", identity=_dm_identity, build=_dm_build, passes=lambda ident: ident["steps"] + 1, uses_lambda=True)
+)
+register(
+    Kind(
+        name="trades",
+        identity=lambda ft, point, source, robust: {
+            "kind": "trades",
+            "beta": ft.trades.beta,
+            "attack": check(ft.trades.attack),
+        },
+        build=lambda ident, ls, generator, teacher: trades(
+            training_attack(ident["attack"]), ident["beta"], ls, generator
+        ),
+        passes=lambda ident: _attack_passes(ident["attack"]) + 1,
+    )
+)

@@ -15,6 +15,7 @@ OUT layout::
     OUT/results.csv, .md      the table (the paper's Tables 1 and 2 beside ours in .md)
     OUT/sanity.csv            every sanity flag of every evaluated model
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,11 +37,19 @@ def prepare_data(job: Job) -> None:
     used = {cfg.pretrain.dataset} if cfg.pretrain.dataset else set()  # with weights: for the analyses
     used |= set(cfg.finetune.datasets if cfg.finetune else [])
     for key in sorted(used):
-        prepared = prepare(cfg.dataset_name(key), job.data_dir, root=cfg.dataset_root(key),
-                           params=cfg.dataset_params(key), workers=cfg.data.workers, folder=key)
+        prepared = prepare(
+            cfg.dataset_name(key),
+            job.data_dir,
+            root=cfg.dataset_root(key),
+            params=cfg.dataset_params(key),
+            workers=cfg.data.workers,
+            folder=key,
+        )
         for split, p in prepared.items():
-            log(f"data {key}/{split}: {p.manifest['count']} images, "
-                f"{'written' if p.written else 'already prepared'} ({p.beton})")
+            log(
+                f"data {key}/{split}: {p.manifest['count']} images, "
+                f"{'written' if p.written else 'already prepared'} ({p.beton})"
+            )
 
 
 class _Table:
@@ -53,10 +62,18 @@ class _Table:
         self.stages[stage.key] = stage
         job = self.job.for_seed(seed)
         records, flags = evaluate_trained(job, stage, key, backbone, method)
-        n = stage.record.get("aoi_images") or min(int(job.manifest(key, "test")["count"]),
-                                                  job.cfg.eval.max_images or 10 ** 12)
-        model = {"dataset": key, "backbone": backbone, "method": method, "source": source, "seed": seed,
-                 "stage": stage.key, "images": n}
+        n = stage.record.get("aoi_images") or min(
+            int(job.manifest(key, "test")["count"]), job.cfg.eval.max_images or 10**12
+        )
+        model = {
+            "dataset": key,
+            "backbone": backbone,
+            "method": method,
+            "source": source,
+            "seed": seed,
+            "stage": stage.key,
+            "images": n,
+        }
         rows, sanity = results.model_rows(job.cfg, model, stage.record, records, flags, point)
         self.masks[stage.key] = results.per_image(records)
         self.rows.extend(rows)
@@ -98,8 +115,10 @@ def _warn_cpu_driver(cfg: JobConfig, device) -> None:
     if wants_gpu and device.type == "cpu":
         # The driver itself attacks the stage-1 models (and writes the .beton files): on a
         # cluster's CPU head that is slow. `ray job submit --entrypoint-num-gpus 1` runs it on a GPU node.
-        log("this driver has no GPU, though the job's workers use GPUs: it attacks the stage-1 models on "
-            "CPU (on a cluster, submit with `ray job submit --entrypoint-num-gpus 1`)")
+        log(
+            "this driver has no GPU, though the job's workers use GPUs: it attacks the stage-1 models on "
+            "CPU (on a cluster, submit with `ray job submit --entrypoint-num-gpus 1`)"
+        )
 
 
 def run_job(cfg: JobConfig, out: Path, progress: bool = True):
@@ -134,8 +153,9 @@ def _run(job: Job):
             if cfg.finetune is not None and cfg.analyses.enabled:
                 found = analyses.run_replicates(job, table.rows, table.stages, sources, log=log)
             distributed.release_ray()
-            df, md = results.write(table.rows, out, title=f"{cfg.name}: results", sanity=table.sanity,
-                                   masks=table.masks)
+            df, md = results.write(
+                table.rows, out, title=f"{cfg.name}: results", sanity=table.sanity, masks=table.masks
+            )
             for name in ("results.csv", "results.md", "sanity.csv", "per_image.json"):
                 tracking.log_artifact(out / name)
             if found:

@@ -16,6 +16,7 @@ validation pass each epoch) and the attack suite on every model (steps + 1 passe
 test image; AutoAttack counted as 1000 attack steps per image, a rough upper bound of
 its standard version). The analyses are small beside these and are not counted.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,15 @@ from study.objectives import KINDS
 from study.stages import resolve_device
 
 # Published split sizes (train, test) of the datasets that are read from disk.
-KNOWN_SIZES = {"cifar10": (50000, 10000), "pets": (3680, 3669), "flowers": (2040, 6149),
-               "cars": (8144, 8041), "food": (75750, 25250), "imagenet": (1281167, 50000),
-               "fashion_mnist": (60000, 10000)}
+KNOWN_SIZES = {
+    "cifar10": (50000, 10000),
+    "pets": (3680, 3669),
+    "flowers": (2040, 6149),
+    "cars": (8144, 8041),
+    "food": (75750, 25250),
+    "imagenet": (1281167, 50000),
+    "fashion_mnist": (60000, 10000),
+}
 KNOWN_CLASSES = {"imagenet": 1000, "fashion_mnist": 10}  # for a train_per_class / test_per_class sample
 AUTOATTACK_STEPS = 1000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -58,9 +65,12 @@ def split_sizes(cfg: JobConfig, key: str) -> tuple[int, int] | None:
         return classes * params["train_per_class"], classes * params["test_per_class"]
     if name in KNOWN_SIZES:
         params, classes = cfg.dataset_params(key), KNOWN_CLASSES.get(name)
-        return tuple(n if params.get(f"{split}_per_class") is None or classes is None
-                     else min(n, classes * params[f"{split}_per_class"])
-                     for split, n in zip(("train", "test"), KNOWN_SIZES[name]))
+        return tuple(
+            n
+            if params.get(f"{split}_per_class") is None or classes is None
+            else min(n, classes * params[f"{split}_per_class"])
+            for split, n in zip(("train", "test"), KNOWN_SIZES[name])
+        )
     root = cfg.dataset_root(key)
     if root and Path(root).expanduser().is_dir():
         base = Path(root).expanduser()
@@ -109,8 +119,9 @@ def _timed(fn, repeats: int, device) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def measure(backbone: str, side: int, device: torch.device, amp: bool = True, batch: int | None = None,
-            repeats: int = 3) -> dict:
+def measure(
+    backbone: str, side: int, device: torch.device, amp: bool = True, batch: int | None = None, repeats: int = 3
+) -> dict:
     """Seconds per image of a training step, an attack step and an inference pass."""
     batch = batch or (64 if device.type == "cuda" else 8)
     model = build_model(backbone, 100, side).to(device)
@@ -142,8 +153,12 @@ def measure(backbone: str, side: int, device: torch.device, amp: bool = True, ba
 
     model.train()
     t_train = _timed(train, repeats, device)
-    return {"train": t_train / batch, "attack": _timed(attack, repeats, device) / batch,
-            "infer": _timed(infer, repeats, device) / batch, "batch": batch}
+    return {
+        "train": t_train / batch,
+        "attack": _timed(attack, repeats, device) / batch,
+        "infer": _timed(infer, repeats, device) / batch,
+        "batch": batch,
+    }
 
 
 def load_costs(path: Path | None) -> dict:
@@ -166,8 +181,9 @@ def costs_for(cfg: JobConfig, path: Path | None, measure_here: bool, log=print) 
         if k in table["costs"] or not measure_here:
             continue
         if table["device"] not in (None, here):
-            raise ValueError(f"{path} holds costs measured on {table['device']}, this is {here}: "
-                             f"use another --costs file")
+            raise ValueError(
+                f"{path} holds costs measured on {table['device']}, this is {here}: use another --costs file"
+            )
         log(f"plan: measuring {b} at {side}px on {here} ...")
         table["costs"][k] = measure(b, side, device)
         table["device"] = here
@@ -229,8 +245,9 @@ def estimate(cfg: JobConfig, costs: dict) -> dict:
                     continue
                 steps = _attack_steps(obj)
                 replicates = len(cfg.replicate_seeds()) if cfg.pretrain.replicate else 1
-                s = replicates * (t.epochs * size[0] * (k["train"] + steps * k["attack"])
-                                  + suite_seconds(b, key, "pretrain", size[1]))
+                s = replicates * (
+                    t.epochs * size[0] * (k["train"] + steps * k["attack"]) + suite_seconds(b, key, "pretrain", size[1])
+                )
                 seconds += s
                 stages.append({"stage": "pretrain", "backbone": b, "objective": str(obj), "seconds": s})
     pts = sweep.points(cfg) if cfg.finetune else []
@@ -241,8 +258,9 @@ def estimate(cfg: JobConfig, costs: dict) -> dict:
         per_method.setdefault((key, p["method"]), 0)
         per_method[key, p["method"]] += 1
         if size is None or k is None:
-            msg = f"{key}: " + ("size unknown (prepare it, or give its root)" if size is None
-                                else f"no measured cost for {b}")
+            msg = f"{key}: " + (
+                "size unknown (prepare it, or give its root)" if size is None else f"no measured cost for {b}"
+            )
             if msg not in unknown:
                 unknown.append(msg)
             continue
@@ -255,8 +273,14 @@ def estimate(cfg: JobConfig, costs: dict) -> dict:
         s = spec.epochs * (n_train * (step_cost + steps * k["attack"]) + size[0] * ft.val_fraction * k["infer"])
         s += suite_seconds(b, key, p["method"], size[1], p["seed"])
         seconds += s
-    return {"trials": len(pts), "per_method": per_method, "stages": stages, "seconds": seconds,
-            "unknown": unknown, "device": costs.get("device")}
+    return {
+        "trials": len(pts),
+        "per_method": per_method,
+        "stages": stages,
+        "seconds": seconds,
+        "unknown": unknown,
+        "device": costs.get("device"),
+    }
 
 
 def weights_lines(cfg: JobConfig) -> list[str]:
@@ -281,17 +305,21 @@ def weights_lines(cfg: JobConfig) -> list[str]:
 def render(cfg: JobConfig, est: dict) -> str:
     lines = [f"job {cfg.name}"]
     if cfg.pretrain.weights is None:
-        lines.append(f"stage 1: pre-train {', '.join(cfg.pretrain.backbones)} on {cfg.pretrain.dataset} "
-                     f"({', '.join(cfg.pretrain.objective_names())}), Ray Train, "
-                     f"{cfg.pretrain.scaling.workers} worker(s)")
+        lines.append(
+            f"stage 1: pre-train {', '.join(cfg.pretrain.backbones)} on {cfg.pretrain.dataset} "
+            f"({', '.join(cfg.pretrain.objective_names())}), Ray Train, "
+            f"{cfg.pretrain.scaling.workers} worker(s)"
+        )
     else:
         lines.append("stage 1: imported weights, nothing to train")
         lines += weights_lines(cfg)
     if cfg.finetune:
         ft = cfg.finetune
-        lines.append(f"stage 2: {est['trials']} trials on Ray Tune, {ft.resources.gpus:g} GPU and "
-                     f"{ft.resources.cpus:g} CPU each" + (f", at most {ft.max_concurrent_trials} at once"
-                                                          if ft.max_concurrent_trials else ""))
+        lines.append(
+            f"stage 2: {est['trials']} trials on Ray Tune, {ft.resources.gpus:g} GPU and "
+            f"{ft.resources.cpus:g} CPU each"
+            + (f", at most {ft.max_concurrent_trials} at once" if ft.max_concurrent_trials else "")
+        )
         by_ds: dict = {}
         for (key, method), n in est["per_method"].items():
             by_ds.setdefault(key, []).append(f"{method} {n}")
@@ -311,6 +339,8 @@ def render(cfg: JobConfig, est: dict) -> str:
     lim = cfg.limits
     if lim.gpu_hours is not None:
         verdict = "within" if hours <= lim.gpu_hours else "OVER"
-        lines.append(f"limits: {lim.gpu_hours:g} GPU-hours: {verdict}"
-                     + (f"; at most {lim.gpus:g} GPUs at once" if lim.gpus is not None else ""))
+        lines.append(
+            f"limits: {lim.gpu_hours:g} GPU-hours: {verdict}"
+            + (f"; at most {lim.gpus:g} GPUs at once" if lim.gpus is not None else "")
+        )
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Stage 1 on the driver's side: one pre-trained backbone per (backbone, objective),
 imported from weights or trained on Ray Train (``study.distributed`` runs the workers)."""
+
 from __future__ import annotations
 
 import torch
@@ -36,9 +37,15 @@ def identity(job: Job, backbone: str, name: str) -> dict:
     if weights is not None:
         ident["sha256"] = fetch_weights(job)[backbone, name].sha256
     else:
-        ident.update(dataset=cfg.dataset_name(key), data=cfg.dataset_params(key), root=cfg.dataset_root(key),
-                     resolution=cfg.resolution(key), train=p.train.model_dump(), objective=name,
-                     progressive=p.progressive.model_dump() if p.progressive else None)
+        ident.update(
+            dataset=cfg.dataset_name(key),
+            data=cfg.dataset_params(key),
+            root=cfg.dataset_root(key),
+            resolution=cfg.resolution(key),
+            train=p.train.model_dump(),
+            objective=name,
+            progressive=p.progressive.model_dump() if p.progressive else None,
+        )
     return ident
 
 
@@ -55,8 +62,10 @@ def pretrain(job: Job, backbone: str, objective) -> Trained:
         _import(stage, backbone, name, job.fetched[backbone, name])
         return stage
     run_name = f"pretrain-{backbone}-{cfg.dataset_name(p.dataset)}-{name}"
-    log(f"pretrain {backbone} on {cfg.dataset_name(p.dataset)}, objective {name}, "
-        f"{p.scaling.workers} Ray Train worker(s)")
+    log(
+        f"pretrain {backbone} on {cfg.dataset_name(p.dataset)}, objective {name}, "
+        f"{p.scaling.workers} Ray Train worker(s)"
+    )
     rec = _train_on_ray(job, stage, backbone, objective, run_name)
     log(f"pretrain {backbone} ({name}): source AOI {rec['AOI']:.2f}")
     return stage
@@ -82,29 +91,47 @@ def _train_on_ray(job: Job, stage: Trained, backbone: str, objective, run_name: 
     cfg, p = job.cfg, job.cfg.pretrain
     key = p.dataset
     distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
-    params = {"stage": "pretrain", "backbone": backbone, "dataset": cfg.dataset_name(key),
-              "objective": objectives.objective_name(objective), "seed": cfg.seed,
-              "train": p.train.model_dump(), "scaling": p.scaling.model_dump(),
-              "progressive": p.progressive.model_dump() if p.progressive else None}
+    params = {
+        "stage": "pretrain",
+        "backbone": backbone,
+        "dataset": cfg.dataset_name(key),
+        "objective": objectives.objective_name(objective),
+        "seed": cfg.seed,
+        "train": p.train.model_dump(),
+        "scaling": p.scaling.model_dump(),
+        "progressive": p.progressive.model_dump() if p.progressive else None,
+    }
     with stage.start_run(run_name, resume=True) as run:
         if not run.data.params:
             tracking.log_params(params)
             tracking.log_yaml(params, "config.yaml")
             job.log_inputs(key)
         worker_cfg = distributed.worker_config(
-            beton=job.beton(key, "train"), dataset=cfg.dataset_name(key),
-            resolution=cfg.resolution(key), num_classes=job.num_classes(key), backbone=backbone,
-            objective=objective, train=p.train.settings().model_dump(), seed=cfg.seed,
-            use_gpu=p.scaling.use_gpu, desc=run_name, run_id=run.info.run_id,
+            beton=job.beton(key, "train"),
+            dataset=cfg.dataset_name(key),
+            resolution=cfg.resolution(key),
+            num_classes=job.num_classes(key),
+            backbone=backbone,
+            objective=objective,
+            train=p.train.settings().model_dump(),
+            seed=cfg.seed,
+            use_gpu=p.scaling.use_gpu,
+            desc=run_name,
+            run_id=run.info.run_id,
             tracking_uri=tracking.uri(),
             progressive=p.progressive.model_dump() if p.progressive else None,
-            deterministic=cfg.deterministic)
-        state = distributed.fit(worker_cfg, name=stage.ckpt.stem,
-                                storage=distributed.storage_path(cfg.ray.storage, job.out),
-                                workers=p.scaling.workers, use_gpu=p.scaling.use_gpu,
-                                cpus_per_worker=p.scaling.cpus_per_worker,
-                                gpus_per_worker=p.scaling.gpus_per_worker,
-                                max_failures=p.max_failures)
+            deterministic=cfg.deterministic,
+        )
+        state = distributed.fit(
+            worker_cfg,
+            name=stage.ckpt.stem,
+            storage=distributed.storage_path(cfg.ray.storage, job.out),
+            workers=p.scaling.workers,
+            use_gpu=p.scaling.use_gpu,
+            cpus_per_worker=p.scaling.cpus_per_worker,
+            gpus_per_worker=p.scaling.gpus_per_worker,
+            max_failures=p.max_failures,
+        )
         model = build_model(backbone, job.num_classes(key), resolution=cfg.resolution(key))
         model.load_state_dict(state["model"])
         model.to(job.device)

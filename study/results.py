@@ -1,20 +1,21 @@
 """The results table: one tidy row per trained model and attack.
 
 ``job`` is the job's name (its MLflow experiment): a merged report keeps jobs apart.
-``method`` is ``pretrain`` for a stage-1 backbone, else the stage-2 method
-(study.methods: scratch, partial, full, at_stage2, dm_stage12, ...); ``lam``, ``lr_f``,
-``lr_g``, ``optimizer`` are the sweep trial's point, ``val_acc`` its validation accuracy
-(``val_acc_1`` after its first epoch: how much a pre-trained start helps),
-``val_AAI`` (λ methods) its accuracy under Table 1's attack on the validation images,
-``f_l1`` the mean ||f(x)||_1 of its features there (a DM model can lower LL by shrinking f);
-``selected`` whether it is the trial that model selection (best ``val_acc`` per
-dataset, backbone, method, λ and seed) picked, and ``chosen`` whether it is the model
-that stands for its method in the tables and claims: the selected trial, and for a λ
-method the λ chosen on validation too (``select``); ``stage`` is the model's
-key (its checkpoint is ``OUT/checkpoints/*-<stage>.pt``). ``source`` is the pre-training objective (``standard``, ``pgd3_linf_4.0``, ...): of the
-backbone itself for a ``pretrain`` row, of the backbone a fine-tune started from
-otherwise (empty for the standard model, which has none); ``source_data`` the data it
-was pre-trained on (the source task, ``imagenet`` for imported weights).
+``method`` is ``pretrain`` for a stage-1 backbone, else the stage-2 method (study.methods:
+scratch, partial, full, at_stage2, dm_stage12, ...); ``lam``, ``lr_f``, ``lr_g``,
+``optimizer`` are the sweep trial's point, ``val_acc`` its validation accuracy
+(``val_acc_1`` after its first epoch: how much a pre-trained start helps), ``val_AAI`` (λ
+methods) its accuracy under Table 1's attack on the validation images, ``f_l1`` the mean
+||f(x)||_1 of its features there (a DM model can lower LL by shrinking f); ``selected``
+whether it is the trial that model selection (best ``val_acc`` per dataset, backbone,
+method, λ and seed) picked, and ``chosen`` whether it is the model that stands for its
+method in the tables and claims: the selected trial, and for a λ method the λ chosen on
+validation too (``select``); ``stage`` is the model's key (its checkpoint is
+``OUT/checkpoints/*-<stage>.pt``). ``source`` is the pre-training objective (``standard``,
+``pgd3_linf_4.0``, ...): of the backbone itself for a ``pretrain`` row, of the backbone a
+fine-tune started from otherwise (empty for the standard model, which has none);
+``source_data`` the data it was pre-trained on (the source task, ``imagenet`` for imported
+weights).
 
 ``OUT/results.csv`` is for machines, ``OUT/results.md`` and the console for people.
 AOI, AAI and DR are percentages; a clean row (empty attack) has the AOI of the whole
@@ -23,6 +24,7 @@ image), an attack row the AOI and AAI of the ``images`` it attacked. ``flags`` i
 ``ok`` or the failed sanity flags that concern the row; ``paper_*`` hold the paper's
 published value where it has one. ``OUT/sanity.csv`` lists every flag of every model.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,11 +39,56 @@ from study.report.paper import paper_for_row
 from study.report.tables import premise, replicates, sections
 from study.weights import parse as parse_weights
 
-COLUMNS = ["job", "dataset", "backbone", "method", "source", "source_data", "seed", "lam", "lr_f", "lr_g",
-           "optimizer", "val_acc", "val_acc_1", "val_AAI", "f_l1", "selected", "chosen", "attack", "images", "AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi",
-           "DR", "DR_lo", "DR_hi", "flags", "paper_AOI", "paper_AAI", "paper_DR", "stage"]
-SANITY_COLUMNS = ["job", "dataset", "backbone", "method", "source", "source_data", "seed", "lam", "flag", "attack", "passed", "detail",
-                  "stage"]
+COLUMNS = [
+    "job",
+    "dataset",
+    "backbone",
+    "method",
+    "source",
+    "source_data",
+    "seed",
+    "lam",
+    "lr_f",
+    "lr_g",
+    "optimizer",
+    "val_acc",
+    "val_acc_1",
+    "val_AAI",
+    "f_l1",
+    "selected",
+    "chosen",
+    "attack",
+    "images",
+    "AOI",
+    "AOI_lo",
+    "AOI_hi",
+    "AAI",
+    "AAI_lo",
+    "AAI_hi",
+    "DR",
+    "DR_lo",
+    "DR_hi",
+    "flags",
+    "paper_AOI",
+    "paper_AAI",
+    "paper_DR",
+    "stage",
+]
+SANITY_COLUMNS = [
+    "job",
+    "dataset",
+    "backbone",
+    "method",
+    "source",
+    "source_data",
+    "seed",
+    "lam",
+    "flag",
+    "attack",
+    "passed",
+    "detail",
+    "stage",
+]
 
 
 def source_data(cfg: JobConfig, method: str) -> str | None:
@@ -55,18 +102,25 @@ def source_data(cfg: JobConfig, method: str) -> str | None:
     return "imagenet" if "imagenet" in trained or len(trained) > 1 else trained.pop()
 
 
-def model_rows(cfg: JobConfig, model: dict, record: dict, records: list[dict], flags: list,
-               point: dict | None = None) -> tuple[list[dict], list[dict]]:
+def model_rows(
+    cfg: JobConfig, model: dict, record: dict, records: list[dict], flags: list, point: dict | None = None
+) -> tuple[list[dict], list[dict]]:
     """Result rows of one model (``model``: its dataset key, backbone, method, source
     objective and stage key): the clean row, then one per attack; and its sanity rows.
     ``point`` is a sweep trial's λ, rates and optimiser."""
     point = point or {}
     history = record.get("history") or [{}]
     # the job's key names the dataset in results (unique in a job; the paper's name in its job files)
-    base = {"job": cfg.name, **model, "source_data": source_data(cfg, model["method"]),
-            **{k: point.get(k) for k in ("lam", "lr_f", "lr_g", "optimizer")},
-            "val_acc": history[-1].get("val_acc"), "val_acc_1": history[0].get("val_acc"),
-            "val_AAI": record.get("val_AAI"), "f_l1": record.get("f_l1")}
+    base = {
+        "job": cfg.name,
+        **model,
+        "source_data": source_data(cfg, model["method"]),
+        **{k: point.get(k) for k in ("lam", "lr_f", "lr_g", "optimizer")},
+        "val_acc": history[-1].get("val_acc"),
+        "val_acc_1": history[0].get("val_acc"),
+        "val_AAI": record.get("val_AAI"),
+        "f_l1": record.get("f_l1"),
+    }
     n = model.pop("images", None)
     base.pop("images", None)
     clean = {}
@@ -78,10 +132,19 @@ def model_rows(cfg: JobConfig, model: dict, record: dict, records: list[dict], f
         if r["probe"]:
             continue
         bad = [f.name for f in evaluate.failed(flags, r["attack"])]
-        rows.append({**base, "attack": r["attack"], "images": r["images"], "AOI": r["AOI"],
-                     "AAI": r["AAI"], "DR": r["DR"], **intervals(r, cfg.seed), "flags": "; ".join(bad) if bad else "ok"})
-    sanity = [{**base, "flag": f.name, "attack": f.attack, "passed": f.passed, "detail": f.detail}
-              for f in flags]
+        rows.append(
+            {
+                **base,
+                "attack": r["attack"],
+                "images": r["images"],
+                "AOI": r["AOI"],
+                "AAI": r["AAI"],
+                "DR": r["DR"],
+                **intervals(r, cfg.seed),
+                "flags": "; ".join(bad) if bad else "ok",
+            }
+        )
+    sanity = [{**base, "flag": f.name, "attack": f.attack, "passed": f.passed, "detail": f.detail} for f in flags]
     return rows, sanity
 
 
@@ -144,8 +207,24 @@ def choose_lambda(clean: list[dict]) -> set[str]:
 def frame(rows: list[dict]) -> pd.DataFrame:
     rows = [{**paper_for_row(r["dataset"], r["method"], r.get("attack")), **r} for r in rows]
     df = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi", "DR", "DR_lo", "DR_hi", "val_acc",
-                "val_acc_1", "val_AAI", "f_l1", "paper_AOI", "paper_AAI", "paper_DR"):
+    for col in (
+        "AOI",
+        "AOI_lo",
+        "AOI_hi",
+        "AAI",
+        "AAI_lo",
+        "AAI_hi",
+        "DR",
+        "DR_lo",
+        "DR_hi",
+        "val_acc",
+        "val_acc_1",
+        "val_AAI",
+        "f_l1",
+        "paper_AOI",
+        "paper_AAI",
+        "paper_DR",
+    ):
         df[col] = pd.to_numeric(df[col], errors="coerce").round(2)
     df["selected"] = df["selected"].fillna(True).astype(bool)
     df["chosen"] = df["chosen"].where(df["chosen"].notna(), df["selected"]).astype(bool)
@@ -162,8 +241,7 @@ def sanity_markdown(sanity: pd.DataFrame) -> str:
     if sanity.empty:
         return ""
     bad = sanity[~sanity.passed.astype(bool)]
-    head = (f"## Sanity checks: {len(sanity) - len(bad)} of {len(sanity)} passed"
-            + ("" if len(bad) else " (all)"))
+    head = f"## Sanity checks: {len(sanity) - len(bad)} of {len(sanity)} passed" + ("" if len(bad) else " (all)")
     if bad.empty:
         names = ", ".join(dict.fromkeys(sanity.flag))
         return f"{head}\n\nChecked: {names}."
@@ -171,8 +249,9 @@ def sanity_markdown(sanity: pd.DataFrame) -> str:
     return head + "\n\nFailed (shown, not hidden):\n\n" + to_markdown(bad[cols])
 
 
-def write(rows: list[dict], out: Path, title: str = "",
-          sanity: list[dict] | None = None, masks: dict | None = None) -> tuple[pd.DataFrame, str]:
+def write(
+    rows: list[dict], out: Path, title: str = "", sanity: list[dict] | None = None, masks: dict | None = None
+) -> tuple[pd.DataFrame, str]:
     """Writes results.csv, results.md, sanity.csv and per_image.json (stage -> attack ->
     per-image masks) atomically; returns the frame and the Markdown (the paper's tables
     first, then the sanity checks, then every row)."""
@@ -184,8 +263,14 @@ def write(rows: list[dict], out: Path, title: str = "",
     atomic_write_text(out / "results.csv", df.to_csv(index=False))
     atomic_write_text(out / "per_image.json", json.dumps(masks or {}, sort_keys=True))
     atomic_write_text(out / "sanity.csv", san.to_csv(index=False))
-    parts = [f"# {title}" if title else "", replicates(df), premise(df), *sections(df),
-             sanity_markdown(san), "## All results\n\n" + to_markdown(df)]
+    parts = [
+        f"# {title}" if title else "",
+        replicates(df),
+        premise(df),
+        *sections(df),
+        sanity_markdown(san),
+        "## All results\n\n" + to_markdown(df),
+    ]
     md = "\n\n".join(p for p in parts if p) + "\n"
     atomic_write_text(out / "results.md", md)
     return df, md

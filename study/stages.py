@@ -9,6 +9,7 @@ Each stage's output is keyed by the hash of the config that made it
 (``OUT/checkpoints/<stage>-<hash>.pt`` beside ``.json`` with its metrics and MLflow
 run id), so running the same job again skips what is done and redoes only what is not.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,14 +72,30 @@ class Job:
         # by the job's key, not the dataset's name: two keys may share a name (shapes, shapes10)
         return self.data_dir / key / f"{split}.beton"
 
-    def loader(self, key: str, split: str, batch_size: int, train: bool, seed: int = 0,
-               indices=None, workers: int | None = None):
+    def loader(
+        self,
+        key: str,
+        split: str,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        indices=None,
+        workers: int | None = None,
+    ):
         """An FFCV loader over a split (``indices``: a subset of it, e.g. the validation
         hold-out); ``workers`` defaults to data.workers."""
-        return make_loader(self.beton(key, split), train=train, resolution=self.cfg.resolution(key),
-                           batch_size=batch_size, dataset=self.cfg.dataset_name(key),
-                           workers=workers or self.cfg.data.workers, device=self.device, seed=seed,
-                           indices=indices, channels_last=self.device.type == "cuda")
+        return make_loader(
+            self.beton(key, split),
+            train=train,
+            resolution=self.cfg.resolution(key),
+            batch_size=batch_size,
+            dataset=self.cfg.dataset_name(key),
+            workers=workers or self.cfg.data.workers,
+            device=self.device,
+            seed=seed,
+            indices=indices,
+            channels_last=self.device.type == "cuda",
+        )
 
     def log_inputs(self, key: str, holdout: tuple | None = None) -> None:
         """The active run's dataset inputs: the train split (``holdout``: its training and
@@ -87,10 +104,21 @@ class Job:
         if holdout is None:
             train_parts = [("training", train["count"], train["config_hash"])]
         else:  # each part a subset of the split: its digest says which
-            train_parts = [(context, len(idx), config_hash({"split": train["config_hash"], "part": context,
-                                                            "val_fraction": self.cfg.finetune.val_fraction,
-                                                            "seed": self.cfg.seed}))
-                           for context, idx in zip(("training", "validation"), holdout)]
+            train_parts = [
+                (
+                    context,
+                    len(idx),
+                    config_hash(
+                        {
+                            "split": train["config_hash"],
+                            "part": context,
+                            "val_fraction": self.cfg.finetune.val_fraction,
+                            "seed": self.cfg.seed,
+                        }
+                    ),
+                )
+                for context, idx in zip(("training", "validation"), holdout)
+            ]
         parts = [(c, self.beton(key, "train"), train, n, d) for c, n, d in train_parts]
         parts.append(("evaluation", self.beton(key, "test"), test, test["count"], test["config_hash"]))
         tracking.log_splits(key, parts)
@@ -122,9 +150,14 @@ class Trained:
     def __init__(self, job: Job, kind: str, ident: dict):
         self.job, self.kind, self.ident = job, kind, ident
         self.key = config_hash(ident)
-        stem = "-".join([kind] + [_safe(v) for k, v in ident.items()
-                                  if k in ("dataset", "backbone", "method", "objective")
-                                  and isinstance(v, str)])
+        stem = "-".join(
+            [kind]
+            + [
+                _safe(v)
+                for k, v in ident.items()
+                if k in ("dataset", "backbone", "method", "objective") and isinstance(v, str)
+            ]
+        )
         folder = job.out / "checkpoints"
         self.ckpt = folder / f"{stem}-{self.key}.pt"
         self.record_path = self.ckpt.with_suffix(".json")
@@ -158,13 +191,19 @@ class Trained:
             run = tracking.child_run(name, parent_run_id)
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.pending, run.info.run_id)
-        tracking.set_tags({"study.stage": self.kind, "study.stage_key": self.key,
-                           **{f"study.{k}": str(v) for k, v in self.ident.items() if k in self.TAGS}})
+        tracking.set_tags(
+            {
+                "study.stage": self.kind,
+                "study.stage_key": self.key,
+                **{f"study.{k}": str(v) for k, v in self.ident.items() if k in self.TAGS},
+            }
+        )
         return run
 
 
-def finish_model(job: Job, stage: Trained, run, model, test_loader, history: list,
-                 extra: dict | None = None, whole: bool = False) -> dict:
+def finish_model(
+    job: Job, stage: Trained, run, model, test_loader, history: list, extra: dict | None = None, whole: bool = False
+) -> dict:
     """A trained model's last steps, whoever trained it: AOI on the test split (the
     attacks' images, or ``whole``: every test image, recorded as ``aoi_images``), the
     study checkpoint, the model in MLflow, the stage's record."""
@@ -175,8 +214,9 @@ def finish_model(job: Job, stage: Trained, run, model, test_loader, history: lis
     save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
     tracking.log_model(model)
     model.to(job.device)
-    return stage.finish({"run_id": run.info.run_id, "AOI": aoi, "history": history,
-                         "checkpoint": str(stage.ckpt), **(extra or {})})
+    return stage.finish(
+        {"run_id": run.info.run_id, "AOI": aoi, "history": history, "checkpoint": str(stage.ckpt), **(extra or {})}
+    )
 
 
 # -- evaluation ---------------------------------------------------------------------------
@@ -185,8 +225,7 @@ def _eval_store(stage: Trained) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def evaluate_trained(job: Job, stage: Trained, key: str, backbone: str,
-                   method: str) -> tuple[list[dict], list]:
+def evaluate_trained(job: Job, stage: Trained, key: str, backbone: str, method: str) -> tuple[list[dict], list]:
     """Runs the job's attack suite on a stage's model and its dataset's test split.
 
     Results are kept per attack in ``<checkpoint>.eval.json`` (written after each attack,
@@ -203,17 +242,20 @@ def evaluate_trained(job: Job, stage: Trained, key: str, backbone: str,
     def save(k, rec):
         atomic_write_text(stage.eval_path, json.dumps(store, indent=1))
         if job.progress:
-            log(f"  {name} {rec['attack']}{' (eps 0 check)' if rec['probe'] else ''}: "
+            log(
+                f"  {name} {rec['attack']}{' (eps 0 check)' if rec['probe'] else ''}: "
                 f"AOI {rec['AOI']:.2f}, AAI {rec['AAI']:.2f} on {rec['images']} images "
-                f"({rec['seconds']:.1f} s)")
+                f"({rec['seconds']:.1f} s)"
+            )
 
     cap, seed = job.cfg.eval.max_images, job.cfg.seed
     model = None
     if evaluate.missing(attacks, cap, seed, cache):  # load only when there is work
         model = load_checkpoint(stage.ckpt, backbone).to(job.device).eval()
     test = job.loader(key, "test", job.cfg.eval.batch_size, train=False)
-    records = evaluate.evaluate(model, test, attacks, max_images=cap, seed=seed, cache=cache,
-                                on_result=save, fast_copy=job.cfg.eval.fast_copy)
+    records = evaluate.evaluate(
+        model, test, attacks, max_images=cap, seed=seed, cache=cache, on_result=save, fast_copy=job.cfg.eval.fast_copy
+    )
     flags = evaluate.sanity_flags(records)
     logged = set(store.get("logged", []))
     if any(r["key"] not in logged for r in records):

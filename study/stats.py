@@ -9,6 +9,7 @@ p-value. Every interval is 95 %.
   same test images for both models (they were attacked on the same images), and, with
   several seeds, draws the seeds too, so both sources of chance are in the interval.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -80,8 +81,7 @@ def over_seeds(values) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def paired_effect(replicates: list[dict], effect: Callable[[dict, np.ndarray], np.ndarray],
-                  seed: int = 0) -> dict:
+def paired_effect(replicates: list[dict], effect: Callable[[dict, np.ndarray], np.ndarray], seed: int = 0) -> dict:
     """An effect and its interval. ``replicates``: per seed, the models' per-image arrays
     (name -> (correct, robust)), all over the same n test images; ``effect(models, idx)``
     gives the effect on the images ``idx`` (shape (B, n): one draw a row) as B numbers.
@@ -113,7 +113,11 @@ def verdict(lo: float, hi: float) -> str:
 
 def spearman(x, y, seed: int = 0) -> tuple[float, float]:
     """Spearman's ρ and its two-sided permutation p-value (exact for few points)."""
-    res = stats.permutation_test((np.asarray(x, float), np.asarray(y, float)),
-                                 lambda a, b: stats.spearmanr(a, b).statistic, permutation_type="pairings",
-                                 n_resamples=9999, random_state=seed)
+    res = stats.permutation_test(
+        (np.asarray(x, float), np.asarray(y, float)),
+        lambda a, b: stats.spearmanr(a, b).statistic,
+        permutation_type="pairings",
+        n_resamples=9999,
+        random_state=seed,
+    )
     return float(res.statistic), float(res.pvalue)

@@ -29,6 +29,7 @@ trial that restarts continues its own run and logs each epoch once, so a restart
 no run. Running the job again after the driver died restores the sweep from its Tune
 storage (``Tuner.restore``): finished trials are not run again, unfinished ones resume.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -89,16 +90,24 @@ def _space_points(cfg: JobConfig) -> list[dict]:
                 for k in ("lr_f", "lr_g", "optimizer"):
                     v = getattr(ft.space, k)
                     dims[k] = v if v is not None and k not in fixed else [getattr(base, k)]
-                for lam in (ft.space.lam if KINDS[method.kind].uses_lambda else [None]):
+                for lam in ft.space.lam if KINDS[method.kind].uses_lambda else [None]:
                     if ft.search == "grid":
                         combos = itertools.product(dims["lr_f"], dims["lr_g"], dims["optimizer"])
                     else:
-                        combos = [tuple(_draw(dims[k], rng) for k in ("lr_f", "lr_g", "optimizer"))
-                                  for _ in range(ft.num_samples)]
+                        combos = [
+                            tuple(_draw(dims[k], rng) for k in ("lr_f", "lr_g", "optimizer"))
+                            for _ in range(ft.num_samples)
+                        ]
                     for lr_f, lr_g, opt in combos:
-                        p = {"dataset": key, "backbone": backbone, "method": name,
-                             "lam": None if lam is None else float(lam), "lr_f": float(lr_f),
-                             "lr_g": float(lr_g), "optimizer": opt}
+                        p = {
+                            "dataset": key,
+                            "backbone": backbone,
+                            "method": name,
+                            "lam": None if lam is None else float(lam),
+                            "lr_f": float(lr_f),
+                            "lr_g": float(lr_g),
+                            "optimizer": opt,
+                        }
                         ident = tuple(sorted(p.items(), key=lambda kv: kv[0]))
                         if ident not in seen:
                             seen.add(ident)
@@ -108,16 +117,17 @@ def _space_points(cfg: JobConfig) -> list[dict]:
 
 def label(p: dict) -> str:
     lam = f" λ={p['lam']:g}" if p["lam"] is not None else ""
-    return (f"{p['method']} {p['backbone']} {p['dataset']}{lam} "
-            f"lr_f={p['lr_f']:g} lr_g={p['lr_g']:g} {p['optimizer']} seed={p['seed']}")
+    return (
+        f"{p['method']} {p['backbone']} {p['dataset']}{lam} "
+        f"lr_f={p['lr_f']:g} lr_g={p['lr_g']:g} {p['optimizer']} seed={p['seed']}"
+    )
 
 
 # -- one trial --------------------------------------------------------------------------
 def train_spec(cfg: JobConfig, p: dict):
     """The TrainSpec of a point: the method's spec with the point's rates and optimiser."""
     spec = cfg.finetune.train_for(p["method"])
-    return spec.model_copy(update={"lr": None, "lr_f": p["lr_f"], "lr_g": p["lr_g"],
-                                   "optimizer": p["optimizer"]})
+    return spec.model_copy(update={"lr": None, "lr_f": p["lr_f"], "lr_g": p["lr_g"], "optimizer": p["optimizer"]})
 
 
 def objective_spec(cfg: JobConfig, p: dict) -> dict:
@@ -149,12 +159,20 @@ def trained_for(job, p: dict, sources: dict) -> Trained:
     teacher = KINDS[obj["kind"]].teacher(obj)
     if teacher is not None:
         obj["teacher_key"] = sources[p["seed"], p["backbone"], teacher]["key"]
-    ident = {"stage": "finetune", "dataset": cfg.dataset_name(p["dataset"]), "backbone": p["backbone"],
-             "method": p["method"], "seed": cfg.seed, "data": cfg.dataset_params(p["dataset"]),
-             "root": cfg.dataset_root(p["dataset"]),  # two folder datasets differ only here
-             "resolution": cfg.resolution(p["dataset"]), "train": train_spec(cfg, p).model_dump(),
-             "objective": obj, "val_fraction": cfg.finetune.val_fraction,
-             "source_stage": None if src is None else sources[p["seed"], p["backbone"], src]["key"]}
+    ident = {
+        "stage": "finetune",
+        "dataset": cfg.dataset_name(p["dataset"]),
+        "backbone": p["backbone"],
+        "method": p["method"],
+        "seed": cfg.seed,
+        "data": cfg.dataset_params(p["dataset"]),
+        "root": cfg.dataset_root(p["dataset"]),  # two folder datasets differ only here
+        "resolution": cfg.resolution(p["dataset"]),
+        "train": train_spec(cfg, p).model_dump(),
+        "objective": obj,
+        "val_fraction": cfg.finetune.val_fraction,
+        "source_stage": None if src is None else sources[p["seed"], p["backbone"], src]["key"],
+    }
     if METHODS[p["method"]].trains == "g" and cfg.finetune.partial_bn == "train":
         # in the key only when BatchNorm trains: models from before the switch were frozen
         ident["partial_bn"] = "train"
@@ -210,9 +228,11 @@ class _Reporter:
         from ray import tune
 
         tracking.sync_history(self.client, self.run_id, self.trainer.history)
-        distributed.say(f"[study]   {self.name} epoch {m['epoch']}/{self.epochs}: loss {m['train_loss']:.3f}, "
-                        f"train acc {m['train_acc']:.1f}, val acc {m['val_acc']:.1f}, "
-                        f"{m['images_per_s']:.0f} img/s")
+        distributed.say(
+            f"[study]   {self.name} epoch {m['epoch']}/{self.epochs}: loss {m['train_loss']:.3f}, "
+            f"train acc {m['train_acc']:.1f}, val acc {m['val_acc']:.1f}, "
+            f"{m['images_per_s']:.0f} img/s"
+        )
         self.last.update(m)
         if m["epoch"] == self.epochs:
             return
@@ -236,21 +256,36 @@ def _fine_tune(job: Job, stage: Trained, p: dict, sources: dict, context: dict) 
     model = _model(job, p, sources)
     train_idx, val_idx = holdout(int(job.manifest(key, "train")["count"]), cfg.finetune.val_fraction, cfg.seed)
     threads = max(1, int(context["cpus"]))  # the trial's own CPUs, not data.workers
-    train_loader = job.loader(key, "train", s.batch_size, train=True, seed=cfg.seed, indices=train_idx,
-                              workers=threads)
+    train_loader = job.loader(key, "train", s.batch_size, train=True, seed=cfg.seed, indices=train_idx, workers=threads)
     val_loader = job.loader(key, "train", cfg.eval.batch_size, train=False, indices=val_idx, workers=threads)
     generator = torch.Generator().manual_seed(cfg.seed)
     objective = _objective(cfg, p, stage.ident["objective"], sources, job.device, generator)
-    trainer = Trainer(model, s, METHODS[p["method"]].trains, len(train_loader), job.device, objective,
-                      partial_bn=cfg.finetune.partial_bn)
+    trainer = Trainer(
+        model,
+        s,
+        METHODS[p["method"]].trains,
+        len(train_loader),
+        job.device,
+        objective,
+        partial_bn=cfg.finetune.partial_bn,
+    )
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=job.device, weights_only=True))
-    params = {"stage": "finetune", "method": p["method"], "lam": p["lam"], "dataset": cfg.dataset_name(key),
-              "backbone": p["backbone"], "seed": cfg.seed, "source_stage": stage.ident["source_stage"],
-              "objective": stage.ident["objective"], "val_fraction": cfg.finetune.val_fraction,
-              "train": spec.model_dump(), "tune_trial": tune.get_context().get_trial_name()}
+    params = {
+        "stage": "finetune",
+        "method": p["method"],
+        "lam": p["lam"],
+        "dataset": cfg.dataset_name(key),
+        "backbone": p["backbone"],
+        "seed": cfg.seed,
+        "source_stage": stage.ident["source_stage"],
+        "objective": stage.ident["objective"],
+        "val_fraction": cfg.finetune.val_fraction,
+        "train": spec.model_dump(),
+        "tune_trial": tune.get_context().get_trial_name(),
+    }
     with stage.start_run(name, resume=True, parent_run_id=context["parent_run_id"]) as run:
         if not run.data.params:
             tracking.log_params(params)
@@ -265,11 +300,21 @@ def _fine_tune(job: Job, stage: Trained, p: dict, sources: dict, context: dict) 
             if step in snap_at:
                 save_checkpoint(trainer.model, snapshot_path(stage, step), {"stage_key": stage.key})
 
-        trainer.fit(train_loader, val_loader, on_epoch=report, progress=False, desc=name,
-                    val_name="val_acc", after_step=after_step)
+        trainer.fit(
+            train_loader,
+            val_loader,
+            on_epoch=report,
+            progress=False,
+            desc=name,
+            val_name="val_acc",
+            after_step=after_step,
+        )
         test_loader = job.loader(key, "test", cfg.eval.batch_size, train=False)
-        snaps = [{"step": k, "of": total, "checkpoint": str(snapshot_path(stage, k))}
-                 for k in sorted(snap_at) if snapshot_path(stage, k).is_file()]
+        snaps = [
+            {"step": k, "of": total, "checkpoint": str(snapshot_path(stage, k))}
+            for k in sorted(snap_at)
+            if snapshot_path(stage, k).is_file()
+        ]
         extra = {"snapshots": snaps, "steps": total, "f_l1": feature_l1(trainer.model, val_loader)}
         tracking.log_metric("f_l1", extra["f_l1"])
         if KINDS[METHODS[p["method"]].kind].uses_lambda:
@@ -301,8 +346,13 @@ def validation_attack(job: Job, model, val_loader) -> dict:
     from study.evaluate import evaluate
 
     model.eval()
-    rec = next(r for r in evaluate(model, val_loader, [parse_attack(TABLE1_ATTACK)], seed=job.cfg.seed,
-                                   fast_copy=job.cfg.eval.fast_copy) if not r["probe"])
+    rec = next(
+        r
+        for r in evaluate(
+            model, val_loader, [parse_attack(TABLE1_ATTACK)], seed=job.cfg.seed, fast_copy=job.cfg.eval.fast_copy
+        )
+        if not r["probe"]
+    )
     return {"val_AAI": rec["AAI"], "val_attack": rec["attack"], "val_images": rec["images"]}
 
 
@@ -314,7 +364,9 @@ def trial(config: dict, context: dict) -> None:
     p = config["point"]
     cfg = parse(context["job"])
     torch.set_num_threads(max(1, int(context["cpus"])))
-    job = Job(cfg.for_seed(p["seed"]), Path(context["out"]), resolve_device(cfg.device, cfg.deterministic), progress=False)
+    job = Job(
+        cfg.for_seed(p["seed"]), Path(context["out"]), resolve_device(cfg.device, cfg.deterministic), progress=False
+    )
     sources = {(int(k.split("|")[0]), *k.split("|")[1:]): v for k, v in context["sources"].items()}
     tracking.use(context["tracking_uri"], context["experiment_id"])
     stage = trained_for(job, p, sources)
@@ -326,8 +378,10 @@ def trial(config: dict, context: dict) -> None:
         if not r["probe"]:
             k = tracking.metric_key(r["attack"])
             final.update({f"AAI/{k}": r["AAI"], f"DR/{k}": r["DR"], f"AOI/{k}": r["AOI"]})
-    distributed.say(f"[study] {label(p)}: val acc {final['val_acc']:.2f}, AOI {rec['AOI']:.2f}"
-                    + "".join(f", AAI {r['attack']} {r['AAI']:.2f}" for r in records if not r["probe"]))
+    distributed.say(
+        f"[study] {label(p)}: val acc {final['val_acc']:.2f}, AOI {rec['AOI']:.2f}"
+        + "".join(f", AAI {r['attack']} {r['AAI']:.2f}" for r in records if not r["probe"])
+    )
     tune.report(final)
 
 
@@ -349,23 +403,31 @@ def run(job, sources: dict, parent_run_id: str, experiment_id: str) -> list[dict
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     ft = cfg.finetune
-    context = {"job": cfg.resolved(), "out": str(job.out.resolve()), "parent_run_id": parent_run_id,
-               "experiment_id": experiment_id, "tracking_uri": tracking.uri(),
-               "cpus": ft.resources.cpus,
-               "sources": {f"{s}|{b}|{o}": v for (s, b, o), v in sources.items()}}
+    context = {
+        "job": cfg.resolved(),
+        "out": str(job.out.resolve()),
+        "parent_run_id": parent_run_id,
+        "experiment_id": experiment_id,
+        "tracking_uri": tracking.uri(),
+        "cpus": ft.resources.cpus,
+        "sources": {f"{s}|{b}|{o}": v for (s, b, o), v in sources.items()},
+    }
     resources = {"cpu": ft.resources.cpus, "gpu": ft.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(trial, context=context), resources)
     storage = distributed.storage_path(cfg.ray.storage, job.out)
     name = f"sweep-{cfg.hash()[:16]}"
     path = f"{storage.rstrip('/')}/{name}"
-    log(f"sweep: {len(pts)} trials on Ray Tune ({resources['cpu']:g} CPU, {resources['gpu']:g} GPU each"
-        f"{', at most %d at once' % ft.max_concurrent_trials if ft.max_concurrent_trials else ''}), "
-        f"storage {path}")
+    log(
+        f"sweep: {len(pts)} trials on Ray Tune ({resources['cpu']:g} CPU, {resources['gpu']:g} GPU each"
+        f"{f', at most {ft.max_concurrent_trials} at once' if ft.max_concurrent_trials else ''}), "
+        f"storage {path}"
+    )
     restoring = tune.Tuner.can_restore(path)
     if restoring:
         log("sweep: restoring the sweep a previous driver left (finished trials are kept)")
-    tuner = make_tuner(trainable, pts, ft, storage, name,
-                       max_epochs=max(train_spec(cfg, p).epochs for p in pts), restore=restoring)
+    tuner = make_tuner(
+        trainable, pts, ft, storage, name, max_epochs=max(train_spec(cfg, p).epochs for p in pts), restore=restoring
+    )
     grid = tuner.fit()
     failed = [r for r in grid if r.error is not None]
     for r in failed:
@@ -373,8 +435,7 @@ def run(job, sources: dict, parent_run_id: str, experiment_id: str) -> list[dict
     return pts
 
 
-def make_tuner(trainable, pts: list[dict], ft, storage: str, name: str, max_epochs: int,
-               restore: bool = False):
+def make_tuner(trainable, pts: list[dict], ft, storage: str, name: str, max_epochs: int, restore: bool = False):
     """The Tuner of a sweep over ``pts`` (one grid dimension, ``point``) with the
     FinetuneSpec ``ft``'s scheduler, concurrency and failure policy; or, with ``restore``,
     the one a previous driver left at ``storage/name``. The overhead benchmark builds its
@@ -382,23 +443,37 @@ def make_tuner(trainable, pts: list[dict], ft, storage: str, name: str, max_epoc
     from ray import tune
 
     if restore:
-        return tune.Tuner.restore(f"{storage.rstrip('/')}/{name}", trainable,
-                                  resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(
+            f"{storage.rstrip('/')}/{name}", trainable, resume_unfinished=True, resume_errored=True
+        )
     scheduler = None
     if ft.scheduler is not None:
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
-                                  grace_period=ft.scheduler.grace_period,
-                                  reduction_factor=ft.scheduler.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_epochs,
+            grace_period=ft.scheduler.grace_period,
+            reduction_factor=ft.scheduler.reduction_factor,
+        )
     return tune.Tuner(
-        trainable, param_space={"point": tune.grid_search(pts)},
-        tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
-                                    max_concurrent_trials=ft.max_concurrent_trials,
-                                    # one process serves trial after trial: no start-up
-                                    # and imports (seconds each) per trial
-                                    reuse_actors=True,
-                                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=ft.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        trainable,
+        param_space={"point": tune.grid_search(pts)},
+        tune_config=tune.TuneConfig(
+            metric="val_acc",
+            mode="max",
+            scheduler=scheduler,
+            max_concurrent_trials=ft.max_concurrent_trials,
+            # one process serves trial after trial: no start-up
+            # and imports (seconds each) per trial
+            reuse_actors=True,
+            trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=ft.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )

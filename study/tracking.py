@@ -14,6 +14,7 @@ that), so the server, the run layout, the names and what a failed call means liv
 HTTP retries are MLflow's own (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``); a call that fails
 after them raises, except where a function below says what it skips.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,10 +57,20 @@ def server_env() -> dict:
 def server_command(out: Path, port: int) -> list[str]:
     out = Path(out).resolve()
     mlflow = Path(sys.executable).with_name("mlflow")
-    return [str(mlflow) if mlflow.exists() else "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{out / DB_NAME}",
-            "--artifacts-destination", str(out / ARTIFACTS_NAME),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return [
+        str(mlflow) if mlflow.exists() else "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{out / DB_NAME}",
+        "--artifacts-destination",
+        str(out / ARTIFACTS_NAME),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -90,14 +101,17 @@ class LocalServer:
         self.out.mkdir(parents=True, exist_ok=True)
         log = open(self.out / LOG_NAME, "ab")
         # Its own session, so stop() takes down the server's worker processes too.
-        self.proc = subprocess.Popen(server_command(self.out, self.port), stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=server_env())
+        self.proc = subprocess.Popen(
+            server_command(self.out, self.port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=server_env(),
+        )
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise TrackingError(f"mlflow server exited with {self.proc.returncode}; "
-                                    f"see {self.out / LOG_NAME}")
+                raise TrackingError(f"mlflow server exited with {self.proc.returncode}; see {self.out / LOG_NAME}")
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
                     if r.status == 200:
@@ -105,8 +119,7 @@ class LocalServer:
             except OSError:
                 time.sleep(0.3)
         self.stop()
-        raise TrackingError(f"mlflow server did not answer within {self.timeout:.0f}s; "
-                            f"see {self.out / LOG_NAME}")
+        raise TrackingError(f"mlflow server did not answer within {self.timeout:.0f}s; see {self.out / LOG_NAME}")
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -173,7 +186,7 @@ def log_params(params: dict) -> None:
 
     items = [(k, str(v)[:6000]) for k, v in flatten(params).items()]
     for i in range(0, len(items), 100):  # MLflow's per-batch limit
-        mlflow.log_params(dict(items[i:i + 100]))
+        mlflow.log_params(dict(items[i : i + 100]))
 
 
 def log_yaml(obj: dict, name: str) -> None:
@@ -199,8 +212,7 @@ def quiet_mlflow() -> None:
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no machine here reaches it
-    for name in ("mlflow.pytorch", "mlflow.utils.environment", "mlflow.models.model",
-                 "mlflow.utils.uv_utils"):
+    for name in ("mlflow.pytorch", "mlflow.utils.environment", "mlflow.models.model", "mlflow.utils.uv_utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -211,8 +223,9 @@ def log_model(model, name: str = "model"):
 
     # pickle, not the default pt2: pt2 freezes the traced input shape, and the study
     # needs a module for any batch size. Only the study's own runs are loaded this way.
-    return mlflow.pytorch.log_model(model.cpu().eval(), name=name, serialization_format="pickle",
-                                    pip_requirements=pip_requirements())
+    return mlflow.pytorch.log_model(
+        model.cpu().eval(), name=name, serialization_format="pickle", pip_requirements=pip_requirements()
+    )
 
 
 def metric_key(name: str) -> str:
@@ -239,8 +252,18 @@ def log_evaluation(run_id: str, records: list[dict], flags: list, logged: set) -
     for name in dict.fromkeys(f.name for f in flags):
         ok = all(f.passed for f in flags if f.name == name)
         client.log_metric(run_id, f"sanity/{name}", 1.0 if ok else 0.0)
-    cols = ["attack", "images", "AOI", "AAI", "DR", "max_delta", "eps_pixels", "in_range",
-            "vanishing_gradients", "seconds"]
+    cols = [
+        "attack",
+        "images",
+        "AOI",
+        "AAI",
+        "DR",
+        "max_delta",
+        "eps_pixels",
+        "in_range",
+        "vanishing_gradients",
+        "seconds",
+    ]
     table = pd.DataFrame([{c: r[c] for c in cols} for r in main], columns=cols)
     client.log_text(run_id, table.to_csv(index=False), "attacks.csv")
     mlflow.log_table(table, artifact_file="attacks.json", run_id=run_id)
@@ -262,8 +285,10 @@ def parent_run(out: Path, name: str, config_hash: str):
             if run_exists(prev["parent_run_id"], "the job's parent run"):
                 return mlflow.start_run(run_id=prev["parent_run_id"])
     run = mlflow.start_run(experiment_id=exp_id, run_name=name)
-    atomic_write_text(state, json.dumps({"config_hash": config_hash, "experiment_id": exp_id,
-                                         "parent_run_id": run.info.run_id}, indent=2))
+    atomic_write_text(
+        state,
+        json.dumps({"config_hash": config_hash, "experiment_id": exp_id, "parent_run_id": run.info.run_id}, indent=2),
+    )
     return run
 
 
@@ -298,8 +323,12 @@ def _split_dataset(name: str, beton: Path, manifest: dict, count: int, digest: s
     class Split(MetaDataset):
         @property
         def profile(self):
-            return {"count": count, "num_classes": manifest["num_classes"], "split": manifest["split"],
-                    "dataset": manifest["dataset"]}
+            return {
+                "count": count,
+                "num_classes": manifest["num_classes"],
+                "split": manifest["split"],
+                "dataset": manifest["dataset"],
+            }
 
         def to_dict(self):
             return super().to_dict() | {"profile": json.dumps(self.profile)}
@@ -419,7 +448,9 @@ def sync_history(client, run_id: str, history: list[dict]) -> int:
     for m in history:
         if int(m["epoch"]) in done:
             continue
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(m["epoch"])) for k, v in m.items() if k != "epoch"])
+        client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, int(m["epoch"])) for k, v in m.items() if k != "epoch"]
+        )
         new += 1
     return new
 
@@ -438,8 +469,12 @@ def job_runs(experiment: str | None = None) -> list[tuple[str, str, str, set]]:
         exps = [e for e in c.search_experiments() if e.name != "Default"]
     found = []
     for exp in exps:
-        runs = c.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
-                             order_by=["attributes.start_time DESC"], max_results=200)
+        runs = c.search_runs(
+            [exp.experiment_id],
+            "attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=200,
+        )
         for run in runs:
             if run.data.tags.get("mlflow.parentRunId"):
                 continue
@@ -448,8 +483,10 @@ def job_runs(experiment: str | None = None) -> list[tuple[str, str, str, set]]:
                 found.append((exp.name, run.info.run_id, run.info.run_name, have))
                 break
     if not found:
-        raise LookupError("no finished job run with results.csv in "
-                          + (f"experiment {experiment!r}" if experiment else "any experiment"))
+        raise LookupError(
+            "no finished job run with results.csv in "
+            + (f"experiment {experiment!r}" if experiment else "any experiment")
+        )
     return found
 
 

@@ -16,6 +16,7 @@ file whose sha256 differs from the entry's pin, all before any model is built. D
 honour ``HF_HOME`` / ``HF_HUB_CACHE``, ``TORCH_HOME`` and a job's own cache folder;
 ``HF_HUB_OFFLINE=1`` turns every download off, torchvision's included.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -51,8 +52,15 @@ def catalog() -> dict[str, dict]:
     for ns, spec in raw.items():
         meta = {k: v for k, v in spec.items() if k != "models"}
         for name, model in spec["models"].items():
-            out[f"{ns}/{name}"] = {"name": f"{ns}/{name}", "namespace": ns, **meta, "file": f"{name}.ckpt",
-                                   "robust": None, "sha256": None, **model}
+            out[f"{ns}/{name}"] = {
+                "name": f"{ns}/{name}",
+                "namespace": ns,
+                **meta,
+                "file": f"{name}.ckpt",
+                "robust": None,
+                "sha256": None,
+                **model,
+            }
     return out
 
 
@@ -70,15 +78,16 @@ def threat(entry: dict) -> str:
 @dataclass(frozen=True)
 class Source:
     """What a weights entry names, before anything is fetched."""
-    spec: str                     # as written
-    kind: str                     # torchvision | hub | file
-    arch: str | None = None       # the architecture the name fixes (None: the job's backbone)
-    repo: str | None = None       # hub
+
+    spec: str  # as written
+    kind: str  # torchvision | hub | file
+    arch: str | None = None  # the architecture the name fixes (None: the job's backbone)
+    repo: str | None = None  # hub
     filename: str | None = None
     revision: str | None = None
-    enum: str | None = None       # torchvision: ResNet18_Weights.IMAGENET1K_V1
+    enum: str | None = None  # torchvision: ResNet18_Weights.IMAGENET1K_V1
     url: str | None = None
-    path: str | None = None       # file
+    path: str | None = None  # file
     entry: dict | None = field(default=None, compare=False, hash=False)  # catalog
 
     @property
@@ -135,8 +144,9 @@ def _torchvision(spec: str, backbone: str | None) -> Source:
             raise WeightsError(f"{spec}: torchvision has no such weights") from None
         arch = next((b for b in BACKBONES if _enum_of(b) is type(w)), None)
         if arch is None:
-            raise WeightsError(f"{spec}: weights of an architecture study has no backbone for "
-                               f"(known: {', '.join(BACKBONES)})")
+            raise WeightsError(
+                f"{spec}: weights of an architecture study has no backbone for (known: {', '.join(BACKBONES)})"
+            )
     elif backbone is None:
         return Source(spec, "torchvision")  # one per backbone of the job; resolved with it
     else:
@@ -144,8 +154,9 @@ def _torchvision(spec: str, backbone: str | None) -> Source:
         if enum is None:
             raise WeightsError(f"{spec}: torchvision has no ImageNet weights for {backbone}")
         if name not in enum.__members__:
-            raise WeightsError(f"torchvision has no {spec} weights for {backbone} "
-                               f"(has: {', '.join(e.name for e in enum)})")
+            raise WeightsError(
+                f"torchvision has no {spec} weights for {backbone} (has: {', '.join(e.name for e in enum)})"
+            )
         w, arch = enum[name], backbone
     return Source(spec, "torchvision", arch=arch, enum=str(w), url=w.url)
 
@@ -181,19 +192,20 @@ def _hub(spec: str) -> Source:
     if uri.type != "model" or not path:
         raise WeightsError(f"{spec}: name a file of a model repository, hf://OWNER/REPO/FILE[@REVISION]")
     entry = next((e for e in catalog().values() if e["repo"] == uri.id and e["file"] == path), None)
-    return Source(spec, "hub", arch=entry and entry["arch"], repo=uri.id, filename=path, revision=revision,
-                  entry=entry)
+    return Source(spec, "hub", arch=entry and entry["arch"], repo=uri.id, filename=path, revision=revision, entry=entry)
 
 
 def _catalog(spec: str) -> Source:
     entries = catalog()
     if spec not in entries:
         near = difflib.get_close_matches(spec, list(entries), n=3, cutoff=0.6)
-        raise WeightsError(f"unknown weights {spec!r}" + (f" (nearest: {', '.join(near)})" if near else "")
-                           + "; `study weights list` shows the catalog")
+        raise WeightsError(
+            f"unknown weights {spec!r}"
+            + (f" (nearest: {', '.join(near)})" if near else "")
+            + "; `study weights list` shows the catalog"
+        )
     e = entries[spec]
-    return Source(spec, "hub", arch=e["arch"], repo=e["repo"], filename=e["file"], revision=e.get("revision"),
-                  entry=e)
+    return Source(spec, "hub", arch=e["arch"], repo=e["repo"], filename=e["file"], revision=e.get("revision"), entry=e)
 
 
 # -- fetching and pinning ---------------------------------------------------------------
@@ -202,12 +214,16 @@ class Fetched:
     source: Source
     path: Path
     sha256: str
-    revision: str | None = None   # the hub commit the file is from
+    revision: str | None = None  # the hub commit the file is from
 
     def record(self) -> dict:
         """What a stage's record and MLflow run keep of it."""
-        out = {"weights": self.source.spec, "weights_from": self.source.where, "weights_file": str(self.path),
-               "weights_sha256": self.sha256}
+        out = {
+            "weights": self.source.spec,
+            "weights_from": self.source.where,
+            "weights_file": str(self.path),
+            "weights_sha256": self.sha256,
+        }
         return out | ({"weights_revision": self.revision} if self.revision else {})
 
 
@@ -232,9 +248,11 @@ def fetch(src: Source, cache: Path | None = None, pin: str | None = None, downlo
     digest = sha256(path)
     want = (pin or (src.entry or {}).get("sha256") or "").lower()
     if want and digest != want:
-        raise WeightsError(f"{src.spec}: {path} has sha256 {digest}, not the pinned {want}: "
-                           f"the file changed (upstream or on disk); check it with `study weights verify` "
-                           f"before pinning the new hash")
+        raise WeightsError(
+            f"{src.spec}: {path} has sha256 {digest}, not the pinned {want}: "
+            f"the file changed (upstream or on disk); check it with `study weights verify` "
+            f"before pinning the new hash"
+        )
     return Fetched(src, path, digest, revision)
 
 
@@ -266,14 +284,17 @@ def _from_hub(src: Source, cache: Path | None, download: bool) -> tuple[Path, st
     )
 
     try:
-        p = hf_hub_download(src.repo, src.filename, revision=src.revision, cache_dir=cache,
-                            local_files_only=not download)
+        p = hf_hub_download(
+            src.repo, src.filename, revision=src.revision, cache_dir=cache, local_files_only=not download
+        )
     except LocalEntryNotFoundError:
         where = cache or constants.HF_HUB_CACHE
         why = "HF_HUB_OFFLINE is set" if offline() else "the hub cannot be reached"
-        raise WeightsError(f"{src.spec}: {src.where} is not in the hub cache ({where}) and {why}: run "
-                           f"`study weights fetch {src.spec}` where the hub is reachable, then copy that "
-                           f"cache here (or point HF_HOME at a copy)") from None
+        raise WeightsError(
+            f"{src.spec}: {src.where} is not in the hub cache ({where}) and {why}: run "
+            f"`study weights fetch {src.spec}` where the hub is reachable, then copy that "
+            f"cache here (or point HF_HOME at a copy)"
+        ) from None
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise WeightsError(f"{src.spec}: {src.where} is not on the hub ({type(err).__name__})") from None
     except HfHubHTTPError as err:
@@ -298,17 +319,21 @@ def _from_torchvision(src: Source, cache: Path | None, download: bool) -> Path:
     prefix = torch.hub.HASH_REGEX.search(dst.name)  # torchvision's file names carry their hash's start
     if not dst.is_file():
         if not download or offline():
-            raise WeightsError(f"{src.spec}: {src.enum} is not in {dst.parent} and downloads are off "
-                               f"(HF_HUB_OFFLINE): run `study weights fetch {src.enum}` where the internet is "
-                               f"reachable and copy {dst.name} into {dst.parent}")
+            raise WeightsError(
+                f"{src.spec}: {src.enum} is not in {dst.parent} and downloads are off "
+                f"(HF_HUB_OFFLINE): run `study weights fetch {src.enum}` where the internet is "
+                f"reachable and copy {dst.name} into {dst.parent}"
+            )
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:  # to a temporary file, moved into place once its hash prefix checks out
             torch.hub.download_url_to_file(src.url, str(dst), prefix.group(1) if prefix else None)
         except Exception as err:
             raise WeightsError(f"{src.spec}: could not download {src.url} ({err})") from None
     if prefix and not sha256(dst).startswith(prefix.group(1)):
-        raise WeightsError(f"{src.spec}: {dst} is damaged: its sha256 does not start with {prefix.group(1)}, "
-                           f"as torchvision's file name says; delete it and fetch again")
+        raise WeightsError(
+            f"{src.spec}: {dst} is damaged: its sha256 does not start with {prefix.group(1)}, "
+            f"as torchvision's file name says; delete it and fetch again"
+        )
     return dst
 
 
@@ -330,20 +355,41 @@ def load(model, fetched: Fetched, keep_classifier: bool = False) -> str:
     format found. A file of another architecture is refused naming it and both."""
     from study.models import load_trunk_weights
 
-    origin = f"{fetched.source.spec} ({fetched.path})" if fetched.source.spec != str(fetched.path) else str(fetched.path)
+    origin = (
+        f"{fetched.source.spec} ({fetched.path})" if fetched.source.spec != str(fetched.path) else str(fetched.path)
+    )
     return load_trunk_weights(model, fetched.path, keep_classifier, origin=origin)
 
 
 # -- the catalog as a table, and checking a model against its published accuracy ------------
 def listing(backbones=None) -> list[dict]:
     """The catalog and torchvision's ImageNet weights of study's backbones, one row each."""
-    rows = [{"name": e["name"], "arch": e["arch"], "threat model": threat(e), "file": f"hf://{e['repo']}/{e['file']}",
-             "clean %": e.get("clean"), "robust %": e.get("robust"), "sha256": e.get("sha256") or ""}
-            for e in catalog().values() if backbones is None or e["arch"] in backbones]
+    rows = [
+        {
+            "name": e["name"],
+            "arch": e["arch"],
+            "threat model": threat(e),
+            "file": f"hf://{e['repo']}/{e['file']}",
+            "clean %": e.get("clean"),
+            "robust %": e.get("robust"),
+            "sha256": e.get("sha256") or "",
+        }
+        for e in catalog().values()
+        if backbones is None or e["arch"] in backbones
+    ]
     for b in BACKBONES if backbones is None else backbones:
         for w in _enum_of(b) or ():
-            rows.append({"name": str(w), "arch": b, "threat model": "standard", "file": w.url,
-                         "clean %": _torchvision_meta(str(w))["acc@1"], "robust %": None, "sha256": ""})
+            rows.append(
+                {
+                    "name": str(w),
+                    "arch": b,
+                    "threat model": "standard",
+                    "file": w.url,
+                    "clean %": _torchvision_meta(str(w))["acc@1"],
+                    "robust %": None,
+                    "sha256": "",
+                }
+            )
     return rows
 
 
@@ -351,13 +397,22 @@ def default_attack(src: Source) -> str:
     """PGD-10 at the model's own radius, in study's attack names (L-inf eps in 1/255)."""
     e = src.entry or {}
     if not e.get("eps"):
-        raise WeightsError(f"{src.spec}: a standard model has no eps of its own; give --attack NAME "
-                           f"(e.g. pgd10_linf_0.5)")
+        raise WeightsError(
+            f"{src.spec}: a standard model has no eps of its own; give --attack NAME (e.g. pgd10_linf_0.5)"
+        )
     return f"pgd10_{e['norm']}_{e['eps']:g}"
 
 
-def verify(fetched: Fetched, arch: str, root, images: int, attack: str | None = None,
-           resolution: int = 224, batch_size: int = 50, device: str = "cpu") -> dict:
+def verify(
+    fetched: Fetched,
+    arch: str,
+    root,
+    images: int,
+    attack: str | None = None,
+    resolution: int = 224,
+    batch_size: int = 50,
+    device: str = "cpu",
+) -> dict:
     """Clean top-1 (and, with ``attack``, robust) accuracy of the model on ``images``
     images of ImageNet's validation folder (ROOT/val, one folder per class; a
     class-interleaved sample), evaluated as published: resize to 8/7 of the side,
@@ -369,11 +424,14 @@ def verify(fetched: Fetched, arch: str, root, images: int, attack: str | None = 
     from study.data.registry import build_split
     from study.models import build_model
 
-    data = build_split("imagenet", "test", root=root,
-                       params={"test_per_class": max(1, math.ceil(images / IMAGENET_CLASSES))})
+    data = build_split(
+        "imagenet", "test", root=root, params={"test_per_class": max(1, math.ceil(images / IMAGENET_CLASSES))}
+    )
     if len(data.classes) != IMAGENET_CLASSES:
-        raise WeightsError(f"{root}: its validation folder has {len(data.classes)} class folders; ImageNet's "
-                           f"has {IMAGENET_CLASSES} (one per wnid, sorted, as torchvision's ImageFolder reads them)")
+        raise WeightsError(
+            f"{root}: its validation folder has {len(data.classes)} class folders; ImageNet's "
+            f"has {IMAGENET_CLASSES} (one per wnid, sorted, as torchvision's ImageFolder reads them)"
+        )
     model = build_model(arch, IMAGENET_CLASSES)
     load(model, fetched, keep_classifier=True)
     model.eval().to(device)
@@ -402,8 +460,9 @@ def _batches(data, n: int, resolution: int, batch_size: int, device):
         xs, ys = [], []
         for i in range(start, min(n, start + batch_size)):
             img, label = data[i]
-            x = F.center_crop(F.resize(torch.from_numpy(img.copy()).permute(2, 0, 1), [side], antialias=True),
-                              [resolution])
+            x = F.center_crop(
+                F.resize(torch.from_numpy(img.copy()).permute(2, 0, 1), [side], antialias=True), [resolution]
+            )
             xs.append(x)
             ys.append(label)
         yield torch.stack(xs).float().div_(255).to(device), torch.tensor(ys, device=device)

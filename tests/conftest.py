@@ -11,9 +11,15 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # (started once per session, so on one worker only), the trained ResNet-18. A worker
 # holds at most two queued units: the two longest go first, one to each worker, then the
 # single tests, then the trained model's unit, taken by whichever worker frees up first.
-GROUPS = {"test_pipeline.py": "ray_cluster",
-          "test_distributed.py": "ray_local", "test_sweep.py": "ray_local", "test_replicates.py": "ray_local",
-          "test_attacks.py": "trained", "test_evaluate.py": "trained", "test_objectives.py": "trained"}
+GROUPS = {
+    "test_pipeline.py": "ray_cluster",
+    "test_distributed.py": "ray_local",
+    "test_sweep.py": "ray_local",
+    "test_replicates.py": "ray_local",
+    "test_attacks.py": "trained",
+    "test_evaluate.py": "trained",
+    "test_objectives.py": "trained",
+}
 ORDER = ["ray_cluster", "ray_local", None, "trained"]
 
 
@@ -59,15 +65,14 @@ def trained(tmp_path_factory):
     from study.engine import Trainer, TrainSettings
     from study.models import build_model
 
-    data = prepare("alphabet", tmp_path_factory.mktemp("attack-data"),
-                   params=dict(train_per_class=60, test_per_class=4), workers=1)
+    data = prepare(
+        "alphabet", tmp_path_factory.mktemp("attack-data"), params=dict(train_per_class=60, test_per_class=4), workers=1
+    )
     torch.manual_seed(0)
-    train = make_loader(data["train"].beton, train=True, resolution=32, batch_size=64,
-                        workers=1, seed=0)
+    train = make_loader(data["train"].beton, train=True, resolution=32, batch_size=64, workers=1, seed=0)
     test = make_loader(data["test"].beton, train=False, resolution=32, batch_size=104, workers=1)
     model = build_model("resnet18", 26)
-    Trainer(model, TrainSettings(epochs=6, lr_f=0.05, lr_g=0.05), "f+g", len(train)).fit(
-        train, progress=False)
+    Trainer(model, TrainSettings(epochs=6, lr_f=0.05, lr_g=0.05), "f+g", len(train)).fit(train, progress=False)
     return model.eval(), [(x.clone(), y.clone()) for x, y in test]  # FFCV reuses its buffers
 
 
@@ -158,8 +163,9 @@ def ray_cluster(tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     ray_cli = str(bin_dir / "ray")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
-               PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}")
+    env.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    )
     root = tmp_path_factory.mktemp("ray-cluster")
     short = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # Unix socket paths: at most 107 bytes
     port, dash = _free_port(), _free_port()
@@ -167,48 +173,106 @@ def ray_cluster(tmp_path_factory):
     procs = []
 
     def start(name, *args):
-        ports = [f"--{flag}={_free_port()}" for flag in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-            "metrics-export-port", "node-manager-port", "object-manager-port")]
+        ports = [
+            f"--{flag}={_free_port()}"
+            for flag in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+                "node-manager-port",
+                "object-manager-port",
+            )
+        ]
         with open(root / f"{name}.log", "w") as log:
-            procs.append(subprocess.Popen([ray_cli, "start", *args, *common, *ports], env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [ray_cli, "start", *args, *common, *ports],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
 
     def alive_nodes() -> int:
-        probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(address=%r, logging_level='ERROR'); "
-                                "print('NODES', sum(n['Alive'] for n in ray.nodes()))" % f"127.0.0.1:{port}"],
-                               env=env, capture_output=True, text=True, timeout=120)
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import ray; ray.init(address={f'127.0.0.1:{port}'!r}, logging_level='ERROR'); "
+                "print('NODES', sum(n['Alive'] for n in ray.nodes()))",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         lines = [x for x in probe.stdout.splitlines() if x.startswith("NODES ")]
         return int(lines[-1].split()[1]) if lines else 0
 
     address = f"http://127.0.0.1:{dash}"
     try:
-        start("head", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-              f"--ray-client-server-port={_free_port()}", f"--temp-dir={short / 'head'}")
+        start(
+            "head",
+            "--head",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={_free_port()}",
+            f"--temp-dir={short / 'head'}",
+        )
         _wait_for(lambda: _port_open(port), 120, "the head's GCS", procs)
-        start("node2", f"--address=127.0.0.1:{port}", f"--temp-dir={short / 'node2'}")  # joins while the head's dashboard starts
-        _wait_for(lambda: subprocess.run([ray_cli, "job", "list", "--address", address], env=env,
-                                         capture_output=True).returncode == 0, 180, "the head's job API", procs)
+        start(
+            "node2", f"--address=127.0.0.1:{port}", f"--temp-dir={short / 'node2'}"
+        )  # joins while the head's dashboard starts
+        _wait_for(
+            lambda: (
+                subprocess.run([ray_cli, "job", "list", "--address", address], env=env, capture_output=True).returncode
+                == 0
+            ),
+            180,
+            "the head's job API",
+            procs,
+        )
         _wait_for(lambda: alive_nodes() == 2, 180, "the second node", procs)
 
         def submit(*entrypoint, cwd, timeout=900):
             """`ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- ...`,
             followed to its end. The job API answers before the head's job agent has
             registered; until then a submission is refused (and nothing is submitted)."""
-            cmd = [ray_cli, "job", "submit", "--address", address, "--working-dir", ".",
-                   "--runtime-env", "jobs/runtime_env.yaml", "--", *entrypoint]
+            cmd = [
+                ray_cli,
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                ".",
+                "--runtime-env",
+                "jobs/runtime_env.yaml",
+                "--",
+                *entrypoint,
+            ]
             deadline = time.monotonic() + 120
             while True:
                 done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
                 if "No available agent to submit job" not in done.stdout + done.stderr:
                     return done
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the head's job agent never registered:\n"
-                                       + (root / "head.log").read_text()[-3000:])
+                    raise RuntimeError(
+                        "the head's job agent never registered:\n" + (root / "head.log").read_text()[-3000:]
+                    )
                 time.sleep(2)
 
-        yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env, "ray": ray_cli, "logs": root,
-               "submit": submit}
+        yield {
+            "address": address,
+            "gcs": f"127.0.0.1:{port}",
+            "env": env,
+            "ray": ray_cli,
+            "logs": root,
+            "submit": submit,
+        }
     finally:
         for p in procs:
             try:

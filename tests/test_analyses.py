@@ -1,4 +1,5 @@
 """Known answers of the analyses, and the report page (rendered in headless Chromium)."""
+
 import json
 import shutil
 import subprocess
@@ -69,10 +70,15 @@ def test_uap_transfer_and_mmd_run_with_imported_weights_when_the_source_data_is_
 
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"")
-    raw = {"name": "t", "datasets": {"shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
-                                     "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}}},
-           "pretrain": {"weights": str(weights), "dataset": "shapes"},
-           "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "full"]}}
+    raw = {
+        "name": "t",
+        "datasets": {
+            "shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
+            "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}},
+        },
+        "pretrain": {"weights": str(weights), "dataset": "shapes"},
+        "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "full"]},
+    }
     models = {"alphabet": {"pretrained": "p.pt", "full": "f.pt", "scratch": "s.pt"}}
     job = Job(config.parse(raw), tmp_path, None)
     kinds = lambda j: sorted({t["kind"] for t in analyses._plan(j, models, 0)})  # noqa: E731
@@ -131,8 +137,13 @@ def _fake_results(models=None, n=200, seeds=(0, 1), rng_seed=0, **unit):
     source_data other than the default."""
     from study import results
 
-    models = models or {"scratch": (90, 80), "partial": (60, 5), "full": (92, 40), "at_stage2": (85, 60),
-                        "dm_stage12": (88, 85)}
+    models = models or {
+        "scratch": (90, 80),
+        "partial": (60, 5),
+        "full": (92, 40),
+        "at_stage2": (85, 60),
+        "dm_stage12": (88, 85),
+    }
     rng = np.random.default_rng(rng_seed)
     rows, masks = [], {}
     for seed in seeds:
@@ -141,12 +152,27 @@ def _fake_results(models=None, n=200, seeds=(0, 1), rng_seed=0, **unit):
             stage = "-".join([*map(str, unit.values()), method, str(seed)])
             m = _bits(n, round(aoi * n / 100), round(aai * n / 100), rng)
             masks[stage] = {"pgd10_linf_0.5": m}
-            base = {**where, "method": method, "selected": True, "seed": seed,
-                    "stage": stage, "lam": 1e-3 if method.startswith("dm") else None}
+            base = {
+                **where,
+                "method": method,
+                "selected": True,
+                "seed": seed,
+                "stage": stage,
+                "lam": 1e-3 if method.startswith("dm") else None,
+            }
             rec = {"correct": m["correct"], "robust": m["robust"]}
             rows.append({**base, "AOI": aoi, "images": n})
-            rows.append({**base, "attack": "pgd10_linf_0.5", "AOI": aoi, "AAI": aai, "DR": 100 * (aoi - aai) / aoi,
-                         "images": n, **results.intervals(rec, seed)})
+            rows.append(
+                {
+                    **base,
+                    "attack": "pgd10_linf_0.5",
+                    "AOI": aoi,
+                    "AAI": aai,
+                    "DR": 100 * (aoi - aai) / aoi,
+                    "images": n,
+                    **results.intervals(rec, seed),
+                }
+            )
     return results.frame(rows), masks
 
 
@@ -169,16 +195,29 @@ def test_claims_are_judged_by_their_paired_intervals():
     df2 = pd.concat([df, df.assign(dataset="near", DR=df.DR * 1.5)])
     mmd = claims.judge(df2, two, masks)[3]
     assert mmd["verdict"] == "inconclusive" and "at least 3" in mmd["detail"]  # two points give ρ = ±1
-    three = {"seeds": {"0": {"datasets": {d: {"mmd": {"mmd2": m}} for d, m in
-                                          (("alphabet", 0.1), ("near", 0.5), ("far", 0.9), ("farther", 1.3),
-                                           ("farthest", 1.7))}}}}
-    df5 = pd.concat([df.assign(dataset=d, DR=df.DR + 10 * i) for i, d in
-                     enumerate(("alphabet", "near", "far", "farther", "farthest"))])
+    three = {
+        "seeds": {
+            "0": {
+                "datasets": {
+                    d: {"mmd": {"mmd2": m}}
+                    for d, m in (("alphabet", 0.1), ("near", 0.5), ("far", 0.9), ("farther", 1.3), ("farthest", 1.7))
+                }
+            }
+        }
+    }
+    df5 = pd.concat(
+        [
+            df.assign(dataset=d, DR=df.DR + 10 * i)
+            for i, d in enumerate(("alphabet", "near", "far", "farther", "farthest"))
+        ]
+    )
     ranked = claims.judge(df5, three, masks)[3]
     assert ranked["rho"] == pytest.approx(1.0) and ranked["p"] < 0.05 and ranked["verdict"] == "agree"
     df3 = df5[df5.dataset.isin(["alphabet", "near", "far"])]
     small = claims.judge(df3, three, masks)[3]  # ρ = 1 over three: p = 2/3! at best
-    assert small["rho"] == pytest.approx(1.0) and small["p"] == pytest.approx(1 / 3) and small["verdict"] == "inconclusive"
+    assert (
+        small["rho"] == pytest.approx(1.0) and small["p"] == pytest.approx(1 / 3) and small["verdict"] == "inconclusive"
+    )
     assert "smallest possible p is 2/3! = 0.333" in small["detail"] and "2/5!" not in ranked["detail"]
 
 
@@ -188,13 +227,33 @@ def test_a_merged_report_never_mixes_jobs_backbones_or_source_data():
     on one job's models of one backbone and source."""
     from study import claims
 
-    parts = [_fake_results({"scratch": (90, 80), "partial": (60, 5), "full": (92, 40)}, seeds=(0,), rng_seed=1,
-                           job="table1", dataset=d, source_data="imagenet") for d in ("pets", "flowers")]
-    parts += [_fake_results({"full": (95 if b == "resnet50" else 93, 10)}, seeds=(0,), rng_seed=2, job="table3",
-                            dataset=d, backbone=b, source_data="imagenet")
-              for b in ("resnet18", "resnet50") for d in ("pets", "flowers")]
-    parts += [_fake_results({"full": (70, 50)}, seeds=(0,), rng_seed=3, job="table4", dataset="pets",
-                            source_data="cifar10")]
+    parts = [
+        _fake_results(
+            {"scratch": (90, 80), "partial": (60, 5), "full": (92, 40)},
+            seeds=(0,),
+            rng_seed=1,
+            job="table1",
+            dataset=d,
+            source_data="imagenet",
+        )
+        for d in ("pets", "flowers")
+    ]
+    parts += [
+        _fake_results(
+            {"full": (95 if b == "resnet50" else 93, 10)},
+            seeds=(0,),
+            rng_seed=2,
+            job="table3",
+            dataset=d,
+            backbone=b,
+            source_data="imagenet",
+        )
+        for b in ("resnet18", "resnet50")
+        for d in ("pets", "flowers")
+    ]
+    parts += [
+        _fake_results({"full": (70, 50)}, seeds=(0,), rng_seed=3, job="table4", dataset="pets", source_data="cifar10")
+    ]
     df = pd.concat([p[0] for p in parts], ignore_index=True)
     masks = {k: v for _, m in parts for k, v in m.items()}
     every = claims.units(df)
@@ -205,15 +264,20 @@ def test_a_merged_report_never_mixes_jobs_backbones_or_source_data():
     assert "| full fine-tune | 92.00" in t1 and "95.00" not in t1 and "70.00" not in t1
     rows = [r for r in tables.table3(df).splitlines() if r.startswith("| table")]
     assert sorted(r.split(" | ")[:4] + [r.split(" | ")[4].split(" (")[0]] for r in rows) == [
-        ["| table1", "resnet18", "imagenet", "2", "92.00"], ["| table3", "resnet18", "imagenet", "2", "93.00"],
-        ["| table3", "resnet50", "imagenet", "2", "95.00"], ["| table4", "resnet18", "cifar10", "1", "70.00"]]
+        ["| table1", "resnet18", "imagenet", "2", "92.00"],
+        ["| table3", "resnet18", "imagenet", "2", "93.00"],
+        ["| table3", "resnet50", "imagenet", "2", "95.00"],
+        ["| table4", "resnet18", "cifar10", "1", "70.00"],
+    ]
     t4 = [r for r in tables.table4(df).splitlines() if r.startswith("| table")]
-    assert len(t4) == 7 and [r for r in t4 if "cifar10" in r] == ["| table4 | cifar10 | resnet18 | pets | 70.00 ± "
-                                                                   + t4[-1].split("70.00 ± ")[1]]
+    assert len(t4) == 7 and [r for r in t4 if "cifar10" in r] == [
+        "| table4 | cifar10 | resnet18 | pets | 70.00 ± " + t4[-1].split("70.00 ± ")[1]
+    ]
     first = claims.judge(df, {}, masks)[0]  # full vs standard: table1's models only
     assert [d["unit_job"] for d in first["datasets"]] == ["table1", "table1"]
-    assert all(d["effect"] == pytest.approx(100 * (92 - 40) / 92 - 100 * (90 - 80) / 90, abs=0.01)
-               for d in first["datasets"])
+    assert all(
+        d["effect"] == pytest.approx(100 * (92 - 40) / 92 - 100 * (90 - 80) / 90, abs=0.01) for d in first["datasets"]
+    )
     page = report_page.build(df, {}, Path(tempfile.mkdtemp()) / "report", title="merged", masks=masks)
     assert "<td>table3</td>" in page.read_text() and "resnet50" in page.read_text()
 
@@ -223,8 +287,19 @@ def test_the_premise_section_says_whether_pre_training_helped():
     accuracy against the standard model's: 'pre-training helps', or says in words that
     this target does not show it."""
     df, _ = _fake_results({"scratch": (90, 80), "full": (92, 40)})
-    pre = pd.DataFrame([{"method": "pretrain", "dataset": "fashion_mnist", "backbone": "resnet18",
-                         "source": "standard", "seed": 0, "AOI": 87.5, "images": 156}])
+    pre = pd.DataFrame(
+        [
+            {
+                "method": "pretrain",
+                "dataset": "fashion_mnist",
+                "backbone": "resnet18",
+                "source": "standard",
+                "seed": 0,
+                "AOI": 87.5,
+                "images": 156,
+            }
+        ]
+    )
     helps = pd.concat([pre, df.assign(val_acc_1=df.method.map({"full": 60.0, "scratch": 20.0}))], ignore_index=True)
     text = tables.premise(helps)
     assert "resnet18 pre-trained (standard) on fashion_mnist: source AOI 87.5 % (156 test images)" in text
@@ -241,12 +316,24 @@ def test_dm_lambda_is_chosen_on_validation_and_judged_by_the_papers_claim():
     from study import claims, results
 
     def row(method, lam, val_acc, val_aai, stage):
-        return {"dataset": "alphabet", "backbone": "resnet18", "method": method, "seed": 0, "lam": lam,
-                "val_acc": val_acc, "val_AAI": val_aai, "stage": stage}
+        return {
+            "dataset": "alphabet",
+            "backbone": "resnet18",
+            "method": method,
+            "seed": 0,
+            "lam": lam,
+            "val_acc": val_acc,
+            "val_AAI": val_aai,
+            "stage": stage,
+        }
 
-    rows = [row("full", None, 80.0, 5.0, "full"), row("dm_stage12", 1.0, 79.0, 30.0, "dm1"),
-            row("dm_stage12", 10.0, 70.0, 60.0, "dm10"),  # the most robust, but 10 points under full
-            row("dm_stage12", 0.1, 81.0, 20.0, "dm01"), row("dm_stage12", 0.1, 60.0, 20.0, "dm01-lr")]
+    rows = [
+        row("full", None, 80.0, 5.0, "full"),
+        row("dm_stage12", 1.0, 79.0, 30.0, "dm1"),
+        row("dm_stage12", 10.0, 70.0, 60.0, "dm10"),  # the most robust, but 10 points under full
+        row("dm_stage12", 0.1, 81.0, 20.0, "dm01"),
+        row("dm_stage12", 0.1, 60.0, 20.0, "dm01-lr"),
+    ]
     results.select(rows)
     assert {r["stage"] for r in rows if r["chosen"]} == {"full", "dm1"}
     assert {r["stage"] for r in rows if r["selected"]} == {"full", "dm1", "dm10", "dm01"}
@@ -269,11 +356,26 @@ def _screenshot(page, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is missing: ./run.sh installs it"
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000",
-                    f"--screenshot={shot}", page.as_uri()], check=True, timeout=120,
-                   capture_output=True)
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,3000",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     from PIL import Image
 
     img = Image.open(shot).convert("L")
@@ -282,16 +384,32 @@ def _screenshot(page, tmp_path):
 
 
 def test_report_page_has_every_table_figure_and_claim(tmp_path):
-    found = {"datasets": {"alphabet": {
-        "cca": {"fine-tuned|pre-trained": {"bottom": 0.9, "all": 0.7},
-                "fine-tuned|standard": {"bottom": 0.6, "all": 0.4},
-                "pre-trained|standard": {"bottom": 0.5, "all": 0.3}},
-        "uap": {"full": {"success": 80.0, "png": str(tmp_path / "uap-alphabet-full.png"),
-                         "along_training": [{"step": 2, "success": 70.0}, {"step": 10, "success": 80.0}]},
-                "scratch": {"success": 10.0, "png": str(tmp_path / "uap-alphabet-scratch.png"),
-                            "along_training": [{"step": 2, "success": 5.0}, {"step": 10, "success": 10.0}]}},
-        "uap_transfer": {"DR": {"fine-tuned": 30.0, "standard": 2.0}},
-        "mmd": {"mmd2": 0.4}, "ll": {"pre-trained": 900.0, "standard": 300.0}}}}
+    found = {
+        "datasets": {
+            "alphabet": {
+                "cca": {
+                    "fine-tuned|pre-trained": {"bottom": 0.9, "all": 0.7},
+                    "fine-tuned|standard": {"bottom": 0.6, "all": 0.4},
+                    "pre-trained|standard": {"bottom": 0.5, "all": 0.3},
+                },
+                "uap": {
+                    "full": {
+                        "success": 80.0,
+                        "png": str(tmp_path / "uap-alphabet-full.png"),
+                        "along_training": [{"step": 2, "success": 70.0}, {"step": 10, "success": 80.0}],
+                    },
+                    "scratch": {
+                        "success": 10.0,
+                        "png": str(tmp_path / "uap-alphabet-scratch.png"),
+                        "along_training": [{"step": 2, "success": 5.0}, {"step": 10, "success": 10.0}],
+                    },
+                },
+                "uap_transfer": {"DR": {"fine-tuned": 30.0, "standard": 2.0}},
+                "mmd": {"mmd2": 0.4},
+                "ll": {"pre-trained": 900.0, "standard": 300.0},
+            }
+        }
+    }
     for k in ("full", "scratch"):
         analyses.save_perturbation_png(torch.rand(3, 8, 8) * 0.01, tmp_path / f"uap-alphabet-{k}.png")
         torch.save(torch.rand(3, 8, 8), tmp_path / f"uap-alphabet-{k}.pt")
@@ -328,8 +446,10 @@ def test_the_demo_report_opens_with_every_table_figure_and_a_verdict_per_claim(t
     page = report_page.build(df, found, tmp_path / "report", title="demo")
     html = page.read_text()
     for n in range(1, 6):
-        assert f"Table {n}" in html and f"## Table {n}\n\n*This run has no models" not in (
-            tmp_path / "report" / "index.md").read_text()
+        assert (
+            f"Table {n}" in html
+            and f"## Table {n}\n\n*This run has no models" not in (tmp_path / "report" / "index.md").read_text()
+        )
     assert sorted(p.name[:4] for p in (tmp_path / "report").glob("fig*.png")) == ["fig3", "fig4", "fig5", "fig6"]
     for f in ("fig3", "fig4", "fig5", "fig6"):
         assert f'id="{f}"' in html
@@ -342,7 +462,6 @@ def test_the_demo_report_opens_with_every_table_figure_and_a_verdict_per_claim(t
 
 def test_the_report_says_when_stage_1_was_not_replicated():
     import pandas as pd
-
 
     rows = [{"method": "pretrain", "seed": 0}] + [{"method": "full", "seed": s} for s in (0, 1)]
     shared = tables.replicates(pd.DataFrame(rows))

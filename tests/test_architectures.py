@@ -1,6 +1,7 @@
 """Beyond ResNets: torchvision's ViT, Swin and ConvNeXt as registry entries (and a small
 ViT for CPUs), each the same function as torchvision's network, four stages for the
 analyses, weight import with clear refusals, and the whole study on a tiny job."""
+
 import json
 import os
 import subprocess
@@ -38,10 +39,14 @@ def test_four_stages_one_row_per_image_or_token_and_f_feeds_g(backbone):
             assert act.dim() == 4 and rows.shape[1] == act.shape[1]
 
 
-@pytest.mark.parametrize("backbone,make", [
-    ("vit_b_16", lambda: torchvision.models.vit_b_16(image_size=64)),
-    ("swin_t", torchvision.models.swin_t),
-    ("convnext_tiny", torchvision.models.convnext_tiny)])
+@pytest.mark.parametrize(
+    "backbone,make",
+    [
+        ("vit_b_16", lambda: torchvision.models.vit_b_16(image_size=64)),
+        ("swin_t", torchvision.models.swin_t),
+        ("convnext_tiny", torchvision.models.convnext_tiny),
+    ],
+)
 def test_the_study_model_is_torchvision_s_network_on_normalised_input(tmp_path, backbone, make):
     torch.manual_seed(1)
     tv = make().eval()
@@ -104,18 +109,35 @@ JOB = {
     "seed": 0,
     "device": "cpu",
     "data": {"workers": 1},
-    "datasets": {"shapes": {"params": {"train_per_class": 3, "test_per_class": 1}},
-                 "alphabet": {"params": {"train_per_class": 3, "test_per_class": 1}}},
-    "pretrain": {"dataset": "shapes", "backbones": ["convnext_tiny"],
-                 "scaling": {"workers": 2, "cpus_per_worker": 1},
-                 "train": {"epochs": 1, "batch_size": 16, "lr": 0.01}},
-    "finetune": {"datasets": ["alphabet"], "methods": ["full"],
-                 "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05}},
-    "analyses": {"actors": 1, "images": 16, "snapshots": [0.5],
-                 "cca": {"images": 16, "max_rows": 128}, "uap": {"steps": 2, "train_images": 16},
-                 "mmd": {"images": 16}, "ll": {"images": 4, "steps": 1}},
-    "eval": {"batch_size": 32, "max_images": 16,
-             "attacks": ["pgd10_linf_0.5", "fgsm_linf_0.5", {"name": "autoattack_linf_16.0", "max_images": 4}]},
+    "datasets": {
+        "shapes": {"params": {"train_per_class": 3, "test_per_class": 1}},
+        "alphabet": {"params": {"train_per_class": 3, "test_per_class": 1}},
+    },
+    "pretrain": {
+        "dataset": "shapes",
+        "backbones": ["convnext_tiny"],
+        "scaling": {"workers": 2, "cpus_per_worker": 1},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 0.01},
+    },
+    "finetune": {
+        "datasets": ["alphabet"],
+        "methods": ["full"],
+        "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
+    },
+    "analyses": {
+        "actors": 1,
+        "images": 16,
+        "snapshots": [0.5],
+        "cca": {"images": 16, "max_rows": 128},
+        "uap": {"steps": 2, "train_images": 16},
+        "mmd": {"images": 16},
+        "ll": {"images": 4, "steps": 1},
+    },
+    "eval": {
+        "batch_size": 32,
+        "max_images": 16,
+        "attacks": ["pgd10_linf_0.5", "fgsm_linf_0.5", {"name": "autoattack_linf_16.0", "max_images": 4}],
+    },
 }
 
 
@@ -124,10 +146,18 @@ def test_the_tiny_study_runs_on_convnext(tmp_path, ray_local, mlflow_server):
 
     job, out = tmp_path / "arch.yaml", tmp_path / "out"
     job.write_text(yaml.safe_dump(JOB))
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-           "MLFLOW_TRACKING_URI": mlflow_server}
-    done = subprocess.run([sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"],
-                          env=env, capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": mlflow_server,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     df = pd.read_csv(out / "results.csv")
     clean = df[df.attack.isna()]

@@ -17,17 +17,20 @@ def test_names_follow_the_paper():
     assert parse_attack("pgd10_linf_0.5").name == "pgd10_linf_0.5"
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("cw_linf_1", "unknown attack 'cw_linf_1'"),
-    ("pgd10_linf_-0.5", "eps must not be negative"),
-    ({"name": "pgd10_linf_0.5", "eps": -1}, "eps must not be negative"),
-    ({"name": "pgd10_linf_0.5", "eps": "0.5"}, "eps must be a number"),
-    ({"name": "fgsm_linf_1", "restarts": True}, "restarts must be an integer"),
-    ({"name": "fgsm_linf_1", "steps": 3}, "unknown option 'steps'"),
-    ({"name": "pgd10_linf_1", "restarts": 3}, "restarts without random_start"),
-    ({"name": "pgd10_linf_1", "precision": "fp16"}, "precision must be one of auto, fp32, bf16"),
-    (0.5, "an attack is a name"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("cw_linf_1", "unknown attack 'cw_linf_1'"),
+        ("pgd10_linf_-0.5", "eps must not be negative"),
+        ({"name": "pgd10_linf_0.5", "eps": -1}, "eps must not be negative"),
+        ({"name": "pgd10_linf_0.5", "eps": "0.5"}, "eps must be a number"),
+        ({"name": "fgsm_linf_1", "restarts": True}, "restarts must be an integer"),
+        ({"name": "fgsm_linf_1", "steps": 3}, "unknown option 'steps'"),
+        ({"name": "pgd10_linf_1", "restarts": 3}, "restarts without random_start"),
+        ({"name": "pgd10_linf_1", "precision": "fp16"}, "precision must be one of auto, fp32, bf16"),
+        (0.5, "an attack is a name"),
+    ],
+)
 def test_bad_attacks_are_refused(spec, message):
     with pytest.raises(AttackError, match=message):
         parse_attack(spec)
@@ -71,8 +74,13 @@ def test_attack_stays_in_the_ball_and_in_range_and_touches_no_parameter():
     x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 5, (32,))
     x[:, :, 0, 0] = 0.0
     x[:, :, 1, 1] = 1.0  # pixels on the edge of [0,1] must be clipped, not pushed out
-    for name in ("pgd10_linf_16", "fgsm_linf_8", "pgd10_l2_0.5", {"name": "pgd10_linf_16", "random_start": True},
-                 {"name": "pgd10_l2_0.5", "random_start": True}):
+    for name in (
+        "pgd10_linf_16",
+        "fgsm_linf_8",
+        "pgd10_l2_0.5",
+        {"name": "pgd10_linf_16", "random_start": True},
+        {"name": "pgd10_l2_0.5", "random_start": True},
+    ):
         attack = parse_attack(name)
         out = perturb(model, x, y, attack, early_stop=False)
         delta = (out.x_adv - x).flatten(1)
@@ -160,6 +168,7 @@ def test_bf16_steps_never_count_a_sample_broken_that_fp32_does_not(trained):
 def test_bf16_judges_every_last_iterate_in_fp32():
     """A model whose bf16 logits never show a break (they lean 5 towards the true class)
     is still broken wherever fp32 breaks it: the last iterate's verdict is fp32's."""
+
     class Lying(nn.Module):
         def __init__(self):
             super().__init__()
@@ -225,9 +234,18 @@ def test_on_a_trained_model_stronger_attacks_never_give_higher_aai(trained):
 
     model, batches = trained
     model = inference_copy(model)  # what evaluations attack
-    aai = {name: robust_accuracy(model, batches, parse_attack(name))["AAI"]
-           for name in ("fgsm_linf_2.0", "pgd5_linf_2.0", "pgd10_linf_2.0", "pgd20_linf_2.0",
-                        "pgd10_linf_0.5", "pgd10_linf_1.0", "pgd10_linf_0.0")}
+    aai = {
+        name: robust_accuracy(model, batches, parse_attack(name))["AAI"]
+        for name in (
+            "fgsm_linf_2.0",
+            "pgd5_linf_2.0",
+            "pgd10_linf_2.0",
+            "pgd20_linf_2.0",
+            "pgd10_linf_0.5",
+            "pgd10_linf_1.0",
+            "pgd10_linf_0.0",
+        )
+    }
     clean = robust_accuracy(model, batches, parse_attack("pgd10_linf_0.0"))
     assert clean["AOI"] > 30  # the model learned something, so there is something to break
     assert aai["pgd10_linf_0.0"] == clean["AOI"]
@@ -251,8 +269,12 @@ def test_on_a_trained_model_stronger_attacks_never_give_higher_aai(trained):
 
 def test_autoattack_names_and_options():
     a = parse_attack("autoattack_linf_0.5")
-    assert (a.kind, a.norm, a.eps_pixels, a.name) == ("autoattack", "linf", pytest.approx(0.5 / 255),
-                                                      "autoattack_linf_0.5")
+    assert (a.kind, a.norm, a.eps_pixels, a.name) == (
+        "autoattack",
+        "linf",
+        pytest.approx(0.5 / 255),
+        "autoattack_linf_0.5",
+    )
     assert parse_attack({"name": "autoattack_l2_0.5", "max_images": 64}).max_images == 64
     with pytest.raises(AttackError, match="unknown option 'rel_step'"):
         parse_attack({"name": "autoattack_linf_0.5", "rel_step": 2.0})
@@ -306,8 +328,15 @@ def test_autoattack_is_not_above_pgd_on_the_same_images(trained):
 
 
 # -- the attack core: one step, two drivers; a pluggable loss --------------------------------
-@pytest.mark.parametrize("spec", ["pgd5_linf_4.0", {"name": "pgd5_linf_4.0", "random_start": True},
-                                  "fgsm_l2_0.5", {"name": "pgd3_linf_4.0", "loss": "cw"}])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "pgd5_linf_4.0",
+        {"name": "pgd5_linf_4.0", "random_start": True},
+        "fgsm_l2_0.5",
+        {"name": "pgd3_linf_4.0", "loss": "cw"},
+    ],
+)
 def test_the_fixed_batch_pgd_and_the_stream_take_the_same_iterates(trained, spec):
     """Adversarial training's ``pgd`` and the evaluator's stream (no early exit, fp32)
     call the same ``ascend``: bit for bit the same last iterates."""
@@ -346,7 +375,8 @@ def test_cw_margin_loss_is_named_and_refused_where_it_does_not_apply():
     assert cw.name == "pgd10_linf_0.5[loss=cw]" != parse_attack("pgd10_linf_0.5").name
     assert parse_attack(cw.name) == cw  # a name reads back as the attack it names
     assert parse_attack("pgd10_linf_2.0[rel_step=2.5,random_start=True]") == parse_attack(
-        {"name": "pgd10_linf_2.0", "rel_step": 2.5, "random_start": True})
+        {"name": "pgd10_linf_2.0", "rel_step": 2.5, "random_start": True}
+    )
     with pytest.raises(AttackError, match="AutoAttack's standard version fixes its own losses"):
         parse_attack({"name": "autoattack_linf_0.5", "loss": "cw"})
     with pytest.raises(AttackError, match="loss must be one of ce, cw"):

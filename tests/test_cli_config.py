@@ -8,8 +8,10 @@ from study.weights import parse as parse_weights
 
 BASE = {
     "name": "t",
-    "datasets": {"shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
-                 "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}}},
+    "datasets": {
+        "shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
+        "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}},
+    },
     "pretrain": {"dataset": "shapes", "backbones": ["resnet18"], "train": {"epochs": 1}},
     "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "partial", "full"]},
     "eval": {"batch_size": 64},
@@ -25,71 +27,126 @@ def _with(path, value):
     return raw
 
 
-@pytest.mark.parametrize("path,value,message", [
-    (("pretrain", "backbones"), ["resnet18", "resnet9"],
-     "pretrain.backbones[1]: unknown backbone 'resnet9'"),
-    (("finetune", "methods"), ["full", "half"], "finetune.methods[1]: unknown method 'half'"),
-    (("finetune", "methods"), ["full", "dm_stage12"],
-     "finetune.methods: dm_stage12 start(s) from an adversarially pre-trained backbone"),
-    (("finetune", "methods"), ["full", "full"], "finetune.methods: entry 'full' is listed twice"),
-    (("finetune", "space"), {"lr_f": {"loguniform": [0.001, 0.1]}},
-     "finetune: space.lr_f: a range needs search: random"),
-    (("finetune", "space"), {"lr_f": {"loguniform": [0, 0.1]}}, "finetune.space.lr_f"),
-    (("finetune", "space"), {"lam": [-1.0]}, "finetune.space.lam[0]: Input should be greater than or equal to 0"),
-    (("finetune", "space"), {"lr_g": []}, "finetune.space.lr_g: an empty list"),
-    (("finetune", "num_samples"), 4, "finetune: num_samples is for search: random"),
-    (("finetune", "at"), "standard", "finetune: at: AT@stage-2 needs an adversarial objective"),
-    (("finetune", "at"), "pgd3_linf_-2", "finetune.at: attack 'pgd3_linf_-2': eps must not be negative"),
-    (("finetune", "kd"), {"teacher": "pgd3_linf_4.0"}, "finetune.kd.teacher: 'pgd3_linf_4.0' is not one of"),
-    (("finetune", "methods"), ["full", "kd_stage2"],
-     "finetune.kd.teacher: KD@stage-2 distils the robust source's features"),
-    (("finetune", "backbones"), ["resnet50"], "finetune.backbones[0]: 'resnet50' is not pre-trained"),
-    (("finetune", "val_fraction"), 0.0, "finetune.val_fraction: Input should be greater than 0"),
-    (("pretrain", "weights"), {"standard": "imagenet", "pgd3_linf_-4": "imagenet"},
-     "pretrain.weights.pgd3_linf_-4: attack 'pgd3_linf_-4': eps must not be negative"),
-    (("pretrain", "weights"), {"standard": "imagenet", "pgd3_linf_4.0": "/nonexistent.ckpt"},
-     "pretrain.weights.pgd3_linf_4.0: weights file not found"),
-    (("datasets", "mnist"), {}, "datasets.mnist: unknown dataset 'mnist'"),
-    (("pretrain", "train", "lr"), -0.1, "pretrain.train.lr: Input should be greater than or equal to 0"),
-    (("pretrain", "train", "lr"), "0.1", "pretrain.train.lr: Input should be a valid number"),
-    (("pretrain", "train", "epochs"), 0, "pretrain.train.epochs: Input should be greater than 0"),
-    (("datasets", "alphabet", "params", "train_per_class"), -5,
-     "datasets.alphabet: train_per_class: must be positive, got -5"),
-    (("datasets", "shapes", "params", "min_scale"), 0.8, "datasets.shapes: min_scale must be in (0, 0.5]"),
-    (("datasets", "pets"), {"root": "/nonexistent/pets"}, "datasets.pets.root: data root does not exist"),
-    (("datasets", "cifar10"), {}, "datasets.cifar10.root: dataset 'cifar10' needs a data root"),
-    (("finetune", "datasets"), ["pets"], "finetune.datasets[0]: 'pets' is not a key of datasets"),
-    (("pretrain", "train", "optimiser"), "sgd", "pretrain.train.optimiser: unknown field"),
-    (("pretrain", "weights"), "/nonexistent.pth", "pretrain.weights: weights file not found"),
-    (("eval", "attacks"), ["pgd10_linf_0.5", "cw_linf_1"], "eval.attacks[1]: unknown attack 'cw_linf_1'"),
-    (("eval", "attacks"), ["pgd10_linf_-0.5"], "eval.attacks[0]: attack 'pgd10_linf_-0.5': eps must not"),
-    (("eval", "attacks"), [{"name": "pgd10_linf_0.5", "eps": "0.5"}],
-     "eval.attacks[0]: attack 'pgd10_linf_0.5': eps must be a number, got '0.5'"),
-    (("eval", "attacks"), [{"name": "autoattack_linf_0.5", "restarts": 2}],
-     "eval.attacks[0]: attack 'autoattack_linf_0.5': unknown option 'restarts'"),
-    (("eval", "attacks"), ["fgsm_linf_2", "fgsm_linf_2.0"], "eval.attacks: attack 'fgsm_linf_2.0' is listed twice"),
-    (("pretrain", "objectives"), ["standard", "pgd3_linf_-4"],
-     "pretrain.objectives[1]: attack 'pgd3_linf_-4': eps must not be negative"),
-    (("pretrain", "objectives"), ["trades_linf_8"], "pretrain.objectives[0]: unknown attack 'trades_linf_8'"),
-    (("pretrain", "objectives"), ["autoattack_linf_4.0"],
-     "pretrain.objectives[0]: objective 'autoattack_linf_4.0': AutoAttack evaluates"),
-    (("pretrain", "objectives"), [{"name": "pgd3_l2_3.0", "restarts": 2}],
-     "pretrain.objectives[0]: objective 'pgd3_l2_3.0': restarts and max_images are evaluation options"),
-    (("pretrain", "objectives"), ["pgd3_linf_4", "pgd3_linf_4.0"],
-     "pretrain.objectives: objective 'pgd3_linf_4.0' is listed twice"),
-    (("pretrain", "scaling"), {"workers": 3}, "pretrain.train.batch_size: 128 is not divisible by"),
-    (("pretrain", "scaling"), {"workers": 0}, "pretrain.scaling.workers: Input should be greater than 0"),
-    (("finetune", "source"), "pgd3_linf_4.0", "finetune.source: 'pgd3_linf_4.0' is not one of pretrain.objectives"),
-    (("pretrain", "progressive"), {"min_res": 192, "max_res": 160, "start_ramp": 1, "end_ramp": 2},
-     "pretrain.progressive: progressive needs min_res <= max_res"),
-    (("finetune", "methods_for"), {"shapes": ["full"]}, "finetune.methods_for.shapes: 'shapes' is not one of"),
-    (("finetune", "methods_for"), {"alphabet": ["fine"]}, "finetune.methods_for.alphabet[0]: unknown method 'fine'"),
-    (("finetune", "methods_for"), {"alphabet": ["dm_stage12"]},
-     "finetune.methods: dm_stage12 start(s) from an adversarially pre-trained backbone"),
-    (("eval", "attacks"), [{"name": "pgd10_linf_0.5", "datasets": ["pets"]}],
-     "eval.attacks[0].datasets: 'pets' is not a key of datasets"),
-    (("datasets", "shapes", "params", "by"), "colour", "datasets.shapes: by must be one of shape_texture, shape, texture"),
-])
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        (("pretrain", "backbones"), ["resnet18", "resnet9"], "pretrain.backbones[1]: unknown backbone 'resnet9'"),
+        (("finetune", "methods"), ["full", "half"], "finetune.methods[1]: unknown method 'half'"),
+        (
+            ("finetune", "methods"),
+            ["full", "dm_stage12"],
+            "finetune.methods: dm_stage12 start(s) from an adversarially pre-trained backbone",
+        ),
+        (("finetune", "methods"), ["full", "full"], "finetune.methods: entry 'full' is listed twice"),
+        (
+            ("finetune", "space"),
+            {"lr_f": {"loguniform": [0.001, 0.1]}},
+            "finetune: space.lr_f: a range needs search: random",
+        ),
+        (("finetune", "space"), {"lr_f": {"loguniform": [0, 0.1]}}, "finetune.space.lr_f"),
+        (("finetune", "space"), {"lam": [-1.0]}, "finetune.space.lam[0]: Input should be greater than or equal to 0"),
+        (("finetune", "space"), {"lr_g": []}, "finetune.space.lr_g: an empty list"),
+        (("finetune", "num_samples"), 4, "finetune: num_samples is for search: random"),
+        (("finetune", "at"), "standard", "finetune: at: AT@stage-2 needs an adversarial objective"),
+        (("finetune", "at"), "pgd3_linf_-2", "finetune.at: attack 'pgd3_linf_-2': eps must not be negative"),
+        (("finetune", "kd"), {"teacher": "pgd3_linf_4.0"}, "finetune.kd.teacher: 'pgd3_linf_4.0' is not one of"),
+        (
+            ("finetune", "methods"),
+            ["full", "kd_stage2"],
+            "finetune.kd.teacher: KD@stage-2 distils the robust source's features",
+        ),
+        (("finetune", "backbones"), ["resnet50"], "finetune.backbones[0]: 'resnet50' is not pre-trained"),
+        (("finetune", "val_fraction"), 0.0, "finetune.val_fraction: Input should be greater than 0"),
+        (
+            ("pretrain", "weights"),
+            {"standard": "imagenet", "pgd3_linf_-4": "imagenet"},
+            "pretrain.weights.pgd3_linf_-4: attack 'pgd3_linf_-4': eps must not be negative",
+        ),
+        (
+            ("pretrain", "weights"),
+            {"standard": "imagenet", "pgd3_linf_4.0": "/nonexistent.ckpt"},
+            "pretrain.weights.pgd3_linf_4.0: weights file not found",
+        ),
+        (("datasets", "mnist"), {}, "datasets.mnist: unknown dataset 'mnist'"),
+        (("pretrain", "train", "lr"), -0.1, "pretrain.train.lr: Input should be greater than or equal to 0"),
+        (("pretrain", "train", "lr"), "0.1", "pretrain.train.lr: Input should be a valid number"),
+        (("pretrain", "train", "epochs"), 0, "pretrain.train.epochs: Input should be greater than 0"),
+        (
+            ("datasets", "alphabet", "params", "train_per_class"),
+            -5,
+            "datasets.alphabet: train_per_class: must be positive, got -5",
+        ),
+        (("datasets", "shapes", "params", "min_scale"), 0.8, "datasets.shapes: min_scale must be in (0, 0.5]"),
+        (("datasets", "pets"), {"root": "/nonexistent/pets"}, "datasets.pets.root: data root does not exist"),
+        (("datasets", "cifar10"), {}, "datasets.cifar10.root: dataset 'cifar10' needs a data root"),
+        (("finetune", "datasets"), ["pets"], "finetune.datasets[0]: 'pets' is not a key of datasets"),
+        (("pretrain", "train", "optimiser"), "sgd", "pretrain.train.optimiser: unknown field"),
+        (("pretrain", "weights"), "/nonexistent.pth", "pretrain.weights: weights file not found"),
+        (("eval", "attacks"), ["pgd10_linf_0.5", "cw_linf_1"], "eval.attacks[1]: unknown attack 'cw_linf_1'"),
+        (("eval", "attacks"), ["pgd10_linf_-0.5"], "eval.attacks[0]: attack 'pgd10_linf_-0.5': eps must not"),
+        (
+            ("eval", "attacks"),
+            [{"name": "pgd10_linf_0.5", "eps": "0.5"}],
+            "eval.attacks[0]: attack 'pgd10_linf_0.5': eps must be a number, got '0.5'",
+        ),
+        (
+            ("eval", "attacks"),
+            [{"name": "autoattack_linf_0.5", "restarts": 2}],
+            "eval.attacks[0]: attack 'autoattack_linf_0.5': unknown option 'restarts'",
+        ),
+        (("eval", "attacks"), ["fgsm_linf_2", "fgsm_linf_2.0"], "eval.attacks: attack 'fgsm_linf_2.0' is listed twice"),
+        (
+            ("pretrain", "objectives"),
+            ["standard", "pgd3_linf_-4"],
+            "pretrain.objectives[1]: attack 'pgd3_linf_-4': eps must not be negative",
+        ),
+        (("pretrain", "objectives"), ["trades_linf_8"], "pretrain.objectives[0]: unknown attack 'trades_linf_8'"),
+        (
+            ("pretrain", "objectives"),
+            ["autoattack_linf_4.0"],
+            "pretrain.objectives[0]: objective 'autoattack_linf_4.0': AutoAttack evaluates",
+        ),
+        (
+            ("pretrain", "objectives"),
+            [{"name": "pgd3_l2_3.0", "restarts": 2}],
+            "pretrain.objectives[0]: objective 'pgd3_l2_3.0': restarts and max_images are evaluation options",
+        ),
+        (
+            ("pretrain", "objectives"),
+            ["pgd3_linf_4", "pgd3_linf_4.0"],
+            "pretrain.objectives: objective 'pgd3_linf_4.0' is listed twice",
+        ),
+        (("pretrain", "scaling"), {"workers": 3}, "pretrain.train.batch_size: 128 is not divisible by"),
+        (("pretrain", "scaling"), {"workers": 0}, "pretrain.scaling.workers: Input should be greater than 0"),
+        (("finetune", "source"), "pgd3_linf_4.0", "finetune.source: 'pgd3_linf_4.0' is not one of pretrain.objectives"),
+        (
+            ("pretrain", "progressive"),
+            {"min_res": 192, "max_res": 160, "start_ramp": 1, "end_ramp": 2},
+            "pretrain.progressive: progressive needs min_res <= max_res",
+        ),
+        (("finetune", "methods_for"), {"shapes": ["full"]}, "finetune.methods_for.shapes: 'shapes' is not one of"),
+        (
+            ("finetune", "methods_for"),
+            {"alphabet": ["fine"]},
+            "finetune.methods_for.alphabet[0]: unknown method 'fine'",
+        ),
+        (
+            ("finetune", "methods_for"),
+            {"alphabet": ["dm_stage12"]},
+            "finetune.methods: dm_stage12 start(s) from an adversarially pre-trained backbone",
+        ),
+        (
+            ("eval", "attacks"),
+            [{"name": "pgd10_linf_0.5", "datasets": ["pets"]}],
+            "eval.attacks[0].datasets: 'pets' is not a key of datasets",
+        ),
+        (
+            ("datasets", "shapes", "params", "by"),
+            "colour",
+            "datasets.shapes: by must be one of shape_texture, shape, texture",
+        ),
+    ],
+)
 def test_bad_configs_give_one_line_naming_the_field(path, value, message):
     with pytest.raises(config.ConfigError) as err:
         config.parse(_with(path, value))
@@ -113,18 +170,25 @@ def test_good_config_resolves_and_hashes():
 
 
 def test_methods_and_attacks_limited_per_dataset():
-    raw = _with(("datasets", "near"), {"name": "shapes", "params": {"by": "shape", "train_per_class": 2,
-                                                                    "test_per_class": 1}})
+    raw = _with(
+        ("datasets", "near"), {"name": "shapes", "params": {"by": "shape", "train_per_class": 2, "test_per_class": 1}}
+    )
     raw["finetune"] |= {"datasets": ["alphabet", "near"], "methods_for": {"near": ["full"]}}
-    raw["eval"]["attacks"] = ["fgsm_linf_0.5", {"name": "pgd10_linf_0.5", "methods": ["full"],
-                                                "datasets": ["alphabet"]}]
+    raw["eval"]["attacks"] = [
+        "fgsm_linf_0.5",
+        {"name": "pgd10_linf_0.5", "methods": ["full"], "datasets": ["alphabet"]},
+    ]
     cfg = config.parse(raw)
     assert cfg.finetune.methods_of("near") == ["full"]
     assert cfg.finetune.methods_of("alphabet") == ["scratch", "partial", "full"]
     from study import sweep
 
     assert [(p["dataset"], p["method"]) for p in sweep.points(cfg)] == [
-        ("alphabet", "scratch"), ("alphabet", "partial"), ("alphabet", "full"), ("near", "full")]
+        ("alphabet", "scratch"),
+        ("alphabet", "partial"),
+        ("alphabet", "full"),
+        ("near", "full"),
+    ]
     suite = lambda s, d: [a.name for a in cfg.eval.suite(s, d)]  # noqa: E731
     assert suite("full", "alphabet") == ["fgsm_linf_0.5", "pgd10_linf_0.5"]
     assert suite("full", "near") == suite("scratch", "alphabet") == ["fgsm_linf_0.5"]
@@ -135,8 +199,7 @@ def test_demo_job_file_is_valid():
     assert cfg.finetune.methods == ["scratch", "partial", "full", "at_stage2", "dm_stage12"]
     assert cfg.robust_objective() == "fgsm_linf_2.0" and cfg.source_objective() == "standard"
     names = [a.name for a in cfg.eval.suite()]  # Tables 1 and 2 need exactly these
-    assert names == ["pgd10_linf_0.5", "pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0",
-                     "autoattack_linf_0.5"]
+    assert names == ["pgd10_linf_0.5", "pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0", "autoattack_linf_0.5"]
     # a real source task, two replicates, three targets for the MMD claim
     assert cfg.pretrain.dataset == "fashion_mnist" and cfg.replicate_seeds() == [0, 1] and not cfg.pretrain.replicate
     assert len(cfg.finetune.datasets) == 3
@@ -185,8 +248,19 @@ def test_cli_missing_job_and_bad_yaml(tmp_path):
 
 
 def test_cli_data_prepare_twice(tmp_path, capsys):
-    args = ["data", "prepare", "alphabet", "--out", str(tmp_path), "--param", "train_per_class=2",
-            "--param", "test_per_class=1", "--workers", "1"]
+    args = [
+        "data",
+        "prepare",
+        "alphabet",
+        "--out",
+        str(tmp_path),
+        "--param",
+        "train_per_class=2",
+        "--param",
+        "test_per_class=1",
+        "--workers",
+        "1",
+    ]
     assert cli.main(args) == 0
     assert capsys.readouterr().out.count("written") == 2
     assert cli.main(args) == 0
@@ -241,9 +315,15 @@ def test_paper_table_jobs_are_valid_given_their_data(tmp_path, name):
         assert kinds == ({"torchvision", "hub"} if name.startswith("table5") else {"torchvision"})
     cfg = config.parse(raw)
     pts = sweep.points(cfg)
-    expected = {"table1": 7 * (9 + 3 + 9), "table2": 7 * (9 + 9), "table3": 5 * 7 * (1 + 4),
-                "table4": 2 * (4 + 4), "table4_cifar10": 2 * (4 + 4), "table5": 7 * (4 * 6 + 3 * 4),
-                "table5_eq4": 7 * (4 * 6 + 3 * 4)}
+    expected = {
+        "table1": 7 * (9 + 3 + 9),
+        "table2": 7 * (9 + 9),
+        "table3": 5 * 7 * (1 + 4),
+        "table4": 2 * (4 + 4),
+        "table4_cifar10": 2 * (4 + 4),
+        "table5": 7 * (4 * 6 + 3 * 4),
+        "table5_eq4": 7 * (4 * 6 + 3 * 4),
+    }
     assert len(pts) == expected[name]
     if name.startswith("table5"):
         assert cfg.robust_objective() == "pgd3_linf_4.0" and cfg.source_objective() == "standard"

@@ -1,5 +1,6 @@
 """The cluster path that can be checked here: cluster.yaml against Ray's own launcher
 schema, no port open to the world, and `study plan` (trials and GPU-hours, no Ray)."""
+
 import copy
 import json
 import subprocess
@@ -54,12 +55,19 @@ def test_cluster_yaml_passes_rays_validation_and_opens_no_port_to_the_world():
 def test_plan_prints_trials_and_hours_without_ray(tmp_path):
     costs = tmp_path / "costs.json"
     unit = {"train": 1e-3, "attack": 5e-4, "infer": 2e-4, "batch": 64}
-    costs.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "costs": {"resnet18@224": unit,
-                                                                            "resnet18@32": unit}}))
-    code = ("import sys; from study import cli; rc = cli.main(sys.argv[1:]); "
-            "print('RAY', 'ray' in sys.modules); sys.exit(rc)")
-    done = subprocess.run([sys.executable, "-c", code, "plan", str(ROOT / "jobs" / "table1.yaml"),
-                           "--costs", str(costs), "--no-measure"], capture_output=True, text=True, timeout=300)
+    costs.write_text(
+        json.dumps({"device": "NVIDIA H100 80GB HBM3", "costs": {"resnet18@224": unit, "resnet18@32": unit}})
+    )
+    code = (
+        "import sys; from study import cli; rc = cli.main(sys.argv[1:]); "
+        "print('RAY', 'ray' in sys.modules); sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "plan", str(ROOT / "jobs" / "table1.yaml"), "--costs", str(costs), "--no-measure"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "stage 2: 147 trials" in out and "GPU-hours" in out and "RAY False" in out
@@ -67,11 +75,13 @@ def test_plan_prints_trials_and_hours_without_ray(tmp_path):
 
 
 def test_plan_arithmetic_and_the_gpu_hour_limit(tmp_path):
-    raw = {"name": "p", "datasets": {"alphabet": {"params": {"train_per_class": 10, "test_per_class": 4}}},
-           "pretrain": {"backbones": ["resnet18"], "weights": "imagenet"},
-           "finetune": {"datasets": ["alphabet"], "methods": ["scratch"], "train": {"epochs": 3},
-                        "val_fraction": 0.1},
-           "eval": {"attacks": ["pgd10_linf_0.5"]}}
+    raw = {
+        "name": "p",
+        "datasets": {"alphabet": {"params": {"train_per_class": 10, "test_per_class": 4}}},
+        "pretrain": {"backbones": ["resnet18"], "weights": "imagenet"},
+        "finetune": {"datasets": ["alphabet"], "methods": ["scratch"], "train": {"epochs": 3}, "val_fraction": 0.1},
+        "eval": {"attacks": ["pgd10_linf_0.5"]},
+    }
     cfg = config.parse(raw)
     unit = {"train": 1.0, "attack": 0.5, "infer": 0.25, "batch": 8}
     est = plan.estimate(cfg, {"device": "gpu", "costs": {"resnet18@32": unit}})
@@ -97,9 +107,14 @@ def test_plan_arithmetic_and_the_gpu_hour_limit(tmp_path):
 
 def test_plan_sizes_a_per_class_sample_of_a_published_dataset():
     """fashion_mnist and imagenet: their published sizes, or k per class of them."""
-    raw = {"name": "p", "datasets": {"fashion_mnist": {"root": "/", "params": {"train_per_class": 2000}},
-                                     "imagenet": {"root": "/", "params": {"train_per_class": 1, "test_per_class": 1}}},
-           "pretrain": {"dataset": "fashion_mnist"}}
+    raw = {
+        "name": "p",
+        "datasets": {
+            "fashion_mnist": {"root": "/", "params": {"train_per_class": 2000}},
+            "imagenet": {"root": "/", "params": {"train_per_class": 1, "test_per_class": 1}},
+        },
+        "pretrain": {"dataset": "fashion_mnist"},
+    }
     cfg = config.parse(raw)
     assert plan.split_sizes(cfg, "fashion_mnist") == (20000, 10000)
     assert plan.split_sizes(cfg, "imagenet") == (1000, 1000)

@@ -69,8 +69,7 @@ def test_beton_roundtrip_keeps_count_labels_and_range(small_alphabet):
     source = build_split("alphabet", "test", params={"test_per_class": 4})
     assert y.tolist() == [source[i][1] for i in range(len(source))]
     # the centre crop at full size returns the stored pixels exactly
-    assert torch.equal((x[5] * 255).round().to(torch.uint8).permute(1, 2, 0),
-                       torch.from_numpy(source[5][0]))
+    assert torch.equal((x[5] * 255).round().to(torch.uint8).permute(1, 2, 0), torch.from_numpy(source[5][0]))
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -92,8 +91,7 @@ def test_kept_batches_keep_their_labels(small_alphabet, train):
 
 
 def test_train_loader_augments_but_keeps_range(small_alphabet):
-    loader = make_loader(small_alphabet["train"].beton, train=True, resolution=24, batch_size=26,
-                         workers=1)
+    loader = make_loader(small_alphabet["train"].beton, train=True, resolution=24, batch_size=26, workers=1)
     x, y = next(iter(loader))
     assert x.shape == (26, 3, 24, 24) and 0 <= x.min() and x.max() <= 1 and y.dtype == torch.int64
 
@@ -111,8 +109,7 @@ def test_prepare_twice_does_no_work(tmp_path):
 
 
 def test_truncated_beton_is_named(tmp_path):
-    prepared = prepare("alphabet", tmp_path, params=dict(train_per_class=2, test_per_class=1),
-                       workers=1)["test"]
+    prepared = prepare("alphabet", tmp_path, params=dict(train_per_class=2, test_per_class=1), workers=1)["test"]
     data = prepared.beton.read_bytes()
     prepared.beton.write_bytes(data[: len(data) // 2])
     with pytest.raises(BetonError, match=str(prepared.beton)):
@@ -123,14 +120,12 @@ def test_truncated_beton_is_named(tmp_path):
     with pytest.raises(BetonError, match="bare.beton.*truncated"):
         check_beton(bare)
     # prepare notices the damage and writes the split again
-    again = prepare("alphabet", tmp_path, params=dict(train_per_class=2, test_per_class=1),
-                    workers=1)["test"]
+    again = prepare("alphabet", tmp_path, params=dict(train_per_class=2, test_per_class=1), workers=1)["test"]
     assert again.written and again.beton.stat().st_size == len(data)
 
 
 def test_progressive_resizing_changes_the_training_crop(small_alphabet):
-    loader = make_loader(small_alphabet["train"].beton, train=True, resolution=32, batch_size=16,
-                         workers=1, seed=0)
+    loader = make_loader(small_alphabet["train"].beton, train=True, resolution=32, batch_size=16, workers=1, seed=0)
     assert next(iter(loader))[0].shape[-1] == 32
     loader.set_resolution(24)
     x, _ = next(iter(loader))
@@ -163,11 +158,17 @@ def test_two_datasets_of_one_name_keep_their_own_betons(tmp_path):
     from study import config as config_mod
     from study.pipeline import Job
 
-    cfg = config_mod.parse({"name": "t", "datasets": {
-        "shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
-        "shapes10": {"name": "shapes", "params": {"by": "shape", "train_per_class": 2, "test_per_class": 1}}},
-        "pretrain": {"dataset": "shapes", "backbones": ["resnet18"]},
-        "finetune": {"datasets": ["shapes10"], "methods": ["full"]}})
+    cfg = config_mod.parse(
+        {
+            "name": "t",
+            "datasets": {
+                "shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
+                "shapes10": {"name": "shapes", "params": {"by": "shape", "train_per_class": 2, "test_per_class": 1}},
+            },
+            "pretrain": {"dataset": "shapes", "backbones": ["resnet18"]},
+            "finetune": {"datasets": ["shapes10"], "methods": ["full"]},
+        }
+    )
     job = Job(cfg, tmp_path, torch.device("cpu"))
     for key in ("shapes", "shapes10"):
         prepare(cfg.dataset_name(key), job.data_dir, params=cfg.dataset_params(key), workers=1, folder=key)
@@ -185,11 +186,18 @@ def test_two_folder_datasets_give_two_fine_tuned_models(tmp_path):
 
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
-    cfg = config_mod.parse({"name": "t", "datasets": {
-        "shapes": {}, "a": {"name": "folder", "root": str(tmp_path / "a")},
-        "b": {"name": "folder", "root": str(tmp_path / "b")}},
-        "pretrain": {"dataset": "shapes", "backbones": ["resnet18"]},
-        "finetune": {"datasets": ["a", "b"], "methods": ["scratch"]}})
+    cfg = config_mod.parse(
+        {
+            "name": "t",
+            "datasets": {
+                "shapes": {},
+                "a": {"name": "folder", "root": str(tmp_path / "a")},
+                "b": {"name": "folder", "root": str(tmp_path / "b")},
+            },
+            "pretrain": {"dataset": "shapes", "backbones": ["resnet18"]},
+            "finetune": {"datasets": ["a", "b"], "methods": ["scratch"]},
+        }
+    )
     job = Job(cfg, tmp_path, torch.device("cpu"))
     keys = {sweep.trained_for(job, p, {}).key for p in sweep.points(cfg)}
     assert len(keys) == 2
@@ -199,7 +207,7 @@ def _epoch(loader):
     """(the order FFCV draws for the loader's next epoch, its images in that order)."""
     order = loader.loader.next_traversal_order()
     images = torch.cat([x.clone() for x, _ in loader])  # FFCV reuses its buffers
-    return order[:len(images)], images
+    return order[: len(images)], images
 
 
 def test_training_crops_are_a_function_of_seed_epoch_and_index(small_alphabet):
@@ -210,8 +218,9 @@ def test_training_crops_are_a_function_of_seed_epoch_and_index(small_alphabet):
     beton = small_alphabet["train"].beton
 
     def loader(workers=2, seed=0, indices=None, batch_size=32):
-        return make_loader(beton, train=True, resolution=32, batch_size=batch_size, workers=workers,
-                           seed=seed, indices=indices)
+        return make_loader(
+            beton, train=True, resolution=32, batch_size=batch_size, workers=workers, seed=seed, indices=indices
+        )
 
     full = loader()
     order0, first = _epoch(full)

@@ -1,5 +1,6 @@
-"""Stage 1 on Ray Train: one worker on the session's local Ray, against two workers on a fake 2-node cluster with one of them killed mid-run;
-MLflow's epoch history exactly once."""
+"""Stage 1 on Ray Train: one worker on the session's local Ray, against two workers on a
+fake 2-node cluster with one of them killed mid-run; MLflow's epoch history exactly once."""
+
 import json
 import os
 import signal
@@ -19,12 +20,20 @@ EPOCHS = 4
 
 
 def _cfg(beton, **kw):
-    settings = TrainSettings(epochs=kw.pop("epochs", EPOCHS), batch_size=64, lr_f=0.05, lr_g=0.05,
-                             warmup_epochs=0)
-    return distributed.worker_config(beton=beton, dataset="alphabet", resolution=32, num_classes=26,
-                                     backbone="resnet18", objective=kw.pop("objective", "standard"),
-                                     train=settings.model_dump(), seed=0, use_gpu=False,
-                                     desc=kw.pop("desc", "test"), **kw)
+    settings = TrainSettings(epochs=kw.pop("epochs", EPOCHS), batch_size=64, lr_f=0.05, lr_g=0.05, warmup_epochs=0)
+    return distributed.worker_config(
+        beton=beton,
+        dataset="alphabet",
+        resolution=32,
+        num_classes=26,
+        backbone="resnet18",
+        objective=kw.pop("objective", "standard"),
+        train=settings.model_dump(),
+        seed=0,
+        use_gpu=False,
+        desc=kw.pop("desc", "test"),
+        **kw,
+    )
 
 
 def train_worker_pids() -> list[int]:
@@ -44,6 +53,7 @@ def kill_after_first_checkpoint(storage: Path, name: str, killed: list, timeout=
     checkpoint (its checkpoint-manager snapshot appears in storage): a report that the
     controller has not yet taken in dies with the worker, so an earlier kill would
     rightly restart from scratch."""
+
     def run():
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -79,8 +89,9 @@ def _assert_each_epoch_once(client, run_id, epochs):
 def one_worker(ray_local, small_alphabet, tmp_path_factory):
     """The reference: one worker on the session's local Ray, trained once for the module."""
     storage = tmp_path_factory.mktemp("train-one")
-    state = distributed.fit(_cfg(small_alphabet["train"].beton, desc="one"), name="one",
-                            storage=str(storage), workers=1)
+    state = distributed.fit(
+        _cfg(small_alphabet["train"].beton, desc="one"), name="one", storage=str(storage), workers=1
+    )
     return state, storage
 
 
@@ -121,20 +132,31 @@ finally:
 
 
 def test_two_workers_on_a_fake_two_node_cluster_match_one_and_a_killed_worker_resumes(
-        one_worker, small_alphabet, tmp_path, mlflow_server):
+    one_worker, small_alphabet, tmp_path, mlflow_server
+):
     """DDP over two Ray nodes (ray.cluster_utils.Cluster), one worker SIGKILLed mid-run.
     A separate process: the session's Ray stays as it is, the cluster lives and dies with
     the subprocess."""
     client, run_id = _run(mlflow_server, "two-nodes-killed")
     script = tmp_path / "two_nodes.py"
     script.write_text(TWO_NODES)
-    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent),
-                           str(small_alphabet["train"].beton), str(tmp_path / "storage"),
-                           mlflow_server, run_id],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(Path(__file__).parent),
+            str(small_alphabet["train"].beton),
+            str(tmp_path / "storage"),
+            mlflow_server,
+            run_id,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = json.loads(lines[-1][len("RESULT ") :])
     h, one = res["history"], one_worker[0]["history"]
     assert [m["epoch"] for m in h] == list(range(1, EPOCHS + 1)) and res["epoch"] == EPOCHS
     # same progress as one worker: the loss falls to a similar level (one global batch size)
@@ -198,8 +220,10 @@ def test_the_local_ray_drops_only_the_autoscaling_requests_transient_warning(mon
         logger.warning("Failed to cancel resource request for train-1.")
         logger.error("a real error")
     logger.removeHandler(caplog.handler)
-    assert [r.getMessage() for r in caplog.records] == ["Failed to cancel resource request for train-1.",
-                                                        "a real error"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "Failed to cancel resource request for train-1.",
+        "a real error",
+    ]
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))

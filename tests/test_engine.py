@@ -9,8 +9,9 @@ from study.models import build_model
 
 def _batches(n=4, size=16, classes=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.rand(size, 3, 32, 32, generator=g), torch.randint(0, classes, (size,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.rand(size, 3, 32, 32, generator=g), torch.randint(0, classes, (size,), generator=g)) for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("partial_bn", ["frozen", "train"])
@@ -41,8 +42,7 @@ def test_full_uses_the_two_learning_rates():
     torch.manual_seed(0)
     model = build_model("resnet18", 3)
     data = _batches(n=3)
-    s = TrainSettings(epochs=2, lr_f=0.001, lr_g=0.1, schedule="cosine", momentum=0.0,
-                      weight_decay=0.0)
+    s = TrainSettings(epochs=2, lr_f=0.001, lr_g=0.1, schedule="cosine", momentum=0.0, weight_decay=0.0)
     trainer = Trainer(model, s, "f+g", len(data))
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     assert groups["f"]["lr"] == 0.001 and groups["g"]["lr"] == 0.1
@@ -69,8 +69,7 @@ def test_scratch_trains_everything_and_loss_falls():
     torch.manual_seed(0)
     model = build_model("resnet18", 3)
     data = _batches(n=2, size=24)
-    trainer = Trainer(model, TrainSettings(epochs=6, lr_f=0.05, lr_g=0.05, weight_decay=0),
-                      "f+g", len(data))
+    trainer = Trainer(model, TrainSettings(epochs=6, lr_f=0.05, lr_g=0.05, weight_decay=0), "f+g", len(data))
     history = trainer.fit(data, data, progress=False)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert [h["epoch"] for h in history] == list(range(1, 7))
@@ -96,8 +95,7 @@ def test_state_dict_resumes_where_it_stopped():
     a = Trainer(build_model("resnet18", 3), s, "f+g", len(data))
     a.fit(data, progress=False)
     torch.manual_seed(0)
-    b = Trainer(build_model("resnet18", 3), TrainSettings(epochs=1, lr_f=0.01, lr_g=0.01),
-                "f+g", len(data))
+    b = Trainer(build_model("resnet18", 3), TrainSettings(epochs=1, lr_f=0.01, lr_g=0.01), "f+g", len(data))
     b.fit(data, progress=False)
     state = b.state_dict()
     c = Trainer(build_model("resnet18", 3), s, "f+g", len(data))
@@ -118,7 +116,8 @@ def test_unknown_trains_and_accuracy():
         manual = sum((model(x).argmax(1) == y).sum().item() for x, y in data) / 32 * 100
     assert acc == pytest.approx(manual)
     assert accuracy(model, data, max_images=5) == pytest.approx(
-        100 * (model(data[0][0][:5]).argmax(1) == data[0][1][:5]).float().mean().item())
+        100 * (model(data[0][0][:5]).argmax(1) == data[0][1][:5]).float().mean().item()
+    )
 
 
 def test_the_deterministic_job_option_sets_torchs_switches_in_each_process(tmp_path):
@@ -141,7 +140,8 @@ def test_the_deterministic_job_option_sets_torchs_switches_in_each_process(tmp_p
         "assert torch.are_deterministic_algorithms_enabled()\n"
         "assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark\n"
         "assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'\n"
-        "assert torch.equal(before, m(x))\n")
+        "assert torch.equal(before, m(x))\n"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -12,10 +12,23 @@ def _rec(name, robust, correct=None, **extra):
     a = parse_attack(name) if isinstance(name, str) else parse_attack(dict(name))
     correct = correct or "1" * len(robust)
     n = len(robust)
-    rec = {"attack": a.name, "images": n, "AOI": 100 * correct.count("1") / n,
-           "AAI": 100 * robust.count("1") / n, "DR": 0.0, "max_delta": a.eps_pixels,
-           "eps_pixels": a.eps_pixels, "in_range": True, "vanishing_gradients": 0, "notes": [],
-           "seconds": 0.0, "correct": correct, "robust": robust, "spec": asdict(a), "probe": False}
+    rec = {
+        "attack": a.name,
+        "images": n,
+        "AOI": 100 * correct.count("1") / n,
+        "AAI": 100 * robust.count("1") / n,
+        "DR": 0.0,
+        "max_delta": a.eps_pixels,
+        "eps_pixels": a.eps_pixels,
+        "in_range": True,
+        "vanishing_gradients": 0,
+        "notes": [],
+        "seconds": 0.0,
+        "correct": correct,
+        "robust": robust,
+        "spec": asdict(a),
+        "probe": False,
+    }
     rec.update(extra)
     return rec
 
@@ -25,23 +38,38 @@ def _names(flags):
 
 
 def test_consistent_records_pass_every_flag():
-    recs = [_rec("pgd10_linf_0.5", "1110"), _rec("pgd10_linf_2.0", "1100"),
-            _rec("fgsm_linf_0.5", "1110"), _rec("fgsm_linf_2.0", "1110"),
-            _rec("autoattack_linf_0.5", "1100"),
-            _rec({"name": "pgd10_linf_0.5", "eps": 0}, "1111", probe=True)]
+    recs = [
+        _rec("pgd10_linf_0.5", "1110"),
+        _rec("pgd10_linf_2.0", "1100"),
+        _rec("fgsm_linf_0.5", "1110"),
+        _rec("fgsm_linf_2.0", "1110"),
+        _rec("autoattack_linf_0.5", "1100"),
+        _rec({"name": "pgd10_linf_0.5", "eps": 0}, "1111", probe=True),
+    ]
     flags = sanity_flags(recs)
     assert not failed(flags)
     names = {f.name for f in flags}
-    assert names == {"in_ball", "in_range", "aai_le_aoi", "no_vanishing_gradients", "autoattack_checks",
-                     "eps0_aai_eq_aoi", "monotone_eps", "pgd_le_fgsm", "autoattack_le_pgd"}
+    assert names == {
+        "in_ball",
+        "in_range",
+        "aai_le_aoi",
+        "no_vanishing_gradients",
+        "autoattack_checks",
+        "eps0_aai_eq_aoi",
+        "monotone_eps",
+        "pgd_le_fgsm",
+        "autoattack_le_pgd",
+    }
 
 
 def test_each_flag_can_fail():
-    recs = [_rec("pgd10_linf_0.5", "1100", max_delta=0.01),       # outside its ball
-            _rec("pgd10_linf_2.0", "1110", in_range=False),        # AAI rose with eps; out of [0,1]
-            _rec("fgsm_linf_2.0", "1000", vanishing_gradients=3),  # FGSM beat PGD; masking
-            _rec("autoattack_linf_2.0", "1111", notes=["it seems to be a randomized defense!"]),
-            _rec({"name": "pgd10_linf_0.5", "eps": 0}, "0111", probe=True)]
+    recs = [
+        _rec("pgd10_linf_0.5", "1100", max_delta=0.01),  # outside its ball
+        _rec("pgd10_linf_2.0", "1110", in_range=False),  # AAI rose with eps; out of [0,1]
+        _rec("fgsm_linf_2.0", "1000", vanishing_gradients=3),  # FGSM beat PGD; masking
+        _rec("autoattack_linf_2.0", "1111", notes=["it seems to be a randomized defense!"]),
+        _rec({"name": "pgd10_linf_0.5", "eps": 0}, "0111", probe=True),
+    ]
     got = _names(sanity_flags(recs))
     assert ("in_ball", "pgd10_linf_0.5") in got
     assert ("in_range", "pgd10_linf_2.0") in got
@@ -74,8 +102,7 @@ def test_evaluate_on_a_trained_model_keeps_results_and_reuses_them(trained):
     model, batches = trained
     suite = [parse_attack(n) for n in ("pgd10_linf_0.5", "pgd10_linf_2.0", "fgsm_linf_2.0")]
     seen, cache = [], {}
-    recs = evaluate(model, batches, suite, max_images=64, cache=cache,
-                    on_result=lambda k, r: seen.append(k))
+    recs = evaluate(model, batches, suite, max_images=64, cache=cache, on_result=lambda k, r: seen.append(k))
     assert len(recs) == 4 and len(seen) == 4 and recs[-1]["probe"]
     assert all(r["images"] == 64 and len(r["robust"]) == 64 for r in recs)
     flags = sanity_flags(recs)

@@ -20,8 +20,7 @@ def test_backbones_split_into_f_and_g(backbone):
     assert layers["layer4"].shape[1] == emb.shape[1] == model.g.in_features
     # f's first layer is the normalisation: the model takes [0, 1] pixels
     assert isinstance(model.f.normalize, torch.nn.Module)
-    assert torch.allclose(model.f.normalize(torch.full((1, 3, 1, 1), 0.485)).flatten()[0],
-                          torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(model.f.normalize(torch.full((1, 3, 1, 1), 0.485)).flatten()[0], torch.tensor(0.0), atol=1e-6)
 
 
 def test_model_matches_torchvision_on_normalised_input():
@@ -77,10 +76,12 @@ def _robustness_checkpoint(tv, mean, std, path, prefix="module."):
     the AttackerModel's state dict under "model" -- the network twice (model, and the
     attacker's model), the input normaliser twice -- plus optimiser state and epoch."""
     net = tv.state_dict()
-    state = {f"{prefix}normalizer.new_mean": mean.view(3, 1, 1),
-             f"{prefix}normalizer.new_std": std.view(3, 1, 1),
-             f"{prefix}attacker.normalize.new_mean": mean.view(3, 1, 1),
-             f"{prefix}attacker.normalize.new_std": std.view(3, 1, 1)}
+    state = {
+        f"{prefix}normalizer.new_mean": mean.view(3, 1, 1),
+        f"{prefix}normalizer.new_std": std.view(3, 1, 1),
+        f"{prefix}attacker.normalize.new_mean": mean.view(3, 1, 1),
+        f"{prefix}attacker.normalize.new_std": std.view(3, 1, 1),
+    }
     state.update({f"{prefix}model.{k}": v for k, v in net.items()})
     state.update({f"{prefix}attacker.model.{k}": v for k, v in net.items()})
     opt = torch.optim.SGD(tv.parameters(), lr=0.1, momentum=0.9)
@@ -114,9 +115,12 @@ def test_robustness_library_checkpoint_imports_with_the_same_logits(tmp_path, pr
 
 def test_robustness_checkpoint_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "resnet50_l2_eps3.ckpt"
-    _robustness_checkpoint(torchvision.models.resnet50(weights=None),
-                           torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225]),
-                           path)
+    _robustness_checkpoint(
+        torchvision.models.resnet50(weights=None),
+        torch.tensor([0.485, 0.456, 0.406]),
+        torch.tensor([0.229, 0.224, 0.225]),
+        path,
+    )
     with pytest.raises(ModelError, match="resnet50_l2_eps3.ckpt does not fit resnet18"):
         load_trunk_weights(build_model("resnet18", 3), str(path))
     truncated = tmp_path / "cut.ckpt"
@@ -125,11 +129,19 @@ def test_robustness_checkpoint_of_another_architecture_is_refused(tmp_path):
         load_trunk_weights(build_model("resnet18", 3), str(truncated))
 
 
-@pytest.mark.parametrize("kernel,stride,padding,side", [
-    (7, 2, 3, 32), (7, 2, 3, 33),      # torchvision's stem, even and odd sides
-    (3, 2, 1, 15), (1, 2, 0, 9),       # a phase with no weight at all (1x1, stride 2)
-    (5, 3, 2, 20), ((3, 5), 2, (1, 2), 17), (2, 2, 3, 11),  # padding wider than the kernel
-    (3, 1, 1, 10)])
+@pytest.mark.parametrize(
+    "kernel,stride,padding,side",
+    [
+        (7, 2, 3, 32),
+        (7, 2, 3, 33),  # torchvision's stem, even and odd sides
+        (3, 2, 1, 15),
+        (1, 2, 0, 9),  # a phase with no weight at all (1x1, stride 2)
+        (5, 3, 2, 20),
+        ((3, 5), 2, (1, 2), 17),
+        (2, 2, 3, 11),  # padding wider than the kernel
+        (3, 1, 1, 10),
+    ],
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_phase_conv_has_the_native_gradients(kernel, stride, padding, side, channels_last):
     """The polyphase input gradient is the transposed convolution's, whatever the kernel,
@@ -158,8 +170,8 @@ def test_phase_conv_has_the_native_gradients(kernel, stride, padding, side, chan
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ya, yb = conv(a), phase(b)
     assert yb.dtype == torch.bfloat16
-    ga, = torch.autograd.grad((ya.float() * g).sum(), a)
-    gb, = torch.autograd.grad((yb.float() * g).sum(), b)
+    (ga,) = torch.autograd.grad((ya.float() * g).sum(), a)
+    (gb,) = torch.autograd.grad((yb.float() * g).sum(), b)
     assert gb.dtype == torch.float32
     torch.testing.assert_close(gb, ga, rtol=0.05, atol=0.05 * float(ga.abs().max()))
 
@@ -167,9 +179,13 @@ def test_phase_conv_has_the_native_gradients(kernel, stride, padding, side, chan
 def test_phase_conv_keeps_what_it_cannot_do_and_follows_weight_changes(monkeypatch):
     from study.fastcopy import PhaseConv2d
 
-    for conv in (torch.nn.Conv2d(3, 8, 3, (2, 1)), torch.nn.Conv2d(3, 8, 3, dilation=2),
-                 torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.Conv2d(3, 8, 3, padding="same"),
-                 torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")):
+    for conv in (
+        torch.nn.Conv2d(3, 8, 3, (2, 1)),
+        torch.nn.Conv2d(3, 8, 3, dilation=2),
+        torch.nn.Conv2d(4, 8, 3, groups=2),
+        torch.nn.Conv2d(3, 8, 3, padding="same"),
+        torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
+    ):
         assert PhaseConv2d.from_conv(conv) is conv
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 8, 7, 2, 3)
@@ -197,11 +213,19 @@ def _dense_maps(conv) -> set:
     return {key[:3] for key in conv._dense}
 
 
-@pytest.mark.parametrize("kernel,stride,padding,groups,dilation,side", [
-    (3, 1, 1, 1, 1, (1, 1)), (3, 1, 1, 1, 1, (2, 2)),   # layer4 and layer3 of a 32-px ResNet
-    (3, 2, 1, 1, 1, (2, 2)), (3, 1, 1, 1, 1, (1, 2)),   # stride 2 into 1x1; a non-square map
-    (3, 1, 2, 2, 1, (2, 1)), (3, 1, 2, 1, 2, (2, 2)),   # groups; dilation; output larger than input
-    (5, 1, 0, 1, 1, (6, 6)), (3, 1, 1, 1, 1, (4, 4))])  # maps as large as the kernel: the conv
+@pytest.mark.parametrize(
+    "kernel,stride,padding,groups,dilation,side",
+    [
+        (3, 1, 1, 1, 1, (1, 1)),
+        (3, 1, 1, 1, 1, (2, 2)),  # layer4 and layer3 of a 32-px ResNet
+        (3, 2, 1, 1, 1, (2, 2)),
+        (3, 1, 1, 1, 1, (1, 2)),  # stride 2 into 1x1; a non-square map
+        (3, 1, 2, 2, 1, (2, 1)),
+        (3, 1, 2, 1, 2, (2, 2)),  # groups; dilation; output larger than input
+        (5, 1, 0, 1, 1, (6, 6)),
+        (3, 1, 1, 1, 1, (4, 4)),
+    ],
+)  # maps as large as the kernel: the conv
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_small_map_conv_is_the_convolution(kernel, stride, padding, groups, dilation, side, channels_last):
     """On a map with fewer pixels than kernel taps, the dense matrix gives the convolution's
@@ -223,8 +247,8 @@ def test_small_map_conv_is_the_convolution(kernel, stride, padding, groups, dila
     assert yb.is_contiguous() == ya.is_contiguous()
     torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ya)
-    ga, = torch.autograd.grad((ya * g).sum(), a)
-    gb, = torch.autograd.grad((yb * g).sum(), b)
+    (ga,) = torch.autograd.grad((ya * g).sum(), a)
+    (gb,) = torch.autograd.grad((yb * g).sum(), b)
     torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-5)
     # under bf16 autocast: bf16 arithmetic of the same sums, from a matrix cast once
     a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -232,8 +256,8 @@ def test_small_map_conv_is_the_convolution(kernel, stride, padding, groups, dila
         ya, yb = conv(a), small(b)
     assert yb.dtype == ya.dtype == torch.bfloat16
     torch.testing.assert_close(yb.float(), ya.float(), rtol=0.02, atol=0.02 * float(ya.detach().abs().max()))
-    ga, = torch.autograd.grad((ya.float() * g).sum(), a)
-    gb, = torch.autograd.grad((yb.float() * g).sum(), b)
+    (ga,) = torch.autograd.grad((ya.float() * g).sum(), a)
+    (gb,) = torch.autograd.grad((yb.float() * g).sum(), b)
     assert gb.dtype == torch.float32
     torch.testing.assert_close(gb, ga, rtol=0.05, atol=0.05 * float(ga.abs().max()))
     assert _dense_maps(small) == ({(*side, torch.float32), (*side, torch.bfloat16)} if dense else set())
@@ -277,9 +301,12 @@ def test_a_checkpoint_from_before_the_registry_loads(tmp_path):
     torch.manual_seed(0)
     tv = torchvision.models.resnet18(weights=None, num_classes=4)
     old = {f"f.backbone.{k}": v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
-    old |= {"f.normalize.mean": torch.tensor([0.485, 0.456, 0.406]).view(1, -1, 1, 1),
-            "f.normalize.std": torch.tensor([0.229, 0.224, 0.225]).view(1, -1, 1, 1),
-            "g.weight": tv.fc.weight.detach(), "g.bias": tv.fc.bias.detach()}
+    old |= {
+        "f.normalize.mean": torch.tensor([0.485, 0.456, 0.406]).view(1, -1, 1, 1),
+        "f.normalize.std": torch.tensor([0.229, 0.224, 0.225]).view(1, -1, 1, 1),
+        "g.weight": tv.fc.weight.detach(),
+        "g.bias": tv.fc.bias.detach(),
+    }
     path = tmp_path / "old.pt"
     torch.save({"backbone": "resnet18", "num_classes": 4, "state_dict": old, "stage_key": "k"}, path)
     model = load_checkpoint(path, "resnet18").eval()

@@ -1,5 +1,6 @@
 """Training objectives: names, defaults, and that adversarial training trains on the
 attack's last iterate without building weight gradients in the attack."""
+
 import copy
 
 import pytest
@@ -17,17 +18,19 @@ def test_names_and_training_defaults():
     fast = objectives.training_attack("fgsm_linf_2.0")
     assert (fast.steps, fast.random_start, fast.rel_step) == (1, True, 1.25)  # Wong et al.
     assert objectives.objective_name("pgd3_linf_4") == "pgd3_linf_4.0"
-    assert objectives.objective_name({"name": "pgd3_linf_4.0", "rel_step": 2.0}) == \
-        "pgd3_linf_4.0[rel_step=2.0]"
+    assert objectives.objective_name({"name": "pgd3_linf_4.0", "rel_step": 2.0}) == "pgd3_linf_4.0[rel_step=2.0]"
     assert objectives.objective_name({"name": "pgd5_l2_3.0"}) == "pgd5_l2_3.0"
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("autoattack_linf_4.0", "AutoAttack evaluates"),
-    ("pgd3_linf_-1", "eps must not be negative"),
-    ({"name": "pgd3_linf_1.0", "restarts": 3}, "evaluation options"),
-    (3, "an objective is 'standard'"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("autoattack_linf_4.0", "AutoAttack evaluates"),
+        ("pgd3_linf_-1", "eps must not be negative"),
+        ({"name": "pgd3_linf_1.0", "restarts": 3}, "evaluation options"),
+        (3, "an objective is 'standard'"),
+    ],
+)
 def test_bad_objectives(spec, message):
     with pytest.raises(ObjectiveError, match=message):
         objectives.check(spec)
@@ -89,7 +92,9 @@ def test_dm_adds_lambda_times_the_feature_steepness(trained):
     m = copy.deepcopy(model).train()
     m0 = copy.deepcopy(m)  # replays the same sequence: BatchNorm's running stats move with it
     lam = 0.01
-    loss, logits = objectives.discrepancy_mitigating(lam, eps=2.0, steps=2, generator=torch.Generator().manual_seed(1))(m, x, y)
+    loss, logits = objectives.discrepancy_mitigating(lam, eps=2.0, steps=2, generator=torch.Generator().manual_seed(1))(
+        m, x, y
+    )
     ce = F.cross_entropy(logits, y)
     # the same inner max, reproduced: LL = mean ||f(x) - f(x')||_1 / ||x - x'||_inf
     with torch.no_grad():
@@ -110,8 +115,13 @@ class _Tiny(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.f = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
-                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.f = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 6, 3),
+            torch.nn.BatchNorm2d(6),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
         self.g = torch.nn.Linear(6, 4)
 
     def forward(self, x):
@@ -146,8 +156,9 @@ def test_dm_code_form_is_the_authors_mse_regulariser():
     twin = copy.deepcopy(model)
     model.train()
     beta, eps = 500.0, 0.5
-    ours, _ = objectives.discrepancy_mitigating_code(beta, eps, steps=10, rel_step=1.25,
-                                                     generator=torch.Generator().manual_seed(3))(model, x, y)
+    ours, _ = objectives.discrepancy_mitigating_code(
+        beta, eps, steps=10, rel_step=1.25, generator=torch.Generator().manual_seed(3)
+    )(model, x, y)
     ref = _authors_dm_loss(twin, x, y, beta, eps / 255, 10, torch.Generator().manual_seed(3))
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
@@ -163,10 +174,15 @@ def test_dm_code_form_is_the_authors_mse_regulariser():
 def test_dm_form_picks_the_regulariser_and_its_defaults():
     from study import config
 
-    raw = {"name": "t", "datasets": {"shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
-                                     "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}}},
-           "pretrain": {"dataset": "shapes", "objectives": ["standard", "fgsm_linf_2.0"]},
-           "finetune": {"datasets": ["alphabet"], "methods": ["dm_stage12"]}}
+    raw = {
+        "name": "t",
+        "datasets": {
+            "shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
+            "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}},
+        },
+        "pretrain": {"dataset": "shapes", "objectives": ["standard", "fgsm_linf_2.0"]},
+        "finetune": {"datasets": ["alphabet"], "methods": ["dm_stage12"]},
+    }
     eq4 = config.parse(raw).finetune.dm
     code = config.parse({**raw, "finetune": {**raw["finetune"], "dm": {"form": "code", "steps": 5}}}).finetune.dm
     assert (eq4.form, eq4.eps, eq4.steps, eq4.rel_step) == ("eq4", 2.0, 1, 2.5)
@@ -234,8 +250,10 @@ def test_at_stage2_raises_aai_over_full_fine_tuning_on_alphabet(trained, tmp_pat
     train = make_loader(data["train"].beton, train=True, resolution=32, batch_size=64, workers=1, seed=0)
     settings = TrainSettings(epochs=3, lr_f=0.01, lr_g=0.05)
     aai = {}
-    for name, objective in [("full", objectives.cross_entropy()),
-                            ("at_stage2", objectives.build("fgsm_linf_8.0", generator=torch.Generator().manual_seed(0)))]:
+    for name, objective in [
+        ("full", objectives.cross_entropy()),
+        ("at_stage2", objectives.build("fgsm_linf_8.0", generator=torch.Generator().manual_seed(0))),
+    ]:
         torch.manual_seed(0)
         m = copy.deepcopy(model)
         m.reset_classifier(26)
@@ -253,7 +271,8 @@ def test_trades_is_cross_entropy_plus_beta_times_the_kl_at_its_pgd_point(trained
     x, y = batches[0][0][:16], batches[0][1][:16]
     attack = objectives.training_attack("pgd3_linf_4.0")
     loss, logits = objectives.trades(attack, beta=6.0, generator=torch.Generator().manual_seed(2))(
-        copy.deepcopy(m), x, y)  # a copy: its training-mode passes move BatchNorm's statistics
+        copy.deepcopy(m), x, y
+    )  # a copy: its training-mode passes move BatchNorm's statistics
     with torch.no_grad():  # the same inner maximisation by hand, then the two terms
         m.eval()
         clean_p = F.softmax(m(x), 1)
@@ -261,8 +280,9 @@ def test_trades_is_cross_entropy_plus_beta_times_the_kl_at_its_pgd_point(trained
     x_adv = pgd(m, x, y, attack, generator=torch.Generator().manual_seed(2), loss=kl)
     m.train()
     assert m.training and (x_adv - x).abs().max() <= 4 / 255 + 1e-6
-    want = F.cross_entropy(m(x), y) + 6.0 * F.kl_div(F.log_softmax(m(x_adv), 1), F.softmax(m(x), 1),
-                                                    reduction="batchmean")
+    want = F.cross_entropy(m(x), y) + 6.0 * F.kl_div(
+        F.log_softmax(m(x_adv), 1), F.softmax(m(x), 1), reduction="batchmean"
+    )
     assert torch.allclose(loss, want, rtol=1e-4) and torch.allclose(logits, m(x), atol=1e-5)
     zero, _ = objectives.trades(attack, beta=0.0)(m, x, y)
     assert torch.allclose(zero, F.cross_entropy(m(x), y), rtol=1e-5)

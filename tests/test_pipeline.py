@@ -1,8 +1,10 @@
 """The whole study end to end on a tiny job, submitted the way users submit jobs (`ray job
 submit --working-dir .`) to a real two-node Ray cluster on 127.0.0.1 (`ray start --head`
-and a second `ray start --address`): data, pre-training on Ray Train, a sweep of five fine-tuning trials on Ray Tune (Table
-1's three methods, two lr of f where it trains), the analyses on two actors, MLflow (a real local server), results and the report; then the models loaded
-back from MLflow and the report rebuilt from it."""
+and a second `ray start --address`): data, pre-training on Ray Train, a sweep of five
+fine-tuning trials on Ray Tune (Table 1's three methods, two lr of f where it trains), the
+analyses on two actors, MLflow (a real local server), results and the report; then the
+models loaded back from MLflow and the report rebuilt from it."""
+
 import os
 
 import pandas as pd
@@ -18,22 +20,43 @@ JOB = {
     "seed": 0,
     "device": "cpu",
     "data": {"workers": 1},
-    "datasets": {"shapes": {"params": {"train_per_class": 3, "test_per_class": 1}},
-                 "alphabet": {"params": {"train_per_class": 5, "test_per_class": 2}}},
+    "datasets": {
+        "shapes": {"params": {"train_per_class": 3, "test_per_class": 1}},
+        "alphabet": {"params": {"train_per_class": 5, "test_per_class": 2}},
+    },
     # the small ViT (study.backbones): a transformer through every stage; ResNets run in the
     # sweep, replicate and demo tests. DDP over the cluster's two nodes.
-    "pretrain": {"dataset": "shapes", "backbones": ["vit_tiny_p4"],
-                 "scaling": {"workers": 2, "cpus_per_worker": 1},
-                 "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
-    "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "partial", "full"],
-                 "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
-                 "space": {"lr_f": [0.01, 0.02]}},
-    "analyses": {"actors": 2, "images": 26, "snapshots": [0.25, 0.5],
-                 "cca": {"images": 26, "max_rows": 256}, "uap": {"steps": 3, "train_images": 32},
-                 "mmd": {"images": 26}, "ll": {"images": 8, "steps": 1}},
-    "eval": {"batch_size": 64, "max_images": 40,
-             "attacks": ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0",
-                         {"name": "autoattack_linf_16.0", "max_images": 6}]},
+    "pretrain": {
+        "dataset": "shapes",
+        "backbones": ["vit_tiny_p4"],
+        "scaling": {"workers": 2, "cpus_per_worker": 1},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
+    },
+    "finetune": {
+        "datasets": ["alphabet"],
+        "methods": ["scratch", "partial", "full"],
+        "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
+        "space": {"lr_f": [0.01, 0.02]},
+    },
+    "analyses": {
+        "actors": 2,
+        "images": 26,
+        "snapshots": [0.25, 0.5],
+        "cca": {"images": 26, "max_rows": 256},
+        "uap": {"steps": 3, "train_images": 32},
+        "mmd": {"images": 26},
+        "ll": {"images": 8, "steps": 1},
+    },
+    "eval": {
+        "batch_size": 64,
+        "max_images": 40,
+        "attacks": [
+            "pgd10_linf_0.5",
+            "fgsm_linf_0.5",
+            "pgd3_linf_16.0",
+            {"name": "autoattack_linf_16.0", "max_images": 6},
+        ],
+    },
 }
 ATTACKS = ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0", "autoattack_linf_16.0"]
 
@@ -54,10 +77,41 @@ def tiny_run(tmp_path_factory, ray_cluster):
 def test_results_table(tiny_run):
     _, out = tiny_run
     df = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
-    assert list(df.columns) == ["job", "dataset", "backbone", "method", "source", "source_data", "seed", "lam",
-                                "lr_f", "lr_g", "optimizer", "val_acc", "val_acc_1", "val_AAI", "f_l1", "selected",
-                                "chosen", "attack", "images", "AOI", "AOI_lo", "AOI_hi", "AAI", "AAI_lo", "AAI_hi",
-                                "DR", "DR_lo", "DR_hi", "flags", "paper_AOI", "paper_AAI", "paper_DR", "stage"]
+    assert list(df.columns) == [
+        "job",
+        "dataset",
+        "backbone",
+        "method",
+        "source",
+        "source_data",
+        "seed",
+        "lam",
+        "lr_f",
+        "lr_g",
+        "optimizer",
+        "val_acc",
+        "val_acc_1",
+        "val_AAI",
+        "f_l1",
+        "selected",
+        "chosen",
+        "attack",
+        "images",
+        "AOI",
+        "AOI_lo",
+        "AOI_hi",
+        "AAI",
+        "AAI_lo",
+        "AAI_hi",
+        "DR",
+        "DR_lo",
+        "DR_hi",
+        "flags",
+        "paper_AOI",
+        "paper_AAI",
+        "paper_DR",
+        "stage",
+    ]
     assert (df.job == "tiny").all()
     attacked = df.dropna(subset=["AAI"])
     assert (df.seed == 0).all() and (attacked.AAI_lo <= attacked.AAI).all() and (attacked.AAI <= attacked.AAI_hi).all()
@@ -67,8 +121,14 @@ def test_results_table(tiny_run):
     data = df.drop_duplicates(["dataset", "method"]).set_index("method").source_data
     assert data.full == data.pretrain == "shapes" and pd.isna(data.scratch)
     assert pd.isna(sources.scratch)
-    models = [["shapes", "pretrain", None], ["alphabet", "scratch", 0.01], ["alphabet", "scratch", 0.02],
-              ["alphabet", "partial", 0.01], ["alphabet", "full", 0.01], ["alphabet", "full", 0.02]]
+    models = [
+        ["shapes", "pretrain", None],
+        ["alphabet", "scratch", 0.01],
+        ["alphabet", "scratch", 0.02],
+        ["alphabet", "partial", 0.01],
+        ["alphabet", "full", 0.01],
+        ["alphabet", "full", 0.02],
+    ]
     clean = df[df.attack.isna()]
     got = [[d, s, None if pd.isna(lr) else lr] for d, s, lr in clean[["dataset", "method", "lr_f"]].values]
     assert got == models
@@ -103,8 +163,15 @@ def test_results_table(tiny_run):
     assert "| shapes | vit_tiny_p4 | standard |" in md
     assert "full fine-tune | " in md and "(2.90)" in md and "(75.83)" in md
     sanity = pd.read_csv(out / "sanity.csv")
-    assert {"in_ball", "in_range", "eps0_aai_eq_aoi", "pgd_le_fgsm", "autoattack_le_pgd",
-            "monotone_eps", "no_vanishing_gradients"} <= set(sanity.flag)
+    assert {
+        "in_ball",
+        "in_range",
+        "eps0_aai_eq_aoi",
+        "pgd_le_fgsm",
+        "autoattack_le_pgd",
+        "monotone_eps",
+        "no_vanishing_gradients",
+    } <= set(sanity.flag)
     for name in ("in_ball", "in_range", "aai_le_aoi", "eps0_aai_eq_aoi"):  # these must hold
         assert sanity[sanity.flag == name].passed.all(), name
     assert (out / "mlflow.db").is_file() and (out / "mlartifacts").is_dir()
@@ -191,15 +258,16 @@ def test_study_ui_serves_the_store_and_sigterm_leaves_no_server_behind(tiny_run)
     _, out = tiny_run
     port = free_port()
     study = [sys.executable, "-m", "study.cli", "ui", "--out", str(out), "--port", str(port)]
-    proc = subprocess.Popen(study, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(study, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         body = None
         for _ in range(120):
             try:
                 req = urllib.request.Request(
                     f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search",
-                    data=b'{"max_results": 10}', headers={"Content-Type": "application/json"})
+                    data=b'{"max_results": 10}',
+                    headers={"Content-Type": "application/json"},
+                )
                 with urllib.request.urlopen(req, timeout=2) as r:
                     body = r.read().decode()
                 break

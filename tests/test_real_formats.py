@@ -1,5 +1,6 @@
 """Each real dataset read from a tiny fixture written in its published on-disk layout
 (the one torchvision's download produces), then converted to a .beton and loaded."""
+
 import hashlib
 import json
 import pickle
@@ -50,8 +51,11 @@ def test_cifar10(tmp_path, monkeypatch):
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for i, f in enumerate(files):
-        batch = {"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
-                 "labels": [(i + j) % 10 for j in range(3)], "batch_label": f}
+        batch = {
+            "data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+            "labels": [(i + j) % 10 for j in range(3)],
+            "batch_label": f,
+        }
         (base / f).write_bytes(pickle.dumps(batch))
     (base / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
     # torchvision checks the published md5s; point them at the fixture's files
@@ -65,11 +69,12 @@ def test_cifar10(tmp_path, monkeypatch):
 
 def test_pets(tmp_path):
     base = tmp_path / "oxford-iiit-pet"
-    rows = {"trainval": [("Abyssinian_1", 1), ("Abyssinian_2", 1), ("basset_hound_1", 2),
-                         ("basset_hound_2", 2)],
-            "test": [("Abyssinian_3", 1), ("basset_hound_3", 2)]}
+    rows = {
+        "trainval": [("Abyssinian_1", 1), ("Abyssinian_2", 1), ("basset_hound_1", 2), ("basset_hound_2", 2)],
+        "test": [("Abyssinian_3", 1), ("basset_hound_3", 2)],
+    }
     for split, items in rows.items():
-        for k, (image_id, label) in enumerate(items):
+        for k, (image_id, _label) in enumerate(items):
             _jpg(base / "images" / f"{image_id}.jpg", k)
         ann = base / "annotations" / f"{split}.txt"
         ann.parent.mkdir(parents=True, exist_ok=True)
@@ -85,12 +90,18 @@ def test_flowers(tmp_path, monkeypatch):
     for i in range(1, len(labels) + 1):
         _jpg(base / "jpg" / f"image_{i:05d}.jpg", i)
     scipy.io.savemat(base / "imagelabels.mat", {"labels": labels})
-    scipy.io.savemat(base / "setid.mat", {"trnid": np.array([1, 2]), "valid": np.array([3, 4]),
-                                          "tstid": np.array([5, 6, 7, 8])})
-    monkeypatch.setattr(Flowers102, "_file_dict", {
-        "image": Flowers102._file_dict["image"],
-        "label": ("imagelabels.mat", _md5(base / "imagelabels.mat")),
-        "setid": ("setid.mat", _md5(base / "setid.mat"))})
+    scipy.io.savemat(
+        base / "setid.mat", {"trnid": np.array([1, 2]), "valid": np.array([3, 4]), "tstid": np.array([5, 6, 7, 8])}
+    )
+    monkeypatch.setattr(
+        Flowers102,
+        "_file_dict",
+        {
+            "image": Flowers102._file_dict["image"],
+            "label": ("imagelabels.mat", _md5(base / "imagelabels.mat")),
+            "setid": ("setid.mat", _md5(base / "setid.mat")),
+        },
+    )
     _roundtrip("flowers", tmp_path, 4, 4, [f"flower_{i:03d}" for i in range(1, 103)])
     ds = build_split("flowers", "test", root=tmp_path)
     assert [ds[i][1] for i in range(4)] == [2, 2, 0, 1]
@@ -98,8 +109,14 @@ def test_flowers(tmp_path, monkeypatch):
 
 def test_cars(tmp_path):
     base = tmp_path / "stanford_cars"
-    annos_type = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
-                  ("class", "O"), ("fname", "O")]
+    annos_type = [
+        ("bbox_x1", "O"),
+        ("bbox_y1", "O"),
+        ("bbox_x2", "O"),
+        ("bbox_y2", "O"),
+        ("class", "O"),
+        ("fname", "O"),
+    ]
 
     def annos(items):
         return np.array([(1, 1, 20, 20, cls, f) for f, cls in items], dtype=annos_type)
@@ -114,15 +131,16 @@ def test_cars(tmp_path):
     scipy.io.savemat(base / "devkit" / "cars_train_annos.mat", {"annotations": annos(train)})
     scipy.io.savemat(base / "cars_test_annos_withlabels.mat", {"annotations": annos(test)})
     classes = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
-    scipy.io.savemat(base / "devkit" / "cars_meta.mat",
-                     {"class_names": np.array(classes, dtype=object)})
+    scipy.io.savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(classes, dtype=object)})
     _roundtrip("cars", tmp_path, 3, 2, classes)
 
 
 def test_food(tmp_path):
     base = tmp_path / "food-101"
-    meta = {"train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "waffles": ["waffles/3"]},
-            "test": {"apple_pie": ["apple_pie/4"], "waffles": ["waffles/5", "waffles/6"]}}
+    meta = {
+        "train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "waffles": ["waffles/3"]},
+        "test": {"apple_pie": ["apple_pie/4"], "waffles": ["waffles/5", "waffles/6"]},
+    }
     for split, per_class in meta.items():
         for items in per_class.values():
             for k, rel in enumerate(items):
@@ -136,7 +154,7 @@ def test_food(tmp_path):
 def test_image_folders(tmp_path, name, test_dir):
     # created in reverse order: labels must follow sorted class names, not creation order
     classes = ["n01440764", "n01443537", "n01484850"]
-    for split, sub, n in (("train", "train", 2), ("test", test_dir, 1)):
+    for _split, sub, n in (("train", "train", 2), ("test", test_dir, 1)):
         for c in reversed(classes):
             for k in range(n):
                 _jpg(tmp_path / sub / c / f"{c}_{k}.JPEG", k, size=(50, 37))
@@ -158,8 +176,9 @@ def test_image_folder_keeps_a_class_balanced_sample(tmp_path):
     full = build_split("imagenet", "train", root=tmp_path)
     assert np.array_equal(ds[3][0], full[1][0])  # class 0's second file
     assert len(build_split("imagenet", "test", root=tmp_path, params={"train_per_class": 2})) == 7
-    out = prepare("imagenet", tmp_path / "_beton", root=tmp_path, params={"train_per_class": 1, "test_per_class": 1},
-                  workers=1)
+    out = prepare(
+        "imagenet", tmp_path / "_beton", root=tmp_path, params={"train_per_class": 1, "test_per_class": 1}, workers=1
+    )
     assert out["train"].manifest["count"] == out["test"].manifest["count"] == 3
     for bad in (0, 1.5, True):
         with pytest.raises(DatasetError, match="train_per_class: must be a positive integer"):
@@ -186,15 +205,19 @@ def _idx(path, array, gz):
 def _fashion(root, gz, n=(20, 10)):
     rng = np.random.default_rng(0)
     out = {}
-    for split, (img, lab), count in (("train", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), n[0]),
-                                     ("test", ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), n[1])):
+    for split, (img, lab), count in (
+        ("train", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), n[0]),
+        ("test", ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), n[1]),
+    ):
         images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
         labels = rng.permutation(np.arange(count) % 10).astype(np.uint8)  # the files' own order
         out[split] = (_idx(root / img, images, gz), _idx(root / lab, labels, gz), images, labels)
     return out
 
 
-@pytest.mark.parametrize("layout,gz", [("debian", True), ("debian", False), ("torchvision", False), ("torchvision", True)])
+@pytest.mark.parametrize(
+    "layout,gz", [("debian", True), ("debian", False), ("torchvision", False), ("torchvision", True)]
+)
 def test_fashion_mnist_from_idx_files(tmp_path, layout, gz):
     """Debian's flat folder (gzip) and torchvision's ROOT/FashionMNIST/raw (unpacked): the
     labels in the files' order, grey as three equal channels, the published class names,
@@ -205,9 +228,18 @@ def test_fashion_mnist_from_idx_files(tmp_path, layout, gz):
     files = _fashion(folder, gz)
     for split, (_, _, images, labels) in files.items():
         ds = build_split("fashion_mnist", split, root=tmp_path)
-        assert len(ds) == len(labels) and ds.classes == FashionMNIST.classes == ["T-shirt/top", "Trouser", "Pullover",
-                                                                                  "Dress", "Coat", "Sandal", "Shirt",
-                                                                                  "Sneaker", "Bag", "Ankle boot"]
+        assert len(ds) == len(labels) and ds.classes == FashionMNIST.classes == [
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ]
         assert [ds[i][1] for i in range(len(ds))] == labels.tolist()
         img = ds[3][0]
         assert img.shape == (28, 28, 3) and (img == images[3][:, :, None]).all()
@@ -232,8 +264,10 @@ def test_fashion_mnist_refuses_missing_and_truncated_files(tmp_path):
         build_split("fashion_mnist", "test", root=tmp_path / "empty")
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
-                    reason="Debian's dataset-fashion-mnist is not installed (./run.sh installs it)")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="Debian's dataset-fashion-mnist is not installed (./run.sh installs it)",
+)
 def test_fashion_mnist_from_the_debian_package_by_default():
     """With no root, Debian's folder: the published 60,000 / 10,000 split, 6,000 / 1,000 of
     each class, and the first training label of the published file (9, an ankle boot)."""
@@ -242,8 +276,7 @@ def test_fashion_mnist_from_the_debian_package_by_default():
     train, test = build_split("fashion_mnist", "train"), build_split("fashion_mnist", "test")
     assert (len(train), len(test)) == (60000, 10000) and train[0][1] == 9
     assert np.bincount([test.labels[j] for j in test.index]).tolist() == [1000] * 10
-    cfg = config.parse({"name": "t", "datasets": {"fashion_mnist": {}},
-                        "pretrain": {"dataset": "fashion_mnist"}})
+    cfg = config.parse({"name": "t", "datasets": {"fashion_mnist": {}}, "pretrain": {"dataset": "fashion_mnist"}})
     assert cfg.dataset_root("fashion_mnist") == "/usr/share/datasets/fashion-mnist"
 
 

@@ -1,6 +1,7 @@
 """Verdicts from replicates: the same job and seed give the same numbers in two fresh
 folders, another seed gives other numbers, and seeds added to a job reuse the finished
 replicates."""
+
 import json
 import os
 import subprocess
@@ -12,21 +13,34 @@ import yaml
 from study import cli, config
 
 JOB = {
-    "name": "replicates", "device": "cpu", "data": {"workers": 2},
-    "datasets": {"shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
-                 "alphabet": {"params": {"train_per_class": 4, "test_per_class": 1}}},
+    "name": "replicates",
+    "device": "cpu",
+    "data": {"workers": 2},
+    "datasets": {
+        "shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
+        "alphabet": {"params": {"train_per_class": 4, "test_per_class": 1}},
+    },
     "pretrain": {"dataset": "shapes", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
-    "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "full"], "max_concurrent_trials": 1,
-                 "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05}},
+    "finetune": {
+        "datasets": ["alphabet"],
+        "methods": ["scratch", "full"],
+        "max_concurrent_trials": 1,
+        "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
+    },
     "eval": {"batch_size": 64, "attacks": ["pgd10_linf_0.5"]},
     "analyses": {"enabled": False},
 }
 
 
-@pytest.mark.parametrize("seeds,message", [([], "seeds: give at least one seed"),
-                                           ([0, 0], "seeds: seed 0 is listed twice"),
-                                           ([0, 1.5], "seeds[1]: Input should be a valid integer"),
-                                           ([0, "1"], "seeds[1]: Input should be a valid integer")])
+@pytest.mark.parametrize(
+    "seeds,message",
+    [
+        ([], "seeds: give at least one seed"),
+        ([0, 0], "seeds: seed 0 is listed twice"),
+        ([0, 1.5], "seeds[1]: Input should be a valid integer"),
+        ([0, "1"], "seeds[1]: Input should be a valid integer"),
+    ],
+)
 def test_bad_seeds_are_refused_before_anything_is_created(tmp_path, capsys, seeds, message):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({**JOB, "seeds": seeds}))
@@ -51,8 +65,13 @@ def _run(tmp_path, name, seeds, out, env, weights):
     test_pipeline's and test_distributed's (two workers give one worker's model)."""
     job = tmp_path / f"{name}.yaml"
     job.write_text(yaml.safe_dump({**JOB, "seeds": seeds, "pretrain": {"weights": str(weights)}}))
-    done = subprocess.run([sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -63,8 +82,11 @@ def test_same_seed_same_numbers(tmp_path, ray_local, mlflow_server):
     import torch
     import torchvision
 
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-           "MLFLOW_TRACKING_URI": mlflow_server}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": mlflow_server,
+    }
     weights = tmp_path / "imagenet_like.pt"
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
@@ -87,11 +109,18 @@ def test_an_added_seed_keeps_the_finished_replicates_and_draws_anew(tmp_path):
 
     one, two = config.parse({**JOB, "seeds": [0]}), config.parse({**JOB, "seeds": [0, 1]})
     sources = {(s, "resnet18", "standard"): {"key": f"pre{s}", "ckpt": "x"} for s in (0, 1)}
-    keys = {cfg.seeds[-1]: {(p["seed"], p["method"]): sweep.trained_for(Job(cfg, tmp_path, None), p, sources).key
-                            for p in sweep.points(cfg)} for cfg in (one, two)}
+    keys = {
+        cfg.seeds[-1]: {
+            (p["seed"], p["method"]): sweep.trained_for(Job(cfg, tmp_path, None), p, sources).key
+            for p in sweep.points(cfg)
+        }
+        for cfg in (one, two)
+    }
     assert all(keys[1][k] == v for k, v in keys[0].items())
     assert len(set(keys[1].values())) == 4
-    pre = [Trained(Job(two.for_seed(s), tmp_path, None), "pretrain", {"stage": "pretrain", "seed": s}).key for s in (0, 1)]
+    pre = [
+        Trained(Job(two.for_seed(s), tmp_path, None), "pretrain", {"stage": "pretrain", "seed": s}).key for s in (0, 1)
+    ]
     assert pre[0] != pre[1]
     from study.data.loaders import holdout
 

@@ -1,6 +1,7 @@
 """Side by side: one `study run` per OUT (a second stops at once naming the first), one
 writer per dataset folder (two jobs sharing data.dir write each .beton once), and the
 splits every training run read, as MLflow dataset inputs."""
+
 import json
 import os
 import socket
@@ -38,7 +39,9 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
                 pass
     with locks.exclusive(tmp_path / "out"):  # released with its holder
         pass
-    code = f"from study import locks; import os; c = locks.exclusive({str(tmp_path / 'k')!r}); c.__enter__(); os._exit(9)"
+    code = (
+        f"from study import locks; import os; c = locks.exclusive({str(tmp_path / 'k')!r}); c.__enter__(); os._exit(9)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9  # dies holding it, without unwinding
     with locks.exclusive(tmp_path / "k"):  # the kernel dropped it
         pass
@@ -47,23 +50,38 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
 def test_a_second_run_into_a_held_out_stops_at_once_and_the_first_is_as_a_solo_run(tmp_path, ray_local, mlflow_server):
     import mlflow
 
-    raw = {"name": "twice", "seed": 0, "device": "cpu", "data": {"workers": 1},
-           "datasets": {"alphabet": {"params": {"train_per_class": 4, "test_per_class": 1}}},
-           "pretrain": {"backbones": ["resnet18"], "weights": str(_weights(tmp_path))},
-           "finetune": {"datasets": ["alphabet"], "methods": ["full"],
-                        "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05}},
-           "eval": {"batch_size": 64, "max_images": 26, "attacks": ["fgsm_linf_0.5"]},
-           "analyses": {"enabled": False}}
+    raw = {
+        "name": "twice",
+        "seed": 0,
+        "device": "cpu",
+        "data": {"workers": 1},
+        "datasets": {"alphabet": {"params": {"train_per_class": 4, "test_per_class": 1}}},
+        "pretrain": {"backbones": ["resnet18"], "weights": str(_weights(tmp_path))},
+        "finetune": {
+            "datasets": ["alphabet"],
+            "methods": ["full"],
+            "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
+        },
+        "eval": {"batch_size": 64, "max_images": 26, "attacks": ["fgsm_linf_0.5"]},
+        "analyses": {"enabled": False},
+    }
     job, out = tmp_path / "twice.yaml", tmp_path / "out"
     job.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-           "MLFLOW_TRACKING_URI": mlflow_server}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": mlflow_server,
+    }
     first = subprocess.Popen(_cmd(job, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     solo = tmp_path / "solo"  # the same job alone into another OUT, meanwhile: what the first must give
     alone = subprocess.Popen(_cmd(job, solo), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        while f'"pid": {first.pid}' not in (out / locks.OUT_LOCK).read_text() if (out / locks.OUT_LOCK).is_file() else True:
+        while (
+            f'"pid": {first.pid}' not in (out / locks.OUT_LOCK).read_text()
+            if (out / locks.OUT_LOCK).is_file()
+            else True
+        ):
             assert time.monotonic() < deadline and first.poll() is None, first.stdout.read()[-3000:]
             time.sleep(0.2)
         t0 = time.monotonic()
@@ -94,8 +112,9 @@ def test_a_second_run_into_a_held_out_stops_at_once_and_the_first_is_as_a_solo_r
     assert {d.name for d in got.values()} == {"alphabet"}
     assert got["evaluation"].digest == test["config_hash"]
     for part in ("training", "validation"):
-        assert got[part].digest == config_hash({"split": train["config_hash"], "part": part,
-                                                "val_fraction": 0.1, "seed": 0})
+        assert got[part].digest == config_hash(
+            {"split": train["config_hash"], "part": part, "val_fraction": 0.1, "seed": 0}
+        )
     profiles = {k: json.loads(d.profile) for k, d in got.items()}
     assert profiles["training"]["count"] + profiles["validation"]["count"] == train["count"] == 104
     assert profiles["evaluation"] == {"count": 26, "num_classes": 26, "split": "test", "dataset": "alphabet"}
@@ -105,20 +124,35 @@ def test_two_jobs_sharing_a_data_dir_write_each_beton_once(tmp_path, mlflow_serv
     data = tmp_path / "shared-data"
     jobs = []
     for name in ("one", "two"):
-        raw = {"name": name, "seed": 0, "device": "cpu", "data": {"workers": 1, "dir": str(data)},
-               "datasets": {"shapes": {"params": {"train_per_class": 100, "test_per_class": 10}}},
-               "pretrain": {"backbones": ["resnet18"], "weights": str(_weights(tmp_path)), "dataset": "shapes"}}
+        raw = {
+            "name": name,
+            "seed": 0,
+            "device": "cpu",
+            "data": {"workers": 1, "dir": str(data)},
+            "datasets": {"shapes": {"params": {"train_per_class": 100, "test_per_class": 10}}},
+            "pretrain": {"backbones": ["resnet18"], "weights": str(_weights(tmp_path)), "dataset": "shapes"},
+        }
         job = tmp_path / f"{name}.yaml"
         job.write_text(yaml.safe_dump(raw))
-        jobs.append(subprocess.Popen(_cmd(job, tmp_path / f"out-{name}"), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": mlflow_server}))
+        jobs.append(
+            subprocess.Popen(
+                _cmd(job, tmp_path / f"out-{name}"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": mlflow_server},
+            )
+        )
     logs = []
     for p in jobs:
         logs.append(p.communicate(timeout=600)[0])
         assert p.returncode == 0, logs[-1][-3000:]
-    written = [line for log in logs for line in log.splitlines() if line.startswith("[study] data shapes/")
-               and ", written (" in line]
+    written = [
+        line
+        for log in logs
+        for line in log.splitlines()
+        if line.startswith("[study] data shapes/") and ", written (" in line
+    ]
     reused = [line for log in logs for line in log.splitlines() if "already prepared" in line]
     assert len(written) == 2 and len(reused) == 2, "\n".join(logs)
     assert sorted(p.name for p in (data / "shapes").glob("*.beton")) == ["test.beton", "train.beton"]

@@ -1,4 +1,5 @@
 """The package's shape: no import cycle (lazy imports included), short functions."""
+
 from __future__ import annotations
 
 import ast
@@ -49,7 +50,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state:
                 found = visit(n)
                 if found:
@@ -82,8 +83,13 @@ def importers_of(top: str, package: Path = PACKAGE) -> list[str]:
     out = []
     for path in sorted(package.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             if any(n == top or n.startswith(top + ".") for n in names):
                 out.append(_module(path) if package == PACKAGE else path.name)
                 break
@@ -122,11 +128,27 @@ def test_a_family_missing_a_piece_is_refused_naming_it():
 
     from study.backbones import RegistryError, ResNet, register
 
-    pieces = {k: getattr(ResNet, k) for k in ("variants", "stages", "build", "stem", "stage", "pool", "fold",
-                                              "map_weights", "fast_copy", "signature")}
+    pieces = {
+        k: getattr(ResNet, k)
+        for k in (
+            "variants",
+            "stages",
+            "build",
+            "stem",
+            "stage",
+            "pool",
+            "fold",
+            "map_weights",
+            "fast_copy",
+            "signature",
+        )
+    }
     for missing in ("stages", "pool", "fold"):
-        cls = type("Broken", (), {"name": "broken", **{k: v for k, v in pieces.items() if k != missing},
-                                  "variants": ("broken1",)})
+        cls = type(
+            "Broken",
+            (),
+            {"name": "broken", **{k: v for k, v in pieces.items() if k != missing}, "variants": ("broken1",)},
+        )
         with pytest.raises(RegistryError, match=f"backbone family 'broken': missing {missing}"):
             register(cls)
     three = type("Three", (), {**pieces, "name": "three", "variants": ("three1",), "stages": ("a", "b", "c")})

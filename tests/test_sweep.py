@@ -1,5 +1,6 @@
 """Stage 2's trial list (grid and random search), and the sweep on a local Ray: a driver
 killed mid-sweep, then the job run again, finishes the remaining trials only."""
+
 import copy
 import json
 import os
@@ -15,12 +16,17 @@ from study import config, sweep
 
 BASE = {
     "name": "t",
-    "datasets": {"shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
-                 "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}}},
+    "datasets": {
+        "shapes": {"params": {"train_per_class": 2, "test_per_class": 1}},
+        "alphabet": {"params": {"train_per_class": 2, "test_per_class": 1}},
+    },
     "pretrain": {"dataset": "shapes", "objectives": ["standard", "fgsm_linf_2.0"]},
-    "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "partial", "full", "dm_stage12"],
-                 "train": {"lr_f": 0.01, "lr_g": 0.1},
-                 "space": {"lr_f": [0.01, 0.03], "lr_g": [0.1], "lam": [0.0, 1.0, 500.0]}},
+    "finetune": {
+        "datasets": ["alphabet"],
+        "methods": ["scratch", "partial", "full", "dm_stage12"],
+        "train": {"lr_f": 0.01, "lr_g": 0.1},
+        "space": {"lr_f": [0.01, 0.03], "lr_g": [0.1], "lam": [0.0, 1.0, 500.0]},
+    },
 }
 
 
@@ -36,7 +42,7 @@ def test_grid_points():
     for p in pts:
         by.setdefault(p["method"], []).append(p)
     assert len(by["scratch"]) == len(by["full"]) == 2  # the lr_f grid
-    assert len(by["partial"]) == 1                      # f is frozen: its rate changes nothing
+    assert len(by["partial"]) == 1  # f is frozen: its rate changes nothing
     assert len(by["dm_stage12"]) == 6 and {p["lam"] for p in by["dm_stage12"]} == {0.0, 1.0, 500.0}
     assert all(p["lam"] is None for m in ("scratch", "partial", "full") for p in by[m])
     assert len({json.dumps(p, sort_keys=True) for p in pts}) == len(pts) == 11
@@ -50,8 +56,12 @@ def test_an_override_wins_over_the_space():
 
 
 def test_random_search_is_seeded_and_within_range():
-    cfg = _cfg(search="random", num_samples=5, methods=["full"],
-               space={"lr_f": {"loguniform": [0.001, 0.1]}, "optimizer": ["sgd", "adam"]})
+    cfg = _cfg(
+        search="random",
+        num_samples=5,
+        methods=["full"],
+        space={"lr_f": {"loguniform": [0.001, 0.1]}, "optimizer": ["sgd", "adam"]},
+    )
     pts = sweep.points(cfg)
     assert len(pts) == 5 and all(0.001 <= p["lr_f"] <= 0.1 for p in pts)
     assert {p["optimizer"] for p in pts} <= {"sgd", "adam"}
@@ -94,12 +104,20 @@ def test_stage_keys_stay_put_across_versions(tmp_path):
 
     for cfg in (_cfg(), config.parse({**copy.deepcopy(BASE), "deterministic": True})):
         job = Job(cfg, tmp_path, None)
-        keys = {objectives.objective_name(o): Trained(job, "pretrain", pretrain.identity(
-            job, "resnet18", objectives.objective_name(o))).key for o in cfg.pretrain.objective_specs()}
+        keys = {
+            objectives.objective_name(o): Trained(
+                job, "pretrain", pretrain.identity(job, "resnet18", objectives.objective_name(o))
+            ).key
+            for o in cfg.pretrain.objective_specs()
+        }
         assert keys == {"standard": "9c1c9f3b0cd743e6", "fgsm_linf_2.0": "b7fc4e1ae4f04fe3"}
         sources = {(0, "resnet18", n): {"key": k, "ckpt": "x"} for n, k in keys.items()}
         assert [sweep.trained_for(job, p, sources).key for p in sweep.points(cfg)][::3] == [
-            "2037a66bb2442dcb", "733b55b12e8e2b8b", "2c2e3298cba2724b", "020382068c1d172f"]
+            "2037a66bb2442dcb",
+            "733b55b12e8e2b8b",
+            "2c2e3298cba2724b",
+            "020382068c1d172f",
+        ]
 
     # the partial fine-tune: BatchNorm now trains by default (a new key); with partial_bn:
     # frozen, what every earlier version did, it keeps its old key
@@ -113,12 +131,19 @@ def test_stage_keys_stay_put_across_versions(tmp_path):
 # -- the driver dies mid-sweep ------------------------------------------------------------
 def _job(tmp_path: Path, weights: Path) -> Path:
     raw = {
-        "name": "killed", "seed": 0, "device": "cpu", "data": {"workers": 1},
+        "name": "killed",
+        "seed": 0,
+        "device": "cpu",
+        "data": {"workers": 1},
         "datasets": {"alphabet": {"params": {"train_per_class": 6, "test_per_class": 2}}},
         "pretrain": {"backbones": ["resnet18"], "weights": str(weights)},
-        "finetune": {"datasets": ["alphabet"], "methods": ["scratch", "full"],
-                     "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
-                     "space": {"lr_g": [0.05, 0.1]}, "max_concurrent_trials": 1},
+        "finetune": {
+            "datasets": ["alphabet"],
+            "methods": ["scratch", "full"],
+            "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
+            "space": {"lr_g": [0.05, 0.1]},
+            "max_concurrent_trials": 1,
+        },
         "eval": {"batch_size": 64, "max_images": 26, "attacks": ["fgsm_linf_0.5"]},
         "analyses": {"enabled": False},  # the sweep is what this test kills; test_pipeline runs them
     }
@@ -148,11 +173,13 @@ def test_killed_driver_then_rerun_finishes_only_the_remaining_trials(tmp_path, r
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     job, out = _job(tmp_path, weights), tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-           "MLFLOW_TRACKING_URI": mlflow_server}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": mlflow_server,
+    }
     cmd = [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and len(_finished(out)) < 1 and proc.poll() is None:
@@ -198,13 +225,11 @@ def test_asha_stops_weak_trials_early(tmp_path, ray_local):
         for epoch in range(1, 9):  # a learning curve whose height is the point's "quality"
             tune.report({"val_acc": p["quality"] * epoch})
 
-    ft = _cfg(scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2},
-              max_concurrent_trials=2).finetune
+    ft = _cfg(scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2}, max_concurrent_trials=2).finetune
     # strongest first: ASHA judges a trial at a rung against those that reached it before,
     # so in this order every later (weaker) trial meets a better one there
     pts = [{"quality": q} for q in (8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0)]
-    tuner = sweep.make_tuner(tune.with_resources(_toy_trial, {"cpu": 1}), pts, ft, str(tmp_path), "asha",
-                             max_epochs=8)
+    tuner = sweep.make_tuner(tune.with_resources(_toy_trial, {"cpu": 1}), pts, ft, str(tmp_path), "asha", max_epochs=8)
     grid = tuner.fit()
     epochs = {r.config["point"]["quality"]: r.metrics["training_iteration"] for r in grid}
     assert epochs[8.0] == 8 and min(epochs.values()) < 8, epochs
@@ -222,39 +247,61 @@ def test_trades_dm_and_the_cw_attack_run_on_a_tiny_job(tmp_path, ray_local, mlfl
     weights = tmp_path / "imagenet_like.pt"
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    raw = {"name": "trades", "seed": 0, "device": "cpu", "data": {"workers": 1},
-           "datasets": {"alphabet": {"params": {"train_per_class": 4, "test_per_class": 1}}},
-           "pretrain": {"backbones": ["resnet18"], "weights": {"standard": str(weights), "fgsm_linf_2.0": str(weights)}},
-           "finetune": {"datasets": ["alphabet"], "methods": ["full", "trades_stage2", "dm_stage12"],
-                        "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
-                        "space": {"lam": [1.0, 100.0]}, "dm": {"form": "code", "steps": 2},
-                        "trades": {"beta": 6.0, "attack": "pgd2_linf_2.0"}, "max_concurrent_trials": 1},
-           "eval": {"batch_size": 64, "attacks": ["pgd10_linf_0.5", "pgd10_linf_0.5[loss=cw]"]},
-           "analyses": {"enabled": False}}
+    raw = {
+        "name": "trades",
+        "seed": 0,
+        "device": "cpu",
+        "data": {"workers": 1},
+        "datasets": {"alphabet": {"params": {"train_per_class": 4, "test_per_class": 1}}},
+        "pretrain": {"backbones": ["resnet18"], "weights": {"standard": str(weights), "fgsm_linf_2.0": str(weights)}},
+        "finetune": {
+            "datasets": ["alphabet"],
+            "methods": ["full", "trades_stage2", "dm_stage12"],
+            "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
+            "space": {"lam": [1.0, 100.0]},
+            "dm": {"form": "code", "steps": 2},
+            "trades": {"beta": 6.0, "attack": "pgd2_linf_2.0"},
+            "max_concurrent_trials": 1,
+        },
+        "eval": {"batch_size": 64, "attacks": ["pgd10_linf_0.5", "pgd10_linf_0.5[loss=cw]"]},
+        "analyses": {"enabled": False},
+    }
     job = tmp_path / "trades.yaml"
     job.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-           "MLFLOW_TRACKING_URI": mlflow_server}
-    done = subprocess.run([sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": mlflow_server,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     df = pd.read_csv(out / "results.csv")
     got = {(m, a) for m, a in df[["method", "attack"]].dropna().values}
-    assert got == {(m, a) for m in ("full", "trades_stage2", "dm_stage12")
-                   for a in ("pgd10_linf_0.5", "pgd10_linf_0.5[loss=cw]")}
+    assert got == {
+        (m, a) for m in ("full", "trades_stage2", "dm_stage12") for a in ("pgd10_linf_0.5", "pgd10_linf_0.5[loss=cw]")
+    }
     dm = df[(df.method == "dm_stage12") & df.attack.isna()]
     assert len(dm) == 2 and dm.val_AAI.notna().all() and dm.chosen.sum() == 1
     assert df[(df.method == "full") & df.attack.isna()].val_AAI.isna().all()  # λ methods only
     assert df[df.attack.isna()].f_l1.gt(0).all()  # every fine-tuned model: the size of its features
-    trades = json.loads(next((out / "checkpoints").glob("finetune-alphabet-resnet18-trades_stage2-*[!l].json"))
-                        .read_text())
+    trades = json.loads(
+        next((out / "checkpoints").glob("finetune-alphabet-resnet18-trades_stage2-*[!l].json")).read_text()
+    )
     assert trades["history"][0]["train_loss"] > 0
     md = (out / "results.md").read_text()
     table5 = md.split("## Table 5")[1].split("\n## ")[0]
     assert "TRADES@stage-2" in table5
     ce = df[(df.method == "trades_stage2") & (df.attack == "pgd10_linf_0.5")].iloc[0]
-    assert f"| TRADES@stage-2 |  | {ce.AOI:.2f} ± " in table5 and f"| {ce.AAI:.2f} ± " in table5  # cross-entropy PGD's row
+    assert (
+        f"| TRADES@stage-2 |  | {ce.AOI:.2f} ± " in table5 and f"| {ce.AAI:.2f} ± " in table5
+    )  # cross-entropy PGD's row
     assert f"| DM@stage-1&2 | {dm[dm.chosen].lam.iloc[0]:g} |" in table5
     assert md.split("## Stage 2 sweep")[1].count("| ✓ λ chosen |") == 1
     assert "loss=cw" not in md.split("## Stage 2 sweep")[0]  # no paper table shows the CW attack

@@ -1,6 +1,7 @@
 """Pre-trained weights by name (study.weights): the catalog, hf:// files and torchvision's
 enums resolved offline from caches laid out as huggingface_hub and torch lay them out,
 the sha256 pins, the errors, and `study weights list|fetch|verify`."""
+
 import hashlib
 from pathlib import Path
 
@@ -37,8 +38,10 @@ def put_in_hub_cache(cache: Path, repo: str, filename: str, data: bytes, commit:
 def robustness_bytes(net: torch.nn.Module, mean, std) -> bytes:
     """A robustness-library checkpoint (Salman et al.'s format): the AttackerModel's state
     under "model", keys prefixed module.model. and module.normalizer."""
-    state = {"module.normalizer.new_mean": torch.tensor(mean).view(3, 1, 1),
-             "module.normalizer.new_std": torch.tensor(std).view(3, 1, 1)}
+    state = {
+        "module.normalizer.new_mean": torch.tensor(mean).view(3, 1, 1),
+        "module.normalizer.new_std": torch.tensor(std).view(3, 1, 1),
+    }
     state.update({f"module.model.{k}": v for k, v in net.state_dict().items()})
     return _saved({"model": state, "epoch": 90})
 
@@ -96,10 +99,18 @@ def test_the_cache_fixture_is_laid_out_as_huggingface_hub_reads_it(hub):
 def test_catalog_names_and_hub_addresses_resolve_offline_to_the_same_file(hub, robust18):
     cache, _ = hub
     want = hashlib.sha256(robust18[1]).hexdigest()
-    got = [weights.fetch(weights.parse(spec, "resnet18"), cache) for spec in
-           ("salman/resnet18_linf_eps4.0", f"hf://{REPO}/resnet18_linf_eps4.0.ckpt",
-            f"hf://{REPO}/resnet18_linf_eps4.0.ckpt@{COMMIT}", f"hf://{REPO}@main/resnet18_linf_eps4.0.ckpt")]
-    assert {g.path for g in got} == {cache / f"models--madrylab--robust-imagenet-models/snapshots/{COMMIT}/resnet18_linf_eps4.0.ckpt"}
+    got = [
+        weights.fetch(weights.parse(spec, "resnet18"), cache)
+        for spec in (
+            "salman/resnet18_linf_eps4.0",
+            f"hf://{REPO}/resnet18_linf_eps4.0.ckpt",
+            f"hf://{REPO}/resnet18_linf_eps4.0.ckpt@{COMMIT}",
+            f"hf://{REPO}@main/resnet18_linf_eps4.0.ckpt",
+        )
+    ]
+    assert {g.path for g in got} == {
+        cache / f"models--madrylab--robust-imagenet-models/snapshots/{COMMIT}/resnet18_linf_eps4.0.ckpt"
+    }
     assert {g.sha256 for g in got} == {want} and {g.revision for g in got} == {COMMIT}
     src = got[0].source
     assert (src.arch, src.entry["norm"], src.entry["eps"], src.published) == ("resnet18", "linf", 4.0, 52.49)
@@ -126,26 +137,38 @@ def test_pins_wrong_names_and_wrong_files_are_refused_with_what_to_do(hub):
     assert weights.fetch(src, cache, pin=right.upper()).sha256 == right
     with pytest.raises(weights.WeightsError, match=f"has sha256 {right}, not the pinned {'0' * 64}"):
         weights.fetch(src, cache, pin="0" * 64)
-    with pytest.raises(weights.WeightsError, match=r"unknown weights 'salman/resnet18_linf_eps4' \(nearest: "
-                                                   r"salman/resnet18_linf_eps4.0"):
+    with pytest.raises(
+        weights.WeightsError,
+        match=r"unknown weights 'salman/resnet18_linf_eps4' \(nearest: "
+        r"salman/resnet18_linf_eps4.0",
+    ):
         weights.parse("salman/resnet18_linf_eps4", "resnet18")
     with pytest.raises(weights.WeightsError, match="holds a resnet50, not a resnet18"):
         weights.parse("salman/resnet50_l2_eps3", "resnet18")
     with pytest.raises(weights.WeightsError, match="no IMAGENET1K_V2 weights for resnet18 .has: IMAGENET1K_V1"):
         weights.parse("IMAGENET1K_V2", "resnet18")
     readme = weights.fetch(weights.parse("hf://someone/resnet18-tv/README.md", "resnet18"), cache)
-    with pytest.raises(ModelError, match=r"hf://someone/resnet18-tv/README.md \(.*README.md\): cannot be read "
-                                         r"as a weights-only checkpoint"):
+    with pytest.raises(
+        ModelError,
+        match=r"hf://someone/resnet18-tv/README.md \(.*README.md\): cannot be read "
+        r"as a weights-only checkpoint",
+    ):
         weights.load(build_model("resnet18", 3), readme)
     r50 = weights.fetch(weights.parse("hf://someone/resnet50-tv/model.pth", "resnet18"), cache)
     with pytest.raises(ModelError, match=r"hf://someone/resnet50-tv/model.pth \(.*\) does not fit resnet18"):
         weights.load(build_model("resnet18", 3), r50)
     # offline, nothing cached: it says how to get the file
-    with pytest.raises(weights.WeightsError, match=r"not in the hub cache .* HF_HUB_OFFLINE is set: run "
-                                                   r"`study weights fetch salman/resnet18_l2_eps3`"):
+    with pytest.raises(
+        weights.WeightsError,
+        match=r"not in the hub cache .* HF_HUB_OFFLINE is set: run "
+        r"`study weights fetch salman/resnet18_l2_eps3`",
+    ):
         weights.fetch(weights.parse("salman/resnet18_l2_eps3"), cache)
-    with pytest.raises(weights.WeightsError, match=r"hf://someone/resnet18-tv/nothing.pth is not on the hub|"
-                                                   r"not in the hub cache"):
+    with pytest.raises(
+        weights.WeightsError,
+        match=r"hf://someone/resnet18-tv/nothing.pth is not on the hub|"
+        r"not in the hub cache",
+    ):
         weights.fetch(weights.parse("hf://someone/resnet18-tv/nothing.pth"), cache)
 
 
@@ -176,36 +199,61 @@ def test_imagenet_asks_torchvision_for_the_backbone_s_default_file_and_its_hash(
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
-    with pytest.raises(weights.WeightsError, match=r"imagenet: could not download https://download.pytorch.org/"
-                                                   r"models/resnet50-11ad3fa6.pth \(Name or service not known\)"):
+    with pytest.raises(
+        weights.WeightsError,
+        match=r"imagenet: could not download https://download.pytorch.org/"
+        r"models/resnet50-11ad3fa6.pth \(Name or service not known\)",
+    ):
         weights.fetch(weights.parse("imagenet", "resnet50"), tmp_path / "cache")
-    assert asked == [("https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
-                      tmp_path / "cache" / "torchvision" / "resnet50-11ad3fa6.pth", "11ad3fa6")]
+    assert asked == [
+        (
+            "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+            tmp_path / "cache" / "torchvision" / "resnet50-11ad3fa6.pth",
+            "11ad3fa6",
+        )
+    ]
 
 
 def test_job_files_take_names_and_pins_and_the_plan_resolves_without_downloading(tmp_path, offline):
-    raw = {"name": "w", "datasets": {"alphabet": {}},
-           "pretrain": {"backbones": ["resnet18"],
-                        "weights": {"standard": "IMAGENET1K_V1",
-                                    "pgd3_linf_4.0": {"from": "salman/resnet18_linf_eps4.0", "sha256": "A" * 64}}},
-           "finetune": {"datasets": ["alphabet"], "methods": ["full", "at_stage1"]}}
+    raw = {
+        "name": "w",
+        "datasets": {"alphabet": {}},
+        "pretrain": {
+            "backbones": ["resnet18"],
+            "weights": {
+                "standard": "IMAGENET1K_V1",
+                "pgd3_linf_4.0": {"from": "salman/resnet18_linf_eps4.0", "sha256": "A" * 64},
+            },
+        },
+        "finetune": {"datasets": ["alphabet"], "methods": ["full", "at_stage1"]},
+    }
     cfg = config.parse(raw)
     assert cfg.pretrain.weights_entry("pgd3_linf_4.0") == ("salman/resnet18_linf_eps4.0", "a" * 64)
-    assert cfg.resolved()["pretrain"]["weights"]["pgd3_linf_4.0"] == {"from": "salman/resnet18_linf_eps4.0",
-                                                                      "sha256": "a" * 64}
+    assert cfg.resolved()["pretrain"]["weights"]["pgd3_linf_4.0"] == {
+        "from": "salman/resnet18_linf_eps4.0",
+        "sha256": "a" * 64,
+    }
     assert config.parse(cfg.resolved()).pretrain.weights_entry("standard") == ("IMAGENET1K_V1", None)
     from study import plan, results
 
     lines = "\n".join(plan.weights_lines(cfg))
-    assert "resnet18 (pgd3_linf_4.0): salman/resnet18_linf_eps4.0 -> hf://madrylab/robust-imagenet-models/" \
-           "resnet18_linf_eps4.0.ckpt (L-inf eps 4/255; published clean 52.49 %; not cached" in lines
+    assert (
+        "resnet18 (pgd3_linf_4.0): salman/resnet18_linf_eps4.0 -> hf://madrylab/robust-imagenet-models/"
+        "resnet18_linf_eps4.0.ckpt (L-inf eps 4/255; published clean 52.49 %; not cached" in lines
+    )
     assert "pinned sha256 aaaaaaaaaaaa" in lines and "ResNet18_Weights.IMAGENET1K_V1" in lines
     assert results.source_data(cfg, "full") == "imagenet"
-    bad = [({"pgd3_linf_4.0": {"from": "salman/resnet18_linf_eps4.0", "sha256": "xyz"}, "standard": "imagenet"},
-            "pretrain.weights: pgd3_linf_4.0: sha256 is 64 hexadecimal digits, got .xyz."),
-           ({"standard": "imagenet", "pgd3_linf_4.0": "salman/resnet50_linf_eps4.0"},
-            "pretrain.weights.pgd3_linf_4.0: salman/resnet50_linf_eps4.0 holds a resnet50, not a resnet18"),
-           ("salman/resnet18_linf_eps4", "pretrain.weights: unknown weights 'salman/resnet18_linf_eps4' (nearest")]
+    bad = [
+        (
+            {"pgd3_linf_4.0": {"from": "salman/resnet18_linf_eps4.0", "sha256": "xyz"}, "standard": "imagenet"},
+            "pretrain.weights: pgd3_linf_4.0: sha256 is 64 hexadecimal digits, got .xyz.",
+        ),
+        (
+            {"standard": "imagenet", "pgd3_linf_4.0": "salman/resnet50_linf_eps4.0"},
+            "pretrain.weights.pgd3_linf_4.0: salman/resnet50_linf_eps4.0 holds a resnet50, not a resnet18",
+        ),
+        ("salman/resnet18_linf_eps4", "pretrain.weights: unknown weights 'salman/resnet18_linf_eps4' (nearest"),
+    ]
     for weights_, message in bad:
         with pytest.raises(config.ConfigError, match=message.replace("(", r"\(")):
             config.parse({**raw, "pretrain": {"backbones": ["resnet18"], "weights": weights_}})
@@ -220,9 +268,12 @@ def test_an_imported_stage_is_keyed_and_recorded_by_its_file_s_sha256(tmp_path, 
     from study.stages import Job
 
     cache, _ = hub
-    raw = {"name": "imported", "device": "cpu", "datasets": {"alphabet": {"params": {"train_per_class": 2}}},
-           "pretrain": {"backbones": ["resnet18"], "weights": "salman/resnet18_linf_eps4.0",
-                        "weights_cache": str(cache)}}
+    raw = {
+        "name": "imported",
+        "device": "cpu",
+        "datasets": {"alphabet": {"params": {"train_per_class": 2}}},
+        "pretrain": {"backbones": ["resnet18"], "weights": "salman/resnet18_linf_eps4.0", "weights_cache": str(cache)},
+    }
     job = Job(config.parse(raw), tmp_path / "out", torch.device("cpu"), progress=False)
     digest = weights.fetch(weights.parse("salman/resnet18_linf_eps4.0"), cache).sha256
     mlflow.set_tracking_uri(mlflow_server)
@@ -239,12 +290,21 @@ def test_an_imported_stage_is_keyed_and_recorded_by_its_file_s_sha256(tmp_path, 
     assert run.data.params["weights_sha256"] == digest and run.data.tags["study.weights.sha256"] == digest
     assert run.data.params["weights_from"] == f"hf://{REPO}/resnet18_linf_eps4.0.ckpt"
     # the same entry, another file behind it: another stage
-    other = Job(config.parse({**raw, "pretrain": {**raw["pretrain"], "weights": "hf://someone/resnet18-tv/weights/model.pth"}}),
-                tmp_path / "out", torch.device("cpu"))
+    other = Job(
+        config.parse({**raw, "pretrain": {**raw["pretrain"], "weights": "hf://someone/resnet18-tv/weights/model.pth"}}),
+        tmp_path / "out",
+        torch.device("cpu"),
+    )
     assert pretrain.identity(other, "resnet18", "standard")["sha256"] != digest
     job_file = tmp_path / "pinned.yaml"
-    job_file.write_text(yaml.safe_dump({**raw, "pretrain": {**raw["pretrain"], "weights": {
-        "from": "salman/resnet18_linf_eps4.0", "sha256": "0" * 64}}}))
+    job_file.write_text(
+        yaml.safe_dump(
+            {
+                **raw,
+                "pretrain": {**raw["pretrain"], "weights": {"from": "salman/resnet18_linf_eps4.0", "sha256": "0" * 64}},
+            }
+        )
+    )
     assert cli.main(["run", str(job_file), "--out", str(tmp_path / "pinned")]) == 2
     assert [p.name for p in (tmp_path / "pinned").iterdir()] == [".study.lock"]  # nothing but OUT's lock
 
@@ -285,8 +345,9 @@ def test_verify_measures_the_accuracy_the_test_knows_and_fails_against_the_publi
         net.fc.bias.zero_()
         net.fc.bias[0] = 10.0
     cache = tmp_path / "hub"
-    put_in_hub_cache(cache, REPO, "resnet18_linf_eps4.0.ckpt", robustness_bytes(net, (0.485, 0.456, 0.406),
-                                                                                 (0.229, 0.224, 0.225)))
+    put_in_hub_cache(
+        cache, REPO, "resnet18_linf_eps4.0.ckpt", robustness_bytes(net, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    )
     args = ["--data", str(root), "--images", "10", "--cache", str(cache), "--resolution", "32"]
     assert cli.main(["weights", "verify", "salman/resnet18_linf_eps4.0", *args, "--attack"]) == 1
     out = capsys.readouterr().out

@@ -13,6 +13,7 @@ The epoch reaches the compiled code through an ``EpochCell``: numba freezes the 
 compiled function closes over, so the loader writes the epoch into a one-element array
 whose address the code reads at the start of every batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -54,8 +55,12 @@ def _load_int64(typingctx, address):
 def key(seed, epoch, index, salt):
     """A 32-bit seed from (seed, epoch, index, salt): each term spread by an odd multiplier
     (in int64, exact for seeds, epochs and indices below 2**31), then mixed."""
-    h = ((np.int64(seed) * np.int64(0x9E3779B1)) ^ (np.int64(epoch) * np.int64(0x85EBCA77))
-         ^ (np.int64(index) * np.int64(0xC2B2AE3D)) ^ np.int64(salt))
+    h = (
+        (np.int64(seed) * np.int64(0x9E3779B1))
+        ^ (np.int64(epoch) * np.int64(0x85EBCA77))
+        ^ (np.int64(index) * np.int64(0xC2B2AE3D))
+        ^ np.int64(salt)
+    )
     h ^= h >> np.int64(15)
     return h & np.int64(0xFFFFFFFF)
 
@@ -91,13 +96,13 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
                 if field["mode"] == jpg:
                     temp_buffer = temp_storage[dst_ix]
                     imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
                 np.random.seed(key_c(seed, epoch, source_ix, CROP))  # this thread's generator, for this sample
                 i, j, h, w = get_crop_c(height, width, scale, ratio)
                 resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-            return destination[:len(batch_indices)]
+            return destination[: len(batch_indices)]
 
         decode.is_parallel = True
         return decode

@@ -8,6 +8,7 @@ Layout under a data folder ``D``::
 A split whose manifest carries the same config hash, and whose .beton is intact, is
 not written again. A truncated or corrupt .beton is refused with its path named.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,10 +41,13 @@ def split_config(name: str, split: str, root=None, params=None) -> dict:
     info = get_info(name)
     root = info.root_or_default(root)
     return {
-        "dataset": name, "split": split, "format": FORMAT_VERSION,
+        "dataset": name,
+        "split": split,
+        "format": FORMAT_VERSION,
         "params": resolve_params(name, params),
         "root": None if info.generated else str(Path(root).expanduser().resolve()) if root else None,
-        "write_mode": info.write_mode, "max_resolution": info.max_resolution,
+        "write_mode": info.write_mode,
+        "max_resolution": info.max_resolution,
     }
 
 
@@ -68,8 +72,10 @@ def check_beton(path: Path, manifest: dict | None = None) -> None:
         raise BetonError(f"{path}: .beton file not found")
     size = path.stat().st_size
     if manifest is not None and manifest.get("bytes") != size:
-        raise BetonError(f"{path}: truncated or altered .beton ({size} bytes, manifest says "
-                         f"{manifest.get('bytes')}); delete it and prepare the data again")
+        raise BetonError(
+            f"{path}: truncated or altered .beton ({size} bytes, manifest says "
+            f"{manifest.get('bytes')}); delete it and prepare the data again"
+        )
     if size < HeaderType.itemsize:
         raise BetonError(f"{path}: truncated .beton ({size} bytes, shorter than its header)")
     header = np.fromfile(path, dtype=HeaderType, count=1)[0]
@@ -83,12 +89,12 @@ def check_beton(path: Path, manifest: dict | None = None) -> None:
     if len(table) and int((table["ptr"] + table["size"]).max()) > table_ptr:
         raise BetonError(f"{path}: truncated .beton (sample data past the allocation table)")
     if manifest is not None and int(header["num_samples"]) != manifest.get("count"):
-        raise BetonError(f"{path}: holds {int(header['num_samples'])} samples, manifest says "
-                         f"{manifest.get('count')}")
+        raise BetonError(f"{path}: holds {int(header['num_samples'])} samples, manifest says {manifest.get('count')}")
 
 
-def prepare_split(name: str, split: str, out, root=None, params=None, workers: int = 2,
-                  folder: str | None = None) -> Prepared:
+def prepare_split(
+    name: str, split: str, out, root=None, params=None, workers: int = 2, folder: str | None = None
+) -> Prepared:
     """Writes ``out/<folder>/<split>.beton`` once (``folder``: the job's key for the
     dataset, default its name); a second call with the same config does nothing."""
     beton, _ = paths(out, folder or name, split)
@@ -129,11 +135,17 @@ def _prepare_split(name: str, split: str, out, root, params, workers: int, folde
 
     first = dataset[0][0] if len(dataset) else np.zeros((0, 0, 3))
     manifest = {
-        "dataset": name, "split": split, "count": len(dataset),
-        "classes": list(dataset.classes), "num_classes": len(dataset.classes),
+        "dataset": name,
+        "split": split,
+        "count": len(dataset),
+        "classes": list(dataset.classes),
+        "num_classes": len(dataset.classes),
         "resolution": [int(first.shape[0]), int(first.shape[1])],
-        "max_resolution": info.max_resolution, "write_mode": info.write_mode,
-        "config": cfg, "config_hash": digest, "bytes": beton.stat().st_size,
+        "max_resolution": info.max_resolution,
+        "write_mode": info.write_mode,
+        "config": cfg,
+        "config_hash": digest,
+        "bytes": beton.stat().st_size,
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     return Prepared(beton, manifest, written=True)

@@ -6,6 +6,7 @@ seed give the same epochs on every run.
 Evaluation: centre crop, sequential order, every sample (no dropped last batch).
 Normalisation is *not* done here: it is the model's first layer (see study.models).
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,9 +28,12 @@ def _ignore_numba_finalizer_noise() -> None:
         tb = unraisable.exc_traceback
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-        if (isinstance(unraisable.exc_value, KeyError) and tb is not None
-                and tb.tb_frame.f_code.co_name == "finalizer"
-                and "numba" in tb.tb_frame.f_code.co_filename):
+        if (
+            isinstance(unraisable.exc_value, KeyError)
+            and tb is not None
+            and tb.tb_frame.f_code.co_name == "finalizer"
+            and "numba" in tb.tb_frame.f_code.co_filename
+        ):
             return
         previous(unraisable)
 
@@ -42,8 +46,9 @@ _ignore_numba_finalizer_noise()
 class ImageLoader:
     """Wraps an FFCV Loader; converts uint8 NCHW batches to float in [0, 1] on ``device``."""
 
-    def __init__(self, loader, device: torch.device, channels_last: bool, manifest: dict | None,
-                 decoder=None, cell=None):
+    def __init__(
+        self, loader, device: torch.device, channels_last: bool, manifest: dict | None, decoder=None, cell=None
+    ):
         self.loader, self.device, self.channels_last = loader, device, channels_last
         self.manifest = manifest or {}
         self.decoder, self.cell = decoder, cell
@@ -72,8 +77,7 @@ class ImageLoader:
             # fresh tensors: FFCV refills its batch buffers, so a caller that keeps a batch
             # past the next one would otherwise hold the next batch's labels (the images
             # are a new tensor already: the cast to float copies them)
-            yield (images.float().div_(255.0),
-                   labels.to(self.device, dtype=torch.long, non_blocking=True, copy=True))
+            yield (images.float().div_(255.0), labels.to(self.device, dtype=torch.long, non_blocking=True, copy=True))
 
 
 def holdout(count: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -91,10 +95,21 @@ def holdout(count: int, fraction: float, seed: int = 0) -> tuple[list[int], list
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
-def make_loader(beton, *, train: bool, resolution: int, batch_size: int, dataset: str | None = None,
-                workers: int = 2, device: str | torch.device = "cpu", distributed: bool = False,
-                seed: int = 0, indices=None, drop_last: bool | None = None,
-                channels_last: bool = False) -> ImageLoader:
+def make_loader(
+    beton,
+    *,
+    train: bool,
+    resolution: int,
+    batch_size: int,
+    dataset: str | None = None,
+    workers: int = 2,
+    device: str | torch.device = "cpu",
+    distributed: bool = False,
+    seed: int = 0,
+    indices=None,
+    drop_last: bool | None = None,
+    channels_last: bool = False,
+) -> ImageLoader:
     """An FFCV loader over ``beton``; the dataset's registry entry sets the augmentation."""
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
@@ -118,9 +133,13 @@ def make_loader(beton, *, train: bool, resolution: int, batch_size: int, dataset
         image_ops = [CenterCropRGBImageDecoder(size, ratio=info.eval_crop_ratio)]
     image_ops += [ToTensor(), ToTorchImage()]
     loader = Loader(
-        str(beton), batch_size=batch_size, num_workers=workers,
+        str(beton),
+        batch_size=batch_size,
+        num_workers=workers,
         order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-        distributed=distributed, seed=seed, indices=indices,
+        distributed=distributed,
+        seed=seed,
+        indices=indices,
         drop_last=train if drop_last is None else drop_last,
         pipelines={"image": image_ops, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
     )

@@ -7,6 +7,7 @@ published class list, never from an unsorted directory listing.
 Real datasets are read from a user-given root in their published on-disk layout
 (the one torchvision's ``download=True`` produces); nothing here downloads.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -25,16 +26,16 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
-    build: Callable[..., object]      # build(split, root=..., **params) -> split dataset
-    generated: bool = False           # needs no root
-    write_mode: str = "jpg"           # FFCV storage: raw for pixel-exact synthetic images
-    max_resolution: int = 256         # longest side stored in the .beton (real data)
-    crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop scale for training
-    flip: bool = True                 # random horizontal flip for training
+    build: Callable[..., object]  # build(split, root=..., **params) -> split dataset
+    generated: bool = False  # needs no root
+    write_mode: str = "jpg"  # FFCV storage: raw for pixel-exact synthetic images
+    max_resolution: int = 256  # longest side stored in the .beton (real data)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale for training
+    flip: bool = True  # random horizontal flip for training
     eval_crop_ratio: float = 224 / 256  # centre-crop ratio at evaluation
     params: dict = field(default_factory=dict)  # accepted parameters and their defaults
     description: str = ""
-    default_root: str | None = None   # the root when the job gives none, if that folder exists
+    default_root: str | None = None  # the root when the job gives none, if that folder exists
 
     def root_or_default(self, root):
         if root is None and self.default_root and Path(self.default_root).is_dir():
@@ -95,8 +96,7 @@ def _cifar10(split, root):
 def _pets(split, root):
     from torchvision.datasets import OxfordIIITPet
 
-    ds = OxfordIIITPet(root, split="trainval" if split == "train" else "test",
-                       target_types="category", download=False)
+    ds = OxfordIIITPet(root, split="trainval" if split == "train" else "test", target_types="category", download=False)
     return _RGB(ds, ds.classes)
 
 
@@ -176,8 +176,10 @@ def _generated(cls):
 
 
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
-IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _idx_path(root: Path, stem: str) -> Path:
@@ -186,7 +188,9 @@ def _idx_path(root: Path, stem: str) -> Path:
         for name in (stem, f"{stem}.gz"):
             if (folder / name).is_file():
                 return folder / name
-    raise DatasetError(f"fashion_mnist: {stem} (or {stem}.gz) not found under {root} or {root / 'FashionMNIST' / 'raw'}")
+    raise DatasetError(
+        f"fashion_mnist: {stem} (or {stem}.gz) not found under {root} or {root / 'FashionMNIST' / 'raw'}"
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -232,8 +236,9 @@ def _fashion_mnist(split, root=None, name="", train_per_class=None, test_per_cla
     path = _root(root, name)
     images, labels = (read_idx(_idx_path(path, stem)) for stem in IDX[split])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DatasetError(f"fashion_mnist: {split} images {images.shape} and labels {labels.shape} do not match "
-                           f"(under {path})")
+        raise DatasetError(
+            f"fashion_mnist: {split} images {images.shape} and labels {labels.shape} do not match (under {path})"
+        )
     k = train_per_class if split == "train" else test_per_class
     index = list(range(len(labels))) if k is None else per_class(labels, k)
     return _Grey(images, labels, FashionMNIST.classes, index)
@@ -248,42 +253,101 @@ def register(info: DatasetInfo) -> DatasetInfo:
     return info
 
 
-register(DatasetInfo(
-    "alphabet", _generated(synthetic.Alphabet), generated=True, write_mode="raw",
-    crop_scale=(0.8, 1.0), flip=False, eval_crop_ratio=1.0,
-    params=dict(train_per_class=1000, test_per_class=200, image_size=32, seed=0,
-                max_offset=0.18, noise_std=0.12),
-    description="26 letters, offset and noised (the paper's Alphabet)"))
-register(DatasetInfo(
-    "shapes", _generated(synthetic.Shapes), generated=True, write_mode="raw",
-    crop_scale=(0.5, 1.0), flip=True, eval_crop_ratio=1.0,
-    params=dict(train_per_class=200, test_per_class=40, image_size=32, seed=0, noise_std=0.06,
-                min_scale=0.5, by="shape_texture"),
-    description="50 (shape, texture) classes; the demo's stand-in for ImageNet "
-                "(by: shape gives the 10 shapes as classes, by: texture the 5 textures)"))
-register(DatasetInfo("fashion_mnist", _fashion_mnist, write_mode="raw", max_resolution=28,
-                     crop_scale=(0.7, 1.0), flip=True, eval_crop_ratio=1.0, params=PER_CLASS,
-                     default_root=FASHION_MNIST_DEBIAN,
-                     description="Zalando's Fashion-MNIST: IDX files (gzip or not) flat under root, as Debian's "
-                                 "dataset-fashion-mnist installs them (the default root), or torchvision's "
-                                 "ROOT/FashionMNIST/raw; 28x28 grey as RGB"))
-register(DatasetInfo("cifar10", _torchvision(_cifar10), max_resolution=32,
-                     crop_scale=(0.35, 1.0), eval_crop_ratio=1.0,
-                     description="torchvision CIFAR10 (cifar-10-batches-py under root)"))
-register(DatasetInfo("pets", _torchvision(_pets),
-                     description="torchvision OxfordIIITPet (oxford-iiit-pet under root)"))
-register(DatasetInfo("flowers", _torchvision(_flowers),
-                     description="torchvision Flowers102 (flowers-102 under root), train+val / test"))
-register(DatasetInfo("cars", _torchvision(_cars),
-                     description="torchvision StanfordCars (stanford_cars under root)"))
-register(DatasetInfo("food", _torchvision(_food),
-                     description="torchvision Food101 (food-101 under root)"))
-register(DatasetInfo("imagenet", _image_folder({"train": ("train",), "test": ("val",)}), params=PER_CLASS,
-                     description="ImageFolder tree ROOT/train, ROOT/val"))
-register(DatasetInfo("nico", _image_folder({"train": ("train",), "test": ("test", "val")}), params=PER_CLASS,
-                     description="NICO as an ImageFolder tree ROOT/train, ROOT/test"))
-register(DatasetInfo("folder", _image_folder({"train": ("train",), "test": ("test", "val")}), params=PER_CLASS,
-                     description="any ImageFolder tree ROOT/train, ROOT/test (or ROOT/val)"))
+register(
+    DatasetInfo(
+        "alphabet",
+        _generated(synthetic.Alphabet),
+        generated=True,
+        write_mode="raw",
+        crop_scale=(0.8, 1.0),
+        flip=False,
+        eval_crop_ratio=1.0,
+        params=dict(train_per_class=1000, test_per_class=200, image_size=32, seed=0, max_offset=0.18, noise_std=0.12),
+        description="26 letters, offset and noised (the paper's Alphabet)",
+    )
+)
+register(
+    DatasetInfo(
+        "shapes",
+        _generated(synthetic.Shapes),
+        generated=True,
+        write_mode="raw",
+        crop_scale=(0.5, 1.0),
+        flip=True,
+        eval_crop_ratio=1.0,
+        params=dict(
+            train_per_class=200,
+            test_per_class=40,
+            image_size=32,
+            seed=0,
+            noise_std=0.06,
+            min_scale=0.5,
+            by="shape_texture",
+        ),
+        description="50 (shape, texture) classes; the demo's stand-in for ImageNet "
+        "(by: shape gives the 10 shapes as classes, by: texture the 5 textures)",
+    )
+)
+register(
+    DatasetInfo(
+        "fashion_mnist",
+        _fashion_mnist,
+        write_mode="raw",
+        max_resolution=28,
+        crop_scale=(0.7, 1.0),
+        flip=True,
+        eval_crop_ratio=1.0,
+        params=PER_CLASS,
+        default_root=FASHION_MNIST_DEBIAN,
+        description="Zalando's Fashion-MNIST: IDX files (gzip or not) flat under root, as Debian's "
+        "dataset-fashion-mnist installs them (the default root), or torchvision's "
+        "ROOT/FashionMNIST/raw; 28x28 grey as RGB",
+    )
+)
+register(
+    DatasetInfo(
+        "cifar10",
+        _torchvision(_cifar10),
+        max_resolution=32,
+        crop_scale=(0.35, 1.0),
+        eval_crop_ratio=1.0,
+        description="torchvision CIFAR10 (cifar-10-batches-py under root)",
+    )
+)
+register(DatasetInfo("pets", _torchvision(_pets), description="torchvision OxfordIIITPet (oxford-iiit-pet under root)"))
+register(
+    DatasetInfo(
+        "flowers",
+        _torchvision(_flowers),
+        description="torchvision Flowers102 (flowers-102 under root), train+val / test",
+    )
+)
+register(DatasetInfo("cars", _torchvision(_cars), description="torchvision StanfordCars (stanford_cars under root)"))
+register(DatasetInfo("food", _torchvision(_food), description="torchvision Food101 (food-101 under root)"))
+register(
+    DatasetInfo(
+        "imagenet",
+        _image_folder({"train": ("train",), "test": ("val",)}),
+        params=PER_CLASS,
+        description="ImageFolder tree ROOT/train, ROOT/val",
+    )
+)
+register(
+    DatasetInfo(
+        "nico",
+        _image_folder({"train": ("train",), "test": ("test", "val")}),
+        params=PER_CLASS,
+        description="NICO as an ImageFolder tree ROOT/train, ROOT/test",
+    )
+)
+register(
+    DatasetInfo(
+        "folder",
+        _image_folder({"train": ("train",), "test": ("test", "val")}),
+        params=PER_CLASS,
+        description="any ImageFolder tree ROOT/train, ROOT/test (or ROOT/val)",
+    )
+)
 
 SPLITS = ("train", "test")
 
@@ -305,8 +369,12 @@ def resolve_params(name: str, params: dict | None) -> dict:
         raise DatasetError(f"dataset {name!r} takes no parameter {unknown[0]!r} (allowed: {allowed})")
     for key, value in params.items():
         default = info.params[key]
-        if default is None and key.endswith("_per_class") and value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        if (
+            default is None
+            and key.endswith("_per_class")
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int) or value <= 0)
+        ):
             raise DatasetError(f"{key}: must be a positive integer, got {value!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -314,8 +382,9 @@ def resolve_params(name: str, params: dict | None) -> dict:
             if isinstance(default, int) and not isinstance(value, int):
                 raise DatasetError(f"{key}: expected an integer, got {value!r}")
             if key != "seed" and (value < 0 or (isinstance(default, int) and value == 0)):
-                raise DatasetError(f"{key}: must be {'positive' if isinstance(default, int) else '>= 0'}, "
-                                   f"got {value!r}")
+                raise DatasetError(
+                    f"{key}: must be {'positive' if isinstance(default, int) else '>= 0'}, got {value!r}"
+                )
     return {**info.params, **params}
 
 

@@ -14,6 +14,7 @@
 Every image is a pure function of (seed, split, index), so the output is identical
 for the same seed, whatever order or process draws it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 SPLIT_IDS = {"train": 0, "test": 1}
 LETTERS = [chr(ord("A") + i) for i in range(26)]
-SHAPES = ["circle", "square", "triangle", "pentagon", "hexagon",
-          "star", "cross", "ring", "diamond", "crescent"]
+SHAPES = ["circle", "square", "triangle", "pentagon", "hexagon", "star", "cross", "ring", "diamond", "crescent"]
 TEXTURES = ["solid", "stripes", "checker", "dots", "waves"]
 
 
@@ -74,8 +74,9 @@ class Alphabet(GeneratedSplit):
 
     classes = LETTERS
 
-    def __init__(self, split, per_class=1000, image_size=32, seed=0,
-                 max_offset=0.18, noise_std=0.12, font_fraction=0.62):
+    def __init__(
+        self, split, per_class=1000, image_size=32, seed=0, max_offset=0.18, noise_std=0.12, font_fraction=0.62
+    ):
         super().__init__(split, per_class, image_size, seed)
         self.max_offset, self.noise_std, self.font_fraction = max_offset, noise_std, font_fraction
 
@@ -84,8 +85,13 @@ class Alphabet(GeneratedSplit):
         canvas = Image.new("L", (s, s), color=40)
         draw = ImageDraw.Draw(canvas)
         dx, dy = rng.uniform(-self.max_offset, self.max_offset, size=2) * s
-        draw.text((s / 2 + dx, s / 2 + dy), LETTERS[label], fill=230,
-                  font=_font(max(6, round(self.font_fraction * s))), anchor="mm")
+        draw.text(
+            (s / 2 + dx, s / 2 + dy),
+            LETTERS[label],
+            fill=230,
+            font=_font(max(6, round(self.font_fraction * s))),
+            anchor="mm",
+        )
         img = np.asarray(canvas, dtype=np.float32) / 255.0
         img = img + rng.normal(0.0, self.noise_std, size=img.shape)
         img = (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)
@@ -151,14 +157,27 @@ class Shapes(GeneratedSplit):
     random), with ``by="texture"`` the 5 textures (each image's shape drawn at random):
     target tasks close to the source, for Fig. 6's MMD axis."""
 
-    def __init__(self, split, per_class=200, image_size=32, seed=0, noise_std=0.06,
-                 min_scale=0.5, supersample=2, by="shape_texture"):
+    def __init__(
+        self,
+        split,
+        per_class=200,
+        image_size=32,
+        seed=0,
+        noise_std=0.06,
+        min_scale=0.5,
+        supersample=2,
+        by="shape_texture",
+    ):
         super().__init__(split, per_class, image_size, seed)
         if not 0 < min_scale <= 0.5:
-            raise ValueError(f"min_scale must be in (0, 0.5] (objects span min_scale..2*min_scale "
-                             f"of the frame), got {min_scale}")
-        classes = {"shape_texture": [f"{s}_{t}" for s in SHAPES for t in TEXTURES],
-                   "shape": list(SHAPES), "texture": list(TEXTURES)}
+            raise ValueError(
+                f"min_scale must be in (0, 0.5] (objects span min_scale..2*min_scale of the frame), got {min_scale}"
+            )
+        classes = {
+            "shape_texture": [f"{s}_{t}" for s in SHAPES for t in TEXTURES],
+            "shape": list(SHAPES),
+            "texture": list(TEXTURES),
+        }
         if by not in classes:
             raise ValueError(f"by must be one of {', '.join(classes)}, got {by!r}")
         self.noise_std, self.min_scale, self.supersample, self.by = noise_std, min_scale, supersample, by

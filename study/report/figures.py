@@ -17,19 +17,20 @@ from study.report.sources import merged
 
 FIGURES = {
     "fig3": "Figure 3: SVCCA similarity (×100) of the fine-tuned (FT), pre-trained (PT) and "
-            "standard (ST) models, (a) bottom layer (layer1), (b) all four layers.",
+    "standard (ST) models, (a) bottom layer (layer1), (b) all four layers.",
     "fig4": "Figure 4: targeted UAPs of the fine-tuned and the standard model (scaled to [0, 1] to be seen).",
     "fig5": "Figure 5: (a) each model's UAP against snapshots taken along its own training "
-            "(success rate); (b) DR that the pre-trained model's UAP causes on the fine-tuned and the standard model.",
+    "(success rate); (b) DR that the pre-trained model's UAP causes on the fine-tuned and the standard model.",
     "fig6": "Figure 6: MMD² between source and target embeddings of the pre-trained model "
-            "against the fine-tuned model's DR (Table 1's attack).",
+    "against the fine-tuned model's DR (Table 1's attack).",
 }
 PAPER_FINDINGS = {
     "fig3": "Paper: the fine-tuned model is closer to the pre-trained than to the standard model, on the "
-            "bottom layer and on all layers, for most datasets.",
-    "fig4": "Paper: the fine-tuned model's UAP shows no semantics; the standard model's shows the target letter's edges.",
+    "bottom layer and on all layers, for most datasets.",
+    "fig4": "Paper: the fine-tuned model's UAP shows no semantics; the standard model's shows the target "
+    "letter's edges.",
     "fig5": "Paper: (a) the fine-tuned model is fooled by its UAP from the very beginning of training; "
-            "(b) the pre-trained UAP raises the fine-tuned model's DR clearly, the standard model's trivially.",
+    "(b) the pre-trained UAP raises the fine-tuned model's DR clearly, the standard model's trivially.",
     "fig6": "Paper: DR grows with MMD; above MMD 1.0 DR is almost 100 %.",
 }
 
@@ -57,7 +58,6 @@ def _empty(ax, text: str) -> None:
     ax.set_axis_off()
 
 
-
 def figures(df: pd.DataFrame, found: dict, folder) -> dict:
     """Figures 3-6 as PNG files in ``folder``; returns name -> file name. A figure whose
     numbers this run lacks still gets its file, saying what is missing. With several
@@ -66,8 +66,12 @@ def figures(df: pd.DataFrame, found: dict, folder) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     data, spread, _ = merged(found)
     out = {}
-    for name, (draw, file) in {"fig3": (_fig3, "fig3_cca.png"), "fig4": (_fig4, "fig4_uap.png"),
-                               "fig5": (_fig5, "fig5_uap_attacks.png"), "fig6": (_fig6, "fig6_mmd_dr.png")}.items():
+    for name, (draw, file) in {
+        "fig3": (_fig3, "fig3_cca.png"),
+        "fig4": (_fig4, "fig4_uap.png"),
+        "fig5": (_fig5, "fig5_uap_attacks.png"),
+        "fig6": (_fig6, "fig6_mmd_dr.png"),
+    }.items():
         save_png(draw(df, data, spread), folder / file)
         out[name] = file
     return out
@@ -114,8 +118,7 @@ def _fig4(df: pd.DataFrame, data: dict, spread: dict):
             ax.set_axis_off()
         else:
             _empty(ax, "perturbation file missing")
-        ax.set_title(f"{d}, {'fine-tuned' if k == 'full' else 'standard'}\nsuccess {v['success']:.1f} %",
-                     fontsize=8)
+        ax.set_title(f"{d}, {'fine-tuned' if k == 'full' else 'standard'}\nsuccess {v['success']:.1f} %", fontsize=8)
     return fig
 
 
@@ -142,8 +145,14 @@ def _fig5(df: pd.DataFrame, data: dict, spread: dict):
         x = np.arange(len(trans))
         for i, who in enumerate(("fine-tuned", "standard")):
             err = [spread.get(d, {}).get("uap_transfer", {}).get("DR", {}).get(who) or 0.0 for d in trans]
-            b.bar(x + (i - 0.5) * 0.35, [data[d]["uap_transfer"]["DR"].get(who, float("nan")) for d in trans],
-                  0.35, yerr=err, capsize=2, label=who)
+            b.bar(
+                x + (i - 0.5) * 0.35,
+                [data[d]["uap_transfer"]["DR"].get(who, float("nan")) for d in trans],
+                0.35,
+                yerr=err,
+                capsize=2,
+                label=who,
+            )
         b.set_xticks(x, trans)
         b.set_ylabel("DR under the pre-trained UAP (%)")
         b.legend(fontsize=8)

@@ -39,9 +39,23 @@ def build(df: pd.DataFrame, found: dict, folder, title: str = "study", masks: di
     tables = sections(df, placeholders=True) + [analyses_table(found)]
     claim_md = "\n".join(f"- **{c['verdict']}** — {c['claim']} ({c['detail']})" for c in checked)
     fig_md = "\n\n".join(f"![{FIGURES[k]}]({v})\n\n*{FIGURES[k]}* {PAPER_FINDINGS[k]}" for k, v in figs.items())
-    md = "\n\n".join(p for p in [f"# {title}: report", replicates(df), pre,
-                                 "## The paper's claims, checked on this run", claim_md,
-                                 *tables, "## Figures", fig_md] if p) + "\n"
+    md = (
+        "\n\n".join(
+            p
+            for p in [
+                f"# {title}: report",
+                replicates(df),
+                pre,
+                "## The paper's claims, checked on this run",
+                claim_md,
+                *tables,
+                "## Figures",
+                fig_md,
+            ]
+            if p
+        )
+        + "\n"
+    )
     atomic_write_text(folder / "index.md", md)
     atomic_write_text(folder / "index.html", _html(df, title, pre, checked, tables, figs))
     return folder / "index.html"
@@ -53,16 +67,22 @@ def _html(df: pd.DataFrame, title: str, pre: str, checked: list, tables: list, f
         body.append(markdown.markdown(pre))
     body.append("<h2>The paper's claims, checked on this run</h2><ul>")
     for c in checked:
-        body.append(f'<li class="claim"><span class="{c["verdict"]}">{c["verdict"]}</span> — '
-                    f"{html.escape(c['claim'])} <small>({html.escape(c['detail'])})</small></li>")
+        body.append(
+            f'<li class="claim"><span class="{c["verdict"]}">{c["verdict"]}</span> — '
+            f"{html.escape(c['claim'])} <small>({html.escape(c['detail'])})</small></li>"
+        )
     body.append("</ul>")
     body += [markdown.markdown(t, extensions=["tables"]) for t in tables if t]
     body.append("<h2>Figures</h2>")
     for k, v in figs.items():
-        body.append(f'<figure id="{k}"><img src="{v}" alt="{html.escape(FIGURES[k])}">'
-                    f"<figcaption>{html.escape(FIGURES[k])} {html.escape(PAPER_FINDINGS[k])}</figcaption></figure>")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}: report</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
+        body.append(
+            f'<figure id="{k}"><img src="{v}" alt="{html.escape(FIGURES[k])}">'
+            f"<figcaption>{html.escape(FIGURES[k])} {html.escape(PAPER_FINDINGS[k])}</figcaption></figure>"
+        )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}: report</title>"
+        f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
 def from_mlflow(folder, experiment: str | None = None, log=print) -> Path:

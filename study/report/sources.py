@@ -41,7 +41,6 @@ def merged(found: dict) -> tuple[dict, dict, int]:
     return mean, sd, len(reps)
 
 
-
 def read_results(path, job: str = "") -> pd.DataFrame:
     """A ``results.csv``; one written by an earlier version reads as the new one (``setting``
     is ``method``, a missing ``job`` is ``job``, a missing ``chosen`` is ``selected``)."""

@@ -57,11 +57,17 @@ def _basis(rows: pd.DataFrame) -> str:
         return ""
     images = sorted({int(n) for n in rows.images.dropna()}) if "images" in rows else []
     seeds = rows.seed.nunique() if "seed" in rows and rows.seed.notna().any() else 1
-    kind = (f"Student's interval over the seeds (t = {stats.t_factor(seeds):.1f} with {seeds}: the claims' paired "
-            "bootstrap over images and seeds is the sharper test)" if seeds > 1 else "interval over test images")
+    kind = (
+        f"Student's interval over the seeds (t = {stats.t_factor(seeds):.1f} with {seeds}: the claims' paired "
+        "bootstrap over images and seeds is the sharper test)"
+        if seeds > 1
+        else "interval over test images"
+    )
     few = "too few seeds" if seeds > 1 else "too few images"
-    return (f"{'/'.join(map(str, images)) or '?'} test images, {seeds} seed{'s' if seeds > 1 else ''}; "
-            f"± is a 95 % {kind}; † wider than ±{stats.WIDE:g} points: {few}")
+    return (
+        f"{'/'.join(map(str, images)) or '?'} test images, {seeds} seed{'s' if seeds > 1 else ''}; "
+        f"± is a 95 % {kind}; † wider than ±{stats.WIDE:g} points: {few}"
+    )
 
 
 def replicates(df: pd.DataFrame) -> str:
@@ -73,9 +79,11 @@ def replicates(df: pd.DataFrame) -> str:
     seeds = sorted(set(tuned) | set(pre))
     line = f"Replicates: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}."
     if len(tuned) > 1 and len(pre) == 1:
-        line += (f" Stage 1 was trained once, with seed {pre[0]} (pretrain.replicate: false): every seed "
-                 f"fine-tunes the same pre-trained backbones, so the intervals over seeds leave out "
-                 f"pre-training's own variation.")
+        line += (
+            f" Stage 1 was trained once, with seed {pre[0]} (pretrain.replicate: false): every seed "
+            f"fine-tunes the same pre-trained backbones, so the intervals over seeds leave out "
+            f"pre-training's own variation."
+        )
     return line
 
 
@@ -89,8 +97,10 @@ def premise(df: pd.DataFrame) -> str:
     lines = []
     pre = df[(df.method == "pretrain") & (df.attack.isna() | (df.attack == ""))]
     for (dataset, backbone, source), g in pre.groupby(["dataset", "backbone", "source"], sort=False):
-        lines.append(f"- {backbone} pre-trained ({source}) on {dataset}: source AOI {g.AOI.mean():.1f} % "
-                     f"({int(g.images.max()) if g.images.notna().any() else '?'} test images)")
+        lines.append(
+            f"- {backbone} pre-trained ({source}) on {dataset}: source AOI {g.AOI.mean():.1f} % "
+            f"({int(g.images.max()) if g.images.notna().any() else '?'} test images)"
+        )
     if "val_acc_1" in df:
         every = units(df[df.attack == TABLE1_ATTACK])
         for u in every:
@@ -98,16 +108,19 @@ def premise(df: pd.DataFrame) -> str:
             if not all(len(r) and r.val_acc_1.notna().any() for r in first.values()):
                 continue
             ft, st = (float(first[m].val_acc_1.mean()) for m in ("full", "scratch"))
-            verdict = ("pre-training helps" if ft > st else
-                       "**this target does not show that pre-training helps**")
-            lines.append(f"- {label(u, every)}: validation accuracy after one epoch, full fine-tune {ft:.1f} % "
-                         f"vs standard model {st:.1f} % (mean over {len(first['full'])} seed"
-                         f"{'s' if len(first['full']) > 1 else ''}): {verdict}")
+            verdict = "pre-training helps" if ft > st else "**this target does not show that pre-training helps**"
+            lines.append(
+                f"- {label(u, every)}: validation accuracy after one epoch, full fine-tune {ft:.1f} % "
+                f"vs standard model {st:.1f} % (mean over {len(first['full'])} seed"
+                f"{'s' if len(first['full']) > 1 else ''}): {verdict}"
+            )
     if not lines:
         return ""
-    return ("## The premise: pre-training learned its source task and helps the target\n\n"
-            "The paper studies models whose pre-training worked: a backbone that learned its source task, "
-            "and a fine-tune that starts ahead of training from scratch.\n\n" + "\n".join(lines))
+    return (
+        "## The premise: pre-training learned its source task and helps the target\n\n"
+        "The paper studies models whose pre-training worked: a backbone that learned its source task, "
+        "and a fine-tune that starts ahead of training from scratch.\n\n" + "\n".join(lines)
+    )
 
 
 def stage1(df: pd.DataFrame) -> str:
@@ -122,17 +135,18 @@ def stage1(df: pd.DataFrame) -> str:
         cells = [dataset, backbone, str(source), _fmt_ci(clean, "AOI")]
         cells += [_fmt_ci(g[g.attack == a], "AAI") for a in attacks]
         rows.append(cells)
-    return ("## Stage 1: pre-trained backbones on the source task\n\n"
-            f"AOI, and AAI under each attack (the paper publishes none of these); {_basis(pre)}.\n\n"
-            + _md(["source task", "backbone", "pre-training", "AOI"] + [f"AAI {a}" for a in attacks], rows))
+    return (
+        "## Stage 1: pre-trained backbones on the source task\n\n"
+        f"AOI, and AAI under each attack (the paper publishes none of these); {_basis(pre)}.\n\n"
+        + _md(["source task", "backbone", "pre-training", "AOI"] + [f"AAI {a}" for a in attacks], rows)
+    )
 
 
 def _units(df: pd.DataFrame, attacks, methods) -> list[tuple[str, dict]]:
     """(label, unit) of every comparison unit with a model of ``methods`` under ``attacks``."""
     hit = df[df.attack.isin(attacks) & df.method.isin(methods)]
     every = units(df[df.attack.isin(attacks)])
-    return [(label(u, every), u) for u in every
-            if any(len(picks(hit, u, m, a)) for m in methods for a in attacks)]
+    return [(label(u, every), u) for u in every if any(len(picks(hit, u, m, a)) for m in methods for a in attacks)]
 
 
 def _method_rows(df: pd.DataFrame, unit: dict, methods, with_lambda: bool = False) -> tuple[list, list]:
@@ -145,8 +159,11 @@ def _method_rows(df: pd.DataFrame, unit: dict, methods, with_lambda: bool = Fals
             continue
         used.append(r)
         p = paper_for_row(unit["dataset"], method, TABLE1_ATTACK)
-        rows.append([MODEL_NAME[method]] + ([_lams(r)] if with_lambda else [])
-                    + [f"{_fmt_ci(r, m)} ({_fmt(p['paper_' + m])})" for m in ("AOI", "AAI", "DR")])
+        rows.append(
+            [MODEL_NAME[method]]
+            + ([_lams(r)] if with_lambda else [])
+            + [f"{_fmt_ci(r, m)} ({_fmt(p['paper_' + m])})" for m in ("AOI", "AAI", "DR")]
+        )
     return rows, used
 
 
@@ -158,12 +175,12 @@ def table1(df: pd.DataFrame) -> str:
     blocks = []
     for name, unit in _units(df, [TABLE1_ATTACK], [m for m in TABLE1 if m != "full"]):
         rows, used = _method_rows(df, unit, TABLE1)
-        blocks.append(f"**{name}**, ours (paper); {_basis(pd.concat(used))}\n\n"
-                      + _md(["model", "AOI", "AAI", "DR"], rows))
+        blocks.append(
+            f"**{name}**, ours (paper); {_basis(pd.concat(used))}\n\n" + _md(["model", "AOI", "AAI", "DR"], rows)
+        )
     if not blocks:
         return ""
-    return (f"## Table 1: robustness under {TABLE1_ATTACK} (PGD-10, eps 0.5/255)\n\n"
-            + "\n\n".join(blocks))
+    return f"## Table 1: robustness under {TABLE1_ATTACK} (PGD-10, eps 0.5/255)\n\n" + "\n\n".join(blocks)
 
 
 def table2(df: pd.DataFrame) -> str:
@@ -177,11 +194,12 @@ def table2(df: pd.DataFrame) -> str:
             if all(not len(r) for r in picked):
                 continue  # a model this job did not train on this dataset
             used += picked
-            cells = [f"{_fmt_ci(r, 'AAI')} ({_fmt(paper_for_row(unit['dataset'], method, a)['paper_AAI'])})"
-                     for a, r in zip(attacks, picked)]
+            cells = [
+                f"{_fmt_ci(r, 'AAI')} ({_fmt(paper_for_row(unit['dataset'], method, a)['paper_AAI'])})"
+                for a, r in zip(attacks, picked)
+            ]
             rows.append([MODEL_NAME[method]] + cells)
-        blocks.append(f"**{name}**, AAI ours (paper); {_basis(pd.concat(used))}\n\n"
-                      + _md(["model"] + attacks, rows))
+        blocks.append(f"**{name}**, AAI ours (paper); {_basis(pd.concat(used))}\n\n" + _md(["model"] + attacks, rows))
     if not blocks:
         return ""
     return "## Table 2: AAI under the other attack criteria\n\n" + "\n\n".join(blocks)
@@ -203,13 +221,16 @@ def table5(df: pd.DataFrame) -> str:
     blocks = []
     for name, unit in _units(df, [TABLE1_ATTACK], [m for m in shown if m != "full"]):
         rows, used = _method_rows(df, unit, shown, with_lambda=True)
-        blocks.append(f"**{name}**, ours (paper); {_basis(pd.concat(used))}\n\n"
-                      + _md(["method", "λ", "AOI", "AAI", "DR"], rows))
-    return (f"## Table 5: defenses under {TABLE1_ATTACK}\n\n"
-            f"DM's λ is chosen per seed on the validation split: the best validation AAI under {TABLE1_ATTACK} "
-            f"among the λ whose validation accuracy is at most {AOI_MARGIN:g} points below the full "
-            "fine-tune's (every λ's model is in the sweep's table). The paper publishes DM@stage-1&2 at "
-            "λ = 500 only.\n\n" + "\n\n".join(blocks))
+        blocks.append(
+            f"**{name}**, ours (paper); {_basis(pd.concat(used))}\n\n" + _md(["method", "λ", "AOI", "AAI", "DR"], rows)
+        )
+    return (
+        f"## Table 5: defenses under {TABLE1_ATTACK}\n\n"
+        f"DM's λ is chosen per seed on the validation split: the best validation AAI under {TABLE1_ATTACK} "
+        f"among the λ whose validation accuracy is at most {AOI_MARGIN:g} points below the full "
+        "fine-tune's (every λ's model is in the sweep's table). The paper publishes DM@stage-1&2 at "
+        "λ = 500 only.\n\n" + "\n\n".join(blocks)
+    )
 
 
 def trials(df: pd.DataFrame) -> str:
@@ -224,17 +245,52 @@ def trials(df: pd.DataFrame) -> str:
         aai = hit.AAI.iloc[0] if len(hit) else None
         seed = r.seed if "seed" in r and pd.notna(r.seed) else ""
         mark = "" if not r.selected else "✓ λ chosen" if pd.notna(r.lam) and r.get("chosen", False) else "✓"
-        rows.append([r.dataset, r.backbone, MODEL_NAME.get(r.method, r.method), str(seed),
-                     "" if pd.isna(r.lam) else f"{r.lam:g}", f"{r.lr_f:g}", f"{r.lr_g:g}", str(r.optimizer),
-                     _fmt(r.get("val_acc_1")), _fmt(r.val_acc), _fmt(r.get("val_AAI")), _fmt(r.get("f_l1")),
-                     _fmt(r.AOI), _fmt(aai), mark])
-    return ("## Stage 2 sweep: every trial\n\nModel selection: best validation accuracy per dataset, "
-            "backbone, method, λ and seed (✓); for DM, the λ chosen on validation (✓ λ chosen). The test "
-            "split is never used to choose. ‖f(x)‖₁: the mean L1 norm of the features on the validation "
-            "images (DM's LL falls if f shrinks while g grows, g∘f unchanged: compare it with the full "
-            "fine-tune's).\n\n"
-            + _md(["dataset", "backbone", "method", "seed", "λ", "lr_f", "lr_g", "optimizer", "val acc (epoch 1)",
-                   "val acc", "val AAI", "‖f(x)‖₁", "AOI", f"AAI {TABLE1_ATTACK}", "selected"], rows))
+        rows.append(
+            [
+                r.dataset,
+                r.backbone,
+                MODEL_NAME.get(r.method, r.method),
+                str(seed),
+                "" if pd.isna(r.lam) else f"{r.lam:g}",
+                f"{r.lr_f:g}",
+                f"{r.lr_g:g}",
+                str(r.optimizer),
+                _fmt(r.get("val_acc_1")),
+                _fmt(r.val_acc),
+                _fmt(r.get("val_AAI")),
+                _fmt(r.get("f_l1")),
+                _fmt(r.AOI),
+                _fmt(aai),
+                mark,
+            ]
+        )
+    return (
+        "## Stage 2 sweep: every trial\n\nModel selection: best validation accuracy per dataset, "
+        "backbone, method, λ and seed (✓); for DM, the λ chosen on validation (✓ λ chosen). The test "
+        "split is never used to choose. ‖f(x)‖₁: the mean L1 norm of the features on the validation "
+        "images (DM's LL falls if f shrinks while g grows, g∘f unchanged: compare it with the full "
+        "fine-tune's).\n\n"
+        + _md(
+            [
+                "dataset",
+                "backbone",
+                "method",
+                "seed",
+                "λ",
+                "lr_f",
+                "lr_g",
+                "optimizer",
+                "val acc (epoch 1)",
+                "val acc",
+                "val AAI",
+                "‖f(x)‖₁",
+                "AOI",
+                f"AAI {TABLE1_ATTACK}",
+                "selected",
+            ],
+            rows,
+        )
+    )
 
 
 def _full_by(df: pd.DataFrame, keys: tuple) -> dict:
@@ -253,8 +309,9 @@ def table3(df: pd.DataFrame) -> str:
     """Table 3: the full fine-tune of each ResNet, averaged over the target datasets
     (the paper: over its seven); one row per job, backbone and source data. Other
     architectures have a table of their own (``architectures``)."""
-    groups = {k: v for k, v in _full_by(df, ("job", "backbone", "source_data")).items()
-              if family(k[1]).name == "resnet"}
+    groups = {
+        k: v for k, v in _full_by(df, ("job", "backbone", "source_data")).items() if family(k[1]).name == "resnet"
+    }
     if not groups:  # one backbone is still a row to set beside the paper's
         return ""
     jobs = len({j for j, _, _ in groups}) > 1
@@ -262,10 +319,14 @@ def table3(df: pd.DataFrame) -> str:
     for (job, backbone, src), members in groups.items():
         means = {k: float(np.mean([r[k].astype(float).mean() for _, r in members])) for k in ("AOI", "AAI", "DR")}
         p = {k: paper_value("table3", f"full_finetune:{backbone}", k, "mean7") for k in ("AOI", "AAI", "DR")}
-        rows.append(([job] if jobs else []) + [backbone, src or "–", str(len(members))]
-                    + [f"{_fmt(means[k])} ({_fmt(p[k])})" for k in ("AOI", "AAI", "DR")])
-    return (f"## Table 3: backbones (full fine-tune, {TABLE1_ATTACK}, mean over target datasets)\n\n"
-            + _md((["job"] if jobs else []) + ["backbone", "pre-trained on", "datasets", "AOI", "AAI", "DR"], rows))
+        rows.append(
+            ([job] if jobs else [])
+            + [backbone, src or "–", str(len(members))]
+            + [f"{_fmt(means[k])} ({_fmt(p[k])})" for k in ("AOI", "AAI", "DR")]
+        )
+    return f"## Table 3: backbones (full fine-tune, {TABLE1_ATTACK}, mean over target datasets)\n\n" + _md(
+        (["job"] if jobs else []) + ["backbone", "pre-trained on", "datasets", "AOI", "AAI", "DR"], rows
+    )
 
 
 def architectures(df: pd.DataFrame) -> str:
@@ -285,15 +346,19 @@ def architectures(df: pd.DataFrame) -> str:
     out = []
     for (job, backbone, src, method), by_ds in groups.items():
         means = {k: float(np.mean([r[k].astype(float).mean() for r in by_ds.values()])) for k in ("AOI", "AAI", "DR")}
-        p = {k: paper_value("table3", f"full_finetune:{backbone}", k, "mean7") if method == "full" else None
-             for k in ("AOI", "AAI", "DR")}
-        out.append([job, family(backbone).name, backbone, method, src or "–", str(len(by_ds))]
-                   + [f"{_fmt(means[k])} ({_fmt(p[k])})" for k in ("AOI", "AAI", "DR")])
-    return (f"## Architectures (Table 1's protocol by backbone, {TABLE1_ATTACK}, mean over target datasets; "
-            f"the paper's ResNet numbers in brackets)\n\n"
-            + _md(["job", "family", "backbone", "method", "pre-trained on", "datasets", "AOI", "AAI", "DR"], out))
-
-
+        p = {
+            k: paper_value("table3", f"full_finetune:{backbone}", k, "mean7") if method == "full" else None
+            for k in ("AOI", "AAI", "DR")
+        }
+        out.append(
+            [job, family(backbone).name, backbone, method, src or "–", str(len(by_ds))]
+            + [f"{_fmt(means[k])} ({_fmt(p[k])})" for k in ("AOI", "AAI", "DR")]
+        )
+    return (
+        f"## Architectures (Table 1's protocol by backbone, {TABLE1_ATTACK}, mean over target datasets; "
+        f"the paper's ResNet numbers in brackets)\n\n"
+        + _md(["job", "family", "backbone", "method", "pre-trained on", "datasets", "AOI", "AAI", "DR"], out)
+    )
 
 
 def table4(df: pd.DataFrame) -> str:
@@ -306,10 +371,14 @@ def table4(df: pd.DataFrame) -> str:
     rows = []
     for (job, backbone, src, dataset), [(_, r)] in groups.items():
         p = {k: paper_value("table4", f"source:{SOURCE_ALIAS.get(str(src), src)}", k, dataset) for k in ("AOI", "AAI")}
-        rows.append(([job] if jobs else []) + [src or "–", backbone, dataset]
-                    + [f"{_fmt_ci(r, k)} ({_fmt(p[k])})" for k in ("AOI", "AAI")])
-    return (f"## Table 4: source data (full fine-tune, {TABLE1_ATTACK})\n\n"
-            + _md((["job"] if jobs else []) + ["pre-trained on", "backbone", "target", "AOI", "AAI"], rows))
+        rows.append(
+            ([job] if jobs else [])
+            + [src or "–", backbone, dataset]
+            + [f"{_fmt_ci(r, k)} ({_fmt(p[k])})" for k in ("AOI", "AAI")]
+        )
+    return f"## Table 4: source data (full fine-tune, {TABLE1_ATTACK})\n\n" + _md(
+        (["job"] if jobs else []) + ["pre-trained on", "backbone", "target", "AOI", "AAI"], rows
+    )
 
 
 def analyses_table(found: dict) -> str:
@@ -319,25 +388,61 @@ def analyses_table(found: dict) -> str:
     rows = []
     for d, v in data.items():
         cca = v.get("cca", {})
-        cell = lambda pair, part: _fmt(100 * cca[pair][part]) if pair in cca else "–"  # noqa: E731
+        cell = lambda pair, part, cca=cca: _fmt(100 * cca[pair][part]) if pair in cca else "–"  # noqa: E731
         uap = v.get("uap", {})
         tr = v.get("uap_transfer", {}).get("DR", {})
         ll = v.get("ll", {})
-        rows.append([d, cell("fine-tuned|pre-trained", "bottom"), cell("fine-tuned|standard", "bottom"),
-                     cell("pre-trained|standard", "bottom"), cell("chance", "bottom"), cell("fine-tuned|pre-trained", "all"),
-                     cell("fine-tuned|standard", "all"), cell("pre-trained|standard", "all"), cell("chance", "all"),
-                     _fmt(uap.get("full", {}).get("success")), _fmt(uap.get("scratch", {}).get("success")),
-                     _fmt(tr.get("fine-tuned")), _fmt(tr.get("standard")),
-                     "–" if "mmd" not in v else f"{v['mmd']['mmd2']:.4f}",
-                     _fmt(ll.get("pre-trained")), _fmt(ll.get("standard")), _fmt(ll.get("fine-tuned"))])
-    return ("## Analyses (Section 4)\n\nSVCCA ×100 (bottom layer | all layers; chance: the same rows of two "
-            "unrelated representations, one side's rows shuffled: a similarity near it means nothing), UAP "
-            "success rates (%), DR under the pre-trained model's UAP, MMD² of source and target embeddings, "
-            "LL (Eq. 4) of f"
-            + (f"; means over {seeds} seeds (the figures show their spread)" if seeds > 1 else "") + ".\n\n"
-            + _md(["dataset", "FT/PT bottom", "FT/ST bottom", "PT/ST bottom", "chance bottom", "FT/PT all",
-                   "FT/ST all", "PT/ST all", "chance all", "UAP success FT", "UAP success ST", "pre-trained UAP: DR FT",
-                   "pre-trained UAP: DR ST", "MMD²", "LL PT", "LL ST", "LL FT"], rows))
+        rows.append(
+            [
+                d,
+                cell("fine-tuned|pre-trained", "bottom"),
+                cell("fine-tuned|standard", "bottom"),
+                cell("pre-trained|standard", "bottom"),
+                cell("chance", "bottom"),
+                cell("fine-tuned|pre-trained", "all"),
+                cell("fine-tuned|standard", "all"),
+                cell("pre-trained|standard", "all"),
+                cell("chance", "all"),
+                _fmt(uap.get("full", {}).get("success")),
+                _fmt(uap.get("scratch", {}).get("success")),
+                _fmt(tr.get("fine-tuned")),
+                _fmt(tr.get("standard")),
+                "–" if "mmd" not in v else f"{v['mmd']['mmd2']:.4f}",
+                _fmt(ll.get("pre-trained")),
+                _fmt(ll.get("standard")),
+                _fmt(ll.get("fine-tuned")),
+            ]
+        )
+    return (
+        "## Analyses (Section 4)\n\nSVCCA ×100 (bottom layer | all layers; chance: the same rows of two "
+        "unrelated representations, one side's rows shuffled: a similarity near it means nothing), UAP "
+        "success rates (%), DR under the pre-trained model's UAP, MMD² of source and target embeddings, "
+        "LL (Eq. 4) of f"
+        + (f"; means over {seeds} seeds (the figures show their spread)" if seeds > 1 else "")
+        + ".\n\n"
+        + _md(
+            [
+                "dataset",
+                "FT/PT bottom",
+                "FT/ST bottom",
+                "PT/ST bottom",
+                "chance bottom",
+                "FT/PT all",
+                "FT/ST all",
+                "PT/ST all",
+                "chance all",
+                "UAP success FT",
+                "UAP success ST",
+                "pre-trained UAP: DR FT",
+                "pre-trained UAP: DR ST",
+                "MMD²",
+                "LL PT",
+                "LL ST",
+                "LL FT",
+            ],
+            rows,
+        )
+    )
 
 
 # name, table, its heading where the run has nothing for it (None: the section is left out)

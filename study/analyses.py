@@ -10,8 +10,10 @@
   Fig. 5a attacks the snapshots kept along a model's fine-tuning with that model's UAP;
   Fig. 5b attacks the fine-tuned and the standard model with the pre-trained model's UAP
   (made on the source task) and reports the DR it causes.
-- **MMD** (Fig. 6): unbiased RBF-kernel MMD^2 with the median-heuristic bandwidth between
-  the pre-trained model's embeddings of source and target test images.
+- **MMD** (Fig. 6): unbiased RBF-kernel MMD^2 between the pre-trained model's embeddings
+  of source and target test images, on one scale for every target: the bandwidth is the
+  median heuristic over the source embeddings alone (recorded as ``bandwidth``), so the
+  targets' MMDs are comparable (a bandwidth per pair would measure each with another kernel).
 - **LL** (Eq. 4): the local Lipschitz steepness of f (``study.attacks.local_lipschitz``)
   for the pre-trained (source) and the standard (target-trained) feature extractors.
 
@@ -83,6 +85,14 @@ def layer_rows(act: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Ten
 
 
 # -- MMD -------------------------------------------------------------------------------
+
+
+def median_bandwidth(x: torch.Tensor) -> float:
+    """The median heuristic: s with s^2 half the median squared distance between samples."""
+    x = x.double().flatten(1)
+    d2 = torch.cdist(x, x).pow(2)
+    off = d2[~torch.eye(len(x), dtype=torch.bool)]
+    return float(float(off.median()) / 2 or 1.0) ** 0.5
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> float:
@@ -374,7 +384,8 @@ class Analyst:
         with torch.no_grad():
             es = torch.cat([m.f(x) for x, _ in self.batches(source_key, "test", self.spec.mmd.images)])
             et = torch.cat([m.f(x) for x, _ in self.batches(key, "test", self.spec.mmd.images)])
-        return {"mmd2": mmd2(es, et), "images": [len(es), len(et)]}
+        s = median_bandwidth(es)  # the source's: the same for every target of this model
+        return {"mmd2": mmd2(es, et, bandwidth=s), "bandwidth": s, "images": [len(es), len(et)]}
 
     def _ll(self, key: str, models: dict) -> dict:
         spec = self.spec.ll
@@ -554,15 +565,28 @@ def run(job, per_seed: dict, log=print) -> dict:
             for r in done
         ],
     }
-    for r in sorted(done, key=lambda r: tasks.index(r["task"])):
-        t = r["task"]
-        slot = out["seeds"][str(t["seed"])]["datasets"].setdefault(t["dataset"], {})  # the job's key, as in results
-        if t["kind"] == "uap":
-            slot.setdefault("uap", {})[t["model"]] = r["result"]
-        else:
-            slot[t["kind"]] = r["result"]
+    _place(cfg, out, tasks, done)
     atomic_write_text(path, json.dumps(out, indent=2))
     return out
+
+
+def _place(cfg, out: dict, tasks: list, done: list) -> None:
+    """Each finished task's result into ``out``'s seed and dataset (the job's key, as in
+    results), in the tasks' order."""
+    for r in sorted(done, key=lambda r: tasks.index(r["task"])):
+        t = r["task"]
+        slot = out["seeds"][str(t["seed"])]["datasets"].setdefault(t["dataset"], {})
+        if t["kind"] == "uap":
+            slot.setdefault("uap", {})[t["model"]] = r["result"]
+        elif t["kind"] == "mmd":  # whose DR it goes with: this job's first fine-tuning backbone's
+            slot["mmd"] = {
+                **r["result"],
+                "job": cfg.name,
+                "backbone": cfg.finetune_backbones()[0],
+                "dataset": t["dataset"],
+            }
+        else:
+            slot[t["kind"]] = r["result"]
 
 
 def metrics(result: dict) -> dict:

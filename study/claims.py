@@ -3,7 +3,8 @@
 Each claim is an effect written so that the paper's direction is positive (e.g.
 DR(full fine-tune) − DR(standard model)), computed per *unit* on the models that
 model selection chose, with a 95 % interval from a paired bootstrap over the same test
-images, combined over the seeds (``study.stats.paired_effect``). A unit is one job's
+images, combined over the seeds so that it covers the spread between training runs too
+(``study.stats.paired_effect``; one seed covers the test images only, and says so). A unit is one job's
 target dataset with one backbone and one source data (``units``): a comparison never
 mixes two of them, also in a report merged from several jobs. A unit's verdict is
 **agree** when the interval excludes zero in the paper's direction, **disagree** when it
@@ -92,7 +93,7 @@ def _arrays(entry: dict) -> tuple[np.ndarray, np.ndarray]:
     return stats.mask(entry["correct"]), stats.mask(entry["robust"])
 
 
-def _replicates(df: pd.DataFrame, masks: dict, unit: dict, methods: dict) -> list[dict]:
+def replicates_of(df: pd.DataFrame, masks: dict, unit: dict, methods: dict) -> list[dict]:
     """Per seed that has every model of ``methods`` (name -> method) in ``unit``: name ->
     (correct, robust) under Table 1's attack, cut to the images all of them share."""
     out = []
@@ -124,7 +125,9 @@ def _tally(per_dataset: list[dict], most: bool) -> str:
 
 
 def _judge(claim: str, per_dataset: list[dict], missing: str, most: bool = False) -> dict:
-    """A claim's line from its units' effects (a unit that has a verdict keeps it)."""
+    """A claim's line from its units' effects (a unit that has a verdict keeps it).
+    ``covers`` says what its intervals cover: test images and training runs, or, where a
+    unit rests on one training run, test images only."""
     if not per_dataset:
         return {"claim": claim, "verdict": "inconclusive", "detail": missing, "datasets": []}
     for d in per_dataset:
@@ -132,16 +135,34 @@ def _judge(claim: str, per_dataset: list[dict], missing: str, most: bool = False
     verdict = _tally(per_dataset, most)
     detail = "; ".join(
         f"{d['dataset']}: {d['what']} {d['effect']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
-        f"{d.get('also', '')} ({d['images']} images, {d['seeds']} seed{'s' if d['seeds'] > 1 else ''}) "
-        f"{d['verdict']}"
+        f"{d.get('also', '')} ({d['images']} images, {_runs(d['seeds'])}) {d['verdict']}"
         for d in per_dataset
     )
     n = len(per_dataset)
     tally = f"agree on {sum(d['verdict'] == 'agree' for d in per_dataset)} of {n} dataset{'s' if n > 1 else ''}"
-    return {"claim": claim, "verdict": verdict, "detail": f"{tally}: {detail}", "datasets": per_dataset}
+    one = any(d.get("covers") == stats.COVERS_IMAGES for d in per_dataset)
+    return {
+        "claim": claim,
+        "verdict": verdict,
+        "covers": stats.COVERS_IMAGES if one else stats.COVERS_RUNS,
+        "detail": f"{tally}: {detail}",
+        "datasets": per_dataset,
+    }
 
 
-def _dr_gap(a: str, b: str):
+def _runs(seeds: int) -> str:
+    if seeds == 1:
+        return "one training run: the interval covers test images only"
+    return f"{seeds} seeds: the interval covers test images and training runs"
+
+
+def qualifier(claim: dict) -> str:
+    """What to say beside a verdict: '' or 'one training run' (its intervals cover the
+    test images only, not the spread between training runs)."""
+    return "one training run" if claim.get("covers") == stats.COVERS_IMAGES else ""
+
+
+def dr_gap(a: str, b: str):
     def effect(models, idx):
         (ca, ra), (cb, rb) = models[a], models[b]
         return stats.dr(ca[idx], ra[idx]) - stats.dr(cb[idx], rb[idx])
@@ -153,13 +174,33 @@ def _unit_fields(unit: dict, every: list[dict]) -> dict:
     return {"dataset": label(unit, every), **{f"unit_{k}": unit[k] for k in UNIT}}
 
 
-def _dr_claim(df, masks, every, claim, a, b, what, missing) -> dict:
-    """DR of method ``a`` minus DR of method ``b``, per unit."""
-    per = []
+def _models(df: pd.DataFrame, unit: dict, methods) -> frozenset:
+    """The stage keys of the models that stand for ``methods`` in ``unit``, over the seeds."""
+    return frozenset(s for m in methods for s in picks(df, unit, m, TABLE1_ATTACK).stage)
+
+
+def once(df: pd.DataFrame, every: list[dict], methods) -> list[dict]:
+    """The units whose models no earlier unit compared: jobs that share an OUT share the
+    models they have in common (the same stage key), and a model counts once in a tally."""
+    if "stage" not in df:
+        return every
+    seen, out = set(), []
     for unit in every:
-        reps = _replicates(df, masks, unit, {a: a, b: b})
+        models = _models(df, unit, methods)
+        if models and models in seen:
+            continue
+        seen.add(models)
+        out.append(unit)
+    return out
+
+
+def _dr_claim(df, masks, every, claim, a, b, what, missing) -> dict:
+    """DR of method ``a`` minus DR of method ``b``, per unit (each pair of models once)."""
+    per = []
+    for unit in once(df, every, (a, b)):
+        reps = replicates_of(df, masks, unit, {a: a, b: b})
         if reps:
-            per.append({**_unit_fields(unit, every), "what": what, **stats.paired_effect(reps, _dr_gap(a, b))})
+            per.append({**_unit_fields(unit, every), "what": what, **stats.paired_effect(reps, dr_gap(a, b))})
     return _judge(claim, per, missing)
 
 
@@ -174,7 +215,7 @@ def _uap_claim(found: dict) -> dict:
                 n = min(len(cf), len(cs))
                 per_dataset.setdefault(d, []).append({"ft": (cf[:n], rf[:n]), "st": (cs[:n], rs[:n])})
     per = [
-        {"dataset": d, "what": "DR under it, fine-tuned − standard", **stats.paired_effect(reps, _dr_gap("ft", "st"))}
+        {"dataset": d, "what": "DR under it, fine-tuned − standard", **stats.paired_effect(reps, dr_gap("ft", "st"))}
         for d, reps in per_dataset.items()
     ]
     return _judge(
@@ -184,21 +225,36 @@ def _uap_claim(found: dict) -> dict:
     )
 
 
-def _mmd_claim(df: pd.DataFrame, found: dict, every: list[dict]) -> dict:
-    """Spearman's ρ of MMD² against the full fine-tune's DR over the target datasets of
-    one job, backbone and source data (the group with the most of them)."""
-    claim = "DR grows with the MMD between source and target."
+def mmd_by_unit(found: dict) -> dict:
+    """(job, backbone, dataset) -> the MMD² of each seed; an entry written before MMD named
+    its job and backbone has '' for both."""
     mmd: dict = {}
     for rep in by_seed(found).values():
         for d, v in rep.get("datasets", {}).items():
             if "mmd" in v:
-                mmd.setdefault(d, []).append(v["mmd"]["mmd2"])
+                m = v["mmd"]
+                mmd.setdefault((m.get("job", ""), m.get("backbone", ""), m.get("dataset", d)), []).append(m["mmd2"])
+    return mmd
+
+
+def mmd_for(mmd: dict, unit: dict) -> list:
+    """A unit's MMD² per seed: matched by job, backbone and dataset (by dataset alone for
+    entries that do not name them)."""
+    return mmd.get((unit["job"], unit["backbone"], unit["dataset"])) or mmd.get(("", "", unit["dataset"])) or []
+
+
+def _mmd_claim(df: pd.DataFrame, found: dict, every: list[dict]) -> dict:
+    """Spearman's ρ of MMD² against the full fine-tune's DR over the target datasets of
+    one job, backbone and source data (the group with the most of them)."""
+    claim = "DR grows with the MMD between source and target."
+    mmd = mmd_by_unit(found)
     groups: dict = {}
     for unit in every:
-        rows = picks(df, unit, "full", TABLE1_ATTACK) if unit["dataset"] in mmd else []
+        got = mmd_for(mmd, unit)
+        rows = picks(df, unit, "full", TABLE1_ATTACK) if got else []
         if len(rows) and rows.DR.notna().any():
             groups.setdefault((unit["job"], unit["backbone"], unit["source_data"]), []).append(
-                (unit["dataset"], float(np.mean(mmd[unit["dataset"]])), float(rows.DR.mean()))
+                (unit["dataset"], float(np.mean(got)), float(rows.DR.mean()))
             )
     pts = max(groups.values(), key=len, default=[])
     listing = ", ".join(f"{d} MMD² {m:.3f} DR {r:.1f}" for d, m, r in sorted(pts, key=lambda p: p[1]))
@@ -240,7 +296,7 @@ def _dm_unit(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict]) -> di
     if not rivals or not len(picks(df, unit, "dm_stage12", TABLE1_ATTACK)):
         return None
     with_full = {"full": "full"} if len(picks(df, unit, "full", TABLE1_ATTACK)) else {}
-    reps = _replicates(df, masks, unit, {"dm": "dm_stage12", **with_full, **{m: m for m in rivals}})
+    reps = replicates_of(df, masks, unit, {"dm": "dm_stage12", **with_full, **{m: m for m in rivals}})
     if not reps:
         return None
 
@@ -277,7 +333,8 @@ def _dm_unit(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict]) -> di
 
 
 def _dm_claim(df: pd.DataFrame, masks: dict, every: list[dict]) -> dict:
-    per = [d for d in (_dm_unit(df, masks, u, every) for u in every) if d is not None]
+    shown = ("dm_stage12", "full", *DEFENSES)
+    per = [d for d in (_dm_unit(df, masks, u, every) for u in once(df, every, shown)) if d is not None]
     return _judge(
         "DM@stage-1&2 gives a better AAI and DR than the other defenses, keeping the full fine-tune's "
         "AOI, on most datasets.",
@@ -287,32 +344,32 @@ def _dm_claim(df: pd.DataFrame, masks: dict, every: list[dict]) -> dict:
     )
 
 
+# claims 1 and 2: (claim, method a, method b, what the effect is, what a run without them lacks)
+DR_CLAIMS = [
+    (
+        "Fine-tuned models have a higher DR than standard ones.",
+        "full",
+        "scratch",
+        "DR full − standard",
+        "no full fine-tune and standard model with per-image results under " + TABLE1_ATTACK,
+    ),
+    (
+        "Partial fine-tuning is worse (higher DR) than full fine-tuning.",
+        "partial",
+        "full",
+        "DR partial − full",
+        "no partial and full fine-tune with per-image results under " + TABLE1_ATTACK,
+    ),
+]
+
+
 def judge(df: pd.DataFrame, found: dict, masks: dict) -> list[dict]:
     """The five claims on this run's results, analyses and per-image masks (stage ->
     attack -> {correct, robust}, results.per_image)."""
     every = units(df[df.attack == TABLE1_ATTACK]) if len(df) else []
     masks = masks or {}
     return [
-        _dr_claim(
-            df,
-            masks,
-            every,
-            "Fine-tuned models have a higher DR than standard ones.",
-            "full",
-            "scratch",
-            "DR full − standard",
-            "no full fine-tune and standard model with per-image results under " + TABLE1_ATTACK,
-        ),
-        _dr_claim(
-            df,
-            masks,
-            every,
-            "Partial fine-tuning is worse (higher DR) than full fine-tuning.",
-            "partial",
-            "full",
-            "DR partial − full",
-            "no partial and full fine-tune with per-image results under " + TABLE1_ATTACK,
-        ),
+        *(_dr_claim(df, masks, every, *spec) for spec in DR_CLAIMS),
         _uap_claim(found),
         _mmd_claim(df, found, every),
         _dm_claim(df, masks, every),

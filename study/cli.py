@@ -104,6 +104,12 @@ def cmd_plan(args) -> int:
         raise config.ConfigError(str(err)) from None
     print(plan.render(cfg, plan.estimate(cfg, table)))
     print(f"costs: {costs}")
+    if args.evidence is not None:
+        try:
+            found = plan.evidence(cfg, table, args.evidence)
+        except ValueError as err:
+            raise config.ConfigError(str(err)) from None
+        print("\n".join(found))
     return 0
 
 
@@ -199,35 +205,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="study", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("run", help="run a job file")
-    r.add_argument("job", type=Path)
-    r.add_argument("--out", type=Path, help="output folder (default runs/<job name>)")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    d = sub.add_parser(
-        "demo",
-        help="the whole study on one laptop: Fashion-MNIST as the source, alphabet and two generated targets "
-        "(jobs/demo.yaml)",
-    )
-    d.add_argument("--out", type=Path, default=Path("runs/demo"))
-    d.add_argument("--quiet", action="store_true")
-
-    data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
-    dp = data.add_parser("prepare", help="write a dataset's splits as FFCV .beton files")
-    dp.add_argument("name")
-    dp.add_argument("--out", required=True)
-    dp.add_argument("--root", help="where a real dataset lies on disk")
-    dp.add_argument("--param", action="append", default=[], help="generator parameter KEY=VALUE")
-    dp.add_argument("--workers", type=int, default=2)
-
-    u = sub.add_parser("ui", help="serve the MLflow UI on a job's store")
-    u.add_argument("--out", type=Path, default=Path("runs/demo"))
-    u.add_argument("--port", type=int, default=5000)
-
+def _weights_parser(sub) -> None:
+    """`study weights list|fetch|verify`."""
     w = sub.add_parser("weights", help="pre-trained weights by name: the catalog, fetching, checking")
     ws = w.add_subparsers(dest="weights_command", required=True)
     wl = ws.add_parser("list", help="the catalog (Salman et al.'s robust models) and torchvision's weights")
@@ -258,9 +237,48 @@ def build_parser() -> argparse.ArgumentParser:
     wv.add_argument("--resolution", type=int, default=224)
     wv.add_argument("--batch-size", type=int, default=50)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="study", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a job file")
+    r.add_argument("job", type=Path)
+    r.add_argument("--out", type=Path, help="output folder (default runs/<job name>)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    d = sub.add_parser(
+        "demo",
+        help="the whole study on one laptop: Fashion-MNIST as the source, alphabet and two generated targets "
+        "(jobs/demo.yaml)",
+    )
+    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--quiet", action="store_true")
+
+    data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
+    dp = data.add_parser("prepare", help="write a dataset's splits as FFCV .beton files")
+    dp.add_argument("name")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--root", help="where a real dataset lies on disk")
+    dp.add_argument("--param", action="append", default=[], help="generator parameter KEY=VALUE")
+    dp.add_argument("--workers", type=int, default=2)
+
+    u = sub.add_parser("ui", help="serve the MLflow UI on a job's store")
+    u.add_argument("--out", type=Path, default=Path("runs/demo"))
+    u.add_argument("--port", type=int, default=5000)
+
+    _weights_parser(sub)
+
     pl = sub.add_parser("plan", help="trials, stages and a GPU-hour estimate, without starting anything")
     pl.add_argument("job", type=Path)
     pl.add_argument("--costs", type=Path, help="per-image costs file (default: the job's limits.costs)")
+    pl.add_argument(
+        "--evidence",
+        type=Path,
+        metavar="OUT",
+        help="a pilot run's folder: the seeds and test images each claim needs for an 80 %% chance of a "
+        "conclusive verdict at the pilot's effect, and what that costs",
+    )
     pl.add_argument(
         "--no-measure",
         action="store_true",

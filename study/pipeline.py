@@ -18,11 +18,13 @@ OUT layout::
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import yaml
 
 from study import analyses, distributed, locks, objectives, results, sweep, tracking
+from study.claims import judge, qualifier
 from study.config import JobConfig
 from study.data.beton import prepare
 from study.files import atomic_write_text
@@ -133,36 +135,70 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
             distributed.release_ray()  # a local Ray this run started ends with it, however it ends
 
 
+class _Clock:
+    """Where a run's time went, phase by phase: said in one line at its end, so anyone can
+    see what their machine spent."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+        self.start = self.last = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.spent[phase] = self.spent.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def line(self) -> str:
+        parts = ", ".join(f"{k} {_duration(v)}" for k, v in self.spent.items())
+        return f"time: {parts}; total {_duration(time.monotonic() - self.start)}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
 def _run(job: Job):
     cfg, out, device, progress = job.cfg, job.out, job.device, job.progress
+    clock = _Clock()
     fetch_weights(job)  # downloads; a pin that does not match stops here, before anything is written
     atomic_write_text(out / "job.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
     _warn_cpu_driver(cfg, device)
     prepare_data(job)
+    clock.lap("data")
     with tracking.tracking(out, quiet=not progress):
         with tracking.parent_run(out, cfg.name, cfg.hash()) as parent:
             tracking.log_yaml(cfg.resolved(), "job.yaml")
             if not parent.data.params:
                 tracking.log_params(cfg.resolved())
             table = _Table(job)
+            clock.lap("MLflow")
             sources = _stage1(job, table)
+            clock.lap("stage 1")
             if cfg.finetune is not None:
                 _stage2(job, table, sources, parent)
+                clock.lap("sweep")
             results.select(table.rows)
             found = {}
             if cfg.finetune is not None and cfg.analyses.enabled:
                 found = analyses.run_replicates(job, table.rows, table.stages, sources, log=log)
+                clock.lap("analyses")
             distributed.release_ray()
+            df = results.frame(table.rows)
+            checked = judge(df, found, table.masks)
+            for c in checked:
+                log(f"claim: {c['verdict']}{f' ({q})' if (q := qualifier(c)) else ''}: {c['claim']}")
             df, md = results.write(
-                table.rows, out, title=f"{cfg.name}: results", sanity=table.sanity, masks=table.masks
+                table.rows, out, title=f"{cfg.name}: results", sanity=table.sanity, masks=table.masks, checked=checked
             )
             for name in ("results.csv", "results.md", "sanity.csv", "per_image.json"):
                 tracking.log_artifact(out / name)
             if found:
                 tracking.log_metrics(analyses.metrics(found))
                 tracking.log_artifacts(out / "analyses", "analyses")
-            page = report_page.build(df, found, out / "report", title=cfg.name, masks=table.masks)
+            page = report_page.build(df, found, out / "report", title=cfg.name, masks=table.masks, checked=checked)
             tracking.log_artifact(out / "report" / "claims.json")
             tracking.log_artifacts(out / "report", "report")
             log(f"report: {page}")
+            clock.lap("results and report")
+            log(clock.line())
     return df, md

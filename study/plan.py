@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from study import sweep, weights
 from study.attacks import parse_attack
-from study.config import JobConfig
+from study.config import JobConfig, parse
 from study.data.registry import build_split, get_info, resolve_params
 from study.engine import autocast
 from study.fastcopy import inference_copy
@@ -344,3 +344,40 @@ def render(cfg: JobConfig, est: dict) -> str:
             + (f"; at most {lim.gpus:g} GPUs at once" if lim.gpus is not None else "")
         )
     return "\n".join(lines)
+
+
+def evidence(cfg: JobConfig, costs: dict, out: Path) -> list[str]:
+    """``study plan JOB --evidence OUT``: from the pilot in OUT (its results.csv and
+    per_image.json), per claim and unit the seeds and test images at which the interval
+    excludes zero at the pilot's effect with 80 % probability (``study.evidence``), and the
+    device-hours of this job at those counts."""
+    from study import evidence as ev
+    from study.report.sources import read_results
+
+    out = Path(out)
+    missing = [f for f in ("results.csv", "per_image.json") if not (out / f).is_file()]
+    if missing:
+        raise ValueError(f"--evidence {out}: no {' or '.join(missing)} there (a finished run's OUT)")
+    df = read_results(out / "results.csv")
+    found = ev.pilots(df, json.loads((out / "per_image.json").read_text()))
+    if not found:
+        return [f"evidence: {out} has no full/standard or partial/full pair with per-image results to learn from"]
+
+    def max_images(unit) -> int:
+        size = split_sizes(cfg, unit["dataset"]) if unit["dataset"] in cfg.datasets else None
+        pilot = max(p.images for _, u, _, p in found if u == unit)
+        return size[1] if size else 10 * pilot
+
+    def hours(unit, seeds: int, images: int) -> float | None:
+        raw = cfg.resolved()
+        variant = parse(
+            {**raw, "seed": 0, "seeds": list(range(seeds)), "eval": {**raw["eval"], "max_images": images}},
+            check_paths=False,
+        )
+        est = estimate(variant, costs)
+        return None if est["unknown"] else est["seconds"] / 3600
+
+    unit_ = "GPU" if "cuda" in str(costs.get("device", "")) else "device"
+    return [f"evidence from {out} (80 % power; {unit_}-hours of the whole job at those counts):"] + [
+        "  " + line for line in ev.lines(found, max_images, hours)
+    ]

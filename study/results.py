@@ -36,7 +36,7 @@ from study.config import JobConfig
 from study.files import atomic_write_text
 from study.methods import AOI_MARGIN, METHODS
 from study.report.paper import paper_for_row
-from study.report.tables import premise, replicates, sections
+from study.report.tables import claims_section, premise, replicates, sections
 from study.weights import parse as parse_weights
 
 COLUMNS = [
@@ -250,11 +250,17 @@ def sanity_markdown(sanity: pd.DataFrame) -> str:
 
 
 def write(
-    rows: list[dict], out: Path, title: str = "", sanity: list[dict] | None = None, masks: dict | None = None
+    rows: list[dict],
+    out: Path,
+    title: str = "",
+    sanity: list[dict] | None = None,
+    masks: dict | None = None,
+    checked: list[dict] | None = None,
 ) -> tuple[pd.DataFrame, str]:
     """Writes results.csv, results.md, sanity.csv and per_image.json (stage -> attack ->
-    per-image masks) atomically; returns the frame and the Markdown (the paper's tables
-    first, then the sanity checks, then every row)."""
+    per-image masks) atomically; returns the frame and the Markdown (the claims as
+    ``checked``, study.claims.judge, the paper's tables, then the sanity checks, then
+    every row)."""
     import json
 
     out = Path(out)
@@ -267,6 +273,7 @@ def write(
         f"# {title}" if title else "",
         replicates(df),
         premise(df),
+        claims_section(checked or []),
         *sections(df),
         sanity_markdown(san),
         "## All results\n\n" + to_markdown(df),

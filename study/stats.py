@@ -5,9 +5,18 @@ p-value. Every interval is 95 %.
 * One model, one seed: AOI and AAI are proportions of the same images, so Wilson's
   interval (scipy); DR = (AOI − AAI)/AOI is a ratio, so a bootstrap over the images.
 * Several seeds: the mean and Student's t interval over the seeds.
-* An effect (DR of model a minus DR of model b, ...): a paired bootstrap that draws the
-  same test images for both models (they were attacked on the same images), and, with
-  several seeds, draws the seeds too, so both sources of chance are in the interval.
+* An effect (DR of model a minus DR of model b, ...), ``paired_effect``: with one seed, a
+  paired bootstrap that draws the same test images for both models (they were attacked
+  on the same images); it covers the test images only, not the spread between training
+  runs. With S seeds, the mean of the seeds' effects and a Student t interval on S - 1
+  degrees of freedom whose variance adds the two sources of chance: the spread of the
+  seeds' effects (its sample variance / S, which holds the training runs' spread and the
+  part of the image noise that differs between seeds) and the image noise of the mean
+  (the paired bootstrap drawing the same images for every model and seed: the part the
+  seeds share, since every seed is tested on the same images). The part that differs
+  between seeds is counted twice, which errs wide; t on S - 1 degrees of freedom keeps
+  the interval honest when two or three seeds happen to agree. benchmarks/calibration.py
+  simulates its coverage.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from scipy import stats
 
 LEVEL = 0.95
 RESAMPLES = 2000
-WIDE = 10.0  # an interval wider than ± this many points says "too few images"
+WIDE = 10.0  # an interval wider than ± this many points says "too few images" (or seeds)
 
 
 def mask(bits: str) -> np.ndarray:
@@ -81,24 +90,40 @@ def over_seeds(values) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+COVERS_IMAGES = "test images"
+COVERS_RUNS = "test images and training runs"
+
+
 def paired_effect(replicates: list[dict], effect: Callable[[dict, np.ndarray], np.ndarray], seed: int = 0) -> dict:
-    """An effect and its interval. ``replicates``: per seed, the models' per-image arrays
-    (name -> (correct, robust)), all over the same n test images; ``effect(models, idx)``
-    gives the effect on the images ``idx`` (shape (B, n): one draw a row) as B numbers.
-    Each bootstrap draw resamples the images (the same ones for every model and seed)
-    and the seeds; the point estimate is the mean effect over seeds on all images."""
-    n = len(next(iter(replicates[0].values()))[0])
-    whole = np.arange(n)[None, :]
+    """An effect and its interval (see the module docstring). ``replicates``: per seed, the
+    models' per-image arrays (name -> (correct, robust)) over the same test images, in the
+    same order; seeds that saw different numbers of images are cut to the images all of
+    them share (the first n). ``effect(models, idx)`` gives the effect on the images
+    ``idx`` (shape (B, n): one draw a row) as B numbers. A seed whose effect is undefined
+    (DR of AOI 0) is left out. Returns effect, lo, hi, images, seeds, covers, and df."""
+    n = min(len(c) for r in replicates for c, _ in r.values())
+    reps = [{k: (c[:n], r[:n]) for k, (c, r) in rep.items()} for rep in replicates]
     idx = _draws(n, seed)
-    per_seed = np.stack([effect(r, idx) for r in replicates])  # (seeds, B)
-    rng = np.random.default_rng(seed + 1)
-    pick = rng.integers(0, len(replicates), size=(len(replicates), idx.shape[0]))
-    with warnings.catch_warnings():  # where DR is undefined (AOI 0) on every seed, NaN stays
+    with warnings.catch_warnings():  # where DR is undefined (AOI 0), NaN stays
         warnings.simplefilter("ignore", RuntimeWarning)
-        point = float(np.nanmean([effect(r, whole)[0] for r in replicates]))
-        draws = np.nanmean(np.take_along_axis(per_seed, pick, 0), axis=0)
-    lo, hi = _interval(draws)
-    return {"effect": point, "lo": lo, "hi": hi, "images": n, "seeds": len(replicates)}
+        points = np.array([effect(r, np.arange(n)[None, :])[0] for r in reps], dtype=float)
+        keep = ~np.isnan(points)
+        draws = np.stack([effect(r, idx) for r, k in zip(reps, keep) if k]) if keep.any() else np.empty((0, 0))
+    out = {"images": n, "seeds": int(keep.sum()), "covers": COVERS_IMAGES if keep.sum() < 2 else COVERS_RUNS}
+    if not keep.any():
+        return {"effect": float("nan"), "lo": float("nan"), "hi": float("nan"), "df": None, **out}
+    point = float(points[keep].mean())
+    if keep.sum() == 1:
+        lo, hi = _interval(draws[0])
+        return {"effect": point, "lo": lo, "hi": hi, "df": None, **out}
+    s = int(keep.sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_draws = np.nanmean(draws, axis=0)
+    images = float(np.var(mean_draws[~np.isnan(mean_draws)], ddof=1))
+    between = float(np.var(points[keep], ddof=1)) / s
+    half = t_factor(s) * float(np.sqrt(images + between))
+    return {"effect": point, "lo": point - half, "hi": point + half, "df": s - 1, **out}
 
 
 def verdict(lo: float, hi: float) -> str:
@@ -112,10 +137,13 @@ def verdict(lo: float, hi: float) -> str:
 
 
 def spearman(x, y, seed: int = 0) -> tuple[float, float]:
-    """Spearman's ρ and its two-sided permutation p-value (exact for few points)."""
+    """Spearman's ρ and its two-sided permutation p-value: one side permuted against the
+    other, so every one of the n! pairings is tried (exact up to 7 points, Monte Carlo
+    with 9999 draws beyond)."""
+    y = np.asarray(y, float)
     res = stats.permutation_test(
-        (np.asarray(x, float), np.asarray(y, float)),
-        lambda a, b: stats.spearmanr(a, b).statistic,
+        (np.asarray(x, float),),
+        lambda a: stats.spearmanr(a, y).statistic,
         permutation_type="pairings",
         n_resamples=9999,
         random_state=seed,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from study import analyses, claims
+from study import analyses, claims, stats
 from study.report import page as report_page
 from study.report import sources, tables
 
@@ -271,7 +271,7 @@ def test_a_merged_report_never_mixes_jobs_backbones_or_source_data():
     ]
     t4 = [r for r in tables.table4(df).splitlines() if r.startswith("| table")]
     assert len(t4) == 7 and [r for r in t4 if "cifar10" in r] == [
-        "| table4 | cifar10 | resnet18 | pets | 70.00 ± " + t4[-1].split("70.00 ± ")[1]
+        "| table4 | cifar10 | resnet18 | pets | 70.00 [" + t4[-1].split("70.00 [")[1]
     ]
     first = claims.judge(df, {}, masks)[0]  # full vs standard: table1's models only
     assert [d["unit_job"] for d in first["datasets"]] == ["table1", "table1"]
@@ -341,8 +341,8 @@ def test_dm_lambda_is_chosen_on_validation_and_judged_by_the_papers_claim():
     results.select(old)
     assert {r["stage"] for r in old if r["chosen"]} == {"full", "dm01"}
 
-    def fives(models):
-        df, masks = _fake_results(models, seeds=(0, 1))
+    def fives(models):  # three seeds: two leave Student's t at 12.7 and nothing conclusive
+        df, masks = _fake_results(models, seeds=(0, 1, 2))
         return claims.judge(df, {}, masks)[4]
 
     good = fives({"full": (92, 40), "at_stage2": (85, 60), "dm_stage12": (90, 85)})
@@ -413,7 +413,7 @@ def test_report_page_has_every_table_figure_and_claim(tmp_path):
     for k in ("full", "scratch"):
         analyses.save_perturbation_png(torch.rand(3, 8, 8) * 0.01, tmp_path / f"uap-alphabet-{k}.png")
         torch.save(torch.rand(3, 8, 8), tmp_path / f"uap-alphabet-{k}.pt")
-    df, masks = _fake_results()
+    df, masks = _fake_results(seeds=(0, 1, 2))
     page = report_page.build(df, found, tmp_path / "report", title="fake", masks=masks)
     html = page.read_text()
     for n in range(1, 6):
@@ -424,9 +424,12 @@ def test_report_page_has_every_table_figure_and_claim(tmp_path):
     checked = json.loads((tmp_path / "report" / "claims.json").read_text())
     # no per-image UAP masks: claim 3 cannot be judged; one target: MMD neither
     assert [c["verdict"] for c in checked] == ["agree", "agree", "inconclusive", "inconclusive", "agree"]
-    assert html.count('class="claim"') == 5 and "±" in html and "200 test images, 2 seeds" in html
+    assert html.count('class="claim"') == 5 and "200 test images, 3 seeds" in html
+    assert "92.00 [" in html and "test images and training runs" in html and "one training run" not in html
     # a run that contradicts a claim says so
-    worse, worse_masks = _fake_results({**{m: v for m, v in [("at_stage2", (85, 70))]}, "dm_stage12": (88, 20)})
+    worse, worse_masks = _fake_results(
+        {**{m: v for m, v in [("at_stage2", (85, 70))]}, "dm_stage12": (88, 20)}, seeds=(0, 1, 2)
+    )
     assert claims.judge(worse, found, worse_masks)[4]["verdict"] == "disagree"
 
     _screenshot(page, tmp_path)
@@ -468,3 +471,67 @@ def test_the_report_says_when_stage_1_was_not_replicated():
     assert shared.startswith("Replicates: seeds 0, 1.") and "Stage 1 was trained once, with seed 0" in shared
     rows.append({"method": "pretrain", "seed": 1})
     assert tables.replicates(pd.DataFrame(rows)) == "Replicates: seeds 0, 1."
+
+
+def test_table_intervals_are_bounds_within_the_metrics_range_and_name_what_they_cover():
+    """Two seeds far apart: Student's interval reaches past 0 and 100 %; the table shows
+    its bounds within 0-100 (not "50.00 ± 571.8") and says it is over training runs."""
+    two = pd.DataFrame({"AOI": [5.0, 95.0], "seed": [0, 1], "images": [100, 100]})
+    assert tables._fmt_ci(two, "AOI") == "50.00 [0.0, 100.0] †"
+    assert "Student's t interval over the 2 seeds (training runs" in tables._basis(two)
+    one = pd.DataFrame({"AOI": [80.0], "AOI_lo": [71.1], "AOI_hi": [86.7], "seed": [0], "images": [100]})
+    assert tables._fmt_ci(one, "AOI") == "80.00 [71.1, 86.7]"
+    assert "interval over the test images (Wilson for AOI and AAI" in tables._basis(one)
+    assert "one training run" in tables._basis(one)
+
+
+def test_mmd_measures_every_target_on_the_sources_scale():
+    """One bandwidth from the source embeddings: the same for every target, and a target
+    twice as far gets the larger MMD (a per-pair median bandwidth rescales each pair and
+    can rank them the other way)."""
+    g = torch.Generator().manual_seed(0)
+    source = torch.randn(200, 8, generator=g)
+    near, far = torch.randn(200, 8, generator=g) + 1.0, torch.randn(200, 8, generator=g) * 6.0 + 4.0
+    s = analyses.median_bandwidth(source)
+    # N(0, I) in 8 dimensions: |a - b|^2 is 2·χ²(8), median 14.7, so s^2 near 7.3
+    assert s == analyses.median_bandwidth(source.clone()) and 6.0 < s**2 < 8.5
+    assert analyses.mmd2(source, far, bandwidth=s) > analyses.mmd2(source, near, bandwidth=s) > 0
+
+
+def test_spearman_permutes_one_side_exactly_up_to_seven_points():
+    assert stats.spearman(range(5), [2, 4, 6, 8, 10])[1] == pytest.approx(2 / 120)
+    assert stats.spearman(range(7), range(7))[1] == pytest.approx(2 / 5040)
+    rho, p = stats.spearman(range(6), [1, 0, 3, 2, 5, 4])
+    assert rho == pytest.approx(0.8286, abs=1e-3)
+    assert stats.spearman(range(6), [1, 0, 3, 2, 5, 4], seed=7)[1] == p  # exact: no Monte Carlo draws
+    assert round(p * 720) == p * 720 or abs(p * 720 - round(p * 720)) < 1e-6  # a count of the 6! pairings
+
+
+def test_a_model_two_jobs_share_counts_once_and_mmd_goes_with_its_own_job():
+    """table5 and table5_eq4 in one OUT share their full fine-tune and standard model (the
+    same stage keys): claim 1 counts that pair once. MMD is matched to DR by job, backbone
+    and dataset, not by the dataset's name alone."""
+    df, masks = _fake_results({"scratch": (90, 80), "full": (92, 40)}, job="table5")
+    again = df.assign(job="table5_eq4")  # the same models, reported by the second job
+    both = pd.concat([df, again], ignore_index=True)
+    assert len(claims.units(both)) == 2
+    first = claims.judge(both, {}, masks)[0]
+    assert [d["unit_job"] for d in first["datasets"]] == ["table5"] and "of 1 dataset" in first["detail"]
+
+    found = {
+        "seeds": {
+            "0": {
+                "datasets": {
+                    "alphabet": {"mmd": {"mmd2": 0.2, "job": "table5", "backbone": "resnet18", "dataset": "alphabet"}},
+                    "alphabet (other)": {
+                        "mmd": {"mmd2": 0.9, "job": "other", "backbone": "resnet18", "dataset": "alphabet"}
+                    },
+                }
+            }
+        }
+    }
+    mmd = claims.mmd_by_unit(found)
+    unit = claims.units(df)[0]
+    assert claims.mmd_for(mmd, unit) == [0.2] and claims.mmd_for(mmd, {**unit, "job": "other"}) == [0.9]
+    old = {"seeds": {"0": {"datasets": {"alphabet": {"mmd": {"mmd2": 0.4}}}}}}  # before MMD named its job
+    assert claims.mmd_for(claims.mmd_by_unit(old), unit) == [0.4]

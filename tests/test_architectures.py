@@ -98,7 +98,7 @@ def test_the_architectures_job_and_its_plan():
     assert {cfg.resolution(k) for k in cfg.finetune.datasets} == {224}
     unit = {"train": 1e-3, "attack": 5e-4, "infer": 2e-4, "batch": 64}
     est = plan.estimate(cfg, {"device": "NVIDIA H100", "costs": {f"{b}@224": unit for b in cfg.pretrain.backbones}})
-    assert est["trials"] == 7 * 4 * (9 + 3 + 9)
+    assert est["trials"] == 3 * 7 * 4 * (9 + 3 + 9)  # three seeds
     assert [u for u in est["unknown"] if "@224" in u] == []
 
 

@@ -324,7 +324,8 @@ def test_paper_table_jobs_are_valid_given_their_data(tmp_path, name):
         "table5": 7 * (4 * 6 + 3 * 4),
         "table5_eq4": 7 * (4 * 6 + 3 * 4),
     }
-    assert len(pts) == expected[name]
+    assert len(pts) == 3 * expected[name]  # three seeds: the claims' intervals cover training runs
+    assert cfg.replicate_seeds() == [0, 1, 2]
     if name.startswith("table5"):
         assert cfg.robust_objective() == "pgd3_linf_4.0" and cfg.source_objective() == "standard"
         assert cfg.pretrain.weights_for("pgd3_linf_4.0") == "salman/resnet18_linf_eps4.0"

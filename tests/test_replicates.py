@@ -4,6 +4,7 @@ replicates."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -91,12 +92,17 @@ def test_same_seed_same_numbers(tmp_path, ray_local, mlflow_server):
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     first, second = tmp_path / "first", tmp_path / "second"
-    _run(tmp_path, "a", [0], first, env, weights)
+    said = _run(tmp_path, "a", [0], first, env, weights)
     _run(tmp_path, "b", [0], second, env, weights)
+    # where the time went, and the claims' lines marked as resting on one training run
+    assert "[study] time: data " in said and ", stage 1 " in said and ", sweep " in said and "; total " in said
+    assert re.search(r"\[study\] claim: \w+ \(one training run\): Fine-tuned models have a higher DR", said)
     for name in ("results.csv", "per_image.json", "report/claims.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     claims = json.loads((first / "report" / "claims.json").read_text())
     assert claims[0]["datasets"] and claims[0]["datasets"][0]["seeds"] == 1
+    assert claims[0]["covers"] == "test images" and claims[0]["datasets"][0]["covers"] == "test images"
+    assert "one training run" in (first / "results.md").read_text()
 
 
 def test_an_added_seed_keeps_the_finished_replicates_and_draws_anew(tmp_path):

@@ -300,7 +300,7 @@ def test_trades_dm_and_the_cw_attack_run_on_a_tiny_job(tmp_path, ray_local, mlfl
     assert "TRADES@stage-2" in table5
     ce = df[(df.method == "trades_stage2") & (df.attack == "pgd10_linf_0.5")].iloc[0]
     assert (
-        f"| TRADES@stage-2 |  | {ce.AOI:.2f} ± " in table5 and f"| {ce.AAI:.2f} ± " in table5
+        f"| TRADES@stage-2 |  | {ce.AOI:.2f} [" in table5 and f"| {ce.AAI:.2f} [" in table5
     )  # cross-entropy PGD's row
     assert f"| DM@stage-1&2 | {dm[dm.chosen].lam.iloc[0]:g} |" in table5
     assert md.split("## Stage 2 sweep")[1].count("| ✓ λ chosen |") == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from study.claims import picks, units
+from study.claims import label, mmd_by_unit, mmd_for, picks, units
 from study.files import atomic_write_bytes
 from study.methods import TABLE1_ATTACK
 from study.report.sources import merged
@@ -72,12 +72,12 @@ def figures(df: pd.DataFrame, found: dict, folder) -> dict:
         "fig5": (_fig5, "fig5_uap_attacks.png"),
         "fig6": (_fig6, "fig6_mmd_dr.png"),
     }.items():
-        save_png(draw(df, data, spread), folder / file)
+        save_png(draw(df, found, data, spread), folder / file)
         out[name] = file
     return out
 
 
-def _fig3(df: pd.DataFrame, data: dict, spread: dict):
+def _fig3(df: pd.DataFrame, found: dict, data: dict, spread: dict):
     """CCA: two panels of grouped bars."""
     pairs = [("fine-tuned|pre-trained", "FT/PT"), ("fine-tuned|standard", "FT/ST"), ("pre-trained|standard", "PT/ST")]
     fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
@@ -87,21 +87,22 @@ def _fig3(df: pd.DataFrame, data: dict, spread: dict):
             _empty(ax, "no CCA in this run")
             continue
         x = np.arange(len(have))
-        for i, (pair, label) in enumerate(pairs):
+        for i, (pair, short) in enumerate(pairs):
             vals = [100 * data[d]["cca"].get(pair, {}).get(part, float("nan")) for d in have]
             err = [100 * (spread.get(d, {}).get("cca", {}).get(pair, {}).get(part) or 0.0) for d in have]
-            ax.bar(x + (i - 1) * 0.27, vals, 0.27, yerr=err, capsize=2, label=label)
+            ax.bar(x + (i - 1) * 0.27, vals, 0.27, yerr=err, capsize=2, label=short)
         chance = [100 * data[d]["cca"].get("chance", {}).get(part, float("nan")) for d in have]
         ax.hlines(chance, x - 0.45, x + 0.45, colors="k", linestyles="dashed", label="chance (rows shuffled)")
         ax.set_xticks(x, have)
         ax.set_ylim(0, 100)
         ax.set_title(title)
         ax.set_ylabel("SVCCA ×100")
-    axes[0].legend(fontsize=8)
+    if have:
+        axes[0].legend(fontsize=8)
     return fig
 
 
-def _fig4(df: pd.DataFrame, data: dict, spread: dict):
+def _fig4(df: pd.DataFrame, found: dict, data: dict, spread: dict):
     """The UAP images, fine-tuned and standard, per dataset."""
     import torch
 
@@ -122,7 +123,7 @@ def _fig4(df: pd.DataFrame, data: dict, spread: dict):
     return fig
 
 
-def _fig5(df: pd.DataFrame, data: dict, spread: dict):
+def _fig5(df: pd.DataFrame, found: dict, data: dict, spread: dict):
     """(a) UAP success along training, (b) the pre-trained UAP's DR."""
     fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.2))
     drawn = False
@@ -162,20 +163,22 @@ def _fig5(df: pd.DataFrame, data: dict, spread: dict):
     return fig
 
 
-def _fig6(df: pd.DataFrame, data: dict, spread: dict):
-    """MMD against the full fine-tune's DR (means, ±1 sd over seeds)."""
+def _fig6(df: pd.DataFrame, found: dict, data: dict, spread: dict):
+    """MMD against the full fine-tune's DR, per unit (job, backbone, dataset; means, ±1 sd
+    over seeds)."""
     fig, ax = pyplot().subplots(figsize=(4.5, 3.2))
     xs, ys, xe, ye, ls = [], [], [], [], []
     every = units(df[df.attack == TABLE1_ATTACK]) if len(df) else []
-    for d in data:
-        unit = next((u for u in every if u["dataset"] == d), None)
-        rows = picks(df, unit, "full", TABLE1_ATTACK) if unit else []
-        if "mmd" in data[d] and len(rows):
-            xs.append(data[d]["mmd"]["mmd2"])
-            xe.append(spread.get(d, {}).get("mmd", {}).get("mmd2") or 0.0)
+    mmd = mmd_by_unit(found)
+    for unit in every:
+        got = mmd_for(mmd, unit)
+        rows = picks(df, unit, "full", TABLE1_ATTACK) if got else []
+        if len(rows):
+            xs.append(float(np.mean(got)))
+            xe.append(float(np.std(got, ddof=1)) if len(got) > 1 else 0.0)
             ys.append(float(rows.DR.mean()))
             ye.append(float(rows.DR.std(ddof=1)) if len(rows) > 1 else 0.0)
-            ls.append(d)
+            ls.append(label(unit, every))
     if xs:
         ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt="o", capsize=2)
         for x_, y_, l_ in zip(xs, ys, ls):

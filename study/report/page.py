@@ -9,35 +9,43 @@ from pathlib import Path
 import markdown
 import pandas as pd
 
-from study.claims import judge
+from study.claims import judge, qualifier
 from study.files import atomic_write_text
 from study.report import sources
 from study.report.figures import FIGURES, PAPER_FINDINGS, figures
-from study.report.tables import analyses_table, premise, replicates, sections
+from study.report.tables import analyses_table, claims_section, premise, replicates, sections
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.agree{color:#17702b;font-weight:bold}
 .disagree{color:#b3261e;font-weight:bold}.inconclusive{color:#8a6d00;font-weight:bold}
-figure{margin:1.5em 0}figcaption{font-size:.9em;color:#444}"""
+.one-run{color:#8a6d00}figure{margin:1.5em 0}figcaption{font-size:.9em;color:#444}"""
 
 
-def build(df: pd.DataFrame, found: dict, folder, title: str = "study", masks: dict | None = None) -> Path:
+def build(
+    df: pd.DataFrame,
+    found: dict,
+    folder,
+    title: str = "study",
+    masks: dict | None = None,
+    checked: list[dict] | None = None,
+) -> Path:
     """The report: ``index.md`` and a static ``index.html`` with the tables of
     ``tables.SECTIONS`` (the paper's values beside ours, with intervals), Figures 3-6 as
     PNG, the analyses and a line per main claim (``study.claims``; also ``claims.json``,
     for machines). ``masks``: the models' per-image results (``per_image.json``), which
     the claims' paired intervals need. Tables 1-5 and every figure are there even when this
     run lacks their numbers (they then say so), so the page's shape never depends on the
-    job. Returns the HTML path."""
+    job. ``checked``: the claims already judged on the same inputs (else judged here).
+    Returns the HTML path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     figs = figures(df, found, folder)
-    checked = judge(df, found, masks or {})
+    checked = judge(df, found, masks or {}) if checked is None else checked
     atomic_write_text(folder / "claims.json", json.dumps(checked, indent=1, sort_keys=True) + "\n")
     pre = premise(df) if len(df) else ""
     tables = sections(df, placeholders=True) + [analyses_table(found)]
-    claim_md = "\n".join(f"- **{c['verdict']}** — {c['claim']} ({c['detail']})" for c in checked)
+    claim_md = claims_section(checked, heading=False)
     fig_md = "\n\n".join(f"![{FIGURES[k]}]({v})\n\n*{FIGURES[k]}* {PAPER_FINDINGS[k]}" for k, v in figs.items())
     md = (
         "\n\n".join(
@@ -68,7 +76,7 @@ def _html(df: pd.DataFrame, title: str, pre: str, checked: list, tables: list, f
     body.append("<h2>The paper's claims, checked on this run</h2><ul>")
     for c in checked:
         body.append(
-            f'<li class="claim"><span class="{c["verdict"]}">{c["verdict"]}</span> — '
+            f'<li class="claim"><span class="{c["verdict"]}">{c["verdict"]}</span>{_one_run(c)} — '
             f"{html.escape(c['claim'])} <small>({html.escape(c['detail'])})</small></li>"
         )
     body.append("</ul>")
@@ -89,3 +97,8 @@ def from_mlflow(folder, experiment: str | None = None, log=print) -> Path:
     """The report rebuilt from the tracking server in use (``sources.from_mlflow``)."""
     df, found, masks, title = sources.from_mlflow(experiment, log)
     return build(df, found, folder, title=title, masks=masks)
+
+
+def _one_run(claim: dict) -> str:
+    q = qualifier(claim)
+    return f' <span class="one-run">({html.escape(q)})</span>' if q else ""

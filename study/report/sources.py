@@ -99,6 +99,7 @@ def _job_artifacts(run_id: str, have: set, d: Path, found: dict, masks: dict, jo
         if (a / "analyses.json").is_file():
             for seed, rep in by_seed(read_analyses(a)).items():
                 slot = found["seeds"].setdefault(str(seed), {"datasets": {}})["datasets"]
+                earlier = set(slot)  # another job's: both stay (their MMD entries name their job)
                 for ds, v in rep.get("datasets", {}).items():
-                    slot.setdefault(ds, {}).update(v)
+                    slot.setdefault(f"{ds} ({job})" if ds in earlier else ds, {}).update(v)
     return df

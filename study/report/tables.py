@@ -11,7 +11,7 @@ import pandas as pd
 
 from study import stats
 from study.backbones import family
-from study.claims import label, picks, units
+from study.claims import label, picks, qualifier, units
 from study.methods import AOI_MARGIN, METHODS, TABLE1, TABLE1_ATTACK, TABLE5
 from study.report.paper import SOURCE_ALIAS, TABLE2_ATTACKS, paper_for_row, paper_value
 from study.report.sources import merged
@@ -41,33 +41,48 @@ def _ci(rows: pd.DataFrame, metric: str) -> tuple[float, float, float]:
 
 
 def _fmt_ci(rows: pd.DataFrame, metric: str) -> str:
-    """``value ± half-width``; † where the half-width exceeds stats.WIDE points."""
+    """``value [lo, hi]``, the bounds within the metric's range (0-100 %); † where the
+    interval is wider than 2 · stats.WIDE points."""
     v, lo, hi = _ci(rows, metric)
     if v != v:
         return "–"
     if lo != lo or hi != hi:
         return f"{v:.2f}"
-    half = (hi - lo) / 2
-    return f"{v:.2f} ± {half:.2f}" + (" †" if half > stats.WIDE else "")
+    lo, hi = max(lo, 0.0), min(hi, 100.0)
+    return f"{v:.2f} [{lo:.1f}, {hi:.1f}]" + (" †" if hi - lo > 2 * stats.WIDE else "")
 
 
 def _basis(rows: pd.DataFrame) -> str:
-    """How many images and seeds a block rests on."""
+    """How many images and seeds a block rests on, and what its intervals cover."""
     if len(rows) == 0:
         return ""
     images = sorted({int(n) for n in rows.images.dropna()}) if "images" in rows else []
     seeds = rows.seed.nunique() if "seed" in rows and rows.seed.notna().any() else 1
-    kind = (
-        f"Student's interval over the seeds (t = {stats.t_factor(seeds):.1f} with {seeds}: the claims' paired "
-        "bootstrap over images and seeds is the sharper test)"
-        if seeds > 1
-        else "interval over test images"
-    )
-    few = "too few seeds" if seeds > 1 else "too few images"
+    if seeds > 1:
+        kind = (
+            f"Student's t interval over the {seeds} seeds (training runs; t = {stats.t_factor(seeds):.1f}), "
+            "within 0–100"
+        )
+        few = "too few seeds"
+    else:
+        kind = "interval over the test images (Wilson for AOI and AAI, bootstrap for DR), one training run"
+        few = "too few images"
     return (
         f"{'/'.join(map(str, images)) or '?'} test images, {seeds} seed{'s' if seeds > 1 else ''}; "
-        f"± is a 95 % {kind}; † wider than ±{stats.WIDE:g} points: {few}"
+        f"[lo, hi] is a 95 % {kind}; † wider than {2 * stats.WIDE:g} points: {few}"
     )
+
+
+def claims_section(checked: list[dict], heading: bool = True) -> str:
+    """A line per claim: its verdict (and "one training run" where its intervals cover the
+    test images only), the claim, and each unit's effect with its interval."""
+    if not checked:
+        return ""
+    lines = "\n".join(
+        f"- **{c['verdict']}**{f' ({q})' if (q := qualifier(c)) else ''} — {c['claim']} ({c['detail']})"
+        for c in checked
+    )
+    return f"## The paper's claims, checked on this run\n\n{lines}" if heading else lines
 
 
 def replicates(df: pd.DataFrame) -> str:

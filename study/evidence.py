@@ -1,0 +1,134 @@
+"""How much evidence a verdict needs: from a pilot run's per-image results, the seeds and
+test images at which a claim's interval excludes zero at the pilot's effect with 80 %
+probability (``study plan JOB --evidence OUT``), and what that costs by the plan's cost
+model.
+
+For claims 1 and 2 (a DR gap between two methods of a unit) the pilot gives, per unit:
+the effect (the mean of its seeds' effects), the image noise of one seed's effect and of
+the seeds' mean (the paired bootstrap, as the claims draw it), which separate into a part
+the seeds share (they are tested on the same images) and a part of their own, and the
+spread between training runs (the seeds' effects vary more than their own image noise
+explains). The interval of ``study.stats.paired_effect`` at S seeds and n images is then
+drawn many times from a normal model with those variances, and its power is the share of
+draws that exclude zero in the effect's direction. A pilot of one seed cannot see the
+spread between training runs; its answer assumes none and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from study import claims, stats
+from study.methods import TABLE1_ATTACK
+
+POWER = 0.8
+MAX_SEEDS = 20
+DRAWS = 4000
+
+
+@dataclass(frozen=True)
+class Pilot:
+    """What a pilot says of one claim's effect in one unit (variances in DR points², image
+    variances per image: divided by n at n images)."""
+
+    effect: float
+    seeds: int
+    images: int
+    shared: float  # image noise the seeds share, × images
+    own: float  # image noise each seed has of its own, × images
+    between: float  # the spread between training runs (variance)
+
+
+def pilot_of(reps: list[dict], effect, seed: int = 0) -> Pilot:
+    """The variances of ``effect`` (study.claims' effect functions) over a pilot's seeds."""
+    n = min(len(c) for r in reps for c, _ in r.values())
+    reps = [{k: (c[:n], r[:n]) for k, (c, r) in rep.items()} for rep in reps]
+    idx = np.random.default_rng(seed).integers(0, n, size=(stats.RESAMPLES, n))
+    draws = np.stack([effect(r, idx) for r in reps])  # (S, B)
+    points = np.array([effect(r, np.arange(n)[None, :])[0] for r in reps])
+    s = len(reps)
+    one = float(np.mean([np.nanvar(d, ddof=1) for d in draws])) * n  # one seed's image noise
+    mean = float(np.nanvar(np.nanmean(draws, axis=0), ddof=1)) * n  # the seeds' mean's
+    own = max(0.0, (one - mean) * s / (s - 1)) if s > 1 else 0.0
+    shared = max(0.0, one - own)
+    between = max(0.0, float(np.var(points, ddof=1)) - own / n) if s > 1 else 0.0
+    return Pilot(float(points.mean()), s, n, shared, own, between)
+
+
+def power(p: Pilot, seeds: int, images: int, draws: int = DRAWS, seed: int = 0) -> float:
+    """The share of intervals at ``seeds`` × ``images`` that exclude zero on the side of
+    the pilot's effect, if the pilot's numbers are the truth."""
+    rng = np.random.default_rng([seed, seeds, images])
+    z = rng.standard_normal((draws, seeds))
+    common = rng.standard_normal((draws, 1))
+    theta = (
+        abs(p.effect) + np.sqrt(p.between) * z + np.sqrt(p.own / images) * rng.standard_normal((draws, seeds))
+    ) + np.sqrt(p.shared / images) * common
+    image_var = (p.shared + p.own / seeds) / images  # what the bootstrap reports
+    half = sps.t.ppf(0.5 + stats.LEVEL / 2, seeds - 1) * np.sqrt(image_var + theta.var(axis=1, ddof=1) / seeds)
+    return float(np.mean(theta.mean(axis=1) - half > 0))
+
+
+def needed(p: Pilot, max_images: int, cost=None) -> tuple[int, int] | None:
+    """The cheapest (seeds, images) with ``power`` >= POWER, seeds 2..MAX_SEEDS and images
+    up to ``max_images``; ``cost(seeds, images)`` ranks them (default: fewest seeds, then
+    fewest images: a training run costs more than attacking images). None: not reachable."""
+    cost = cost or (lambda s, n: (s, n))
+    best = None
+    for s in range(2, MAX_SEEDS + 1):
+        if power(p, s, max_images) < POWER:
+            continue
+        lo, hi = 1, max_images  # the fewest images that reach it at s seeds
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if power(p, s, mid) >= POWER else (mid + 1, hi)
+        if best is None or cost(s, lo) < cost(*best):
+            best = (s, lo)
+    return best
+
+
+def pilots(df: pd.DataFrame, masks: dict) -> list[tuple[str, dict, str, Pilot]]:
+    """(claim, unit, its label, Pilot) of claims 1 and 2 for every unit of a run with
+    per-image results."""
+    every = claims.units(df[df.attack == TABLE1_ATTACK]) if len(df) else []
+    out = []
+    for claim, a, b, what, _ in claims.DR_CLAIMS:
+        for unit in claims.once(df, every, (a, b)):
+            reps = claims.replicates_of(df, masks, unit, {a: a, b: b})
+            if reps:
+                out.append((f"{claim} ({what})", unit, claims.label(unit, every), pilot_of(reps, claims.dr_gap(a, b))))
+    return out
+
+
+def lines(found: list[tuple[str, dict, str, Pilot]], max_images, hours=None) -> list[str]:
+    """What each claim and unit needs, as lines: the pilot, then the counts and their price.
+    ``max_images(unit)``: the most test images its dataset has; ``hours(unit, seeds,
+    images)``: device-hours of the job at those counts (None: unknown), also what ranks
+    the candidates (else the fewest seeds, then images)."""
+    out = []
+    for claim, unit, name, p in found:
+        cap = max_images(unit)
+        cost = None
+        if hours is not None and hours(unit, 2, p.images) is not None:
+            cost = lambda s, n, unit=unit: hours(unit, s, n)  # noqa: E731
+        spread = f"spread between runs sd {np.sqrt(p.between):.1f}" if p.seeds > 1 else "spread between runs unknown"
+        head = (
+            f"{claim}, {name}: pilot {p.effect:+.1f} DR points over {p.seeds} seed{'s' if p.seeds > 1 else ''} × "
+            f"{p.images} images ({spread})"
+        )
+        got = needed(p, cap, cost) if p.effect == p.effect and p.effect != 0 else None
+        if got is None:
+            out.append(f"{head}: not reachable within {MAX_SEEDS} seeds and {cap} images")
+            continue
+        s, n = got
+        price = hours(unit, s, n) if hours else None
+        out.append(
+            f"{head}: {int(POWER * 100)} % power at {s} seeds × {n} test images"
+            + (f" → {price:,.3g} device-hours for the job" if price is not None else "")
+            + ("" if p.seeds > 1 else " (assuming no spread between training runs: run a pilot of 2+ seeds)")
+        )
+    return out

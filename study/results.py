@@ -39,56 +39,12 @@ from study.report.paper import paper_for_row
 from study.report.tables import claims_section, premise, replicates, sections
 from study.weights import parse as parse_weights
 
-COLUMNS = [
-    "job",
-    "dataset",
-    "backbone",
-    "method",
-    "source",
-    "source_data",
-    "seed",
-    "lam",
-    "lr_f",
-    "lr_g",
-    "optimizer",
-    "val_acc",
-    "val_acc_1",
-    "val_AAI",
-    "f_l1",
-    "selected",
-    "chosen",
-    "attack",
-    "images",
-    "AOI",
-    "AOI_lo",
-    "AOI_hi",
-    "AAI",
-    "AAI_lo",
-    "AAI_hi",
-    "DR",
-    "DR_lo",
-    "DR_hi",
-    "flags",
-    "paper_AOI",
-    "paper_AAI",
-    "paper_DR",
-    "stage",
-]
-SANITY_COLUMNS = [
-    "job",
-    "dataset",
-    "backbone",
-    "method",
-    "source",
-    "source_data",
-    "seed",
-    "lam",
-    "flag",
-    "attack",
-    "passed",
-    "detail",
-    "stage",
-]
+COLUMNS = (
+    "job dataset backbone method source source_data seed lam lr_f lr_g optimizer val_acc val_acc_1 "
+    "val_AAI f_l1 selected chosen attack images AOI AOI_lo AOI_hi AAI AAI_lo AAI_hi DR DR_lo DR_hi flags "
+    "paper_AOI paper_AAI paper_DR stage"
+).split()
+SANITY_COLUMNS = ("job dataset backbone method source source_data seed lam flag attack passed detail stage").split()
 
 
 def source_data(cfg: JobConfig, method: str) -> str | None:
@@ -207,24 +163,8 @@ def choose_lambda(clean: list[dict]) -> set[str]:
 def frame(rows: list[dict]) -> pd.DataFrame:
     rows = [{**paper_for_row(r["dataset"], r["method"], r.get("attack")), **r} for r in rows]
     df = pd.DataFrame(rows, columns=COLUMNS)
-    for col in (
-        "AOI",
-        "AOI_lo",
-        "AOI_hi",
-        "AAI",
-        "AAI_lo",
-        "AAI_hi",
-        "DR",
-        "DR_lo",
-        "DR_hi",
-        "val_acc",
-        "val_acc_1",
-        "val_AAI",
-        "f_l1",
-        "paper_AOI",
-        "paper_AAI",
-        "paper_DR",
-    ):
+    numbers = "AOI AOI_lo AOI_hi AAI AAI_lo AAI_hi DR DR_lo DR_hi val_acc val_acc_1 val_AAI f_l1 paper_AOI paper_AAI"
+    for col in [*numbers.split(), "paper_DR"]:
         df[col] = pd.to_numeric(df[col], errors="coerce").round(2)
     df["selected"] = df["selected"].fillna(True).astype(bool)
     df["chosen"] = df["chosen"].where(df["chosen"].notna(), df["selected"]).astype(bool)

@@ -86,6 +86,27 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def run_study(ray_local, mlflow_server):
+    """``study run JOB --out OUT --quiet`` in a fresh process on the session's local Ray and
+    MLflow server; asserts that it exits 0 and returns what it printed."""
+    import subprocess
+    import sys
+
+    def run(job, out, timeout: int = 600) -> str:
+        env = {
+            **os.environ,
+            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+            "MLFLOW_TRACKING_URI": mlflow_server,
+        }
+        cmd = [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (sqlite backend) on 127.0.0.1 for the session."""

@@ -3,9 +3,6 @@ ViT for CPUs), each the same function as torchvision's network, four stages for 
 analyses, weight import with clear refusals, and the whole study on a tiny job."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -141,24 +138,12 @@ JOB = {
 }
 
 
-def test_the_tiny_study_runs_on_convnext(tmp_path, ray_local, mlflow_server):
+def test_the_tiny_study_runs_on_convnext(tmp_path, run_study, mlflow_server):
     import mlflow
 
     job, out = tmp_path / "arch.yaml", tmp_path / "out"
     job.write_text(yaml.safe_dump(JOB))
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-        "MLFLOW_TRACKING_URI": mlflow_server,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_study(job, out, timeout=900)
     df = pd.read_csv(out / "results.csv")
     clean = df[df.attack.isna()]
     assert set(zip(clean.backbone, clean.method)) == {("convnext_tiny", "pretrain"), ("convnext_tiny", "full")}

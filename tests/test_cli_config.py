@@ -200,8 +200,8 @@ def test_demo_job_file_is_valid():
     assert cfg.robust_objective() == "fgsm_linf_2.0" and cfg.source_objective() == "standard"
     names = [a.name for a in cfg.eval.suite()]  # Tables 1 and 2 need exactly these
     assert names == ["pgd10_linf_0.5", "pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0", "autoattack_linf_0.5"]
-    # a real source task, two replicates, three targets for the MMD claim
-    assert cfg.pretrain.dataset == "fashion_mnist" and cfg.replicate_seeds() == [0, 1] and not cfg.pretrain.replicate
+    # a real source task, three training runs of stage 2, three targets for the MMD claim
+    assert cfg.pretrain.dataset == "fashion_mnist" and cfg.replicate_seeds() == [0, 1, 2] and not cfg.pretrain.replicate
     assert len(cfg.finetune.datasets) == 3
 
 

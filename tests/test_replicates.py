@@ -3,10 +3,7 @@ folders, another seed gives other numbers, and seeds added to a job reuse the fi
 replicates."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -61,39 +58,26 @@ def test_seeds_replicate_every_trial():
     assert cfg.seed == 0 and cfg.for_seed(3).seed == 3 and config.parse(cfg.for_seed(3).resolved()).seed == 3
 
 
-def _run(tmp_path, name, seeds, out, env, weights):
+def _job(tmp_path, name, seeds, weights):
     """The job with its backbone imported from ``weights``: stage 1 on Ray Train is
     test_pipeline's and test_distributed's (two workers give one worker's model)."""
     job = tmp_path / f"{name}.yaml"
     job.write_text(yaml.safe_dump({**JOB, "seeds": seeds, "pretrain": {"weights": str(weights)}}))
-    done = subprocess.run(
-        [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return job
 
 
-def test_same_seed_same_numbers(tmp_path, ray_local, mlflow_server):
+def test_same_seed_same_numbers(tmp_path, run_study):
     """The tiny job twice, into two fresh folders: the same results.csv (timings are not in
     it), per-image results and claims.json, byte for byte."""
     import torch
     import torchvision
 
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-        "MLFLOW_TRACKING_URI": mlflow_server,
-    }
     weights = tmp_path / "imagenet_like.pt"
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     first, second = tmp_path / "first", tmp_path / "second"
-    said = _run(tmp_path, "a", [0], first, env, weights)
-    _run(tmp_path, "b", [0], second, env, weights)
+    said = run_study(_job(tmp_path, "a", [0], weights), first)
+    run_study(_job(tmp_path, "b", [0], weights), second)
     # where the time went, and the claims' lines marked as resting on one training run
     assert "[study] time: data " in said and ", stage 1 " in said and ", sweep " in said and "; total " in said
     assert re.search(r"\[study\] claim: \w+ \(one training run\): Fine-tuned models have a higher DR", said)
@@ -103,6 +87,7 @@ def test_same_seed_same_numbers(tmp_path, ray_local, mlflow_server):
     assert claims[0]["datasets"] and claims[0]["datasets"][0]["seeds"] == 1
     assert claims[0]["covers"] == "test images" and claims[0]["datasets"][0]["covers"] == "test images"
     assert "one training run" in (first / "results.md").read_text()
+    assert "one training run" in (first / "report" / "index.html").read_text()
 
 
 def test_an_added_seed_keeps_the_finished_replicates_and_draws_anew(tmp_path):

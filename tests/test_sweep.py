@@ -235,7 +235,7 @@ def test_asha_stops_weak_trials_early(tmp_path, ray_local):
     assert epochs[8.0] == 8 and min(epochs.values()) < 8, epochs
 
 
-def test_trades_dm_and_the_cw_attack_run_on_a_tiny_job(tmp_path, ray_local, mlflow_server):
+def test_trades_dm_and_the_cw_attack_run_on_a_tiny_job(tmp_path, run_study):
     """TRADES@stage-2 as one more method of the sweep, and PGD on C&W's margin loss as one
     more attack: both run, both are named apart, and the paper's tables keep
     cross-entropy PGD's numbers. DM in the authors' form at two λ: each λ's model is
@@ -269,19 +269,7 @@ def test_trades_dm_and_the_cw_attack_run_on_a_tiny_job(tmp_path, ray_local, mlfl
     job = tmp_path / "trades.yaml"
     job.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-        "MLFLOW_TRACKING_URI": mlflow_server,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_study(job, out)
     df = pd.read_csv(out / "results.csv")
     got = {(m, a) for m, a in df[["method", "attack"]].dropna().values}
     assert got == {

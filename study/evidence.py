@@ -128,6 +128,7 @@ def lines(found: list[tuple[str, dict, str, Pilot]], max_images, hours=None) -> 
         price = hours(unit, s, n) if hours else None
         out.append(
             f"{head}: {int(POWER * 100)} % power at {s} seeds × {n} test images"
+            + (" (to exclude zero below it: against the paper)" if p.effect < 0 else "")
             + (f" → {price:,.3g} device-hours for the job" if price is not None else "")
             + ("" if p.seeds > 1 else " (assuming no spread between training runs: run a pilot of 2+ seeds)")
         )

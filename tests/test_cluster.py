@@ -70,7 +70,7 @@ def test_plan_prints_trials_and_hours_without_ray(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "stage 2: 147 trials" in out and "GPU-hours" in out and "RAY False" in out
+    assert "stage 2: 441 trials" in out and "GPU-hours" in out and "RAY False" in out  # 147 × three seeds
     assert "not counted: nico" in out  # an ImageFolder of unknown size is said, not guessed
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from study import claims, stats
 from study.methods import TABLE1_ATTACK
@@ -45,11 +44,7 @@ class Pilot:
 
 def pilot_of(reps: list[dict], effect, seed: int = 0) -> Pilot:
     """The variances of ``effect`` (study.claims' effect functions) over a pilot's seeds."""
-    n = min(len(c) for r in reps for c, _ in r.values())
-    reps = [{k: (c[:n], r[:n]) for k, (c, r) in rep.items()} for rep in reps]
-    idx = np.random.default_rng(seed).integers(0, n, size=(stats.RESAMPLES, n))
-    draws = np.stack([effect(r, idx) for r in reps])  # (S, B)
-    points = np.array([effect(r, np.arange(n)[None, :])[0] for r in reps])
+    n, points, draws = stats.seed_effects(reps, effect, seed)
     s = len(reps)
     one = float(np.mean([np.nanvar(d, ddof=1) for d in draws])) * n  # one seed's image noise
     mean = float(np.nanvar(np.nanmean(draws, axis=0), ddof=1)) * n  # the seeds' mean's
@@ -69,7 +64,7 @@ def power(p: Pilot, seeds: int, images: int, draws: int = DRAWS, seed: int = 0) 
         abs(p.effect) + np.sqrt(p.between) * z + np.sqrt(p.own / images) * rng.standard_normal((draws, seeds))
     ) + np.sqrt(p.shared / images) * common
     image_var = (p.shared + p.own / seeds) / images  # what the bootstrap reports
-    half = sps.t.ppf(0.5 + stats.LEVEL / 2, seeds - 1) * np.sqrt(image_var + theta.var(axis=1, ddof=1) / seeds)
+    half = stats.t_factor(seeds) * np.sqrt(image_var + theta.var(axis=1, ddof=1) / seeds)
     return float(np.mean(theta.mean(axis=1) - half > 0))
 
 

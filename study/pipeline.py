@@ -188,7 +188,7 @@ def _run(job: Job):
             for c in checked:
                 log(f"claim: {c['verdict']}{f' ({q})' if (q := qualifier(c)) else ''}: {c['claim']}")
             df, md = results.write(
-                table.rows, out, title=f"{cfg.name}: results", sanity=table.sanity, masks=table.masks, checked=checked
+                df, out, title=f"{cfg.name}: results", sanity=table.sanity, masks=table.masks, checked=checked
             )
             for name in ("results.csv", "results.md", "sanity.csv", "per_image.json"):
                 tracking.log_artifact(out / name)

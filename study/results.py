@@ -190,21 +190,20 @@ def sanity_markdown(sanity: pd.DataFrame) -> str:
 
 
 def write(
-    rows: list[dict],
+    df: pd.DataFrame,
     out: Path,
     title: str = "",
     sanity: list[dict] | None = None,
     masks: dict | None = None,
     checked: list[dict] | None = None,
 ) -> tuple[pd.DataFrame, str]:
-    """Writes results.csv, results.md, sanity.csv and per_image.json (stage -> attack ->
-    per-image masks) atomically; returns the frame and the Markdown (the claims as
-    ``checked``, study.claims.judge, the paper's tables, then the sanity checks, then
-    every row)."""
+    """Writes the results frame (``frame``) as results.csv, and results.md, sanity.csv and
+    per_image.json (stage -> attack -> per-image masks), atomically; returns the frame and
+    the Markdown (the claims as ``checked``, study.claims.judge, the paper's tables, then
+    the sanity checks, then every row)."""
     import json
 
     out = Path(out)
-    df = frame(rows)
     san = pd.DataFrame(sanity or [], columns=SANITY_COLUMNS)
     atomic_write_text(out / "results.csv", df.to_csv(index=False))
     atomic_write_text(out / "per_image.json", json.dumps(masks or {}, sort_keys=True))

@@ -94,6 +94,20 @@ COVERS_IMAGES = "test images"
 COVERS_RUNS = "test images and training runs"
 
 
+def seed_effects(replicates: list[dict], effect, seed: int = 0) -> tuple[int, np.ndarray, np.ndarray]:
+    """(n, each seed's effect on its first n images, each seed's effect on the same
+    bootstrap draws of those images (seeds × RESAMPLES)): n is the number of images every
+    seed has; NaN where the effect is undefined (DR of AOI 0)."""
+    n = min(len(c) for r in replicates for c, _ in r.values())
+    reps = [{k: (c[:n], r[:n]) for k, (c, r) in rep.items()} for rep in replicates]
+    idx = _draws(n, seed)
+    with warnings.catch_warnings():  # where DR is undefined (AOI 0), NaN stays
+        warnings.simplefilter("ignore", RuntimeWarning)
+        points = np.array([effect(r, np.arange(n)[None, :])[0] for r in reps], dtype=float)
+        draws = np.stack([effect(r, idx) for r in reps])
+    return n, points, draws
+
+
 def paired_effect(replicates: list[dict], effect: Callable[[dict, np.ndarray], np.ndarray], seed: int = 0) -> dict:
     """An effect and its interval (see the module docstring). ``replicates``: per seed, the
     models' per-image arrays (name -> (correct, robust)) over the same test images, in the
@@ -101,18 +115,13 @@ def paired_effect(replicates: list[dict], effect: Callable[[dict, np.ndarray], n
     them share (the first n). ``effect(models, idx)`` gives the effect on the images
     ``idx`` (shape (B, n): one draw a row) as B numbers. A seed whose effect is undefined
     (DR of AOI 0) is left out. Returns effect, lo, hi, images, seeds, covers, and df."""
-    n = min(len(c) for r in replicates for c, _ in r.values())
-    reps = [{k: (c[:n], r[:n]) for k, (c, r) in rep.items()} for rep in replicates]
-    idx = _draws(n, seed)
-    with warnings.catch_warnings():  # where DR is undefined (AOI 0), NaN stays
-        warnings.simplefilter("ignore", RuntimeWarning)
-        points = np.array([effect(r, np.arange(n)[None, :])[0] for r in reps], dtype=float)
-        keep = ~np.isnan(points)
-        draws = np.stack([effect(r, idx) for r, k in zip(reps, keep) if k]) if keep.any() else np.empty((0, 0))
+    n, points, draws = seed_effects(replicates, effect, seed)
+    keep = ~np.isnan(points)
     out = {"images": n, "seeds": int(keep.sum()), "covers": COVERS_IMAGES if keep.sum() < 2 else COVERS_RUNS}
     if not keep.any():
         return {"effect": float("nan"), "lo": float("nan"), "hi": float("nan"), "df": None, **out}
     point = float(points[keep].mean())
+    draws = draws[keep]
     if keep.sum() == 1:
         lo, hi = _interval(draws[0])
         return {"effect": point, "lo": lo, "hi": hi, "df": None, **out}

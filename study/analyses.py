@@ -339,6 +339,31 @@ class Analyst:
             out[f"{a}|{b}"] = _bottom_and_all(per_layer)
             if chance:
                 out["chance"] = _bottom_and_all(chance)
+        if self.spec.cca.resamples and len(names) > 1:
+            bottom = next(iter(acts[names[0]]))
+            out["bottom_draws"] = self._bottom_draws({n: acts[n][bottom] for n in names}, pairs)
+        return out
+
+    def _bottom_draws(self, acts: dict, pairs: list) -> dict:
+        """The bottom layer's SVCCA of each pair, and its chance level (the first pair's
+        rows shuffled), on bootstrap draws of the images: the same draws for every pair and
+        every seed (a generator of their own), so the CCA claim pairs them."""
+        spec = self.spec.cca
+        first = next(iter(acts.values()))
+        per_image = len(layer_rows(first[:1]))
+        images = len(first)
+        draw_g, row_g = torch.Generator().manual_seed(0), torch.Generator().manual_seed(self.seed)
+        out: dict = {f"{a}|{b}": [] for a, b in pairs} | {"chance": [], "images": images}
+        rows_of = {n: layer_rows(t) for n, t in acts.items()}
+        for _ in range(spec.resamples):
+            pick = torch.randint(0, images, (images,), generator=draw_g)
+            rows = (pick[:, None] * per_image + torch.arange(per_image)).flatten()
+            rows = rows[torch.randperm(len(rows), generator=row_g)[: spec.max_rows]]
+            for a, b in pairs:
+                out[f"{a}|{b}"].append(svcca(rows_of[a][rows], rows_of[b][rows], spec.keep))
+            a, b = pairs[0]
+            shuffled = rows[torch.randperm(len(rows), generator=row_g)]
+            out["chance"].append(svcca(rows_of[a][rows], rows_of[b][shuffled], spec.keep))
         return out
 
     def _uap(self, key: str, name: str, ckpt: str, snapshots: list, png: str) -> dict:
@@ -602,6 +627,8 @@ def _metrics(result: dict) -> dict:
     m = {}
     for key, a in result.get("datasets", {}).items():
         for pair, v in a.get("cca", {}).items():
+            if "bottom" not in v:  # the bootstrap draws
+                continue
             tag = pair.replace("|", "_vs_").replace("-", "")
             m[f"cca/{key}/{tag}/bottom"] = v["bottom"]
             m[f"cca/{key}/{tag}/all"] = v["all"]

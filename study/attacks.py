@@ -3,7 +3,10 @@
 Names follow the paper: ``pgd10_linf_0.5`` is PGD with 10 steps at eps = 0.5/255,
 ``fgsm_linf_2.0`` one signed-gradient step at 2/255, ``autoattack_linf_0.5`` the
 standard AutoAttack (the original implementation, PyPI ``pyautoattack``); L2 eps is in
-[0, 1]-pixel L2 norm (``pgd10_l2_3.0``). PGD's step size defaults to the paper's
+[0, 1]-pixel L2 norm (``pgd10_l2_3.0``). ``strong_linf_0.5`` is the strong evaluation:
+the worst case of the paper's PGD-10, PGD-50 from a random start with 5 restarts and the
+standard AutoAttack, each run on the images the ones before it left unbroken (cheapest
+first), so an image counts as robust only when it survives all three. PGD's step size defaults to the paper's
 1.25 * eps / steps, starting from the clean image as in the iterative attack of Kurakin
 et al. (2017) that the paper cites for PGD-10. Why no random start by default: with one,
 the paper's step travels 1.25 eps in all, so a coordinate that starts near -eps cannot
@@ -16,14 +19,17 @@ counts as broken as soon as *any* iterate -- the random start included -- is
 misclassified, and from then on it costs no compute; adversarial training calls the
 same engine with ``early_stop=False`` and gets the last iterate of every sample.
 
-Mixed precision (``precision``: ``auto`` | ``fp32`` | ``bf16``): an evaluation may take
-its ascent steps in bfloat16, which halves the cost of a step where the hardware has
-bf16 units (CUDA, or a CPU with AVX512-BF16/AMX), while keeping every verdict in fp32:
+Mixed precision (``precision``: ``fp32``, the default, | ``bf16`` | ``auto``): an
+evaluation may take its ascent steps in bfloat16, which halves the cost of a step where
+the hardware has bf16 units (CUDA, or a CPU with AVX512-BF16/AMX), while keeping every
+verdict in fp32:
 bf16 logits only *propose* that a sample broke, and the sample counts as broken only
 when an fp32 forward pass of that very iterate confirms it; otherwise it stays in the
 attack. The last iterate of every sample is judged in fp32 alone. So AAI is never
 lowered by rounding -- at worst bf16 misses a break at a middle iterate that fp32 would
-have seen there, which the benchmark checks against the reference's AAI.
+have seen there. It is not the default: at a small eps one bf16 step moves only part of
+the input's coordinates (the rounding of x + step), so the search itself is weaker and
+AAI can only come out higher (``benchmarks/attack_precision.py`` measures the gap).
 ``auto`` means bf16 for evaluation where it is fast, fp32 otherwise; adversarial
 training (``early_stop=False``) uses fp32 unless ``bf16`` is asked for.
 """
@@ -42,7 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 _NAME = re.compile(
-    r"^(?:(?P<pgd>pgd)(?P<steps>\d+)|(?P<fgsm>fgsm)|(?P<aa>autoattack))"
+    r"^(?:(?P<pgd>pgd)(?P<steps>\d+)|(?P<fgsm>fgsm)|(?P<aa>autoattack)|(?P<strong>strong))"
     r"_(?P<norm>linf|l2)_(?P<eps>\d+(?:\.\d+)?)$"
 )
 
@@ -53,7 +59,7 @@ class AttackError(ValueError):
 
 @dataclass(frozen=True)
 class Attack:
-    kind: str  # "pgd" | "fgsm" | "autoattack"
+    kind: str  # "pgd" | "fgsm" | "autoattack" | "strong"
     norm: str  # "linf" | "l2"
     eps: float  # as written: 1/255 units for linf, pixel L2 norm for l2
     steps: int = 10
@@ -62,7 +68,7 @@ class Attack:
     rel_step: float = 1.25  # step size = rel_step * eps / steps (the paper's 1.25)
     targeted: bool = False
     max_images: int | None = None  # a cap of its own (AutoAttack on CPU needs one)
-    precision: str = "auto"  # of the ascent steps; verdicts are always fp32 (see above)
+    precision: str = "fp32"  # of the ascent steps; verdicts are always fp32 (see above)
     loss: str = "ce"  # what the steps ascend: cross-entropy, or "cw" (C&W's margin)
 
     @property
@@ -120,7 +126,8 @@ def parse_attack(spec) -> Attack:
     eps: 1.0, random_start: true, restarts: 2, rel_step: 2.5, targeted: true, loss: cw,
     max_images: 64, precision: fp32}`` (``eps`` there overrides the name's). AutoAttack
     takes only ``eps`` and ``max_images``: its standard version fixes everything else,
-    its losses included. ``precision`` is not part of the name: it changes the
+    its losses included; the strong evaluation those two and ``precision`` (of its PGD
+    members). ``precision`` is not part of the name: it changes the
     arithmetic, not the attack."""
     options = {}
     if isinstance(spec, dict):
@@ -136,10 +143,11 @@ def parse_attack(spec) -> Attack:
             raise AttackError(f"attack {spec!r}: eps must not be negative")
         raise AttackError(
             f"unknown attack {spec!r} (expected pgd<steps>_<linf|l2>_<eps>, "
-            f"fgsm_<linf|l2>_<eps> or autoattack_<linf|l2>_<eps>, e.g. pgd10_linf_0.5)"
+            f"fgsm_<linf|l2>_<eps>, autoattack_<linf|l2>_<eps> or strong_<linf|l2>_<eps>, e.g. pgd10_linf_0.5)"
         )
-    if m["aa"]:
-        base = Attack("autoattack", m["norm"], float(m["eps"]), steps=0, random_start=False, rel_step=1.0)
+    if m["aa"] or m["strong"]:
+        kind = "autoattack" if m["aa"] else "strong"
+        base = Attack(kind, m["norm"], float(m["eps"]), steps=0, random_start=False, rel_step=1.0)
     elif m["fgsm"]:
         base = Attack("fgsm", m["norm"], float(m["eps"]), steps=1, random_start=False, rel_step=1.0)
     else:
@@ -149,7 +157,9 @@ def parse_attack(spec) -> Attack:
         base = Attack("pgd", m["norm"], float(m["eps"]), steps=steps)
     number, integer, flag = ((int, float), "a number"), (int, "an integer"), (bool, "true or false")
     allowed = {"eps": number, "max_images": integer}
-    if not m["aa"]:
+    if m["strong"]:
+        allowed["precision"] = (str, "one of auto, fp32, bf16")
+    elif not m["aa"]:
         allowed.update(
             restarts=integer,
             random_start=flag,
@@ -256,6 +266,7 @@ class Outcome:
     fooled: torch.Tensor  # bool per sample: misclassified (untargeted) or hit (targeted)
     grad_norm: torch.Tensor  # input-gradient norm at the first step (gradient-masking check)
     notes: list = field(default_factory=list)  # warnings of AutoAttack's own checks
+    tally: dict = field(default_factory=dict)  # the strong evaluation's: member -> [attacked, broke]
 
 
 def _success(logits, labels, targeted: bool):
@@ -281,10 +292,11 @@ def perturb(
     was_training = model.training
     model.eval()
     try:
-        if attack.kind == "autoattack":
+        if attack.kind in ("autoattack", "strong"):
             if not early_stop:
-                raise AttackError(f"{attack.name}: AutoAttack evaluates; it cannot train")
-            return _autoattack(model, x.detach(), y, attack, generator)
+                raise AttackError(f"{attack.name}: {attack.kind} evaluates; it cannot train")
+            run = _autoattack if attack.kind == "autoattack" else _worst_case
+            return run(model, x.detach(), y, attack, generator)
         return _pgd(model, x.detach(), y, attack, target, early_stop, generator)
     finally:
         model.train(was_training)
@@ -613,7 +625,8 @@ class _Collect(logging.Handler):
 
 
 def _autoattack(model, x, y, attack, generator) -> Outcome:
-    """The standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) of the original package.
+    """The standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) of the original package
+    (targeting every other class where a task has fewer than 10).
     Its own checks (randomised or dynamic defences, zero gradients, Square beating the
     gradient attacks) come back as notes instead of log lines."""
     if attack.eps == 0:  # APGD divides by eps; at eps = 0 the only adversary is x itself
@@ -631,6 +644,10 @@ def _autoattack(model, x, y, attack, generator) -> Outcome:
         device=x.device,
         seed=seed,
     )
+    with torch.no_grad():
+        classes = model(x[:1]).shape[1]
+    if classes <= aa.apgd_targeted.n_target_classes:  # the standard version targets 9 classes: fewer exist here
+        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = classes - 1
     collect, logger = _Collect(), aa.logger
     saved = logger.level, logger.propagate
     logger.addHandler(collect)
@@ -646,6 +663,42 @@ def _autoattack(model, x, y, attack, generator) -> Outcome:
         logger.propagate = saved[1]
     notes = [r.getMessage() for r in collect.records if r.levelno >= logging.WARNING]
     return Outcome(x_adv.detach(), y_adv != y, _input_grad_norm(model, x, y), notes)
+
+
+def members(attack: Attack) -> list[Attack]:
+    """The strong evaluation's attacks at its norm and eps, cheapest first: the paper's
+    PGD-10, PGD-50 from a random start with 5 restarts (step 2.5 eps / 50, Madry et
+    al.'s, so a run can cross the ball), and the standard AutoAttack."""
+    kw = dict(norm=attack.norm, eps=attack.eps)
+    return [
+        Attack("pgd", steps=10, precision=attack.precision, **kw),
+        Attack("pgd", steps=50, restarts=5, random_start=True, rel_step=2.5, precision=attack.precision, **kw),
+        Attack("autoattack", steps=0, rel_step=1.0, **kw),
+    ]
+
+
+def _worst_case(model, x, y, attack, generator) -> Outcome:
+    """The strong evaluation of one batch: each member attacks only the samples that every
+    member before it left correct and unbroken; a sample is broken by the first that
+    breaks it. ``tally``: member -> [samples attacked, samples it broke]."""
+    with torch.no_grad():
+        alive = model(x).argmax(1) == y
+    x_adv, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    grad_norm = torch.full((len(x),), float("nan"), device=x.device)
+    notes, tally = [], {}
+    for i, member in enumerate(members(attack)):
+        idx = alive.nonzero().flatten()
+        tally[member.name] = [len(idx), 0]
+        if not len(idx):
+            continue
+        out = perturb(model, x[idx], y[idx], member, generator=generator)
+        if i == 0:
+            grad_norm[idx] = out.grad_norm.to(grad_norm.dtype)
+        hit = idx[out.fooled]
+        x_adv[hit], fooled[hit], alive[hit] = out.x_adv[out.fooled].to(x_adv.dtype), True, False
+        tally[member.name][1] = len(hit)
+        notes += [m for m in out.notes if m not in notes]
+    return Outcome(x_adv, fooled, grad_norm, notes, tally)
 
 
 def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int | None = None, seed: int = 0) -> dict:
@@ -670,7 +723,7 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
             yield x, y, None
 
     correct, robust = {}, {}  # by arrival id
-    notes, vanished, max_delta, in_range = [], 0, 0.0, True
+    notes, vanished, max_delta, in_range, tally = [], 0, 0.0, True, {}
     start = time.perf_counter()
 
     def account(ids, x0, x_adv, ok, fooled, grad_norm):
@@ -689,13 +742,15 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
     was = model.training
     model.eval()
     try:
-        if attack.kind == "autoattack":  # batch by batch, as the package works
+        if attack.kind in ("autoattack", "strong"):  # batch by batch, as the package works
             first = 0
             for x, y, _ in capped():
                 with torch.no_grad():
                     ok = model(x).argmax(1) == y
                 out = perturb(model, x, y, attack, generator=generator)
                 notes += [m for m in out.notes if m not in notes]
+                for name, (attacked, broke) in out.tally.items():
+                    tally[name] = [a + b for a, b in zip(tally.get(name, [0, 0]), (attacked, broke))]
                 ids = torch.arange(first, first + len(x))
                 first += len(x)
                 account(ids, x, out.x_adv, ok, out.fooled, out.grad_norm)
@@ -711,6 +766,7 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
     aai = 100.0 * float(robust.sum()) / max(n, 1)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = None if attack.kind == "autoattack" else step_dtype(attack, device, early_stop=True)
+    extra = {"members": [{"attack": k, "attacked": a, "broke": b} for k, (a, b) in tally.items()]} if tally else {}
     return {
         "attack": attack.name,
         "images": n,
@@ -726,6 +782,7 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
         "seconds": time.perf_counter() - start,
         "correct": correct,
         "robust": robust,
+        **extra,
     }
 
 

@@ -327,6 +327,9 @@ class FinetuneSpec(_Strict):
     dm: DMSpec = Field(default_factory=DMSpec)
     trades: TradesSpec = Field(default_factory=TradesSpec)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)  # held out of train for model selection
+    # the validation images the strong evaluation attacks to choose a λ method's λ (all of
+    # them if unset; AutoAttack on a CPU needs a cap)
+    val_attack_images: int | None = Field(None, gt=0)
     # the partial fine-tune's BatchNorm: train (batch statistics, running statistics that
     # follow the target, as the authors' code) or frozen (eval mode, the source's statistics)
     partial_bn: Literal["train", "frozen"] = "train"
@@ -387,6 +390,7 @@ class CCASpec(_Strict):
     images: int = Field(512, gt=1)  # test images whose activations are compared
     max_rows: int = Field(4096, gt=1)  # spatial positions sampled per layer (SVCCA rows)
     keep: float = Field(0.99, gt=0, le=1)  # variance the SVD step keeps
+    resamples: int = Field(100, ge=0)  # bootstrap draws of the images for the bottom layer's SVCCA (the CCA claim)
 
 
 class UAPSpec(_Strict):

@@ -87,15 +87,15 @@ def needed(p: Pilot, max_images: int, cost=None) -> tuple[int, int] | None:
 
 
 def pilots(df: pd.DataFrame, masks: dict) -> list[tuple[str, dict, str, Pilot]]:
-    """(claim, unit, its label, Pilot) of claims 1 and 2 for every unit of a run with
-    per-image results."""
+    """(claim, unit, its label, Pilot) of claims 1 and 2 on Table 1's attack (DR, and
+    claim 2's AOI) for every unit of a run with per-image results."""
     every = claims.units(df[df.attack == TABLE1_ATTACK]) if len(df) else []
     out = []
-    for claim, a, b, what, _ in claims.DR_CLAIMS:
+    for _, claim, a, b, what, effect in claims.PAIR_CLAIMS:
         for unit in claims.once(df, every, (a, b)):
             reps = claims.replicates_of(df, masks, unit, {a: a, b: b})
             if reps:
-                out.append((f"{claim} ({what})", unit, claims.label(unit, every), pilot_of(reps, claims.dr_gap(a, b))))
+                out.append((f"{claim} ({what})", unit, claims.label(unit, every), pilot_of(reps, effect)))
     return out
 
 
@@ -112,7 +112,7 @@ def lines(found: list[tuple[str, dict, str, Pilot]], max_images, hours=None) -> 
             cost = lambda s, n, unit=unit: hours(unit, s, n)  # noqa: E731
         spread = f"spread between runs sd {np.sqrt(p.between):.1f}" if p.seeds > 1 else "spread between runs unknown"
         head = (
-            f"{claim}, {name}: pilot {p.effect:+.1f} DR points over {p.seeds} seed{'s' if p.seeds > 1 else ''} × "
+            f"{claim}, {name}: pilot {p.effect:+.1f} points over {p.seeds} seed{'s' if p.seeds > 1 else ''} × "
             f"{p.images} images ({spread})"
         )
         got = needed(p, cap, cost) if p.effect == p.effect and p.effect != 0 else None

@@ -78,16 +78,13 @@ METHODS = {
 }
 TABLE1 = ("scratch", "partial", "full")
 TABLE1_ATTACK = "pgd10_linf_0.5"  # the paper's attack of Tables 1, 3, 4 and 5: PGD-10 at 0.5/255
+# the strong evaluation at the same eps (study.attacks.members: the worst case of PGD-10,
+# PGD-50 with restarts and AutoAttack): what chooses DM's λ on validation, and what the
+# defense claim rests on where a job runs it
+STRONG_ATTACK = "strong_linf_0.5"
 TABLE5 = ("full", "at_stage1", "at_stage2", "at_stage12", "kd_stage2", "dm_stage12", "trades_stage2")
-DEFENSES = (
-    "at_stage1",
-    "at_stage2",
-    "at_stage12",
-    "kd_stage2",
-    "dm_stage2",
-    "dm_stage12",
-    "trades_stage2",
-)  # rivals of claim 5
+RIVALS = ("at_stage1", "at_stage2", "at_stage12", "kd_stage2")  # claim 5's: the defenses the paper compares DM with
+OTHER_RIVALS = ("dm_stage2", "trades_stage2")  # compared with DM on a line of their own: not in the paper
 DEFAULT_LAMBDA = 500.0
 # DM "guarantees" AOI (the paper): its λ is chosen among those whose validation accuracy,
 # and claim 5 holds DM to a test AOI, at most this many points below the full fine-tune's

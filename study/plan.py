@@ -27,13 +27,13 @@ import torch
 from torch.nn import functional as F
 
 from study import sweep, weights
-from study.attacks import parse_attack
+from study.attacks import members, parse_attack
 from study.config import JobConfig, parse
 from study.data.registry import build_split, get_info, resolve_params
 from study.engine import autocast
 from study.fastcopy import inference_copy
 from study.files import atomic_write_text
-from study.methods import METHODS
+from study.methods import METHODS, STRONG_ATTACK
 from study.models import build_model
 from study.objectives import KINDS
 from study.stages import resolve_device
@@ -208,8 +208,17 @@ def _attack_steps(spec) -> int:
     name = str(spec).split("[")[0]
     if name == "standard":
         return 0
-    a = parse_attack(name)
-    return AUTOATTACK_STEPS if a.kind == "autoattack" else a.steps * a.restarts
+    return steps_of(parse_attack(name))
+
+
+def steps_of(a) -> int:
+    """Gradient passes per image of an attack, at most: early exit, and the strong
+    evaluation attacking only what its cheaper members left, only lower it."""
+    if a.kind == "autoattack":
+        return AUTOATTACK_STEPS
+    if a.kind == "strong":
+        return sum(steps_of(m) for m in members(a))
+    return a.steps * a.restarts
 
 
 def estimate(cfg: JobConfig, costs: dict) -> dict:
@@ -227,8 +236,7 @@ def estimate(cfg: JobConfig, costs: dict) -> dict:
         total = 0.0
         for a in cfg.eval.suite(method, key, seed):
             n = min(x for x in (n_test, cap, a.max_images) if x is not None)
-            steps = AUTOATTACK_STEPS if a.kind == "autoattack" else a.steps * a.restarts
-            total += n * (steps * k["attack"] + 2 * k["infer"])
+            total += n * (steps_of(a) * k["attack"] + 2 * k["infer"])
         return total + n_test * k["infer"]
 
     stages = []
@@ -272,6 +280,9 @@ def estimate(cfg: JobConfig, costs: dict) -> dict:
         step_cost = k["infer"] if METHODS[p["method"]].trains == "g" else k["train"]
         s = spec.epochs * (n_train * (step_cost + steps * k["attack"]) + size[0] * ft.val_fraction * k["infer"])
         s += suite_seconds(b, key, p["method"], size[1], p["seed"])
+        if KINDS[METHODS[p["method"]].kind].uses_lambda and sweep.lambda_rivals(cfg, p):  # chosen under the strong one
+            n_val = min(x for x in (size[0] * ft.val_fraction, ft.val_attack_images) if x is not None)
+            s += n_val * steps_of(parse_attack(STRONG_ATTACK)) * k["attack"]
         seconds += s
     return {
         "trials": len(pts),

@@ -116,8 +116,16 @@ def paired_effect(replicates: list[dict], effect: Callable[[dict, np.ndarray], n
     ``idx`` (shape (B, n): one draw a row) as B numbers. A seed whose effect is undefined
     (DR of AOI 0) is left out. Returns effect, lo, hi, images, seeds, covers, and df."""
     n, points, draws = seed_effects(replicates, effect, seed)
+    return {"images": n, **combine(points, draws)}
+
+
+def combine(points: np.ndarray, draws: np.ndarray) -> dict:
+    """The interval of an effect from each seed's value (``points``) and its bootstrap
+    draws over images (seeds × draws, the same images drawn for every seed), as
+    ``paired_effect`` describes; also for effects that are not per-image masks (SVCCA)."""
+    points, draws = np.asarray(points, dtype=float), np.asarray(draws, dtype=float)
     keep = ~np.isnan(points)
-    out = {"images": n, "seeds": int(keep.sum()), "covers": COVERS_IMAGES if keep.sum() < 2 else COVERS_RUNS}
+    out = {"seeds": int(keep.sum()), "covers": COVERS_IMAGES if keep.sum() < 2 else COVERS_RUNS}
     if not keep.any():
         return {"effect": float("nan"), "lo": float("nan"), "hi": float("nan"), "df": None, **out}
     point = float(points[keep].mean())

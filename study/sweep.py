@@ -46,7 +46,7 @@ from study import distributed, tracking
 from study.config import Distribution, JobConfig, parse
 from study.data.loaders import holdout
 from study.engine import Trainer
-from study.methods import METHODS, TABLE1_ATTACK
+from study.methods import METHODS, STRONG_ATTACK
 from study.models import build_model, load_checkpoint, save_checkpoint, unwrap
 from study.objectives import KINDS
 from study.stages import Job, Trained, evaluate_trained, evaluated, finish_model, log, resolve_device
@@ -317,7 +317,7 @@ def _fine_tune(job: Job, stage: Trained, p: dict, sources: dict, context: dict) 
         ]
         extra = {"snapshots": snaps, "steps": total, "f_l1": feature_l1(trainer.model, val_loader)}
         tracking.log_metric("f_l1", extra["f_l1"])
-        if KINDS[METHODS[p["method"]].kind].uses_lambda:
+        if KINDS[METHODS[p["method"]].kind].uses_lambda and lambda_rivals(cfg, p):
             extra |= validation_attack(job, trainer.model, val_loader)
             tracking.log_metric("val_AAI", extra["val_AAI"])
         finish_model(job, stage, run, trainer.model, test_loader, trainer.history, extra=extra)
@@ -339,9 +339,18 @@ def feature_l1(model, val_loader) -> float:
     return total / max(n, 1)
 
 
+def lambda_rivals(cfg: JobConfig, p: dict) -> bool:
+    """Whether another λ of the sweep competes with this point's for its method (else the
+    validation attack that chooses λ has nothing to choose and is not run)."""
+    same = ("dataset", "backbone", "method")
+    return any(q["lam"] != p["lam"] for q in _space_points(cfg) if all(q[k] == p[k] for k in same))
+
+
 def validation_attack(job: Job, model, val_loader) -> dict:
-    """Table 1's attack on the validation images: what chooses a λ method's λ
-    (``results.choose_lambda``), so the choice never sees the test split."""
+    """The strong evaluation at Table 1's eps on the validation images (at most
+    ``finetune.val_attack_images``): what chooses a λ method's λ (``results.choose_lambda``),
+    so the choice never sees the test split, and a λ whose model merely resists the
+    paper's PGD-10 (gradient masking) is not rewarded for it."""
     from study.attacks import parse_attack
     from study.evaluate import evaluate
 
@@ -349,7 +358,12 @@ def validation_attack(job: Job, model, val_loader) -> dict:
     rec = next(
         r
         for r in evaluate(
-            model, val_loader, [parse_attack(TABLE1_ATTACK)], seed=job.cfg.seed, fast_copy=job.cfg.eval.fast_copy
+            model,
+            val_loader,
+            [parse_attack(STRONG_ATTACK)],
+            max_images=job.cfg.finetune.val_attack_images,
+            seed=job.cfg.seed,
+            fast_copy=job.cfg.eval.fast_copy,
         )
         if not r["probe"]
     )

@@ -60,6 +60,25 @@ def test_cca_reports_its_chance_level():
     chance = out["chance"]
     assert set(chance["layers"]) == {"layer1", "layer2"} and 0.0 < chance["bottom"] < 0.6
     assert chance["all"] < out["one|other"]["all"] < 1.0
+    # the CCA claim: the fine-tuned model computes what the pre-trained one does, not the
+    # standard model's; bootstrap draws of the images for every pair and seed
+    from study import claims
+
+    analyst.spec = SimpleNamespace(cca=CCASpec(images=24, max_rows=600, resamples=40))
+    trio = {"fine-tuned": "x", "pre-trained": "y", "standard": "z"}
+    seeds = {}
+    for seed in (0, 1):
+        analyst.seed = seed
+        seeds[str(seed)] = {"datasets": {"alphabet": {"cca": analyst._cca("alphabet", trio)}}}
+    draws = seeds["0"]["datasets"]["alphabet"]["cca"]["bottom_draws"]
+    assert draws["images"] == 24 and all(len(draws[k]) == 40 for k in ("fine-tuned|pre-trained", "chance"))
+    judged = claims.by_id(claims.judge(pd.DataFrame(), {"seeds": seeds}, {}), "cca")
+    assert judged["verdict"] == "agree" and "above chance" in judged["detail"]
+    assert "24 images, 2 seeds" in judged["detail"]
+    swapped = {"fine-tuned": "x", "pre-trained": "z", "standard": "y"}  # closer to the standard model
+    analyst.seed = 0
+    one = {"seeds": {"0": {"datasets": {"alphabet": {"cca": analyst._cca("alphabet", swapped)}}}}}
+    assert claims.by_id(claims.judge(pd.DataFrame(), one, {}), "cca")["verdict"] == "disagree"
 
 
 def test_uap_transfer_and_mmd_run_with_imported_weights_when_the_source_data_is_there(tmp_path):
@@ -188,12 +207,12 @@ def test_claims_are_judged_by_their_paired_intervals():
     assert verdicts({"scratch": (92, 40), "full": (90, 80)})[0] == "disagree"
     assert verdicts({"scratch": (90, 60), "full": (90, 60)}, n=100)[0] == "inconclusive"  # noise
     df, masks = _fake_results({"scratch": (90, 80), "full": (92, 40)}, seeds=(0,))
-    one = claims.judge(df, {}, masks)[0]
+    one = claims.by_id(claims.judge(df, {}, masks), "1-dr")
     assert one["datasets"][0]["seeds"] == 1 and one["datasets"][0]["images"] == 200
     assert one["datasets"][0]["lo"] < one["datasets"][0]["effect"] < one["datasets"][0]["hi"]
     two = {"seeds": {"0": {"datasets": {"alphabet": {"mmd": {"mmd2": 0.1}}, "near": {"mmd": {"mmd2": 0.5}}}}}}
     df2 = pd.concat([df, df.assign(dataset="near", DR=df.DR * 1.5)])
-    mmd = claims.judge(df2, two, masks)[3]
+    mmd = claims.by_id(claims.judge(df2, two, masks), "4-mmd")
     assert mmd["verdict"] == "inconclusive" and "at least 3" in mmd["detail"]  # two points give ρ = ±1
     three = {
         "seeds": {
@@ -211,10 +230,10 @@ def test_claims_are_judged_by_their_paired_intervals():
             for i, d in enumerate(("alphabet", "near", "far", "farther", "farthest"))
         ]
     )
-    ranked = claims.judge(df5, three, masks)[3]
+    ranked = claims.by_id(claims.judge(df5, three, masks), "4-mmd")
     assert ranked["rho"] == pytest.approx(1.0) and ranked["p"] < 0.05 and ranked["verdict"] == "agree"
     df3 = df5[df5.dataset.isin(["alphabet", "near", "far"])]
-    small = claims.judge(df3, three, masks)[3]  # ρ = 1 over three: p = 2/3! at best
+    small = claims.by_id(claims.judge(df3, three, masks), "4-mmd")  # ρ = 1 over three: p = 2/3! at best
     assert (
         small["rho"] == pytest.approx(1.0) and small["p"] == pytest.approx(1 / 3) and small["verdict"] == "inconclusive"
     )
@@ -273,7 +292,7 @@ def test_a_merged_report_never_mixes_jobs_backbones_or_source_data():
     assert len(t4) == 7 and [r for r in t4 if "cifar10" in r] == [
         "| table4 | cifar10 | resnet18 | pets | 70.00 [" + t4[-1].split("70.00 [")[1]
     ]
-    first = claims.judge(df, {}, masks)[0]  # full vs standard: table1's models only
+    first = claims.by_id(claims.judge(df, {}, masks), "1-dr")  # full vs standard: table1's models only
     assert [d["unit_job"] for d in first["datasets"]] == ["table1", "table1"]
     assert all(
         d["effect"] == pytest.approx(100 * (92 - 40) / 92 - 100 * (90 - 80) / 90, abs=0.01) for d in first["datasets"]
@@ -343,7 +362,7 @@ def test_dm_lambda_is_chosen_on_validation_and_judged_by_the_papers_claim():
 
     def fives(models):  # three seeds: two leave Student's t at 12.7 and nothing conclusive
         df, masks = _fake_results(models, seeds=(0, 1, 2))
-        return claims.judge(df, {}, masks)[4]
+        return claims.by_id(claims.judge(df, {}, masks), "5")
 
     good = fives({"full": (92, 40), "at_stage2": (85, 60), "dm_stage12": (90, 85)})
     assert good["verdict"] == "agree" and "AOI DM − full" in good["detail"]
@@ -423,14 +442,28 @@ def test_report_page_has_every_table_figure_and_claim(tmp_path):
     assert len(list((tmp_path / "report").glob("fig*.png"))) == 4
     checked = json.loads((tmp_path / "report" / "claims.json").read_text())
     # no per-image UAP masks: claim 3 cannot be judged; one target: MMD neither
-    assert [c["verdict"] for c in checked] == ["agree", "agree", "inconclusive", "inconclusive", "agree"]
-    assert html.count('class="claim"') == 5 and "200 test images, 3 seeds" in html
+    verdicts = {c["id"]: c["verdict"] for c in checked}
+    assert verdicts == {
+        "1-dr": "agree",
+        "1-aai:pgd10_linf_0.5": "agree",
+        "2-dr": "agree",
+        "2-aoi": "agree",
+        "3-transfer": "inconclusive",
+        "3-standard": "inconclusive",
+        "cca": "inconclusive",  # no bootstrap draws
+        "4-mmd": "inconclusive",
+        "capacity": "inconclusive",  # one backbone
+        "source": "inconclusive",  # one source
+        "5": "agree",
+        "5-others": "inconclusive",  # no DM@stage-2 or TRADES
+    }
+    assert html.count('class="claim"') == len(checked) and "200 test images, 3 seeds" in html
     assert "92.00 [" in html and "test images and training runs" in html and "one training run" not in html
     # a run that contradicts a claim says so
     worse, worse_masks = _fake_results(
         {**{m: v for m, v in [("at_stage2", (85, 70))]}, "dm_stage12": (88, 20)}, seeds=(0, 1, 2)
     )
-    assert claims.judge(worse, found, worse_masks)[4]["verdict"] == "disagree"
+    assert claims.by_id(claims.judge(worse, found, worse_masks), "5")["verdict"] == "disagree"
 
     _screenshot(page, tmp_path)
 
@@ -457,7 +490,7 @@ def test_the_demo_report_opens_with_every_table_figure_and_a_verdict_per_claim(t
     for f in ("fig3", "fig4", "fig5", "fig6"):
         assert f'id="{f}"' in html
     checked = claims.judge(df, found, {})
-    assert len(checked) == 5 and html.count('class="claim"') == 5
+    assert len(checked) == 16 and html.count('class="claim"') == 16  # claim 1 under each of Table 2's 5 attacks
     # a run from before per-image results and replicates: no claim can be judged, and each says why
     assert {c["verdict"] for c in checked} == {"inconclusive"} and all(c["detail"] for c in checked), checked
     _screenshot(page, tmp_path)
@@ -515,7 +548,7 @@ def test_a_model_two_jobs_share_counts_once_and_mmd_goes_with_its_own_job():
     again = df.assign(job="table5_eq4")  # the same models, reported by the second job
     both = pd.concat([df, again], ignore_index=True)
     assert len(claims.units(both)) == 2
-    first = claims.judge(both, {}, masks)[0]
+    first = claims.by_id(claims.judge(both, {}, masks), "1-dr")
     assert [d["unit_job"] for d in first["datasets"]] == ["table5"] and "of 1 dataset" in first["detail"]
 
     found = {
@@ -535,3 +568,55 @@ def test_a_model_two_jobs_share_counts_once_and_mmd_goes_with_its_own_job():
     assert claims.mmd_for(mmd, unit) == [0.2] and claims.mmd_for(mmd, {**unit, "job": "other"}) == [0.9]
     old = {"seeds": {"0": {"datasets": {"alphabet": {"mmd": {"mmd2": 0.4}}}}}}  # before MMD named its job
     assert claims.mmd_for(claims.mmd_by_unit(old), unit) == [0.4]
+
+
+def test_every_finding_of_the_paper_is_judged():
+    """Claim 1 on AAI per attack, claim 2 on AOI, claim 3's second half, capacity (Table 3)
+    and source data (Table 4): each a line with its interval, agreeing where the numbers
+    say so and saying what is missing where they cannot."""
+    from study import claims
+
+    rng = np.random.default_rng(5)
+    df, masks = _fake_results({"scratch": (90, 80), "partial": (60, 5), "full": (92, 40)}, seeds=(0, 1, 2))
+    # the standard model under FGSM too: AAI gap as under PGD-10
+    extra = df[df.attack == "pgd10_linf_0.5"].assign(attack="fgsm_linf_0.5")
+    fg = pd.concat([df, extra], ignore_index=True)
+    masks_fg = {k: {**v, "fgsm_linf_0.5": v["pgd10_linf_0.5"]} for k, v in masks.items()}
+    checked = claims.judge(fg, {}, masks_fg)
+    fgsm = claims.by_id(checked, "1-aai:fgsm_linf_0.5")
+    assert fgsm["verdict"] == "agree" and fgsm["datasets"][0]["effect"] == pytest.approx(40.0)
+    assert claims.by_id(checked, "2-aoi")["verdict"] == "agree"  # 92 against 60
+    assert claims.by_id(checked, "1-aai:pgd10_linf_0.5")["verdict"] == "agree"
+
+    # claim 3's second half: the standard model's DR under the pre-trained UAP below TRIVIAL_DR
+    def uap(standard_robust):
+        ft, st = _bits(300, 270, 90, rng), _bits(300, 270, standard_robust, rng)
+        transfer = {"uap_transfer": {"masks": {"fine-tuned": ft, "standard": st}}}
+        return {"seeds": {"0": {"datasets": {"alphabet": transfer}}}}
+
+    calm = claims.judge(df, uap(268), masks)  # DR 0.7
+    assert [claims.by_id(calm, k)["verdict"] for k in ("3-standard", "3-transfer")] == ["agree", "agree"]
+    stirred = claims.by_id(claims.judge(df, uap(150), masks), "3-standard")  # DR 44
+    assert stirred["verdict"] == "disagree" and "10 − standard model's DR under it" in stirred["detail"]
+
+    # capacity: three backbones of one target, DR falling as they grow
+    parts = [
+        _fake_results({"full": (90, aai)}, seeds=(0, 1, 2), rng_seed=i, dataset="pets", backbone=b, source_data="in")
+        for i, (b, aai) in enumerate((("resnet18", 20), ("resnet50", 40), ("resnet101", 60)))
+    ]
+    cap_df = pd.concat([p[0] for p in parts], ignore_index=True)
+    cap_masks = {k: v for _, m in parts for k, v in m.items()}
+    cap = claims.by_id(claims.judge(cap_df, {}, cap_masks), "capacity")
+    assert cap["verdict"] == "agree" and "resnet18, resnet50, resnet101" in cap["detail"]
+    assert claims.by_id(claims.judge(df, {}, masks), "capacity")["detail"].startswith("needs full fine-tunes")
+
+    # source data: ImageNet-10animals (the job's animals10) against CIFAR10, as Table 4
+    parts = [
+        _fake_results({"full": (90, aai)}, seeds=(0, 1, 2), rng_seed=i, dataset="nico", source_data=src)
+        for i, (src, aai) in enumerate((("animals10", 30), ("cifar10", 60)))
+    ]
+    src_df = pd.concat([p[0] for p in parts], ignore_index=True)
+    src_masks = {k: v for _, m in parts for k, v in m.items()}
+    source = claims.by_id(claims.judge(src_df, {}, src_masks), "source")
+    assert source["verdict"] == "agree" and "DR from imagenet10animals − from cifar10" in source["detail"]
+    assert "AOI imagenet10animals − cifar10 +0.0" in source["detail"]

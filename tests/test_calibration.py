@@ -29,11 +29,11 @@ def test_intervals_cover_the_gap_and_rarely_agree_without_one(seeds, spread):
 
 def test_one_seed_says_its_interval_covers_test_images_only():
     df, masks = simulate.study(simulate.masks_for(np.random.default_rng(0), 1, 200, 8.0, 0.0))
-    claim = claims.judge(df, {}, masks)[0]
+    claim = claims.by_id(claims.judge(df, {}, masks), "1-dr")
     assert claim["covers"] == stats.COVERS_IMAGES and claims.qualifier(claim) == "one training run"
     assert "one training run: the interval covers test images only" in claim["detail"]
     df, masks = simulate.study(simulate.masks_for(np.random.default_rng(0), 3, 200, 8.0, 0.0))
-    claim = claims.judge(df, {}, masks)[0]
+    claim = claims.by_id(claims.judge(df, {}, masks), "1-dr")
     assert claim["covers"] == stats.COVERS_RUNS and claims.qualifier(claim) == ""
     assert claim["datasets"][0]["df"] == 2
 
@@ -69,7 +69,7 @@ def test_the_evidence_a_verdict_needs_is_what_a_new_study_of_that_size_gets():
 
     def verdict() -> str:
         df, masks = simulate.study(simulate.masks_for(rng, seeds, images, 8.0, 0.0))
-        return claims.judge(df, {}, masks)[0]["datasets"][0]["verdict"]
+        return claims.by_id(claims.judge(df, {}, masks), "1-dr")["datasets"][0]["verdict"]
 
     agree = sum(verdict() == "agree" for _ in range(100))
     assert 70 <= agree <= 90, (seeds, images, agree)

@@ -93,6 +93,7 @@ def test_comparisons_use_the_common_images_only():
 def test_probe_and_plan():
     suite = [parse_attack(n) for n in ("autoattack_linf_0.5", "fgsm_linf_2.0", "pgd10_linf_0.5")]
     assert eps0_probe(suite).name == "fgsm_linf_0.0"
+    assert eps0_probe([parse_attack("pgd10_linf_0.5")]).name == "pgd2_linf_0.0"  # at eps 0 nothing breaks: 2 steps
     runs = plan(suite, 1000, 0)
     assert [r[2] for r in runs] == [False, False, False, True] and runs[-1][1] == 256
     assert len({r[3] for r in runs}) == 4 and plan(suite, 1000, 1)[0][3] != runs[0][3]

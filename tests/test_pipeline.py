@@ -55,10 +55,13 @@ JOB = {
             "fgsm_linf_0.5",
             "pgd3_linf_16.0",
             {"name": "autoattack_linf_16.0", "max_images": 6},
+            # the strong evaluation (PGD-10, PGD-50 x 5 restarts, AutoAttack) on a few images
+            {"name": "strong_linf_0.5", "max_images": 4, "methods": ["scratch", "full"]},
         ],
     },
 }
 ATTACKS = ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0", "autoattack_linf_16.0"]
+STRONG = {"scratch", "full"}
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +119,9 @@ def test_results_table(tiny_run):
     attacked = df[df.attack.notna()]
     assert attacked.stage.drop_duplicates().tolist() == clean.stage.tolist()
     for _, group in attacked.groupby("stage", sort=False):
-        assert group.attack.tolist() == ATTACKS
-        assert group.images.tolist() == [40, 40, 40, 6]
+        strong = group.method.iloc[0] in STRONG
+        assert group.attack.tolist() == ATTACKS + ["strong_linf_0.5"] * strong
+        assert group.images.tolist() == [40, 40, 40, 6] + [4] * strong
         assert (group.AAI <= group.AOI).all()
         some = group.AOI > 0  # DR is undefined (empty) where nothing was right to begin with
         dr = 100 * (group.AOI - group.AAI) / group.AOI
@@ -133,6 +137,7 @@ def test_results_table(tiny_run):
     assert "## Table 1" in md and "## Table 2" in md and "## Sanity checks" in md
     assert "## Stage 1: pre-trained backbones on the source task" in md
     assert "## Stage 2 sweep: every trial" in md and md.count("| ✓ |") == 3
+    assert "AAI worst case" in md and "*worst case*: the strong evaluation" in md
     assert "| shapes | vit_tiny_p4 | standard |" in md
     assert "full fine-tune | " in md and "(2.90)" in md and "(75.83)" in md
     sanity = pd.read_csv(out / "sanity.csv")
@@ -144,6 +149,7 @@ def test_results_table(tiny_run):
         "autoattack_le_pgd",
         "monotone_eps",
         "no_vanishing_gradients",
+        "pgd_near_worst",
     } <= set(sanity.flag)
     for name in ("in_ball", "in_range", "aai_le_aoi", "eps0_aai_eq_aoi"):  # these must hold
         assert sanity[sanity.flag == name].passed.all(), name
@@ -293,7 +299,7 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     spans = sorted((t["started"], t["ended"]) for t in tasks)
     assert any(b[0] < a_[1] for a_, b in zip(spans, spans[1:]))
     page = (out / "report" / "index.html").read_text()
-    assert page.count('class="claim"') == 5 and page.count("<figure") == 4
+    assert page.count('class="claim"') == 6 and page.count("<figure") == 4
     # study report: the same page rebuilt from what MLflow holds
     rebuilt = tmp_path / "report"
     assert cli.main(["report", "--from", str(out), "--experiment", "tiny", "--out", str(rebuilt)]) == 0

@@ -25,6 +25,7 @@ the piece.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -105,6 +106,13 @@ def family(backbone: str) -> Family:
     return BACKBONES[backbone]
 
 
+@functools.cache
+def parameters(backbone: str) -> int:
+    """The trunk's parameter count (f, without the classifier): Table 3's capacity."""
+    trunk, _ = family(backbone).build(backbone)
+    return sum(p.numel() for p in trunk.parameters())
+
+
 def _fold_pairs(block: nn.Module, pairs) -> None:
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -126,10 +134,12 @@ def _split(prefix: str) -> Callable[[dict], tuple[dict, dict]]:
 @register
 class ResNet(Family):
     """torchvision's ResNets: stem conv1-bn1-relu-maxpool, stages layer1..layer4, global
-    average pooling; the classifier fc becomes g."""
+    average pooling; the classifier fc becomes g. ``resnet10``: torchvision's ResNet with
+    one basic block per stage (half of ResNet-18's layers), for the demo on a CPU; no
+    ImageNet weights exist for it."""
 
     name = "resnet"
-    variants = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2")
+    variants = ("resnet10", "resnet18", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2")
     stages = ("layer1", "layer2", "layer3", "layer4")
     fast_copy = True
     signature = "layer1.0.conv1.weight"
@@ -139,7 +149,12 @@ class ResNet(Family):
     def build(variant: str, resolution: int | None = None):
         import torchvision.models as tvm
 
-        trunk = getattr(tvm, variant)(weights=None)  # any resolution: the pooling is global
+        if variant == "resnet10":
+            from torchvision.models.resnet import BasicBlock
+
+            trunk = tvm.ResNet(BasicBlock, [1, 1, 1, 1])
+        else:
+            trunk = getattr(tvm, variant)(weights=None)  # any resolution: the pooling is global
         width = trunk.fc.in_features
         trunk.fc = nn.Identity()
         return trunk, width
@@ -271,7 +286,12 @@ class _Features(Family):
     def build(cls, variant: str, resolution: int | None = None):
         import torchvision.models as tvm
 
-        trunk = getattr(tvm, variant)(weights=None)  # any resolution: the pooling is global
+        if variant == "resnet10":
+            from torchvision.models.resnet import BasicBlock
+
+            trunk = tvm.ResNet(BasicBlock, [1, 1, 1, 1])
+        else:
+            trunk = getattr(tvm, variant)(weights=None)  # any resolution: the pooling is global
         parent = trunk
         for name in cls.HEAD[:-1]:
             parent = getattr(parent, name)

@@ -409,7 +409,14 @@ def _dm_against(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict], ca
         else "inconclusive"
     )
     strong = attack == STRONG_ATTACK
-    under = "worst case of the strong evaluation" if strong else f"{attack} only (no strong evaluation)"
+    some = any(len(picks(df, unit, m, STRONG_ATTACK)) for m in methods.values())
+    under = (
+        "worst case of the strong evaluation"
+        if strong
+        else f"{attack} only (the strong evaluation did not run on every model and seed compared)"
+        if some
+        else f"{attack} only (no strong evaluation)"
+    )
     return {
         **_unit_fields(unit, every),
         "what": f"AAI DM@stage-1&2 − best of {', '.join(METHODS[m].label for m in rivals)}",

@@ -701,6 +701,34 @@ def _worst_case(model, x, y, attack, generator) -> Outcome:
     return Outcome(x_adv, fooled, grad_norm, notes, tally)
 
 
+def _capped(batches, cap: int | None):
+    """The first ``cap`` images of ``batches`` (all without a cap), as stream chunks."""
+    seen = 0
+    for x, y in batches:
+        if cap is not None:
+            if seen >= cap:
+                return
+            x, y = x[: cap - seen], y[: cap - seen]
+        seen += len(x)
+        yield x, y, None
+
+
+def _batchwise(model, chunks, attack: Attack, generator, account) -> tuple[list, dict]:
+    """AutoAttack and the strong evaluation, batch by batch as the package works: each
+    batch's outcome to ``account``; their notes, and the strong evaluation's tally."""
+    notes, tally, first = [], {}, 0
+    for x, y, _ in chunks:
+        with torch.no_grad():
+            ok = model(x).argmax(1) == y
+        out = perturb(model, x, y, attack, generator=generator)
+        notes += [m for m in out.notes if m not in notes]
+        for name, counts in out.tally.items():
+            tally[name] = [a + b for a, b in zip(tally.get(name, [0, 0]), counts)]
+        account(torch.arange(first, first + len(x)), x, out.x_adv, ok, out.fooled, out.grad_norm)
+        first += len(x)
+    return notes, tally
+
+
 def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int | None = None, seed: int = 0) -> dict:
     """AOI, AAI and DR (percent) of ``model`` under ``attack`` on the same images, plus what
     the sanity checks need: per-sample clean and robust correctness, the largest
@@ -711,17 +739,6 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
     caps = [c for c in (max_images, attack.max_images) if c is not None]
     cap = min(caps) if caps else None
     generator = torch.Generator().manual_seed(seed)
-    seen = {"n": 0}
-
-    def capped():
-        for x, y in batches:
-            if cap is not None:
-                if seen["n"] >= cap:
-                    return
-                x, y = x[: cap - seen["n"]], y[: cap - seen["n"]]
-            seen["n"] += len(x)
-            yield x, y, None
-
     correct, robust = {}, {}  # by arrival id
     notes, vanished, max_delta, in_range, tally = [], 0, 0.0, True, {}
     start = time.perf_counter()
@@ -742,20 +759,10 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
     was = model.training
     model.eval()
     try:
-        if attack.kind in ("autoattack", "strong"):  # batch by batch, as the package works
-            first = 0
-            for x, y, _ in capped():
-                with torch.no_grad():
-                    ok = model(x).argmax(1) == y
-                out = perturb(model, x, y, attack, generator=generator)
-                notes += [m for m in out.notes if m not in notes]
-                for name, (attacked, broke) in out.tally.items():
-                    tally[name] = [a + b for a, b in zip(tally.get(name, [0, 0]), (attacked, broke))]
-                ids = torch.arange(first, first + len(x))
-                first += len(x)
-                account(ids, x, out.x_adv, ok, out.fooled, out.grad_norm)
+        if attack.kind in ("autoattack", "strong"):
+            notes, tally = _batchwise(model, _capped(batches, cap), attack, generator, account)
         else:
-            for out, fooled in _Stream(model, capped(), attack, True, generator):
+            for out, fooled in _Stream(model, _capped(batches, cap), attack, True, generator):
                 account(out.ids, out.x0, out.cur, out.correct, fooled, out.gn)
     finally:
         model.train(was)

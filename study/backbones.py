@@ -139,7 +139,7 @@ class ResNet(Family):
     ImageNet weights exist for it."""
 
     name = "resnet"
-    variants = ("resnet10", "resnet18", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2")
+    variants = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2", "resnet10")
     stages = ("layer1", "layer2", "layer3", "layer4")
     fast_copy = True
     signature = "layer1.0.conv1.weight"

@@ -125,7 +125,7 @@ JOB = {
         "actors": 1,
         "images": 16,
         "snapshots": [0.5],
-        "cca": {"images": 16, "max_rows": 128},
+        "cca": {"images": 16, "max_rows": 128, "resamples": 0},
         "uap": {"steps": 2, "train_images": 16},
         "mmd": {"images": 16},
         "ll": {"images": 4, "steps": 1},

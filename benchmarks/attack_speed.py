@@ -29,17 +29,24 @@ from pathlib import Path
 import torch
 
 
-def find_model(out: Path, method: str) -> tuple[Path, Path]:
-    """The checkpoint of the ``method`` model of a finished job in OUT, and its test .beton."""
-    for record in sorted((out / "checkpoints").glob(f"finetune-*-{method}-*.json")):
-        if record.name.endswith(".eval.json"):
-            continue
-        ckpt = record.with_suffix(".pt")
-        dataset = record.name.split("-")[1]
-        beton = out / "data" / dataset / "test.beton"
-        if ckpt.is_file() and beton.is_file():
-            return ckpt, beton
-    sys.exit(f"no finished '{method}' model in {out}/checkpoints: run ./run.sh demo first")
+def find_model(out: Path, method: str, dataset: str = "alphabet") -> tuple[Path, Path]:
+    """The checkpoint of the chosen ``method`` model on the dataset key ``dataset`` (seed 0,
+    the first in results.csv) of a finished job in OUT, and its test .beton. Found through
+    results.csv: a checkpoint's file name holds the dataset's name, which two keys may share
+    (the demo's letters is an alphabet)."""
+    import csv
+
+    table = out / "results.csv"
+    if table.is_file():
+        with table.open() as fh:
+            for row in csv.DictReader(fh):
+                pick = row["method"] == method and row["dataset"] == dataset and not row["attack"]
+                if pick and row.get("chosen", "True") == "True":
+                    ckpt = next((out / "checkpoints").glob(f"*-{row['stage']}.pt"), None)
+                    beton = out / "data" / dataset / "test.beton"
+                    if ckpt is not None and beton.is_file():
+                        return ckpt, beton
+    sys.exit(f"no finished '{method}' model on '{dataset}' in {out}: run ./run.sh demo first")
 
 
 def sync(device: torch.device) -> None:

@@ -286,7 +286,7 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     assert all(0 <= a["cca"][p]["bottom"] <= 1 and 0 <= a["cca"][p]["all"] <= 1 for p in pairs)
     assert all(0 <= v <= 1 + 1e-9 for p in pairs for v in a["cca"]["bottom_draws"][p])
     # SVCCA over the ViT's four stages, one row per patch token
-    assert all(list(v["layers"]) == ["block_q1", "block_q2", "block_q3", "block_q4"] for v in a["cca"].values())
+    assert all(list(a["cca"][p]["layers"]) == ["block_q1", "block_q2", "block_q3", "block_q4"] for p in pairs)
     assert "chance bottom" in (out / "report" / "index.md").read_text()  # the analyses table shows it
     assert set(a["uap"]) == {"full", "scratch"} and set(a["ll"]) == {"pre-trained", "standard", "fine-tuned"}
     for u in a["uap"].values():  # the bound holds, and the snapshots along training were attacked
@@ -301,7 +301,11 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     spans = sorted((t["started"], t["ended"]) for t in tasks)
     assert any(b[0] < a_[1] for a_, b in zip(spans, spans[1:]))
     page = (out / "report" / "index.html").read_text()
-    assert page.count('class="claim"') == 6 and page.count("<figure") == 4
+    checked = json.loads((out / "report" / "claims.json").read_text())
+    # every finding: claim 1 on DR and on AAI under each Table 2 attack the job ran (PGD-10 and
+    # FGSM at 0.5/255), 2 (DR, AOI), 3 (two halves), CCA, 4, capacity, source, 5 and 5's others
+    assert len(checked) == 13 and page.count('class="claim"') == 13 and page.count("<figure") == 4
+    assert {c["id"] for c in checked} >= {"1-aai:fgsm_linf_0.5", "cca", "capacity", "source", "5-others"}
     # study report: the same page rebuilt from what MLflow holds
     rebuilt = tmp_path / "report"
     assert cli.main(["report", "--from", str(out), "--experiment", "tiny", "--out", str(rebuilt)]) == 0

@@ -7,7 +7,7 @@ pass, its attack, and a forward pass on the adversarial images; this engine runs
 ``robust_accuracy``. Timings are the median of interleaved repeats
 after a warm-up. Run it on a demo model:
 
-    ./run.sh demo                         # once, to have a full fine-tuned ResNet-18
+    ./run.sh demo                         # once, to have a full fine-tuned model
     uv run --group bench python benchmarks/attack_speed.py --out runs/demo
 
 It prints, per eps, both times, the speed ratio (reference time / ours), the range of

@@ -19,17 +19,15 @@ elsewhere oneDNN emulates it and the ratio drops below 1.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attack_speed import find_model, sync  # noqa: E402  (the same demo model and clock)
+from attack_speed import add_model_args, model_and_batches, sync  # noqa: E402  (the same demo model and clock)
 
 
 def run(model, batches, name: str, precision: str, seed: int) -> dict:
@@ -38,47 +36,28 @@ def run(model, batches, name: str, precision: str, seed: int) -> dict:
     return robust_accuracy(model, batches, parse_attack({"name": name, "precision": precision}), seed=seed)
 
 
-def gap_interval(fp32: np.ndarray, bf16: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of mean(bf16) − mean(fp32) robust, images resampled in pairs."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(fp32), size=(draws, len(fp32)))
-    diffs = 100.0 * (bf16[idx].mean(1) - fp32[idx].mean(1))
-    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+def aai_gap(res: dict) -> dict:
+    """AAI with bf16 minus with fp32 and its 95 % paired bootstrap interval over the images
+    (study.stats.paired_effect on one run, as the claims draw it)."""
+    from study.claims import rate_gap
+    from study.stats import paired_effect
+
+    models = {p: (r["correct"].numpy(), r["robust"].numpy()) for p, r in res.items()}
+    return paired_effect([models], rate_gap("bf16", "fp32", 1))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/demo", type=Path, help="a finished demo OUT")
-    ap.add_argument("--method", default="full", help="which model of OUT (default: full fine-tune)")
-    ap.add_argument("--images", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=256)
+    add_model_args(ap)
     ap.add_argument("--eps", type=float, nargs="+", default=[0.5, 2.0], help="L-inf eps in 1/255")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
-    from study.data.loaders import make_loader
     from study.fastcopy import inference_copy
-    from study.models import load_checkpoint
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    ckpt, beton = find_model(args.out, args.method)
-    model = load_checkpoint(ckpt).eval().to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    ckpt, beton, model, batches = model_and_batches(args)
     model = inference_copy(model)  # what evaluate attacks
-    side = json.loads(beton.with_suffix(".json").read_text())["resolution"][0]
-    loader = make_loader(beton, train=False, resolution=side, batch_size=args.batch_size, workers=2)
-    batches, n = [], 0
-    for x, y in loader:
-        x, y = x[: args.images - n].contiguous().to(device, copy=True), y[: args.images - n].to(device, copy=True)
-        batches.append((x, y))  # FFCV reuses its buffers: copies
-        n += len(y)
-        if n >= args.images:
-            break
+    device, n = torch.device(args.device), sum(len(y) for _, y in batches)
     print(f"model {ckpt.name}, {n} images of {beton.parent.name}, batch {args.batch_size}, {device}")
     print(
         f"{'attack':>18} {'AOI':>6} {'AAI fp32':>9} {'AAI bf16':>9} {'gap [95 % CI]':>22} "
@@ -98,8 +77,8 @@ def main(argv=None) -> int:
                 sync(device)
                 times[precision].append(time.perf_counter() - t)
         a, b = (res[p]["robust"].numpy() for p in ("fp32", "bf16"))
-        lo, hi = gap_interval(a, b)
-        gap = 100.0 * (b.mean() - a.mean())
+        g = aai_gap(res)
+        gap, lo, hi = g["effect"], g["lo"], g["hi"]
         t32, t16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
         print(
             f"{name:>18} {res['fp32']['AOI']:6.2f} {res['fp32']['AAI']:9.2f} {res['bf16']['AAI']:9.2f} "

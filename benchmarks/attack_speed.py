@@ -82,12 +82,45 @@ def ours(model, batches, attack, seed):
     return r["AOI"], r["AAI"]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The options that pick the model and images (shared with attack_precision.py)."""
     ap.add_argument("--out", default="runs/demo", type=Path, help="a finished demo OUT")
     ap.add_argument("--method", default="full", help="which model of OUT (default: full fine-tune)")
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_and_batches(args) -> tuple[Path, Path, torch.nn.Module, list]:
+    """The model ``args`` name (eval mode, no weight gradients: no side needs them) and the
+    first ``args.images`` test images as batches on its device, copied (FFCV reuses its
+    buffers); the same tensors for every side."""
+    from study.data.loaders import make_loader
+    from study.models import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    ckpt, beton = find_model(args.out, args.method)
+    model = load_checkpoint(ckpt).eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    side = json.loads(beton.with_suffix(".json").read_text())["resolution"][0]
+    loader = make_loader(beton, train=False, resolution=side, batch_size=args.batch_size, workers=2)
+    batches, n = [], 0
+    for x, y in loader:
+        x, y = x[: args.images - n].contiguous().to(device, copy=True), y[: args.images - n].to(device, copy=True)
+        batches.append((x, y))
+        n += len(y)
+        if n >= args.images:
+            break
+    return ckpt, beton, model, batches
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(ap)
     ap.add_argument(
         "--eps",
         type=float,
@@ -95,9 +128,6 @@ def main(argv=None) -> int:
         default=[0.5, 2.0, 0.01],
         help="L-inf eps in 1/255 (0.01: almost no sample breaks)",
     )
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
         "--random-start", action="store_true", help="both sides start at a random point of the ball (Madry's PGD)"
     )
@@ -106,27 +136,9 @@ def main(argv=None) -> int:
     import torchattacks  # noqa: F401  (fail early: uv run --group bench ...)
 
     from study.attacks import parse_attack
-    from study.data.loaders import make_loader
-    from study.models import load_checkpoint
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    ckpt, beton = find_model(args.out, args.method)
-    model = load_checkpoint(ckpt).eval().to(device)
-    for p in model.parameters():  # neither side needs weight gradients
-        p.requires_grad_(False)
-    side = json.loads(beton.with_suffix(".json").read_text())["resolution"][0]
-    loader = make_loader(beton, train=False, resolution=side, batch_size=args.batch_size, workers=2)
-    batches, n = [], 0
-    for x, y in loader:  # the same tensors for both sides
-        x, y = (
-            x[: args.images - n].contiguous().to(device, copy=True),
-            y[: args.images - n].to(device, copy=True),
-        )  # FFCV reuses its buffers
-        batches.append((x, y))
-        n += len(y)
-        if n >= args.images:
-            break
+    ckpt, beton, model, batches = model_and_batches(args)
+    device, n = torch.device(args.device), sum(len(y) for _, y in batches)
     print(
         f"model {ckpt.name} ({model.backbone_name}), {n} images of {beton.parent.name}, "
         f"batch {args.batch_size}, {device}"

@@ -355,15 +355,15 @@ class Analyst:
         draw_g, row_g = torch.Generator().manual_seed(0), torch.Generator().manual_seed(self.seed)
         out: dict = {f"{a}|{b}": [] for a, b in pairs} | {"chance": [], "images": images}
         rows_of = {n: layer_rows(t) for n, t in acts.items()}
+        a0, b0 = pairs[0]  # the chance level's pair
         for _ in range(spec.resamples):
             pick = torch.randint(0, images, (images,), generator=draw_g)
             rows = (pick[:, None] * per_image + torch.arange(per_image)).flatten()
             rows = rows[torch.randperm(len(rows), generator=row_g)[: spec.max_rows]]
             for a, b in pairs:
                 out[f"{a}|{b}"].append(svcca(rows_of[a][rows], rows_of[b][rows], spec.keep))
-            a, b = pairs[0]
             shuffled = rows[torch.randperm(len(rows), generator=row_g)]
-            out["chance"].append(svcca(rows_of[a][rows], rows_of[b][shuffled], spec.keep))
+            out["chance"].append(svcca(rows_of[a0][rows], rows_of[b0][shuffled], spec.keep))
         return out
 
     def _uap(self, key: str, name: str, ckpt: str, snapshots: list, png: str) -> dict:

@@ -361,12 +361,14 @@ def _mmd_claim(df: pd.DataFrame, found: dict, every: list[dict]) -> dict:
     }
 
 
-def strongest(df: pd.DataFrame, masks: dict, unit: dict, methods: dict) -> str:
-    """The attack a robustness claim on ``methods`` in ``unit`` rests on: the strong
-    evaluation (worst case) at Table 1's eps where every seed that has all the models was
-    evaluated by it, the paper's PGD-10 otherwise."""
+def strongest(df: pd.DataFrame, masks: dict, unit: dict, methods: dict) -> tuple[str, list[dict]]:
+    """The attack a robustness claim on ``methods`` in ``unit`` rests on, and its
+    replicates (``replicates_of``): the strong evaluation (worst case) at Table 1's eps
+    where every seed that has all the models was evaluated by it, the paper's PGD-10
+    otherwise."""
+    paper = replicates_of(df, masks, unit, methods)
     strong = replicates_of(df, masks, unit, methods, STRONG_ATTACK)
-    return STRONG_ATTACK if strong and len(strong) == len(replicates_of(df, masks, unit, methods)) else TABLE1_ATTACK
+    return (STRONG_ATTACK, strong) if strong and len(strong) == len(paper) else (TABLE1_ATTACK, paper)
 
 
 def _dm_against(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict], candidates) -> dict | None:
@@ -381,8 +383,7 @@ def _dm_against(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict], ca
         return None
     with_full = {"full": "full"} if len(picks(df, unit, "full", TABLE1_ATTACK)) else {}
     methods = {"dm": "dm_stage12", **with_full, **{m: m for m in rivals}}
-    attack = strongest(df, masks, unit, methods)
-    reps = replicates_of(df, masks, unit, methods, attack)
+    attack, reps = strongest(df, masks, unit, methods)
     if not reps:
         return None
 

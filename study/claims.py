@@ -30,7 +30,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from study import stats
+from study import corruptions, stats
 from study.backbones import parameters
 from study.methods import AOI_MARGIN, DEFAULT_LAMBDA, METHODS, OTHER_RIVALS, RIVALS, STRONG_ATTACK, TABLE1_ATTACK
 from study.report.paper import SOURCE_ALIAS, TABLE2_ATTACKS
@@ -110,9 +110,11 @@ def replicates_of(df: pd.DataFrame, masks: dict, unit: dict, methods: dict, atta
     return models_by_seed(df, masks, {name: (unit, m) for name, m in methods.items()}, attack)
 
 
-def models_by_seed(df: pd.DataFrame, masks: dict, wanted: dict, attack: str = TABLE1_ATTACK) -> list[dict]:
+def models_by_seed(df: pd.DataFrame, masks: dict, wanted: dict, attack: str = TABLE1_ATTACK, arrays=None) -> list[dict]:
     """``replicates_of`` for models of several units (of one target's test images):
-    ``wanted``: name -> (unit, method)."""
+    ``wanted``: name -> (unit, method). ``arrays(name -> the model's masks of every
+    attack)`` gives name -> (correct, robust) where not one attack's masks are wanted
+    (``corrupted``), or None where the models lack what it needs."""
     out = []
     seeds = df.seed.dropna().unique().tolist() if "seed" in df and df.seed.notna().any() else [None]
     for seed in seeds:
@@ -120,13 +122,40 @@ def models_by_seed(df: pd.DataFrame, masks: dict, wanted: dict, attack: str = TA
         rows = {name: picks(one, unit, m, attack) for name, (unit, m) in wanted.items()}
         if any(not len(r) for r in rows.values()):
             continue
-        got = {name: masks.get(r.iloc[0].stage, {}).get(attack) for name, r in rows.items()}
-        if any(g is None for g in got.values()):
-            continue
-        arrays = {name: _arrays(g) for name, g in got.items()}
-        n = min(len(c) for c, _ in arrays.values())
-        out.append({name: (c[:n], r[:n]) for name, (c, r) in arrays.items()})
+        if arrays is not None:
+            got = arrays({name: masks.get(r.iloc[0].stage, {}) for name, r in rows.items()})
+            if got is None:
+                continue
+        else:
+            got = {name: masks.get(r.iloc[0].stage, {}).get(attack) for name, r in rows.items()}
+            if any(g is None for g in got.values()):
+                continue
+            got = {name: _arrays(g) for name, g in got.items()}
+        n = min(len(c) for c, _ in got.values())
+        out.append({name: (c[:n], r[:n]) for name, (c, r) in got.items()})
     return out
+
+
+def corrupted(models: dict) -> dict | None:
+    """name -> (clean correctness, the share of the corruption items each image is right
+    under) over the items every model has (None where they share none): the per-image
+    accuracy under corruption that the corruption claims pair over images."""
+    shared = set.intersection(*({k for k in m if corruptions.parse(k)} for m in models.values()))
+    if not shared:
+        return None
+    shared = sorted(shared)
+    out = {}
+    for name, m in models.items():
+        rob = [stats.mask(m[k]["robust"]) for k in shared]
+        n = min(len(r) for r in rob)
+        out[name] = (stats.mask(m[shared[0]]["correct"])[:n], np.mean([r[:n] for r in rob], axis=0))
+    return out
+
+
+def corruption_item(df: pd.DataFrame) -> str | None:
+    """A corruption item this run evaluated (the rows ``picks`` finds a model by), if any."""
+    names = [a for a in df.attack.dropna().unique() if corruptions.parse(a)] if "attack" in df else []
+    return names[0] if names else None
 
 
 def _tally(per_dataset: list[dict], most: bool) -> str:
@@ -574,6 +603,82 @@ def _source_claim(df: pd.DataFrame, masks: dict, every: list[dict]) -> dict:
     }
 
 
+CORRUPTION_CLAIM = (
+    "Fine-tuned models are less robust to common corruptions than standard ones: the full fine-tune's "
+    "corruption error is higher (not in the paper: Hendrycks & Dietterich's corruptions, the study's second question)."
+)
+# Otani & Yamada (2022): the architecture, not robust ImageNet training, carries corruption
+# robustness into downstream tasks; the CNN they compare with is ResNet-50
+ARCH_REFERENCE = "resnet50"
+ARCH_CONTENDERS = ("vit_b_16", "swin_t", "convnext_tiny")
+ARCH_CLAIM = (
+    "Under full fine-tuning, ViT-B/16, Swin-T and ConvNeXt-T lose less accuracy to common corruptions "
+    "than ResNet-50 (Otani & Yamada 2022: the architecture matters more than robust pre-training)."
+)
+
+
+def _corruption_claim(df: pd.DataFrame, masks: dict, every: list[dict]) -> dict:
+    """The full fine-tune's corruption error minus the standard model's, per unit: the mean
+    over images of each image's error share over the corruption items, paired over the
+    images and seeds."""
+    item = corruption_item(df)
+    per = []
+    for unit in once(df, every, ("scratch", "full")) if item else []:
+        reps = models_by_seed(df, masks, {m: (unit, m) for m in ("scratch", "full")}, item, corrupted)
+        if reps:
+            effect = stats.paired_effect(reps, rate_gap("scratch", "full", 1))
+            per.append({**_unit_fields(unit, every), "what": "corruption error full − standard", **effect})
+    missing = (
+        "needs eval.corruptions on a standard model and a full fine-tune of one unit"
+        if item
+        else "the job evaluates no corruptions (eval.corruptions)"
+    )
+    return {"id": "corruption", **_judge(CORRUPTION_CLAIM, per, missing)}
+
+
+def relative_error_gap(a: str, b: str):
+    """Relative corruption error (clean accuracy − accuracy under corruption, per image)
+    of model ``a`` minus model ``b``, in points."""
+
+    def effect(models, idx):
+        (ca, ra), (cb, rb) = models[a], models[b]
+        return 100.0 * ((ca[idx] - ra[idx]).mean(-1) - (cb[idx] - rb[idx]).mean(-1))
+
+    return effect
+
+
+def _architecture_claim(df: pd.DataFrame, masks: dict, every: list[dict]) -> dict:
+    """Per target (job, dataset, source data) with full fine-tunes of ResNet-50 and of a
+    contender: ResNet-50's relative corruption error minus the contender's, paired over
+    the images and seeds; one line per contender."""
+    item = corruption_item(df)
+    groups: dict = {}
+    for u in every:
+        groups.setdefault((u["job"], u["dataset"], u["source_data"]), {})[u["backbone"]] = u
+    per = []
+    for by_backbone in groups.values() if item else []:
+        ref = by_backbone.get(ARCH_REFERENCE)
+        for b in ARCH_CONTENDERS:
+            if ref is None or b not in by_backbone:
+                continue
+            wanted = {ARCH_REFERENCE: (ref, "full"), b: (by_backbone[b], "full")}
+            reps = models_by_seed(df, masks, wanted, item, corrupted)
+            if reps:
+                what = f"relative corruption error {ARCH_REFERENCE} − {b}"
+                per.append(
+                    {
+                        **_unit_fields({**by_backbone[b], "backbone": b}, every),
+                        "what": what,
+                        **stats.paired_effect(reps, relative_error_gap(ARCH_REFERENCE, b)),
+                    }
+                )
+    missing = (
+        f"needs eval.corruptions on full fine-tunes of {ARCH_REFERENCE} and of one of "
+        f"{', '.join(ARCH_CONTENDERS)} on one target (jobs/architectures.yaml)"
+    )
+    return {"id": "corruption-architecture", **_judge(ARCH_CLAIM, per, missing)}
+
+
 def judge(df: pd.DataFrame, found: dict, masks: dict) -> list[dict]:
     """Every finding of the paper, judged on this run's results, analyses and per-image
     masks (stage -> attack -> {correct, robust}, results.per_image); each has an ``id``."""
@@ -590,10 +695,13 @@ def judge(df: pd.DataFrame, found: dict, masks: dict) -> list[dict]:
         _source_claim(df, masks, every),
         {"id": "5", **_dm_claim(df, masks, every, RIVALS, DM_CLAIM, most=True)},
         {"id": "5-others", **_dm_claim(df, masks, every, OTHER_RIVALS, DM_OTHERS, most=True)},
+        _corruption_claim(df, masks, every),
+        _architecture_claim(df, masks, every),
     ]
 
 
 def by_id(checked: list[dict], cid: str) -> dict:
     """The judged claim of id ``cid`` ('1-dr', '1-aai:<attack>', '2-dr', '2-aoi',
-    '3-transfer', '3-standard', '4-mmd', 'capacity', 'source', 'cca', '5', '5-others')."""
+    '3-transfer', '3-standard', '4-mmd', 'capacity', 'source', 'cca', '5', '5-others',
+    'corruption', 'corruption-architecture')."""
     return next(c for c in checked if c.get("id") == cid)

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from study import corruptions
 from study.attacks import Attack, AttackError, parse_attack
 from study.data.registry import DatasetError, build_split, get_info, resolve_params
 from study.engine import OPTIMIZERS, TrainSettings, one_of
@@ -511,6 +512,41 @@ class AttackEntry(BaseModel):
         )
 
 
+class CorruptionsSpec(_Strict):
+    """The common corruptions a job evaluates (``study.corruptions``): ``names`` a subset
+    (``common``: ImageNet-C's 15, ``extra``: the 4 others, ``all``) or a list of names,
+    ``severities`` drawn from 1-5; ``max_images``, ``methods``, ``datasets`` and ``seeds``
+    limit them as they limit an attack."""
+
+    names: str | list[str] = "common"
+    severities: list[int] = Field(default_factory=lambda: list(corruptions.SEVERITIES))
+    max_images: int | None = Field(None, gt=0)
+    methods: list[str] | None = None
+    datasets: list[str] | None = None
+    seeds: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _known(self):
+        try:
+            corruptions.check(self.names, self.severities)
+        except corruptions.CorruptionError as err:
+            raise ValueError(str(err)) from None
+        if self.methods is not None and (not self.methods or any(m not in MODELS for m in self.methods)):
+            raise ValueError(f"methods must be a list drawn from {', '.join(MODELS)}, got {self.methods!r}")
+        return self
+
+    def items(self) -> list[corruptions.Corruption]:
+        names, severities = corruptions.check(self.names, self.severities)
+        return [corruptions.Corruption(n, s, self.max_images) for n in names for s in severities]
+
+    def applies(self, method: str | None, dataset: str | None, seed: int | None = None) -> bool:
+        return (
+            (method is None or self.methods is None or method in self.methods)
+            and (dataset is None or self.datasets is None or dataset in self.datasets)
+            and (seed is None or self.seeds is None or seed in self.seeds)
+        )
+
+
 class EvalSpec(_Strict):
     batch_size: int = Field(256, gt=0)
     max_images: int | None = Field(None, gt=0)  # cap on evaluated test images
@@ -520,6 +556,8 @@ class EvalSpec(_Strict):
     # `methods: [scratch, full]` limits an (expensive) attack to those models,
     # `datasets: [alphabet]` to those datasets
     attacks: list[AttackEntry] = Field(default_factory=list)
+    # common corruptions, e.g. {names: common, severities: [1, 3, 5]} (study.corruptions)
+    corruptions: CorruptionsSpec | None = None
 
     @field_validator("attacks")
     @classmethod
@@ -528,8 +566,13 @@ class EvalSpec(_Strict):
         return entries
 
     def suite(self, method: str | None = None, dataset: str | None = None, seed: int | None = None) -> list[Attack]:
-        """The attacks, or those that run on models of ``method`` on ``dataset`` (of replicate ``seed``)."""
-        return [e.attack for e in self.attacks if e.applies(method, dataset, seed)]
+        """The attacks, or those that run on models of ``method`` on ``dataset`` (of replicate
+        ``seed``), then the corruption items that do."""
+        out = [e.attack for e in self.attacks if e.applies(method, dataset, seed)]
+        c = self.corruptions
+        if c is not None and c.applies(method, dataset, seed):
+            out += c.items()
+        return out
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**31)]
@@ -709,6 +752,26 @@ class JobConfig(_Strict):
                     raise _FieldError(
                         f"eval.attacks[{i}].seeds",
                         f"{seed} is not a seed of the job (seeds: {', '.join(map(str, self.replicate_seeds()))})",
+                    )
+        c = self.eval.corruptions
+        if c is not None:
+            for d in c.datasets or ():
+                self._known_dataset("eval.corruptions.datasets", d)
+            for seed in c.seeds or ():
+                if seed not in self.replicate_seeds():
+                    raise _FieldError("eval.corruptions.seeds", f"{seed} is not a seed of the job")
+            evaluated = list(self.finetune.datasets if self.finetune else [])
+            trains = self.pretrain.weights is None and self.pretrain.dataset in self.datasets
+            if trains and (c.methods is None or "pretrain" in c.methods):  # stage 1's backbones meet the suite too
+                evaluated.append(self.pretrain.dataset)
+            for key in dict.fromkeys(evaluated):
+                side = self.resolution(key)
+                if (c.datasets is None or key in c.datasets) and side < corruptions.MIN_SIDE:
+                    first = c.items()[0].corruption
+                    raise _FieldError(
+                        "eval.corruptions",
+                        f"{first} cannot run on {key!r} at {side} px: the corruptions need at least "
+                        f"{corruptions.MIN_SIDE} px (limit them with datasets: [...], or raise its resolution)",
                     )
         return self
 

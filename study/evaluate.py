@@ -24,6 +24,9 @@ AutoAttack's own checks:
                           attack misses what stronger ones find (gradient masking, or a
                           step too short to cross the ball)
 
+Corruption items (``study.corruptions``) run through the same evaluation and records
+but take no flag: they have no eps-ball and no search whose strength could be checked.
+
 A failed flag is a finding to show, not an error: with the paper's PGD step (1.25 eps /
 steps) ``pgd_le_fgsm`` can fail on near-linear models, and that is worth seeing.
 """
@@ -35,6 +38,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from study import corruptions
 from study.attacks import Attack, robust_accuracy
 from study.fastcopy import inference_copy
 from study.files import config_hash
@@ -63,7 +67,7 @@ def mask_bits(t: torch.Tensor) -> str:
 
 def attack_key(attack: Attack, cap: int | None, seed: int) -> str:
     spec = asdict(attack)
-    if spec["loss"] == "ce":  # the default: keys from before the loss option stay valid
+    if spec.get("loss") == "ce":  # the default: keys from before the loss option stay valid
         del spec["loss"]
     return config_hash({"attack": spec, "cap": cap, "seed": seed})
 
@@ -111,7 +115,8 @@ def evaluate(
         if key not in cache:
             if frozen is None:  # one copy for the whole suite
                 frozen = inference_copy(model, fast_copy) if isinstance(model, StudyModel) else model
-            res = robust_accuracy(frozen, batches, attack, max_images=cap, seed=seed)
+            measure = corruptions.accuracy if attack.kind == "corruption" else robust_accuracy
+            res = measure(frozen, batches, attack, max_images=cap, seed=seed)
             rec = {k: v for k, v in res.items() if k not in ("correct", "robust")}
             rec.update(
                 correct=mask_bits(res["correct"]),
@@ -161,6 +166,7 @@ def _near_worst(rec: dict) -> Flag:
 
 def sanity_flags(records: list[dict]) -> list[Flag]:
     flags = []
+    records = [r for r in records if r["spec"]["kind"] != "corruption"]  # no eps-ball, no search to check
     main = [r for r in records if not r.get("probe")]
     for r in main:
         spec = r["spec"]

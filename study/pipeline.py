@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from study import analyses, distributed, locks, objectives, results, sweep, tracking
+from study import analyses, corruptions, distributed, locks, objectives, results, sweep, tracking
 from study.claims import judge, qualifier
 from study.config import JobConfig
 from study.data.beton import prepare
@@ -80,6 +80,20 @@ class _Table:
         self.masks[stage.key] = results.per_image(records)
         self.rows.extend(rows)
         self.sanity.extend(sanity)
+
+
+def _examples(job) -> dict | None:
+    """The first test image of the first fine-tuning target the job corrupts, under each of
+    its corruptions and severities (the report's example grid); None without corruptions."""
+    c, ft = job.cfg.eval.corruptions, job.cfg.finetune
+    keys = [k for k in (ft.datasets if ft else []) if c is not None and (c.datasets is None or k in c.datasets)]
+    if not keys:
+        return None
+    names, severities = corruptions.check(c.names, c.severities)
+    x, _ = next(iter(job.loader(keys[0], "test", 1, train=False)))
+    image = corruptions.to_uint8(x[:1])[0]
+    grid = corruptions.example_grid(image, names, severities, seed=job.cfg.seed, index=0)
+    return {"grid": grid, "names": list(names), "severities": list(severities), "dataset": keys[0]}
 
 
 def _stage1(job: Job, table: _Table) -> dict:
@@ -195,7 +209,9 @@ def _run(job: Job):
             if found:
                 tracking.log_metrics(analyses.metrics(found))
                 tracking.log_artifacts(out / "analyses", "analyses")
-            page = report_page.build(df, found, out / "report", title=cfg.name, masks=table.masks, checked=checked)
+            page = report_page.build(
+                df, found, out / "report", title=cfg.name, masks=table.masks, checked=checked, examples=_examples(job)
+            )
             tracking.log_artifact(out / "report" / "claims.json")
             tracking.log_artifacts(out / "report", "report")
             log(f"report: {page}")

@@ -439,7 +439,7 @@ def test_report_page_has_every_table_figure_and_claim(tmp_path):
         assert f"Table {n}" in html
     for f in ("fig3", "fig4", "fig5", "fig6"):
         assert f'id="{f}"' in html
-    assert len(list((tmp_path / "report").glob("fig*.png"))) == 4
+    assert len(list((tmp_path / "report").glob("fig*.png"))) == 5  # and the corruptions' (empty here)
     checked = json.loads((tmp_path / "report" / "claims.json").read_text())
     # no per-image UAP masks: claim 3 cannot be judged; one target: MMD neither
     verdicts = {c["id"]: c["verdict"] for c in checked}
@@ -456,6 +456,8 @@ def test_report_page_has_every_table_figure_and_claim(tmp_path):
         "source": "inconclusive",  # one source
         "5": "agree",
         "5-others": "inconclusive",  # no DM@stage-2 or TRADES
+        "corruption": "inconclusive",  # no corruptions evaluated
+        "corruption-architecture": "inconclusive",
     }
     assert html.count('class="claim"') == len(checked) and "200 test images, 3 seeds" in html
     assert "92.00 [" in html and "test images and training runs" in html and "one training run" not in html
@@ -486,11 +488,13 @@ def test_the_demo_report_opens_with_every_table_figure_and_a_verdict_per_claim(t
             f"Table {n}" in html
             and f"## Table {n}\n\n*This run has no models" not in (tmp_path / "report" / "index.md").read_text()
         )
-    assert sorted(p.name[:4] for p in (tmp_path / "report").glob("fig*.png")) == ["fig3", "fig4", "fig5", "fig6"]
+    figs = sorted(p.name[:4] for p in (tmp_path / "report").glob("fig*.png"))
+    assert figs == ["fig3", "fig4", "fig5", "fig6", "figc"]
     for f in ("fig3", "fig4", "fig5", "fig6"):
         assert f'id="{f}"' in html
     checked = claims.judge(df, found, {})
-    assert len(checked) == 16 and html.count('class="claim"') == 16  # claim 1 under each of Table 2's 5 attacks
+    # claim 1 under each of Table 2's 5 attacks, and the corruption findings (not run there)
+    assert len(checked) == 18 and html.count('class="claim"') == 18
     # a run from before per-image results and replicates: no claim can be judged, and each says why
     assert {c["verdict"] for c in checked} == {"inconclusive"} and all(c["detail"] for c in checked), checked
     _screenshot(page, tmp_path)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from study import cli
+from study import claims, cli
 from study.data.loaders import make_loader
 from study.engine import accuracy
 
@@ -58,10 +58,13 @@ JOB = {
             # the strong evaluation (PGD-10, PGD-50 x 5 restarts, AutoAttack) on a few images
             {"name": "strong_linf_0.5", "max_images": 4, "methods": ["full"]},
         ],
+        # common corruptions on the target (shapes' stage-1 backbone is left out)
+        "corruptions": {"names": ["gaussian_noise", "glass_blur"], "severities": [1, 5], "datasets": ["alphabet"]},
     },
 }
 ATTACKS = ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0", "autoattack_linf_16.0"]
 STRONG = {"full"}
+CORRUPTIONS = [f"corruption_{n}_{s}" for n in ("gaussian_noise", "glass_blur") for s in (1, 5)]
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +122,12 @@ def test_results_table(tiny_run):
     attacked = df[df.attack.notna()]
     assert attacked.stage.drop_duplicates().tolist() == clean.stage.tolist()
     for _, group in attacked.groupby("stage", sort=False):
-        strong = group.method.iloc[0] in STRONG
-        assert group.attack.tolist() == ATTACKS + ["strong_linf_0.5"] * strong
-        assert group.images.tolist() == [40, 40, 40, 6] + [4] * strong
+        strong, target = group.method.iloc[0] in STRONG, group.dataset.iloc[0] == "alphabet"
+        assert group.attack.tolist() == ATTACKS + ["strong_linf_0.5"] * strong + CORRUPTIONS * target
+        assert group.images.tolist() == [40, 40, 40, 6] + [4] * strong + [40] * 4 * target
+        corrupted = group[group.attack.str.startswith("corruption_")]
+        assert (corrupted.flags == "ok").all() and corrupted.AOI.nunique() <= 1  # the same clean images
+        group = group[~group.attack.str.startswith("corruption_")]
         assert (group.AAI <= group.AOI).all()
         some = group.AOI > 0  # DR is undefined (empty) where nothing was right to begin with
         dr = 100 * (group.AOI - group.AAI) / group.AOI
@@ -304,8 +310,15 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     checked = json.loads((out / "report" / "claims.json").read_text())
     # every finding: claim 1 on DR and on AAI under each Table 2 attack the job ran (PGD-10 and
     # FGSM at 0.5/255), 2 (DR, AOI), 3 (two halves), CCA, 4, capacity, source, 5 and 5's others
-    assert len(checked) == 13 and page.count('class="claim"') == 13 and page.count("<figure") == 4
+    # and the two corruption findings (the architecture one says what it needs: one backbone here)
+    assert len(checked) == 15 and page.count('class="claim"') == 15 and page.count("<figure") == 5
     assert {c["id"] for c in checked} >= {"1-aai:fgsm_linf_0.5", "cca", "capacity", "source", "5-others"}
+    corruption = claims.by_id(checked, "corruption")
+    assert corruption["datasets"] and corruption["datasets"][0]["images"] == 40
+    assert "resnet50" in claims.by_id(checked, "corruption-architecture")["detail"]
+    md = (out / "report" / "index.md").read_text()
+    assert "## Common corruptions" in md and "| gaussian_noise | glass_blur |" in md
+    assert (out / "report" / "figc_corruptions.png").stat().st_size > 10_000
     # study report: the same page rebuilt from what MLflow holds
     rebuilt = tmp_path / "report"
     assert cli.main(["report", "--from", str(out), "--experiment", "tiny", "--out", str(rebuilt)]) == 0

@@ -23,6 +23,9 @@ FIGURES = {
     "(success rate); (b) DR that the pre-trained model's UAP causes on the fine-tuned and the standard model.",
     "fig6": "Figure 6: MMD² between source and target embeddings of the pre-trained model "
     "against the fine-tuned model's DR (Table 1's attack).",
+    "figc": "Common corruptions: (a) accuracy against severity per model, the mean over the corruptions "
+    "(±1 sd over seeds; one seed: Wilson 95 % over the images); (b) one test image under each corruption "
+    "and severity, as the evaluation corrupts it.",
 }
 PAPER_FINDINGS = {
     "fig3": "Paper: the fine-tuned model is closer to the pre-trained than to the standard model, on the "
@@ -32,6 +35,8 @@ PAPER_FINDINGS = {
     "fig5": "Paper: (a) the fine-tuned model is fooled by its UAP from the very beginning of training; "
     "(b) the pre-trained UAP raises the fine-tuned model's DR clearly, the standard model's trivially.",
     "fig6": "Paper: DR grows with MMD; above MMD 1.0 DR is almost 100 %.",
+    "figc": "Not in the paper: Hendrycks & Dietterich's corruptions; Otani & Yamada (2022) find fine-tuning "
+    "loses robust pre-training's corruption robustness, and the architecture matters more.",
 }
 
 
@@ -58,10 +63,12 @@ def _empty(ax, text: str) -> None:
     ax.set_axis_off()
 
 
-def figures(df: pd.DataFrame, found: dict, folder) -> dict:
-    """Figures 3-6 as PNG files in ``folder``; returns name -> file name. A figure whose
-    numbers this run lacks still gets its file, saying what is missing. With several
-    seeds, bars and points are means with ±1 standard deviation over the seeds."""
+def figures(df: pd.DataFrame, found: dict, folder, examples: dict | None = None) -> dict:
+    """Figures 3-6 and the corruptions' as PNG files in ``folder``; returns name -> file
+    name. A figure whose numbers this run lacks still gets its file, saying what is
+    missing. With several seeds, bars and points are means with ±1 standard deviation
+    over the seeds. ``examples``: a test image under the job's corruptions
+    (``study.corruptions.example_grid`` with its ``dataset``, ``names``, ``severities``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data, spread, _ = merged(found)
@@ -74,7 +81,60 @@ def figures(df: pd.DataFrame, found: dict, folder) -> dict:
     }.items():
         save_png(draw(df, found, data, spread), folder / file)
         out[name] = file
+    save_png(_figc(df, examples), folder / "figc_corruptions.png")
+    out["figc"] = "figc_corruptions.png"
     return out
+
+
+def _figc(df: pd.DataFrame, examples: dict | None):
+    """(a) accuracy against severity per model of the first unit with corruptions; (b)
+    the example grid."""
+    from study import corruptions, stats
+    from study.methods import METHODS
+
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
+    names = [x for x in df.attack.dropna().unique() if corruptions.parse(x)] if len(df) else []
+    every = units(df[df.attack.isin(names)]) if names else []
+    if every:
+        unit = every[0]
+        for method, info in METHODS.items():
+            points = []
+            for sev in sorted({corruptions.parse(n).severity for n in names}):
+                at = [n for n in names if corruptions.parse(n).severity == sev]
+                rows = pd.concat([picks(df, unit, method, n) for n in at])
+                if not len(rows):
+                    continue
+                per_seed = rows.groupby(rows.seed.fillna(-1) if "seed" in rows else np.zeros(len(rows))).AAI.mean()
+                m = float(per_seed.mean())
+                if len(per_seed) > 1:
+                    lo = hi = float(per_seed.std(ddof=1))
+                else:
+                    n = int(rows.images.iloc[0])  # per image a mean over items: Wilson errs wide
+                    w = stats.wilson(round(m / 100 * n), n)
+                    lo, hi = m - w[0], w[1] - m
+                points.append((sev, m, lo, hi))
+            if points:
+                s_, m_, lo_, hi_ = zip(*points)
+                a.errorbar(s_, m_, yerr=[lo_, hi_], marker="o", capsize=2, label=info.label)
+        a.set_xlabel("severity")
+        a.set_xticks(sorted({corruptions.parse(n).severity for n in names}))
+        a.set_ylabel("accuracy under corruption (%), mean over corruptions")
+        a.set_title(f"(a) {label(unit, every)}")
+        a.legend(fontsize=7)
+    else:
+        _empty(a, "this run evaluates no corruptions (eval.corruptions)")
+    if examples is not None:
+        grid = examples["grid"]  # (corruptions, severities, H, W, 3)
+        rows = [np.concatenate(list(r), axis=1) for r in grid]
+        b.imshow(np.concatenate(rows, axis=0), interpolation="nearest")
+        side = grid.shape[2]
+        b.set_yticks([side * (i + 0.5) for i in range(len(examples["names"]))], examples["names"], fontsize=6)
+        b.set_xticks([side * (i + 0.5) for i in range(len(examples["severities"]))], examples["severities"])
+        b.set_xlabel("severity")
+        b.set_title(f"(b) test image 0 of {examples['dataset']}")
+    else:
+        _empty(b, "no example image (a report built from MLflow, or no corruptions)")
+    return fig
 
 
 def _fig3(df: pd.DataFrame, found: dict, data: dict, spread: dict):

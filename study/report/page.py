@@ -29,6 +29,7 @@ def build(
     title: str = "study",
     masks: dict | None = None,
     checked: list[dict] | None = None,
+    examples: dict | None = None,
 ) -> Path:
     """The report: ``index.md`` and a static ``index.html`` with the tables of
     ``tables.SECTIONS`` (the paper's values beside ours, with intervals), Figures 3-6 as
@@ -37,10 +38,11 @@ def build(
     the claims' paired intervals need. Tables 1-5 and every figure are there even when this
     run lacks their numbers (they then say so), so the page's shape never depends on the
     job. ``checked``: the claims already judged on the same inputs (else judged here).
+    ``examples``: a test image under the job's corruptions (``figures.figures``).
     Returns the HTML path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    figs = figures(df, found, folder)
+    figs = figures(df, found, folder, examples)
     checked = judge(df, found, masks or {}) if checked is None else checked
     atomic_write_text(folder / "claims.json", json.dumps(checked, indent=1, sort_keys=True) + "\n")
     pre = premise(df) if len(df) else ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from study import stats
+from study import corruptions, stats
 from study.backbones import family
 from study.claims import label, picks, qualifier, units
 from study.methods import AOI_MARGIN, METHODS, STRONG_ATTACK, TABLE1, TABLE1_ATTACK, TABLE5
@@ -235,6 +235,97 @@ def table2(df: pd.DataFrame) -> str:
     if not blocks:
         return ""
     return "## Table 2: AAI under the other attack criteria\n\n" + "\n\n".join(blocks)
+
+
+def _by_seed(df: pd.DataFrame, unit: dict, method: str, names: list[str]) -> dict:
+    """seed -> (clean accuracy, item -> accuracy under it) of the model standing for
+    ``method`` in ``unit``, over the corruption items ``names``."""
+    out: dict = {}
+    for name in names:
+        for _, r in picks(df, unit, method, name).iterrows():
+            seed = r.get("seed") if pd.notna(r.get("seed")) else None
+            clean, acc = out.setdefault(seed, (float(r.AOI), {}))
+            acc[name] = float(r.AAI)
+    return out
+
+
+def _t_cell(values: list[float], one_seed: tuple | None = None, top: float = 100.0) -> str:
+    """Mean [Student's t over seeds] of per-seed values, or one seed's value with the
+    interval given (over images), within 0-``top``."""
+    values = [v for v in values if v == v]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        if one_seed is None or one_seed[0] != one_seed[0]:
+            return f"{values[0]:.1f}"
+        return f"{values[0]:.1f} [{max(one_seed[0], 0):.1f}, {min(one_seed[1], top):.1f}]"
+    m, lo, hi = stats.over_seeds(values)
+    return f"{m:.1f} [{max(lo, 0):.1f}, {min(hi, top):.1f}]"
+
+
+def corruptions_table(df: pd.DataFrame) -> str:
+    """Accuracy under the common corruptions, per unit and model: clean, the mean over the
+    items, mCE and relative mCE against the unit's standard model (Hendrycks & Dietterich,
+    normalised by the standard model instead of AlexNet), and the accuracy per corruption
+    averaged over its severities."""
+    names = [a for a in df.attack.dropna().unique() if corruptions.parse(a)] if len(df) else []
+    if not names:
+        return ""
+    by = corruptions.items(names)
+    every = units(df[df.attack.isin(names)])
+    blocks = []
+    for unit in every:
+        models = {m: _by_seed(df, unit, m, names) for m in METHODS}
+        models = {m: v for m, v in models.items() if v}
+        if not models:
+            continue
+        ref = models.get("scratch", {})
+        rows = []
+        for method, seeds in models.items():
+            per_seed = list(seeds.items())
+            mean_acc = [float(np.mean(list(acc.values()))) for _, (_, acc) in per_seed]
+            one = None
+            if len(per_seed) == 1:  # Wilson over the images: each image's mean over the items is
+                # in [0, 1], so its variance is at most a proportion's: the interval errs wide
+                n = int(picks(df, unit, method, names[0]).images.iloc[0])
+                one = stats.wilson(round(mean_acc[0] / 100 * n), n)
+            errs = [
+                corruptions.corruption_errors(acc, clean, ref[s][1], ref[s][0])
+                for s, (clean, acc) in per_seed
+                if s in ref
+            ]
+            cells = [_t_cell([c for _, (c, _) in per_seed]), _t_cell(mean_acc, one)]
+            for key in ("mCE", "relative_mCE"):
+                cells.append("100" if method == "scratch" else _t_cell([e[key] for e in errs], top=np.inf))
+            for its in by.values():
+                per = [float(np.mean([acc[c.name] for c in its if c.name in acc])) for _, (_, acc) in per_seed]
+                cells.append(_t_cell(per))
+            rows.append([MODEL_NAME[method], *cells])
+        used = df[df.attack.isin(names)]
+        seeds = used.seed.nunique() if "seed" in used and used.seed.notna().any() else 1
+        n_img = sorted({int(n) for n in used.images.dropna()})
+        sev = sorted({c.severity for its in by.values() for c in its})
+        basis = (
+            f"{'/'.join(map(str, n_img))} test images, {seeds} seed{'s' if seeds > 1 else ''}, severities "
+            f"{', '.join(map(str, sev))}; "
+            + (
+                f"[lo, hi]: Student's t over the {seeds} seeds (training runs)"
+                if seeds > 1
+                else "[lo, hi]: Wilson over the images, one training run"
+            )
+        )
+        header = ["model", "clean", "mean under corruption", "mCE", "relative mCE", *by]
+        blocks.append(f"**{label(unit, every)}**, accuracy (%); {basis}\n\n" + _md(header, rows))
+    if not blocks:
+        return ""
+    return (
+        "## Common corruptions (Hendrycks & Dietterich 2019)\n\n"
+        "Accuracy on the test images corrupted by imagecorruptions at each severity (an image counts "
+        "whether or not its clean version was right); a corruption's column is its mean over the severities. "
+        "mCE: the mean over corruptions of Σ errors / Σ the standard model's errors; relative mCE the same "
+        "for the errors above clean error (both 100 for the standard model; lower is more robust).\n\n"
+        + "\n\n".join(blocks)
+    )
 
 
 def _lams(rows: pd.DataFrame) -> str:
@@ -480,6 +571,7 @@ SECTIONS = [
     ("stage1", stage1, None),
     ("table1", table1, "Table 1"),
     ("table2", table2, "Table 2"),
+    ("corruptions", corruptions_table, "Common corruptions"),
     ("table3", table3, "Table 3"),
     ("architectures", architectures, None),
     ("table4", table4, "Table 4"),

@@ -129,18 +129,15 @@ JOB = {
 }
 
 
-def _cli(tmp_path, corruptions_spec, name="bad.yaml"):
+def _cli(tmp_path, corruptions_spec, capsys):
+    from study import cli
+
     job = {**JOB, "eval": {**JOB["eval"], "corruptions": corruptions_spec}}
-    path = tmp_path / name
+    path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(job))
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "-m", "study.cli", "run", str(path), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return done, out
+    code = cli.main(["run", str(path), "--out", str(out)])
+    return code, capsys.readouterr().err, out
 
 
 @pytest.mark.parametrize(
@@ -155,11 +152,11 @@ def _cli(tmp_path, corruptions_spec, name="bad.yaml"):
         ({"names": ["fog"]}, "fog cannot run on 'fashion' at 28 px"),
     ],
 )
-def test_bad_corruptions_exit_2_with_one_line_before_any_work(tmp_path, spec, says):
-    done, out = _cli(tmp_path, spec)
-    assert done.returncode == 2, done.stdout + done.stderr
-    lines = [x for x in done.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and says in lines[0] and "eval.corruptions" in lines[0], done.stderr
+def test_bad_corruptions_exit_2_with_one_line_before_any_work(tmp_path, capsys, spec, says):
+    code, err, out = _cli(tmp_path, spec, capsys)
+    assert code == 2, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and says in lines[0] and "eval.corruptions" in lines[0], err
     assert not out.exists()  # nothing prepared, no MLflow started
 
 

@@ -126,7 +126,7 @@ def test_results_table(tiny_run):
         assert group.attack.tolist() == ATTACKS + ["strong_linf_0.5"] * strong + CORRUPTIONS * target
         assert group.images.tolist() == [40, 40, 40, 6] + [4] * strong + [40] * 4 * target
         corrupted = group[group.attack.str.startswith("corruption_")]
-        assert (corrupted.flags == "ok").all() and corrupted.AOI.nunique() <= 1  # the same clean images
+        assert (corrupted["flags"] == "ok").all() and corrupted.AOI.nunique() <= 1  # the same clean images
         group = group[~group.attack.str.startswith("corruption_")]
         assert (group.AAI <= group.AOI).all()
         some = group.AOI > 0  # DR is undefined (empty) where nothing was right to begin with

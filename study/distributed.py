@@ -20,6 +20,7 @@ Every epoch also checks that the workers' weights are still identical
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -316,16 +317,42 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        # the dashboard serves Ray's state API, which Ray Train's clean-up polls; it
-        # listens on 127.0.0.1 only
         quiet_ray_process()
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            dashboard_host="127.0.0.1",
-            runtime_env={"worker_process_setup_hook": "study.distributed.quiet_ray_process"},
-        )
+        with _on_loopback():
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                _node_ip_address="127.0.0.1",
+                # the dashboard serves Ray's state API, which Ray Train's clean-up polls
+                dashboard_host="127.0.0.1",
+                runtime_env={"worker_process_setup_hook": "study.distributed.quiet_ray_process"},
+            )
         _STARTED_HERE = True
+
+
+@contextlib.contextmanager
+def _on_loopback():
+    """A local Ray whose every process (GCS, raylet, workers, the dashboard's agents and
+    this driver) listens on 127.0.0.1 only. Ray replaces a node address of 127.0.0.1 by
+    the machine's outward one, except where it is told that it runs no cluster (as on
+    macOS and Windows): its switch for that, read by each process Ray starts from its
+    environment and by this one from its constants, holds while Ray starts. A cluster
+    run keeps what its own ``ray start`` says."""
+    import os
+
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
 
 
 # Ray Train's controller asks the cluster's autoscaler for its workers' resources every

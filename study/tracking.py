@@ -73,6 +73,50 @@ def server_command(out: Path, port: int) -> list[str]:
     ]
 
 
+# Runs the server with the parent-death signal set (Linux): it gets SIGTERM the moment the
+# study process that started it dies, however it dies (a SIGKILL too), and its uvicorn
+# worker goes with it; then it becomes mlflow itself (the signal survives the exec).
+_GUARD = (
+    "import ctypes, os, signal, sys\n"
+    "if sys.platform == 'linux':\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "    if os.getppid() != int(sys.argv[1]):\n"
+    "        sys.exit(0)  # the parent died before the signal was set\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+SERVER_RECORD = "mlflow-server.json"
+
+
+def guarded(command: list[str]) -> list[str]:
+    """``command`` run so that it ends when this process does (see _GUARD)."""
+    import shutil
+
+    program = command[0] if os.path.isabs(command[0]) else (shutil.which(command[0]) or command[0])
+    return [sys.executable, "-c", _GUARD, str(os.getpid()), program, *command[1:]]
+
+
+def stop_orphan(out: Path, log=print) -> None:
+    """Stops the MLflow server a dead run left behind on this store (its record names it;
+    called while this process holds OUT, so no live run owns it)."""
+    import psutil
+
+    path = Path(out) / SERVER_RECORD
+    try:
+        rec = json.loads(path.read_text())
+        proc = psutil.Process(int(rec["pid"]))
+        alive = proc.create_time() == rec["created"] and "mlflow" in " ".join(proc.cmdline())
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return
+    if alive and rec.get("host") == socket.gethostname():
+        log(f"[study] stopping the MLflow server (pid {rec['pid']}) a killed run left on {Path(out) / DB_NAME}")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(psutil.Error):
+            proc.wait(15)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def stop_group(proc: subprocess.Popen) -> None:
     """Stops a child started in its own session and every process of that session (the
     MLflow server's uvicorn workers): SIGTERM, then SIGKILL after 15 s."""
@@ -102,12 +146,18 @@ class LocalServer:
         log = open(self.out / LOG_NAME, "ab")
         # Its own session, so stop() takes down the server's worker processes too.
         self.proc = subprocess.Popen(
-            server_command(self.out, self.port),
+            guarded(server_command(self.out, self.port)),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=server_env(),
         )
+        import psutil
+
+        record = {"pid": self.proc.pid, "port": self.port, "host": socket.gethostname()}
+        with contextlib.suppress(psutil.Error):
+            record["created"] = psutil.Process(self.proc.pid).create_time()
+        atomic_write_text(self.out / SERVER_RECORD, json.dumps(record))
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -143,6 +193,7 @@ def tracking(out: Path, quiet: bool = False):
         mlflow.set_tracking_uri(given)
         yield given
         return
+    stop_orphan(out)
     if not quiet:
         print(f"[study] starting MLflow server (sqlite {Path(out) / DB_NAME}) ...", flush=True)
     with LocalServer(out) as server:

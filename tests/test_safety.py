@@ -156,3 +156,40 @@ def test_two_jobs_sharing_a_data_dir_write_each_beton_once(tmp_path, mlflow_serv
     reused = [line for log in logs for line in log.splitlines() if "already prepared" in line]
     assert len(written) == 2 and len(reused) == 2, "\n".join(logs)
     assert sorted(p.name for p in (data / "shapes").glob("*.beton")) == ["test.beton", "train.beton"]
+
+
+def test_an_mlflow_server_a_killed_run_left_behind_is_stopped_by_the_next_run(tmp_path):
+    """A server that outlived its run (started without the parent-death guard, as on a
+    platform without it): the record it left names it, and the next run stops it before
+    starting its own; a record whose process is gone, or another program, is left alone."""
+    import psutil
+
+    from study import tracking
+
+    out = tmp_path / "out"
+    out.mkdir()
+    port = tracking.free_port()
+    stray = subprocess.Popen(
+        tracking.server_command(out, port), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    record = {
+        "pid": stray.pid,
+        "port": port,
+        "host": socket.gethostname(),
+        "created": psutil.Process(stray.pid).create_time(),
+    }
+    (out / tracking.SERVER_RECORD).write_text(json.dumps(record))
+    said = []
+    tracking.stop_orphan(out, said.append)
+    assert stray.wait(20) is not None
+    assert len(said) == 1 and f"pid {stray.pid}" in said[0] and "killed run" in said[0]
+    # nothing to stop: the record's process is gone; a live process that is not that server
+    tracking.stop_orphan(out, said.append)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        mine = {**record, "pid": other.pid, "created": psutil.Process(other.pid).create_time()}
+        (out / tracking.SERVER_RECORD).write_text(json.dumps(mine))
+        tracking.stop_orphan(out, said.append)
+        assert other.poll() is None and len(said) == 1
+    finally:
+        other.kill()

@@ -49,7 +49,7 @@ from torch.nn import functional as F
 
 _NAME = re.compile(
     r"^(?:(?P<pgd>pgd)(?P<steps>\d+)|(?P<fgsm>fgsm)|(?P<aa>autoattack)|(?P<strong>strong))"
-    r"_(?P<norm>linf|l2)_(?P<eps>\d+(?:\.\d+)?)$"
+    r"_(?P<norm>linf|l2)_(?P<eps>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)$"
 )
 
 
@@ -91,6 +91,7 @@ class Attack:
         return self.rel_step * self.eps_pixels / self.steps
 
 
+LINF_MAX = 255.0  # an L-inf eps beyond the pixel range breaks every image: refused
 NAMED = ("restarts", "random_start", "rel_step", "targeted", "loss")  # options a name shows
 LOSSES = ("ce", "cw")
 
@@ -182,6 +183,13 @@ def parse_attack(spec) -> Attack:
     attack = replace(base, **options)
     if attack.eps < 0:
         raise AttackError(f"attack {spec!r}: eps must not be negative, got {attack.eps}")
+    if attack.eps != attack.eps or attack.eps == float("inf"):
+        raise AttackError(f"attack {spec!r}: eps must be a finite number, got {attack.eps}")
+    if attack.norm == "linf" and attack.eps > LINF_MAX:
+        raise AttackError(
+            f"attack {spec!r}: an L-inf eps is in 1/255 of the pixel range, at most {LINF_MAX:g} "
+            f"(the whole range), got {attack.eps:g}"
+        )
     if attack.restarts < 1 or attack.rel_step <= 0:
         raise AttackError(f"attack {spec!r}: restarts must be >= 1 and rel_step > 0")
     if attack.restarts > 1 and not attack.random_start:

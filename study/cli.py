@@ -87,8 +87,11 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from study.tracking import serve_ui
+    from study.config import ConfigError
+    from study.tracking import DB_NAME, serve_ui
 
+    if not (Path(args.out) / DB_NAME).is_file():  # a wrong --out is a usage error, as elsewhere
+        raise ConfigError(f"no MLflow store at {Path(args.out) / DB_NAME}; run a job with --out {args.out} first")
     return serve_ui(Path(args.out), args.port)
 
 

@@ -44,7 +44,7 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     # strict: a number written as a string ("0.1") is a mistake, not something to guess at
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 Backbone = Annotated[str, one_of(BACKBONES, "backbone")]
@@ -127,7 +127,7 @@ class WeightsRef(_Strict):
     """A weights entry with its pin: ``{from: salman/resnet18_linf_eps4.0, sha256: <64 hex>}``;
     a file whose sha256 differs is refused before any work."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, allow_inf_nan=False)
     source: str = Field(alias="from")
     sha256: str
 
@@ -698,8 +698,27 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _check_finetune(self):
         ft, p = self.finetune, self.pretrain
+        if p.weights is None:
+            s = p.train.settings()
+            if s.lr_f == 0 and s.lr_g == 0:
+                raise _FieldError("pretrain.train.lr", "every learning rate is 0: stage 1 would train nothing")
         if ft is None:
             return self
+        for method in ft.methods:
+            s, parts = ft.train_for(method).settings(), METHODS[method].trains.split("+")
+            fixed = ft.fixed_by_override(method)
+            rates = {
+                part: [getattr(s, f"lr_{part}")]
+                if f"lr_{part}" in fixed or not isinstance(getattr(ft.space, f"lr_{part}"), list)
+                else getattr(ft.space, f"lr_{part}")
+                for part in parts
+            }
+            if all(r == 0 for part in parts for r in rates[part]):
+                where = "finetune.overrides." + method if fixed & {"lr", "lr_f", "lr_g"} else "finetune.train"
+                raise _FieldError(
+                    where,
+                    f"every learning rate of what {method} trains ({', '.join(parts)}) is 0: it would train nothing",
+                )
         have = p.objective_names()
         for field in ("source", "robust_source"):
             name = getattr(ft, field)
@@ -744,9 +763,22 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_eval(self):
+        evaluated = list(self.finetune.datasets if self.finetune else [])
+        if self.pretrain.weights is None and self.pretrain.dataset in self.datasets:
+            evaluated.append(self.pretrain.dataset)
         for i, entry in enumerate(self.eval.attacks):
             for d in entry.datasets or ():
                 self._known_dataset(f"eval.attacks[{i}].datasets", d)
+            a = entry.attack
+            for key in dict.fromkeys(evaluated) if a.norm == "l2" else ():
+                side = self.resolution(key)
+                if entry.datasets in (None, ()) or key in entry.datasets:
+                    if a.eps > (3 * side * side) ** 0.5:
+                        raise _FieldError(
+                            f"eval.attacks[{i}]",
+                            f"{a.name}: an L2 eps of {a.eps:g} exceeds the largest distance between two images of "
+                            f"{key!r} at {side} px ({(3 * side * side) ** 0.5:.1f}): every image would break",
+                        )
             for seed in entry.seeds or ():
                 if seed not in self.replicate_seeds():
                     raise _FieldError(

@@ -69,7 +69,7 @@ def one_of(known, what):
 
 class TrainSettings(BaseModel):
     # strict: a number written as a string ("0.1") is a mistake, not something to guess at
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0)

@@ -23,3 +23,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def sha256(path: Path) -> str:
+    """The file's sha256 (hex), computed once per process for an unchanged file."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        with open(path, "rb") as f:
+            _HASHES[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _HASHES[key]

@@ -13,6 +13,7 @@ run id), so running the same job again skips what is done and redoes only what i
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from study import evaluate, tracking
 from study.config import ConfigError, JobConfig
 from study.data.loaders import make_loader
 from study.engine import accuracy, deterministic_kernels
-from study.files import atomic_write_text, config_hash
+from study.files import atomic_write_text, config_hash, sha256
 from study.models import load_checkpoint, save_checkpoint
 
 
@@ -166,11 +167,34 @@ class Trained:
 
     @property
     def record(self) -> dict | None:
-        if self.ckpt.is_file() and self.record_path.is_file():
-            return json.loads(self.record_path.read_text())
-        return None
+        """The stage's record, where its checkpoint is there and matches what the record
+        says of it (size and sha256); a damaged one is set aside, so the stage trains again."""
+        if not (self.ckpt.is_file() and self.record_path.is_file()):
+            return None
+        record = json.loads(self.record_path.read_text())
+        return record if self._intact(record) else None
+
+    def _intact(self, record: dict) -> bool:
+        want = record.get("checkpoint_sha256")
+        if want is None:  # a record from before checkpoints were checked
+            return True
+        size = self.ckpt.stat().st_size
+        if size == record.get("checkpoint_size") and sha256(self.ckpt) == want:
+            return True
+        aside = self.ckpt.with_name(self.ckpt.name + ".damaged")
+        os.replace(self.ckpt, aside)
+        if self.eval_path.is_file():  # its attack results were of the model it held
+            os.replace(self.eval_path, self.eval_path.with_name(self.eval_path.name + ".damaged"))
+        log(
+            f"{self.ckpt.name} does not match its record ({size:,} bytes, recorded {record.get('checkpoint_size'):,}"
+            f"{'' if size != record.get('checkpoint_size') else ', another sha256'}): training it again; "
+            f"the damaged file is kept as {aside.name}"
+        )
+        return False
 
     def finish(self, record: dict) -> dict:
+        if self.ckpt.is_file():  # what a later run checks before it reuses the checkpoint
+            record = {**record, "checkpoint_size": self.ckpt.stat().st_size, "checkpoint_sha256": sha256(self.ckpt)}
         atomic_write_text(self.record_path, json.dumps(record, indent=2))
         self.pending.unlink(missing_ok=True)
         return record

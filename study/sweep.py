@@ -46,6 +46,7 @@ from study import distributed, tracking
 from study.config import Distribution, JobConfig, parse
 from study.data.loaders import holdout
 from study.engine import Trainer
+from study.files import config_hash
 from study.methods import METHODS, STRONG_ATTACK
 from study.models import build_model, load_checkpoint, save_checkpoint, unwrap
 from study.objectives import KINDS
@@ -446,6 +447,14 @@ def run(job, sources: dict, parent_run_id: str, experiment_id: str) -> list[dict
     failed = [r for r in grid if r.error is not None]
     for r in failed:
         log(f"sweep: trial {label(r.config['point'])} failed: {str(r.error).splitlines()[0][:300]}")
+    gave_up = {label(r.config["point"]) for r in failed}
+    redo = [p for p in pts if label(p) not in gave_up and trained_for(job, p, sources).record is None]
+    if restoring and redo:  # trials the restored sweep counts as finished whose checkpoint was set aside
+        again = f"{name}-again-{config_hash(sorted(label(p) for p in redo))[:8]}"
+        log(f"sweep: {len(redo)} finished trial(s) lack a usable checkpoint: training them again ({again})")
+        epochs = max(train_spec(cfg, p).epochs for p in redo)
+        resume = tune.Tuner.can_restore(f"{storage.rstrip('/')}/{again}")
+        make_tuner(trainable, redo, ft, storage, again, max_epochs=epochs, restore=resume).fit()
     return pts
 
 

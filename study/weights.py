@@ -20,7 +20,6 @@ honour ``HF_HOME`` / ``HF_HUB_CACHE``, ``TORCH_HOME`` and a job's own cache fold
 from __future__ import annotations
 
 import difflib
-import hashlib
 import math
 import os
 import re
@@ -32,6 +31,7 @@ from urllib.parse import urlparse
 import yaml
 
 from study.backbones import BACKBONES, ModelError
+from study.files import sha256
 
 CATALOG = Path(__file__).with_name("paper") / "weights.yaml"
 ENUM = re.compile(r"^(?:(?P<cls>\w+_Weights)\.)?(?P<name>[A-Z][A-Z0-9_]*)$")
@@ -191,6 +191,8 @@ def _hub(spec: str) -> Source:
         path, revision = path.rsplit("@", 1)
     if uri.type != "model" or not path:
         raise WeightsError(f"{spec}: name a file of a model repository, hf://OWNER/REPO/FILE[@REVISION]")
+    if any(part in ("..", ".", "") for part in path.split("/")):  # the hub refuses them too, later
+        raise WeightsError(f"{spec}: a file path in a repository has no '..', '.' or empty segments")
     entry = next((e for e in catalog().values() if e["repo"] == uri.id and e["file"] == path), None)
     return Source(spec, "hub", arch=entry and entry["arch"], repo=uri.id, filename=path, revision=revision, entry=entry)
 
@@ -335,19 +337,6 @@ def _from_torchvision(src: Source, cache: Path | None, download: bool) -> Path:
             f"as torchvision's file name says; delete it and fetch again"
         )
     return dst
-
-
-_HASHES: dict[tuple, str] = {}
-
-
-def sha256(path: Path) -> str:
-    """The file's sha256 (hex), computed once per process for an unchanged file."""
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        with open(path, "rb") as f:
-            _HASHES[key] = hashlib.file_digest(f, "sha256").hexdigest()
-    return _HASHES[key]
 
 
 def load(model, fetched: Fetched, keep_classifier: bool = False) -> str:

@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -145,6 +146,17 @@ def _with(path, value):
             "colour",
             "datasets.shapes: by must be one of shape_texture, shape, texture",
         ),
+        # meaningless numbers (issue 35): refused with the field's name
+        (("eval", "attacks"), ["fgsm_linf_300"], "eval.attacks[0]: attack 'fgsm_linf_300': an L-inf eps is in 1/255"),
+        (("eval", "attacks"), ["pgd10_l2_1e9"], "eval.attacks[0]: pgd10_l2_1000000000.0: an L2 eps of 1e+09 exceeds"),
+        (("pretrain", "train", "lr"), float("inf"), "pretrain.train.lr: Input should be a finite number"),
+        (("finetune", "train"), {"lr_f": 0.0, "lr_g": 0.0}, "finetune.train: every learning rate of what scratch"),
+        (("pretrain", "train"), {"epochs": 1, "lr": 0.0}, "pretrain.train.lr: every learning rate is 0"),
+        (
+            ("pretrain", "weights"),
+            "hf://owner/repo/../resnet18.pth",
+            "pretrain.weights: hf://owner/repo/../resnet18.pth: a file path in a repository has no '..'",
+        ),
     ],
 )
 def test_bad_configs_give_one_line_naming_the_field(path, value, message):
@@ -200,7 +212,10 @@ def test_demo_job_file_is_valid():
     assert cfg.robust_objective() == "fgsm_linf_2.0" and cfg.source_objective() == "standard"
     names = [a.name for a in cfg.eval.suite()]  # Tables 1 and 2 need exactly these
     table2 = ["pgd10_linf_0.5", "pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0", "autoattack_linf_0.5"]
-    assert names == table2 + ["strong_linf_0.5"]  # and the strong evaluation for Table 5's worst case
+    corrupted = [f"corruption_{n}_{s}" for n in ("gaussian_noise", "motion_blur", "fog") for s in (1, 3, 5)]
+    # and the strong evaluation for Table 5's worst case, and three corruptions on alphabet
+    assert names == table2 + ["strong_linf_0.5"] + corrupted
+    assert not any(a.kind == "corruption" for a in cfg.eval.suite("full", "letters", 0))
     # a real source task, three training runs of stage 2, three targets for the MMD claim
     assert cfg.pretrain.dataset == "fashion_mnist" and cfg.replicate_seeds() == [0, 1, 2] and not cfg.pretrain.replicate
     assert len(cfg.finetune.datasets) == 3
@@ -239,6 +254,28 @@ def test_cli_existing_out_is_not_touched_by_a_bad_job(tmp_path):
     job.write_text(yaml.safe_dump(_with(("pretrain", "train", "lr"), -1)))
     assert cli.main(["run", str(job), "--out", str(out)]) == 2
     assert (out / "results.csv").read_text() == "precious" and len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize("where", ["file", "read-only", "ui"])
+def test_a_bad_out_is_one_line_and_exit_2_and_loses_nothing(tmp_path, capsys, where):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(BASE))
+    if where == "file":
+        out = tmp_path / "results.csv"
+        out.write_text("precious")
+        argv, says = ["run", str(job), "--out", str(out)], "exists and is not a folder"
+    elif where == "read-only":  # sysfs is read-only even for root
+        out = Path("/sys/study-out")
+        argv, says = ["run", str(job), "--out", str(out)], "cannot write there"
+    else:
+        out = tmp_path / "never-ran"
+        argv, says = ["ui", "--out", str(out)], "no MLflow store at"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and says in err and "Traceback" not in err, err
+    if where == "file":
+        assert out.read_text() == "precious"
+    assert where == "file" or not out.exists()
 
 
 def test_cli_missing_job_and_bad_yaml(tmp_path):

@@ -226,13 +226,24 @@ def test_a_local_run_listens_on_loopback_only_and_a_killed_one_leaves_nothing_an
         time.sleep(1)
         left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [(p.pid, p.name()) for p in left]  # Ray, its workers, the MLflow server: all gone
+    # and a finished trial's checkpoint is damaged meanwhile (truncated to a third)
+    damaged = out / "checkpoints" / (sorted(before)[0].removesuffix(".json") + ".pt")
+    blob = damaged.read_bytes()
+    damaged.write_bytes(blob[: len(blob) // 3])
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "restoring the sweep" in rerun.stdout
+    said = [line for line in rerun.stdout.splitlines() if "does not match its record" in line]
+    assert len(said) == 1 and damaged.name in said[0] and "training it again" in said[0], rerun.stdout[-3000:]
+    kept = damaged.with_name(damaged.name + ".damaged")  # nothing the user had is deleted
+    assert kept.read_bytes() == blob[: len(blob) // 3]
     after = _finished(out)
     assert len(after) == 4
     for name, mtime in before.items():  # finished trials were not trained or attacked again
-        assert after[name] == mtime, name
+        if name == sorted(before)[0]:
+            assert after[name] != mtime and torch.load(damaged, weights_only=False) is not None
+        else:
+            assert after[name] == mtime, name
     df = __import__("pandas").read_csv(out / "results.csv")
     clean = df[df.attack.isna()]
     assert len(clean) == 4 and clean.groupby("method").selected.sum().tolist() == [1, 1]

@@ -135,7 +135,7 @@ def load_trunk_weights(model: StudyModel, path, keep_classifier: bool = False, o
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated or not a tensor-only pickle
-        raise ModelError(f"{origin}: cannot be read as a weights-only checkpoint ({err})") from None
+        raise ModelError(f"{origin}: cannot be read as a weights-only checkpoint ({_first_line(err)})") from None
     state, mean, std, kind = _unwrap_state(state, origin)
     if not isinstance(state, dict):
         raise ModelError(f"{origin}: expected a state dict, got {type(state).__name__}")
@@ -222,7 +222,7 @@ def load_checkpoint(path: Path, backbone: str | None = None) -> StudyModel:
     except FileNotFoundError:
         raise ModelError(f"checkpoint not found: {path}") from None
     except Exception as err:
-        raise ModelError(f"{path}: cannot be read as a weights-only checkpoint ({err})") from None
+        raise ModelError(f"{path}: cannot be read as a weights-only checkpoint ({_first_line(err)})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "backbone" not in ckpt:
         raise ModelError(f"{path}: not a study checkpoint (no backbone/state_dict)")
     if backbone is not None and ckpt["backbone"] != backbone:
@@ -230,3 +230,10 @@ def load_checkpoint(path: Path, backbone: str | None = None) -> StudyModel:
     model = build_model(ckpt["backbone"], int(ckpt["num_classes"]), ckpt.get("resolution"))
     load_state(model, ckpt["state_dict"], str(path), ckpt["backbone"])
     return model
+
+
+def _first_line(err: Exception) -> str:
+    """torch's own message, to its first line: a refusal stays one line."""
+    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+    tail = [x for x in lines if x.startswith(("Unsupported", "WeightsUnpickler"))]
+    return "; ".join(lines[:1] + tail[-1:]) if lines else type(err).__name__

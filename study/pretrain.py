@@ -12,8 +12,10 @@ from study.stages import Job, Trained, finish_model, log
 
 
 def fetch_weights(job: Job) -> dict:
-    """Every imported backbone's file, fetched (or found in the cache) and checked against
-    its pin, before any work: (backbone, objective name) -> study.weights.Fetched."""
+    """Every imported backbone's file, fetched (or found in the cache), checked against
+    its pin and loaded once into its backbone (a file that cannot load, or holds another
+    network, stops the job here: before any data is prepared or MLflow started):
+    (backbone, objective name) -> study.weights.Fetched."""
     p = job.cfg.pretrain
     for backbone in p.backbones:
         for name in p.objective_names():
@@ -22,6 +24,7 @@ def fetch_weights(job: Job) -> dict:
                 spec, pin = entry
                 got = hub.fetch(hub.parse(spec, backbone), job.weights_cache, pin)
                 log(f"weights {backbone} ({name}): {spec} -> {got.path} (sha256 {got.sha256[:16]}...)")
+                hub.load(build_model(backbone, 1000), got)  # raises what _import would, later
                 job.fetched[backbone, name] = got
     return job.fetched
 

@@ -259,7 +259,7 @@ def test_job_files_take_names_and_pins_and_the_plan_resolves_without_downloading
             config.parse({**raw, "pretrain": {"backbones": ["resnet18"], "weights": weights_}})
 
 
-def test_an_imported_stage_is_keyed_and_recorded_by_its_file_s_sha256(tmp_path, hub, mlflow_server):
+def test_an_imported_stage_is_keyed_and_recorded_by_its_file_s_sha256(tmp_path, hub, mlflow_server, capsys):
     """Stage 1 from a catalog name: the stage's identity, record and MLflow run carry the
     file's sha256 (and the hub commit); a wrong pin stops `study run` before it writes."""
     import mlflow
@@ -307,6 +307,21 @@ def test_an_imported_stage_is_keyed_and_recorded_by_its_file_s_sha256(tmp_path, 
     )
     assert cli.main(["run", str(job_file), "--out", str(tmp_path / "pinned")]) == 2
     assert [p.name for p in (tmp_path / "pinned").iterdir()] == [".study.lock"]  # nothing but OUT's lock
+    # a file that cannot load into the backbone (another network's, or not a checkpoint at all)
+    # is refused as early, before the data is prepared or MLflow started
+    for bad, says in (("resnet50.pth", "does not fit resnet18"), ("garbage.pth", "garbage.pth")):
+        path = tmp_path / bad
+        if bad == "garbage.pth":
+            path.write_bytes(b"\x00not a checkpoint" * 64)
+        else:
+            torch.save(torchvision.models.resnet50().state_dict(), path)
+        job_file.write_text(yaml.safe_dump({**raw, "pretrain": {**raw["pretrain"], "weights": str(path)}}))
+        out = tmp_path / f"late-{bad}"
+        capsys.readouterr()
+        assert cli.main(["run", str(job_file), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and says in err, err
+        assert [p.name for p in out.iterdir()] == [".study.lock"], bad
 
 
 def test_weights_list_and_fetch_on_the_command_line(hub, capsys):

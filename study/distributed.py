@@ -328,6 +328,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                 runtime_env={"worker_process_setup_hook": "study.distributed.quiet_ray_process"},
             )
         _STARTED_HERE = True
+        if ray.is_initialized():
+            os.environ["RAY_ADDRESS"] = _OWN_ADDRESS[0] = ray.get_runtime_context().gcs_address
 
 
 @contextlib.contextmanager
@@ -368,10 +370,22 @@ def _not_autoscaling_noise(record) -> bool:
     return not str(record.msg).startswith(AUTOSCALING_NOISE)
 
 
+_OWN_ADDRESS = [None]  # the local Ray this driver started: where its own processes look
+
+
 def quiet_ray_process() -> None:
     """The local Ray's ``worker_process_setup_hook`` (and the driver's): drops the
-    autoscaling request's transient warning above, nothing else."""
+    autoscaling request's transient warning above, nothing else; and points each of the
+    local Ray's processes at that Ray (RAY_ADDRESS). Ray's state API, which Ray Train's
+    clean-up polls, otherwise looks for a Ray on the machine and, where two jobs run, says
+    "Found multiple active Ray instances" and talks to the newest, maybe the other job's."""
     import logging
+    import os
+
+    import ray
+
+    if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
     logger = logging.getLogger(AUTOSCALING_LOGGER)
     if _not_autoscaling_noise not in logger.filters:
@@ -383,9 +397,14 @@ def release_ray() -> None:
     daemons (dashboard, agents) otherwise take a share of a small machine's CPUs from the
     stages that follow (README, "On a small machine"). A Ray
     this process did not start (a cluster, or the tests') is left alone."""
+    import os
+
     import ray
 
     global _STARTED_HERE
     if _STARTED_HERE and ray.is_initialized():
         ray.shutdown()
+    if _OWN_ADDRESS[0] is not None and os.environ.get("RAY_ADDRESS") == _OWN_ADDRESS[0]:
+        del os.environ["RAY_ADDRESS"]  # that Ray is gone
+    _OWN_ADDRESS[0] = None
     _STARTED_HERE = False

@@ -163,8 +163,18 @@ def writable(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
             pass
+        for name in OUT_IGNORES:
+            if not (out / name).exists():
+                atomic_write_text(out / name, OUT_IGNORE_TEXT)
     except OSError as err:
         raise ConfigError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+
+
+# An OUT inside a checkout (``--out demo-out``) holds gigabytes: git and ``ray job submit
+# --working-dir .`` (which reads .gitignore and .rayignore files in every folder it packs)
+# leave it out wherever it lies, as uv does for its .venv
+OUT_IGNORES = (".gitignore", ".rayignore")
+OUT_IGNORE_TEXT = "# a study OUT: kept out of git and of `ray job submit --working-dir` uploads\n*\n"
 
 
 class _Clock:

@@ -309,3 +309,26 @@ def ray_cluster(tmp_path_factory):
         for p in procs:
             p.wait(timeout=30)
         shutil.rmtree(short, ignore_errors=True)
+
+
+def tracked_checkout(dest):
+    """A copy of the checkout's tracked files (as they are in the working tree) at
+    ``dest``: what `ray job submit --working-dir .` uploads in tests, so that nothing
+    untracked lying in a developer's checkout (an OUT, data) changes what the suite does."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from study import cli
+
+    root = cli.jobs_dir().parent
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True)
+    if listed.returncode != 0:  # not a git checkout: everything but the environment
+        shutil.copytree(root, dest, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__"))
+        return Path(dest)
+    for rel in filter(None, listed.stdout.decode().split("\0")):
+        src = root / rel
+        if src.is_file():
+            (Path(dest) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, Path(dest) / rel)
+    return Path(dest)

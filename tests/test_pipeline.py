@@ -71,11 +71,22 @@ CORRUPTIONS = [f"corruption_{n}_{s}" for n in ("gaussian_noise", "glass_blur") f
 def tiny_run(tmp_path_factory, ray_cluster):
     """The tiny job through `ray job submit --working-dir . --runtime-env
     jobs/runtime_env.yaml`, followed to its end; the cluster's nodes stop after the module."""
+    from conftest import tracked_checkout
+
+    from study.pipeline import writable
+
     root = tmp_path_factory.mktemp("tiny")
     job = root / "tiny.yaml"
     job.write_text(yaml.safe_dump(JOB))
     out = root / "out"
-    done = ray_cluster["submit"]("study", "run", str(job), "--out", str(out), "--quiet", cwd=cli.jobs_dir().parent)
+    # the working directory: the checkout's tracked files, and an earlier run's OUT inside it
+    # holding a file over Ray's 100 MiB upload limit (sparse: nothing is written to disk)
+    checkout = tracked_checkout(root / "checkout")
+    writable(checkout / "demo-out")
+    (checkout / "demo-out" / "checkpoints").mkdir()
+    with open(checkout / "demo-out" / "checkpoints" / "big.pt", "wb") as fh:  # not a pattern of runtime_env.yaml
+        fh.truncate(101 * 2**20)
+    done = ray_cluster["submit"]("study", "run", str(job), "--out", str(out), "--quiet", cwd=checkout)
     assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
     return job, out
 
@@ -277,7 +288,7 @@ def test_study_ui_serves_the_store_and_sigterm_leaves_no_server_behind(tiny_run)
 
 
 def test_study_ui_without_a_store_is_an_error(tmp_path):
-    assert cli.main(["ui", "--out", str(tmp_path)]) == 1
+    assert cli.main(["ui", "--out", str(tmp_path)]) == 2  # a usage error, as everywhere in the CLI
 
 
 def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tiny_run, tmp_path):

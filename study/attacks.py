@@ -181,6 +181,12 @@ def parse_attack(spec) -> Attack:
         if isinstance(value, bool) != (types is bool) or not isinstance(value, types):
             raise AttackError(f"attack {spec!r}: {key} must be {words}, got {value!r}")
     attack = replace(base, **options)
+    _check_values(attack, spec)
+    return attack
+
+
+def _check_values(attack: Attack, spec) -> None:
+    """An AttackError naming what is wrong with a parsed attack's numbers and words."""
     if attack.eps < 0:
         raise AttackError(f"attack {spec!r}: eps must not be negative, got {attack.eps}")
     if attack.eps != attack.eps or attack.eps == float("inf"):
@@ -202,7 +208,6 @@ def parse_attack(spec) -> Attack:
         )
     if attack.max_images is not None and attack.max_images < 1:
         raise AttackError(f"attack {spec!r}: max_images must be >= 1")
-    return attack
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

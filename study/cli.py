@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     from study.config import ConfigError
     from study.data.beton import BetonError
     from study.data.registry import DatasetError
-    from study.locks import Busy
+    from study.locks import Busy, Unusable
     from study.models import ModelError
     from study.tracking import TrackingError
 
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
             return cmd_plan(args)
         if args.command == "weights":
             return cmd_weights(args)
-    except (ConfigError, DatasetError, ModelError, Busy) as err:
+    except (ConfigError, DatasetError, ModelError, Busy, Unusable) as err:
         print(f"study: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except (BetonError, TrackingError) as err:

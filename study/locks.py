@@ -24,6 +24,36 @@ class Busy(RuntimeError):
     """OUT is held by another run; the message names the holder."""
 
 
+class Unusable(RuntimeError):
+    """OUT cannot be a run's folder: a file, or a place this process cannot write."""
+
+
+# An OUT inside a checkout (``--out demo-out``) holds gigabytes: git and ``ray job submit
+# --working-dir .`` (which reads .gitignore and .rayignore files in every folder it packs)
+# leave it out wherever it lies, as uv does for its .venv
+OUT_IGNORES = (".gitignore", ".rayignore")
+OUT_IGNORE_TEXT = "# a study OUT: kept out of git and of `ray job submit --working-dir` uploads\n*\n"
+
+
+def prepare_out(out: Path) -> None:
+    """OUT made (if missing) and marked as an OUT (OUT_IGNORES), or Unusable before any
+    work; nothing already in it is touched."""
+    import tempfile
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise Unusable(f"--out {out}: exists and is not a folder; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+        for name in OUT_IGNORES:
+            if not (out / name).exists():
+                (out / name).write_text(OUT_IGNORE_TEXT)
+    except OSError as err:
+        raise Unusable(f"--out {out}: cannot write there ({err.strerror or err})") from None
+
+
 def _open(path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

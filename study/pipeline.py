@@ -142,39 +142,12 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
     it stops at once); returns the results frame and its Markdown."""
     out = Path(out)
     device = resolve_device(cfg.device, cfg.deterministic)
-    writable(out)
+    locks.prepare_out(out)
     with locks.exclusive(out):
         try:
             return _run(Job(cfg, out, device, progress))
         finally:
             distributed.release_ray()  # a local Ray this run started ends with it, however it ends
-
-
-def writable(out: Path) -> None:
-    """OUT is a folder this process can write (made if missing), or a ConfigError (one
-    line, exit 2) before any work; nothing already in it is touched."""
-    import tempfile
-
-    from study.config import ConfigError
-
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder; give a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-        for name in OUT_IGNORES:
-            if not (out / name).exists():
-                atomic_write_text(out / name, OUT_IGNORE_TEXT)
-    except OSError as err:
-        raise ConfigError(f"--out {out}: cannot write there ({err.strerror or err})") from None
-
-
-# An OUT inside a checkout (``--out demo-out``) holds gigabytes: git and ``ray job submit
-# --working-dir .`` (which reads .gitignore and .rayignore files in every folder it packs)
-# leave it out wherever it lies, as uv does for its .venv
-OUT_IGNORES = (".gitignore", ".rayignore")
-OUT_IGNORE_TEXT = "# a study OUT: kept out of git and of `ray job submit --working-dir` uploads\n*\n"
 
 
 class _Clock:

@@ -73,7 +73,7 @@ def tiny_run(tmp_path_factory, ray_cluster):
     jobs/runtime_env.yaml`, followed to its end; the cluster's nodes stop after the module."""
     from conftest import tracked_checkout
 
-    from study.pipeline import writable
+    from study.locks import prepare_out
 
     root = tmp_path_factory.mktemp("tiny")
     job = root / "tiny.yaml"
@@ -82,7 +82,7 @@ def tiny_run(tmp_path_factory, ray_cluster):
     # the working directory: the checkout's tracked files, and an earlier run's OUT inside it
     # holding a file over Ray's 100 MiB upload limit (sparse: nothing is written to disk)
     checkout = tracked_checkout(root / "checkout")
-    writable(checkout / "demo-out")
+    prepare_out(checkout / "demo-out")
     (checkout / "demo-out" / "checkpoints").mkdir()
     with open(checkout / "demo-out" / "checkpoints" / "big.pt", "wb") as fh:  # not a pattern of runtime_env.yaml
         fh.truncate(101 * 2**20)

@@ -129,19 +129,32 @@ def test_stage_keys_stay_put_across_versions(tmp_path):
 
 
 # -- the driver dies mid-sweep ------------------------------------------------------------
-def _job(tmp_path: Path, weights: Path) -> Path:
+def _job(tmp_path: Path, weights: Path | None) -> Path:
+    """Stage 1 imports ``weights`` (a ResNet-18 file), or trains a ResNet-10 on Ray Train."""
+    pre = (
+        {"backbones": ["resnet18"], "weights": str(weights)}
+        if weights
+        else {
+            "dataset": "shapes",
+            "backbones": ["resnet10"],
+            "scaling": {"workers": 1},
+            "train": {"epochs": 1, "batch_size": 16, "lr": 0.01},
+        }
+    )
     raw = {
         "name": "killed",
         "seed": 0,
         "device": "cpu",
         "data": {"workers": 1},
-        "datasets": {"alphabet": {"params": {"train_per_class": 6, "test_per_class": 2}}},
-        "pretrain": {"backbones": ["resnet18"], "weights": str(weights)},
+        "datasets": {
+            "shapes": {"params": {"train_per_class": 4, "test_per_class": 1}},
+            "alphabet": {"params": {"train_per_class": 6, "test_per_class": 2}},
+        },
+        "pretrain": pre,
         "finetune": {
             "datasets": ["alphabet"],
             "methods": ["scratch", "full"],
             "train": {"epochs": 2, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
-            "space": {"lr_g": [0.05, 0.1]},
             "max_concurrent_trials": 1,
         },
         "eval": {"batch_size": 64, "max_images": 26, "attacks": ["fgsm_linf_0.5"]},
@@ -184,42 +197,67 @@ def _loopback(ip: str) -> bool:
     return (getattr(a, "ipv4_mapped", None) or a).is_loopback
 
 
-def test_a_local_run_listens_on_loopback_only_and_a_killed_one_leaves_nothing_and_resumes(tmp_path):
-    """The run starts its own Ray and MLflow server (no RAY_ADDRESS, no tracking URI), as
-    on a laptop: every socket of its process tree listens on 127.0.0.1; a SIGKILL of its
-    process group mid-sweep leaves no process behind; the rerun finishes only the rest."""
+def _tree(pid: int) -> list:
     import psutil
-    import torch
-    import torchvision
 
-    weights = tmp_path / "imagenet_like.pt"  # a torchvision-format ResNet-18, as downloaded
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
-    job, out = _job(tmp_path, weights), tmp_path / "out"
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_both_end_alike(tmp_path):
+    """Two runs of one job on one host at once, each starting its own Ray (Ray Train in
+    stage 1, Tune in stage 2) and MLflow server, as on a laptop (no RAY_ADDRESS, no
+    tracking URI): every socket of their process trees listens on 127.0.0.1 and neither
+    meets the other's Ray. One is SIGKILLed (its process group) mid-sweep: no process of it
+    is left; one of its finished trials' checkpoints is then damaged; its rerun resumes,
+    trains that trial again and ends with the same results.csv as the run left alone."""
+    import contextlib
+
+    import psutil
+
+    job = _job(tmp_path, None)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    cmd = [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    out, alone = tmp_path / "out", tmp_path / "alone"
+
+    def cmd(o):
+        return [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(o), "--quiet"]
+
+    procs = [
+        subprocess.Popen(cmd(o), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        for o in (out, alone)
+    ]
+    proc, other = procs
     seen, sockets = {}, set()
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 500
         while time.monotonic() < deadline and len(_finished(out)) < 1 and proc.poll() is None:
-            with __import__("contextlib").suppress(psutil.Error):
-                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            with contextlib.suppress(psutil.Error):
+                tree = _tree(proc.pid)
                 seen.update({p.pid: p for p in tree})
-                sockets |= _listening(tree)
+                sockets |= _listening(tree + _tree(other.pid))
             time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         before = _finished(out)
-        assert 1 <= len(before) < 4
+        assert len(before) == 1  # of its two trials
         names, ports = {name for name, *_ in sockets}, {port for *_, port in sockets}
         mlflow_port = json.loads((out / "mlflow-server.json").read_text())["port"]
         assert {"gcs_server", "raylet"} <= names and mlflow_port in ports, sockets  # Ray's and MLflow's, seen
-        assert all(_loopback(ip) for _, ip, _ in sockets), sorted(sockets)
+        # every socket on the loopback, but one: PyTorch's rendezvous store (TCPStore), which
+        # Ray Train's workers open for torch.distributed, binds every interface and PyTorch
+        # has no setting for its address (README: "What a local run exposes")
+        worker = ("ray::RayTrainWorker", "ray::execute._setup_torch_process_group")  # a worker's names
+        store = [s for s in sockets if s[0].startswith(worker) and s[1] in ("::", "0.0.0.0")]
+        outside = [s for s in sockets if not _loopback(s[1]) and s not in store]
+        assert not outside and len({s[2] for s in store}) <= 2, sorted(outside + store)  # one store a run
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
         proc.wait(30)
+        first = proc.stdout.read().decode()
+        assert other.wait(600) == 0
+        logs = [first, other.stdout.read().decode()]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
     left = list(seen.values())
     while left and time.monotonic() < deadline:
@@ -230,24 +268,19 @@ def test_a_local_run_listens_on_loopback_only_and_a_killed_one_leaves_nothing_an
     damaged = out / "checkpoints" / (sorted(before)[0].removesuffix(".json") + ".pt")
     blob = damaged.read_bytes()
     damaged.write_bytes(blob[: len(blob) // 3])
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    logs.append(rerun.stdout + rerun.stderr)
     assert "restoring the sweep" in rerun.stdout
     said = [line for line in rerun.stdout.splitlines() if "does not match its record" in line]
     assert len(said) == 1 and damaged.name in said[0] and "training it again" in said[0], rerun.stdout[-3000:]
     kept = damaged.with_name(damaged.name + ".damaged")  # nothing the user had is deleted
     assert kept.read_bytes() == blob[: len(blob) // 3]
     after = _finished(out)
-    assert len(after) == 4
-    for name, mtime in before.items():  # finished trials were not trained or attacked again
-        if name == sorted(before)[0]:
-            assert after[name] != mtime and torch.load(damaged, weights_only=False) is not None
-        else:
-            assert after[name] == mtime, name
-    df = __import__("pandas").read_csv(out / "results.csv")
-    clean = df[df.attack.isna()]
-    assert len(clean) == 4 and clean.groupby("method").selected.sum().tolist() == [1, 1]
-    assert clean.stage.is_unique and (df[df.attack.notna()].attack == "fgsm_linf_0.5").sum() == 4
+    assert len(after) == 2 and after[sorted(before)[0]] != before[sorted(before)[0]]  # trained again
+    # the killed, damaged and resumed run ends as the one left alone; each met its own Ray only
+    assert (out / "results.csv").read_bytes() == (alone / "results.csv").read_bytes()
+    assert all("Found multiple active Ray instances" not in x for x in logs), [x[-2000:] for x in logs]
 
 
 def test_asha_stops_weak_trials_early(tmp_path, ray_local):

@@ -375,21 +375,56 @@ _OWN_ADDRESS = [None]  # the local Ray this driver started: where its own proces
 
 def quiet_ray_process() -> None:
     """The local Ray's ``worker_process_setup_hook`` (and the driver's): drops the
-    autoscaling request's transient warning above, nothing else; and points each of the
-    local Ray's processes at that Ray (RAY_ADDRESS). Ray's state API, which Ray Train's
+    autoscaling request's transient warning above (no other record); points each of the
+    local Ray's workers at that Ray (RAY_ADDRESS: Ray's state API, which Ray Train's
     clean-up polls, otherwise looks for a Ray on the machine and, where two jobs run, says
-    "Found multiple active Ray instances" and talks to the newest, maybe the other job's."""
+    "Found multiple active Ray instances" and talks to the newest, maybe the other job's);
+    and keeps their torch.distributed on the loopback."""
     import logging
     import os
+    import sys
 
     import ray
 
     if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        # a local Ray's workers: torch.distributed on the loopback too (gloo's pair sockets
+        # bind the interface named here; its rendezvous store, _store_on_loopback)
+        if sys.platform == "linux":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        _store_on_loopback()
 
     logger = logging.getLogger(AUTOSCALING_LOGGER)
     if _not_autoscaling_noise not in logger.filters:
         logger.addFilter(_not_autoscaling_noise)
+
+
+def _store_on_loopback() -> None:
+    """PyTorch's rendezvous store (the ``TCPStore`` that rank 0 serves while
+    ``init_process_group`` runs, as Ray Train calls it) binds every interface, and PyTorch
+    has no setting for its address; it does take a socket already bound. In a local Ray's
+    workers rank 0 hands it one bound to 127.0.0.1 (the master address is the loopback
+    there: the local Ray's node address)."""
+    import importlib
+    import socket
+
+    # the module: torch.distributed's namespace has a function of the same name
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
+    plain = rendezvous.TCPStore
+    if getattr(plain, "on_loopback", False):
+        return
+
+    def store(*args, **kw):
+        if not args and kw.get("is_master") and kw.get("master_listen_fd") is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", int(kw["port"])))
+            sock.listen(socket.SOMAXCONN)
+            kw["master_listen_fd"] = sock.detach()
+        return plain(*args, **kw)
+
+    store.on_loopback = True
+    rendezvous.TCPStore = store
 
 
 def release_ray() -> None:

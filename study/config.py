@@ -761,16 +761,29 @@ class JobConfig(_Strict):
                 )
         return self
 
+    def _evaluated(self, methods=None) -> list[str]:
+        """The dataset keys whose models meet the suite: the fine-tuning targets, and the
+        source where stage 1 trains there (and ``methods``, a limit, includes pretrain)."""
+        keys = list(self.finetune.datasets if self.finetune else [])
+        trains = self.pretrain.weights is None and self.pretrain.dataset in self.datasets
+        if trains and (methods is None or "pretrain" in methods):
+            keys.append(self.pretrain.dataset)
+        return list(dict.fromkeys(keys))
+
+    def _known_seed(self, where: str, seed: int) -> None:
+        if seed not in self.replicate_seeds():
+            raise _FieldError(
+                where, f"{seed} is not a seed of the job (seeds: {', '.join(map(str, self.replicate_seeds()))})"
+            )
+
     @model_validator(mode="after")
     def _check_eval(self):
-        evaluated = list(self.finetune.datasets if self.finetune else [])
-        if self.pretrain.weights is None and self.pretrain.dataset in self.datasets:
-            evaluated.append(self.pretrain.dataset)
+        evaluated = self._evaluated()
         for i, entry in enumerate(self.eval.attacks):
             for d in entry.datasets or ():
                 self._known_dataset(f"eval.attacks[{i}].datasets", d)
             a = entry.attack
-            for key in dict.fromkeys(evaluated) if a.norm == "l2" else ():
+            for key in evaluated if a.norm == "l2" else ():
                 side = self.resolution(key)
                 if entry.datasets in (None, ()) or key in entry.datasets:
                     if a.eps > (3 * side * side) ** 0.5:
@@ -780,23 +793,14 @@ class JobConfig(_Strict):
                             f"{key!r} at {side} px ({(3 * side * side) ** 0.5:.1f}): every image would break",
                         )
             for seed in entry.seeds or ():
-                if seed not in self.replicate_seeds():
-                    raise _FieldError(
-                        f"eval.attacks[{i}].seeds",
-                        f"{seed} is not a seed of the job (seeds: {', '.join(map(str, self.replicate_seeds()))})",
-                    )
+                self._known_seed(f"eval.attacks[{i}].seeds", seed)
         c = self.eval.corruptions
         if c is not None:
             for d in c.datasets or ():
                 self._known_dataset("eval.corruptions.datasets", d)
             for seed in c.seeds or ():
-                if seed not in self.replicate_seeds():
-                    raise _FieldError("eval.corruptions.seeds", f"{seed} is not a seed of the job")
-            evaluated = list(self.finetune.datasets if self.finetune else [])
-            trains = self.pretrain.weights is None and self.pretrain.dataset in self.datasets
-            if trains and (c.methods is None or "pretrain" in c.methods):  # stage 1's backbones meet the suite too
-                evaluated.append(self.pretrain.dataset)
-            for key in dict.fromkeys(evaluated):
+                self._known_seed("eval.corruptions.seeds", seed)
+            for key in self._evaluated(c.methods):
                 side = self.resolution(key)
                 if (c.datasets is None or key in c.datasets) and side < corruptions.MIN_SIDE:
                     first = c.items()[0].corruption

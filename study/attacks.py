@@ -782,28 +782,44 @@ def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int |
     n = len(correct)
     correct = torch.tensor([correct[i] for i in range(n)], dtype=torch.bool)
     robust = torch.tensor([robust[i] for i in range(n)], dtype=torch.bool)
-    aoi = 100.0 * float(correct.sum()) / max(n, 1)
-    aai = 100.0 * float(robust.sum()) / max(n, 1)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = None if attack.kind == "autoattack" else step_dtype(attack, device, early_stop=True)
     extra = {"members": [{"attack": k, "attacked": a, "broke": b} for k, (a, b) in tally.items()]} if tally else {}
-    return {
-        "attack": attack.name,
+    return evaluation_record(
+        attack.name,
+        correct,
+        robust,
+        start,
+        max_delta=max_delta,
+        eps_pixels=attack.eps_pixels,
+        in_range=in_range,
+        vanishing_gradients=vanished,
+        notes=notes,
+        precision="fp32" if dtype is None else "bf16",
+        **extra,
+    )
+
+
+def evaluation_record(name: str, correct: torch.Tensor, robust: torch.Tensor, start: float, **fields) -> dict:
+    """One evaluation's record (an attack's, or a corruption's: study.corruptions): AOI,
+    AAI and DR in percent from the per-image masks, the masks, the seconds since
+    ``start``, and ``fields`` (max_delta, eps_pixels, in_range, vanishing_gradients,
+    notes, precision, and any extra)."""
+    n = len(correct)
+    aoi = 100.0 * float(correct.sum()) / max(n, 1)
+    aai = 100.0 * float(robust.sum()) / max(n, 1)
+    head = {
+        "attack": name,
         "images": n,
         "AOI": aoi,
         "AAI": aai,
         "DR": 100.0 * (aoi - aai) / aoi if aoi > 0 else float("nan"),
-        "max_delta": max_delta,
-        "eps_pixels": attack.eps_pixels,
-        "in_range": in_range,
-        "vanishing_gradients": vanished,
-        "notes": notes,
-        "precision": "fp32" if dtype is None else "bf16",
-        "seconds": time.perf_counter() - start,
-        "correct": correct,
-        "robust": robust,
-        **extra,
     }
+    members = fields.pop("members", None)  # last, where records have always kept it
+    record = {**head, **fields, "seconds": time.perf_counter() - start, "correct": correct, "robust": robust}
+    if members is not None:
+        record["members"] = members
+    return record
 
 
 # -- feature-space steepness (the paper's Eq. 4) ---------------------------------------

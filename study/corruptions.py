@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from study.attacks import evaluation_record
+
 SEVERITIES = (1, 2, 3, 4, 5)
 MIN_SIDE = 32  # imagecorruptions refuses smaller images
 # the library's own lists (imagecorruptions.get_corruption_names), fixed here so that a
@@ -176,24 +178,18 @@ def accuracy(model: torch.nn.Module, batches, corruption: Corruption, max_images
         model.train(was)
     correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
     robust = torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool)
-    n = len(correct)
-    aoi, acc = 100.0 * float(correct.sum()) / max(n, 1), 100.0 * float(robust.sum()) / max(n, 1)
-    return {
-        "attack": corruption.name,
-        "images": n,
-        "AOI": aoi,
-        "AAI": acc,
-        "DR": 100.0 * (aoi - acc) / aoi if aoi > 0 else float("nan"),
-        "max_delta": change,
-        "eps_pixels": 0.0,
-        "in_range": True,
-        "vanishing_gradients": 0,
-        "notes": [],
-        "precision": "fp32",
-        "seconds": time.perf_counter() - start,
-        "correct": correct,
-        "robust": robust,
-    }
+    return evaluation_record(
+        corruption.name,
+        correct,
+        robust,
+        start,
+        max_delta=change,
+        eps_pixels=0.0,
+        in_range=True,
+        vanishing_gradients=0,
+        notes=[],
+        precision="fp32",
+    )
 
 
 # -- the numbers built on the items ------------------------------------------------------

@@ -344,10 +344,20 @@ def parent_run(out: Path, name: str, config_hash: str):
 
 
 def get_or_create_experiment(name: str) -> str:
+    """The experiment's id; two runs of one job starting at once on one server may both
+    find none and both create it: the one that loses takes the winner's."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     exp = mlflow.get_experiment_by_name(name)
-    return exp.experiment_id if exp else mlflow.create_experiment(name)
+    if exp:
+        return exp.experiment_id
+    try:
+        return mlflow.create_experiment(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS" or not (exp := mlflow.get_experiment_by_name(name)):
+            raise
+        return exp.experiment_id
 
 
 def serve_ui(out: Path, port: int = 5000) -> int:

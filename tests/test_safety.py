@@ -193,3 +193,26 @@ def test_an_mlflow_server_a_killed_run_left_behind_is_stopped_by_the_next_run(tm
         assert other.poll() is None and len(said) == 1
     finally:
         other.kill()
+
+
+def test_two_runs_creating_one_experiment_at_once_both_get_it(mlflow_server, monkeypatch):
+    """The race two runs of one job meet on a shared server: both look the experiment up,
+    find none, and create it; the loser of the creation takes the winner's experiment."""
+    import mlflow
+
+    from study import tracking
+
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        winner = mlflow.create_experiment("raced")  # the other run, between our look-up and creation
+        looked = mlflow.get_experiment_by_name
+        calls = []
+
+        def late(name):  # the first look-up happened before the other run created it
+            calls.append(name)
+            return None if len(calls) == 1 else looked(name)
+
+        monkeypatch.setattr(mlflow, "get_experiment_by_name", late)
+        assert tracking.get_or_create_experiment("raced") == winner and len(calls) == 2
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -1,9 +1,6 @@
-"""Verdicts from replicates: the same job and seed give the same numbers in two fresh
-folders, another seed gives other numbers, and seeds added to a job reuse the finished
-replicates."""
-
-import json
-import re
+"""Verdicts from replicates: seeds replicate every trial, another seed draws anew, and
+seeds added to a job reuse the finished replicates (the same job and seed in two fresh
+folders give the same numbers: test_safety, where one job runs twice at once)."""
 
 import pytest
 import yaml
@@ -56,38 +53,6 @@ def test_seeds_replicate_every_trial():
     pts = sweep.points(cfg)
     assert [(p["method"], p["seed"]) for p in pts] == [("scratch", 0), ("full", 0), ("scratch", 3), ("full", 3)]
     assert cfg.seed == 0 and cfg.for_seed(3).seed == 3 and config.parse(cfg.for_seed(3).resolved()).seed == 3
-
-
-def _job(tmp_path, name, seeds, weights):
-    """The job with its backbone imported from ``weights``: stage 1 on Ray Train is
-    test_pipeline's and test_distributed's (two workers give one worker's model)."""
-    job = tmp_path / f"{name}.yaml"
-    job.write_text(yaml.safe_dump({**JOB, "seeds": seeds, "pretrain": {"weights": str(weights)}}))
-    return job
-
-
-def test_same_seed_same_numbers(tmp_path, run_study):
-    """The tiny job twice, into two fresh folders: the same results.csv (timings are not in
-    it), per-image results and claims.json, byte for byte."""
-    import torch
-    import torchvision
-
-    weights = tmp_path / "imagenet_like.pt"
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
-    first, second = tmp_path / "first", tmp_path / "second"
-    said = run_study(_job(tmp_path, "a", [0], weights), first)
-    run_study(_job(tmp_path, "b", [0], weights), second)
-    # where the time went, and the claims' lines marked as resting on one training run
-    assert "[study] time: data " in said and ", stage 1 " in said and ", sweep " in said and "; total " in said
-    assert re.search(r"\[study\] claim: \w+ \(one training run\): Fine-tuned models have a higher DR", said)
-    for name in ("results.csv", "per_image.json", "report/claims.json"):
-        assert (first / name).read_bytes() == (second / name).read_bytes(), name
-    claims = json.loads((first / "report" / "claims.json").read_text())
-    assert claims[0]["datasets"] and claims[0]["datasets"][0]["seeds"] == 1
-    assert claims[0]["covers"] == "test images" and claims[0]["datasets"][0]["covers"] == "test images"
-    assert "one training run" in (first / "results.md").read_text()
-    assert "one training run" in (first / "report" / "index.html").read_text()
 
 
 def test_an_added_seed_keeps_the_finished_replicates_and_draws_anew(tmp_path):

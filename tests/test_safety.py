@@ -1,9 +1,11 @@
-"""Side by side: one `study run` per OUT (a second stops at once naming the first), one
-writer per dataset folder (two jobs sharing data.dir write each .beton once), and the
-splits every training run read, as MLflow dataset inputs."""
+"""Side by side: one `study run` per OUT (a second stops at once naming the first; the
+same job and seed in two fresh folders give the same numbers), one writer per dataset
+folder (two jobs sharing data.dir write each .beton once), and the splits every training
+run read, as MLflow dataset inputs."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -48,6 +50,10 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
 
 
 def test_a_second_run_into_a_held_out_stops_at_once_and_the_first_is_as_a_solo_run(tmp_path, ray_local, mlflow_server):
+    """One job run twice at once into two fresh folders (and a third time into the first's
+    folder, which stops at once): the same seed gives the same results.csv (timings are
+    not in it), per-image results and claims.json, byte for byte; each run says where its
+    time went and marks its verdicts as resting on one training run."""
     import mlflow
 
     raw = {
@@ -59,10 +65,11 @@ def test_a_second_run_into_a_held_out_stops_at_once_and_the_first_is_as_a_solo_r
         "pretrain": {"backbones": ["resnet18"], "weights": str(_weights(tmp_path))},
         "finetune": {
             "datasets": ["alphabet"],
-            "methods": ["full"],
+            "methods": ["scratch", "full"],
+            "max_concurrent_trials": 1,
             "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
         },
-        "eval": {"batch_size": 64, "max_images": 26, "attacks": ["fgsm_linf_0.5"]},
+        "eval": {"batch_size": 64, "attacks": ["pgd10_linf_0.5"]},
         "analyses": {"enabled": False},
     }
     job, out = tmp_path / "twice.yaml", tmp_path / "out"
@@ -89,13 +96,23 @@ def test_a_second_run_into_a_held_out_stops_at_once_and_the_first_is_as_a_solo_r
         assert second.returncode == 2 and time.monotonic() - t0 < 30
         assert f"is in use by another study run (pid {first.pid} on {socket.gethostname()}" in second.stderr
         assert "[study] data" not in second.stdout  # it prepared nothing, wrote nothing
-        assert first.wait(600) == 0, first.stdout.read()[-3000:]
+        said = first.communicate(timeout=600)[0]
+        assert first.returncode == 0, said[-3000:]
         assert alone.wait(600) == 0, alone.stdout.read()[-3000:]
     finally:
         for p in (first, alone):
             if p.poll() is None:
                 p.kill()
-    assert (out / "results.csv").read_bytes() == (solo / "results.csv").read_bytes()
+    for name in ("results.csv", "per_image.json", "report/claims.json"):
+        assert (out / name).read_bytes() == (solo / name).read_bytes(), name
+    # where the time went, and the claims' lines marked as resting on one training run
+    assert "[study] time: data " in said and ", stage 1 " in said and ", sweep " in said and "; total " in said
+    assert re.search(r"\[study\] claim: \w+ \(one training run\): Fine-tuned models have a higher DR", said)
+    checked = json.loads((out / "report" / "claims.json").read_text())
+    assert checked[0]["datasets"] and checked[0]["datasets"][0]["seeds"] == 1
+    assert checked[0]["covers"] == "test images" and checked[0]["datasets"][0]["covers"] == "test images"
+    assert "one training run" in (out / "results.md").read_text()
+    assert "one training run" in (out / "report" / "index.html").read_text()
 
     # the trial's run names the splits it read, with the manifests' config hashes
     train = json.loads((out / "data" / "alphabet" / "train.json").read_text())

@@ -198,7 +198,8 @@ def cmd_report(args) -> int:
             f"study: error: no MLflow store at {store / tracking.DB_NAME} and no MLFLOW_TRACKING_URI", file=sys.stderr
         )
         return USAGE_ERROR
-    with tracking.tracking(store, quiet=True):
+    with tracking.tracking(store, quiet=True) as tracked:
+        tracked.ready()
         try:
             page = report_page.from_mlflow(Path(args.out), args.experiment)
         except LookupError as err:

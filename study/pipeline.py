@@ -178,9 +178,10 @@ def _run(job: Job):
     fetch_weights(job)  # downloads; a pin that does not match stops here, before anything is written
     atomic_write_text(out / "job.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
     _warn_cpu_driver(cfg, device)
-    prepare_data(job)
-    clock.lap("data")
-    with tracking.tracking(out, quiet=not progress):
+    with tracking.tracking(out, quiet=not progress) as tracked:  # the server starts while the data is prepared
+        prepare_data(job)
+        clock.lap("data")
+        tracked.ready()
         with tracking.parent_run(out, cfg.name, cfg.hash()) as parent:
             tracking.log_yaml(cfg.resolved(), "job.yaml")
             if not parent.data.params:

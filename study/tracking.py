@@ -142,6 +142,11 @@ class LocalServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> LocalServer:
+        return self.launch().wait()
+
+    def launch(self) -> LocalServer:
+        """Starts the server and returns at once (``wait`` for it to answer): its start-up,
+        mostly imports, can run beside the caller's own work."""
         self.out.mkdir(parents=True, exist_ok=True)
         log = open(self.out / LOG_NAME, "ab")
         # Its own session, so stop() takes down the server's worker processes too.
@@ -158,8 +163,11 @@ class LocalServer:
         with contextlib.suppress(psutil.Error):
             record["created"] = psutil.Process(self.proc.pid).create_time()
         atomic_write_text(self.out / SERVER_RECORD, json.dumps(record))
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
+        self.deadline = time.monotonic() + self.timeout
+        return self
+
+    def wait(self) -> LocalServer:
+        while time.monotonic() < self.deadline:
             if self.proc.poll() is not None:
                 raise TrackingError(f"mlflow server exited with {self.proc.returncode}; see {self.out / LOG_NAME}")
             try:
@@ -182,31 +190,47 @@ class LocalServer:
         self.stop()
 
 
+class Tracking:
+    """What ``tracking`` yields: ``ready()`` waits for the server (once) and returns the URI."""
+
+    def __init__(self, uri: str | None = None, server: LocalServer | None = None, quiet: bool = False):
+        self.uri, self.server, self.quiet = uri, server, quiet
+
+    def ready(self) -> str:
+        import mlflow
+
+        if self.uri is None:
+            self.uri = self.server.wait().uri
+            os.environ["MLFLOW_TRACKING_URI"] = self.uri  # child processes (Ray) inherit it
+            if not self.quiet:
+                print(f"[study] MLflow at {self.uri}", flush=True)
+        mlflow.set_tracking_uri(self.uri)
+        return self.uri
+
+
 @contextlib.contextmanager
 def tracking(out: Path, quiet: bool = False):
-    """Yields the tracking URI: the user's ``MLFLOW_TRACKING_URI``, or a local server's."""
+    """Yields a ``Tracking`` of the user's ``MLFLOW_TRACKING_URI``, or of a local server,
+    launched on entry: it starts while the caller goes on (``ready()`` waits for it)."""
     import mlflow
 
     quiet_mlflow()
     given = os.environ.get("MLFLOW_TRACKING_URI")
     if given:
-        mlflow.set_tracking_uri(given)
-        yield given
+        yield Tracking(given)
+        mlflow.set_tracking_uri(None)
         return
     stop_orphan(out)
     if not quiet:
         print(f"[study] starting MLflow server (sqlite {Path(out) / DB_NAME}) ...", flush=True)
-    with LocalServer(out) as server:
-        os.environ["MLFLOW_TRACKING_URI"] = server.uri  # child processes (Ray) inherit it
-        mlflow.set_tracking_uri(server.uri)
-        try:
-            if not quiet:
-                print(f"[study] MLflow at {server.uri}", flush=True)
-            yield server.uri
-        finally:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-            mlflow.set_tracking_uri(None)
-            _forget_artifact_repos()
+    server = LocalServer(out).launch()
+    try:
+        yield Tracking(server=server, quiet=quiet)
+    finally:
+        server.stop()
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        mlflow.set_tracking_uri(None)
+        _forget_artifact_repos()
 
 
 def _forget_artifact_repos() -> None:

@@ -16,11 +16,12 @@ GROUPS = {
     "test_distributed.py": "ray_local",
     "test_sweep.py": "ray_local",
     "test_replicates.py": "ray_local",
+    "test_safety.py": "twice",  # its module fixture: one job run twice at once
     "test_attacks.py": "trained",
     "test_evaluate.py": "trained",
     "test_objectives.py": "trained",
 }
-ORDER = ["ray_cluster", "ray_local", None, "trained"]
+ORDER = ["ray_cluster", "ray_local", "twice", None, "trained"]
 
 
 def _group(nodeid: str) -> str | None:

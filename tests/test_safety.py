@@ -49,30 +49,35 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
         pass
 
 
-def test_a_second_run_into_a_held_out_stops_at_once_and_the_first_is_as_a_solo_run(tmp_path, ray_local, mlflow_server):
-    """One job run twice at once into two fresh folders (and a third time into the first's
-    folder, which stops at once): the same seed gives the same results.csv (timings are
-    not in it), per-image results and claims.json, byte for byte; each run says where its
-    time went and marks its verdicts as resting on one training run."""
-    import mlflow
-
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory, ray_local, mlflow_server):
+    """One job run twice at once, into two fresh folders that share one data.dir (on the
+    session's Ray and MLflow server), and a third time into the first's folder while the
+    first holds it. The job: Table 1's standard model and full fine-tune, TRADES@stage-2,
+    and DM in the authors' form at two λ; attacked by PGD-10 on cross-entropy and on C&W's
+    margin. Returns the folders, what the first run printed, the third run and the first's pid."""
+    root = tmp_path_factory.mktemp("twice")
+    weights = _weights(root)
     raw = {
         "name": "twice",
         "seed": 0,
         "device": "cpu",
-        "data": {"workers": 1},
+        "data": {"workers": 1, "dir": str(root / "shared-data")},
         "datasets": {"alphabet": {"params": {"train_per_class": 4, "test_per_class": 1}}},
-        "pretrain": {"backbones": ["resnet18"], "weights": str(_weights(tmp_path))},
+        "pretrain": {"backbones": ["resnet18"], "weights": {"standard": str(weights), "fgsm_linf_2.0": str(weights)}},
         "finetune": {
             "datasets": ["alphabet"],
-            "methods": ["scratch", "full"],
+            "methods": ["scratch", "full", "trades_stage2", "dm_stage12"],
             "max_concurrent_trials": 1,
             "train": {"epochs": 1, "batch_size": 32, "lr_f": 0.01, "lr_g": 0.05},
+            "space": {"lam": [1.0, 100.0]},
+            "dm": {"form": "code", "steps": 2},
+            "trades": {"beta": 6.0, "attack": "pgd2_linf_2.0"},
         },
-        "eval": {"batch_size": 64, "attacks": ["pgd10_linf_0.5"]},
+        "eval": {"batch_size": 64, "attacks": ["pgd10_linf_0.5", "pgd10_linf_0.5[loss=cw]"]},
         "analyses": {"enabled": False},
     }
-    job, out = tmp_path / "twice.yaml", tmp_path / "out"
+    job, out, solo = root / "twice.yaml", root / "out", root / "solo"
     job.write_text(yaml.safe_dump(raw))
     env = {
         **os.environ,
@@ -80,7 +85,6 @@ def test_a_second_run_into_a_held_out_stops_at_once_and_the_first_is_as_a_solo_r
         "MLFLOW_TRACKING_URI": mlflow_server,
     }
     first = subprocess.Popen(_cmd(job, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    solo = tmp_path / "solo"  # the same job alone into another OUT, meanwhile: what the first must give
     alone = subprocess.Popen(_cmd(job, solo), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -93,19 +97,31 @@ def test_a_second_run_into_a_held_out_stops_at_once_and_the_first_is_as_a_solo_r
             time.sleep(0.2)
         t0 = time.monotonic()
         second = subprocess.run(_cmd(job, out), env=env, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and time.monotonic() - t0 < 30
-        assert f"is in use by another study run (pid {first.pid} on {socket.gethostname()}" in second.stderr
-        assert "[study] data" not in second.stdout  # it prepared nothing, wrote nothing
-        said = first.communicate(timeout=600)[0]
-        assert first.returncode == 0, said[-3000:]
-        assert alone.wait(600) == 0, alone.stdout.read()[-3000:]
+        second.seconds = time.monotonic() - t0
+        said = [p.communicate(timeout=600)[0] for p in (first, alone)]
+        for p, log in zip((first, alone), said):
+            assert p.returncode == 0, log[-3000:]
     finally:
         for p in (first, alone):
             if p.poll() is None:
                 p.kill()
+    return {"out": out, "solo": solo, "data": root / "shared-data", "said": said, "second": second, "pid": first.pid}
+
+
+def test_a_second_run_into_a_held_out_stops_at_once(twice):
+    second = twice["second"]
+    assert second.returncode == 2 and second.seconds < 30
+    assert f"is in use by another study run (pid {twice['pid']} on {socket.gethostname()}" in second.stderr
+    assert "[study] data" not in second.stdout  # it prepared nothing, wrote nothing
+
+
+def test_the_same_job_and_seed_in_two_fresh_folders_give_the_same_numbers(twice):
+    """The same results.csv (timings are not in it), per-image results and claims.json,
+    byte for byte; each run says where its time went and marks its verdicts as resting on
+    one training run."""
+    out, said = twice["out"], twice["said"][0]
     for name in ("results.csv", "per_image.json", "report/claims.json"):
-        assert (out / name).read_bytes() == (solo / name).read_bytes(), name
-    # where the time went, and the claims' lines marked as resting on one training run
+        assert (out / name).read_bytes() == (twice["solo"] / name).read_bytes(), name
     assert "[study] time: data " in said and ", stage 1 " in said and ", sweep " in said and "; total " in said
     assert re.search(r"\[study\] claim: \w+ \(one training run\): Fine-tuned models have a higher DR", said)
     checked = json.loads((out / "report" / "claims.json").read_text())
@@ -114,9 +130,27 @@ def test_a_second_run_into_a_held_out_stops_at_once_and_the_first_is_as_a_solo_r
     assert "one training run" in (out / "results.md").read_text()
     assert "one training run" in (out / "report" / "index.html").read_text()
 
-    # the trial's run names the splits it read, with the manifests' config hashes
-    train = json.loads((out / "data" / "alphabet" / "train.json").read_text())
-    test = json.loads((out / "data" / "alphabet" / "test.json").read_text())
+
+def test_two_runs_sharing_a_data_dir_write_each_beton_once(twice):
+    logs = twice["said"]
+    written = [
+        line
+        for log in logs
+        for line in log.splitlines()
+        if line.startswith("[study] data alphabet/") and ", written (" in line
+    ]
+    reused = [line for log in logs for line in log.splitlines() if "already prepared" in line]
+    assert len(written) == 2 and len(reused) == 2, "\n".join(logs)
+    assert sorted(p.name for p in (twice["data"] / "alphabet").glob("*.beton")) == ["test.beton", "train.beton"]
+
+
+def test_each_training_run_names_the_splits_it_read(twice, mlflow_server):
+    """The trial's MLflow run names its splits as dataset inputs, with the manifests'
+    config hashes."""
+    import mlflow
+
+    train = json.loads((twice["data"] / "alphabet" / "train.json").read_text())
+    test = json.loads((twice["data"] / "alphabet" / "test.json").read_text())
     mlflow.set_tracking_uri(mlflow_server)
     try:
         runs = mlflow.search_runs(experiment_names=["twice"])
@@ -137,42 +171,36 @@ def test_a_second_run_into_a_held_out_stops_at_once_and_the_first_is_as_a_solo_r
     assert profiles["evaluation"] == {"count": 26, "num_classes": 26, "split": "test", "dataset": "alphabet"}
 
 
-def test_two_jobs_sharing_a_data_dir_write_each_beton_once(tmp_path, mlflow_server):
-    data = tmp_path / "shared-data"
-    jobs = []
-    for name in ("one", "two"):
-        raw = {
-            "name": name,
-            "seed": 0,
-            "device": "cpu",
-            "data": {"workers": 1, "dir": str(data)},
-            "datasets": {"shapes": {"params": {"train_per_class": 100, "test_per_class": 10}}},
-            "pretrain": {"backbones": ["resnet18"], "weights": str(_weights(tmp_path)), "dataset": "shapes"},
-        }
-        job = tmp_path / f"{name}.yaml"
-        job.write_text(yaml.safe_dump(raw))
-        jobs.append(
-            subprocess.Popen(
-                _cmd(job, tmp_path / f"out-{name}"),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env={**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": mlflow_server},
-            )
-        )
-    logs = []
-    for p in jobs:
-        logs.append(p.communicate(timeout=600)[0])
-        assert p.returncode == 0, logs[-1][-3000:]
-    written = [
-        line
-        for log in logs
-        for line in log.splitlines()
-        if line.startswith("[study] data shapes/") and ", written (" in line
-    ]
-    reused = [line for log in logs for line in log.splitlines() if "already prepared" in line]
-    assert len(written) == 2 and len(reused) == 2, "\n".join(logs)
-    assert sorted(p.name for p in (data / "shapes").glob("*.beton")) == ["test.beton", "train.beton"]
+def test_trades_dm_and_the_cw_attack_run_through_the_sweep(twice):
+    """TRADES@stage-2 as one more method of the sweep, and PGD on C&W's margin loss as one
+    more attack: both run, both are named apart, and the paper's tables keep
+    cross-entropy PGD's numbers. DM in the authors' form at two λ: each λ's model is
+    attacked on the validation images, and one λ is chosen from those numbers."""
+    import pandas as pd
+
+    out = twice["out"]
+    df = pd.read_csv(out / "results.csv")
+    tuned = ("scratch", "full", "trades_stage2", "dm_stage12")
+    got = {(m, a) for m, a in df[["method", "attack"]].dropna().values}
+    assert got == {(m, a) for m in tuned for a in ("pgd10_linf_0.5", "pgd10_linf_0.5[loss=cw]")}
+    dm = df[(df.method == "dm_stage12") & df.attack.isna()]
+    assert len(dm) == 2 and dm.val_AAI.notna().all() and dm.chosen.sum() == 1
+    assert df[(df.method == "full") & df.attack.isna()].val_AAI.isna().all()  # λ methods only
+    assert df[df.attack.isna() & (df.method != "scratch")].f_l1.gt(0).all()  # the size of their features
+    trades = json.loads(
+        next((out / "checkpoints").glob("finetune-alphabet-resnet18-trades_stage2-*[!l].json")).read_text()
+    )
+    assert trades["history"][0]["train_loss"] > 0
+    md = (out / "results.md").read_text()
+    table5 = md.split("## Table 5")[1].split("\n## ")[0]
+    assert "TRADES@stage-2" in table5
+    ce = df[(df.method == "trades_stage2") & (df.attack == "pgd10_linf_0.5")].iloc[0]
+    assert (
+        f"| TRADES@stage-2 |  | {ce.AOI:.2f} [" in table5 and f"| {ce.AAI:.2f} [" in table5
+    )  # cross-entropy PGD's row
+    assert f"| DM@stage-1&2 | {dm[dm.chosen].lam.iloc[0]:g} |" in table5
+    assert md.split("## Stage 2 sweep")[1].count("| ✓ λ chosen |") == 1
+    assert "loss=cw" not in md.split("## Stage 2 sweep")[0]  # no paper table shows the CW attack
 
 
 def test_an_mlflow_server_a_killed_run_left_behind_is_stopped_by_the_next_run(tmp_path):

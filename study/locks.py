@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+from study.files import atomic_write_text
+
 OUT_LOCK = ".study.lock"
 
 
@@ -49,7 +51,7 @@ def prepare_out(out: Path) -> None:
             pass
         for name in OUT_IGNORES:
             if not (out / name).exists():
-                (out / name).write_text(OUT_IGNORE_TEXT)
+                atomic_write_text(out / name, OUT_IGNORE_TEXT)
     except OSError as err:
         raise Unusable(f"--out {out}: cannot write there ({err.strerror or err})") from None
 

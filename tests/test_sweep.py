@@ -129,18 +129,14 @@ def test_stage_keys_stay_put_across_versions(tmp_path):
 
 
 # -- the driver dies mid-sweep ------------------------------------------------------------
-def _job(tmp_path: Path, weights: Path | None) -> Path:
-    """Stage 1 imports ``weights`` (a ResNet-18 file), or trains a ResNet-10 on Ray Train."""
-    pre = (
-        {"backbones": ["resnet18"], "weights": str(weights)}
-        if weights
-        else {
-            "dataset": "shapes",
-            "backbones": ["resnet10"],
-            "scaling": {"workers": 1},
-            "train": {"epochs": 1, "batch_size": 16, "lr": 0.01},
-        }
-    )
+def _job(tmp_path: Path) -> Path:
+    """Stage 1 trains a ResNet-10 on Ray Train (one worker), stage 2 two trials."""
+    pre = {
+        "dataset": "shapes",
+        "backbones": ["resnet10"],
+        "scaling": {"workers": 1},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 0.01},
+    }
     raw = {
         "name": "killed",
         "seed": 0,
@@ -215,7 +211,7 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
 
     import psutil
 
-    job = _job(tmp_path, None)
+    job = _job(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     out, alone = tmp_path / "out", tmp_path / "alone"
 

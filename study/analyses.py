@@ -275,6 +275,7 @@ class Analyst:
         self.seed = self.cfg.seed  # the replicate of the task at hand
         self.spec = self.cfg.analyses
         self._models: dict[str, nn.Module] = {}
+        self._source_uaps: dict[tuple, torch.Tensor] = {}
 
     def model(self, ckpt: str) -> nn.Module:
         if ckpt not in self._models:
@@ -393,8 +394,13 @@ class Analyst:
         """The pre-trained model's UAP (made on the source task) against target models:
         the DR it causes on each."""
         u = self.spec.uap
-        src = self.batches(source_key, "train", u.train_images)
-        delta = train_uap(self.model(pretrained), src, u.target, u.eps / 255.0, u.steps, u.lr, self.seed)
+        made = (pretrained, source_key, self.seed)  # every target of a seed meets the same UAP
+        if made not in self._source_uaps:
+            src = self.batches(source_key, "train", u.train_images)
+            self._source_uaps[made] = train_uap(
+                self.model(pretrained), src, u.target, u.eps / 255.0, u.steps, u.lr, self.seed
+            )
+        delta = self._source_uaps[made]
         test = self.batches(key, "test", self.spec.images)
         own = uap_effect(self.model(pretrained), self.batches(source_key, "test", self.spec.images), delta, u.target)
         effects = {name: uap_effect(self.model(c), test, delta, None) for name, c in models.items()}

@@ -308,6 +308,7 @@ def _fine_tune(job: Job, stage: Trained, p: dict, sources: dict, context: dict) 
             progress=False,
             desc=name,
             val_name="val_acc",
+            before_epoch=train_loader.set_epoch,  # a resumed trial sees the epochs it would have
             after_step=after_step,
         )
         test_loader = job.loader(key, "test", cfg.eval.batch_size, train=False)

@@ -211,7 +211,7 @@ def test_demo_job_file_is_valid():
     assert cfg.finetune.methods == ["scratch", "partial", "full", "at_stage2", "dm_stage12"]
     assert cfg.robust_objective() == "fgsm_linf_2.0" and cfg.source_objective() == "standard"
     names = [a.name for a in cfg.eval.suite()]  # Tables 1 and 2 need exactly these
-    table2 = ["pgd10_linf_0.5", "pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0", "autoattack_linf_0.5"]
+    table2 = ["pgd10_linf_0.5", "pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0"]  # AutoAttack: in the strong one
     corrupted = [f"corruption_{n}_{s}" for n in ("gaussian_noise", "motion_blur", "fog") for s in (1, 3, 5)]
     # and the strong evaluation for Table 5's worst case, and three corruptions on alphabet
     assert names == table2 + ["strong_linf_0.5"] + corrupted

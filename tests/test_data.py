@@ -132,6 +132,43 @@ def test_progressive_resizing_changes_the_training_crop(small_alphabet):
     assert x.shape[-2:] == (24, 24) and 0 <= float(x.min()) and float(x.max()) <= 1
 
 
+def test_a_loader_asked_for_again_comes_back_compiled_at_its_first_epoch(small_alphabet, tmp_path):
+    """FFCV compiles a loader at its first epoch: the same arguments in one process give
+    the same loader back, and it yields what a new one would, epoch after epoch."""
+    import shutil
+
+    from study.data import loaders
+
+    def ask(beton=small_alphabet["train"].beton, train=True, **kw):
+        args = dict(train=train, resolution=32, batch_size=16, workers=1, seed=0) | kw
+        return make_loader(beton, **args)
+
+    def epochs(loader, n=2):
+        return [torch.cat([torch.cat([x.flatten(1), y[:, None].float()], 1) for x, y in loader]) for _ in range(n)]
+
+    first = ask()
+    seen = epochs(first)
+    assert not torch.equal(seen[0], seen[1])  # another epoch, another order and crops
+    assert ask() is first
+    assert all(torch.equal(a, b) for a, b in zip(epochs(ask()), seen))  # from its first epoch again
+    loaders._LOADERS.clear()
+    fresh = ask()
+    assert fresh is not first and all(torch.equal(a, b) for a, b in zip(epochs(fresh), seen))
+    # anything that changes what it yields is another loader
+    assert ask(seed=1) is not fresh and ask(indices=list(range(0, 200, 2))) is not fresh
+    assert ask(batch_size=8) is not fresh and ask(train=False) is not fresh
+    # an evaluation loader reads in order without augmentation: the seed changes nothing
+    assert ask(train=False, seed=3) is ask(train=False)
+    # a split written again (a new file at the same path) is read anew
+    copy = tmp_path / "train.beton"
+    shutil.copy(small_alphabet["train"].beton, copy)
+    shutil.copy(small_alphabet["train"].beton.with_suffix(".json"), copy.with_suffix(".json"))
+    old = ask(copy)
+    shutil.copy(small_alphabet["train"].beton, tmp_path / "new.beton")
+    (tmp_path / "new.beton").replace(copy)
+    assert ask(copy) is not old
+
+
 def test_shapes_by_shape_is_a_ten_class_target_of_mixed_textures():
     near = build_split("shapes", "train", params={"train_per_class": 4, "by": "shape", "seed": 1})
     assert near.classes == list(synthetic.SHAPES) and len(near) == 40

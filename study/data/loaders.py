@@ -10,6 +10,7 @@ Normalisation is *not* done here: it is the model's first layer (see study.model
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -95,6 +96,13 @@ def holdout(count: int, fraction: float, seed: int = 0) -> tuple[list[int], list
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
+# FFCV compiles a loader's numba pipeline at its first epoch (a second or more on a CPU,
+# however few its images): a process that asks again for a loader it made before (a
+# reused Tune actor, an analysis actor, the driver) gets that one back, compiled.
+_LOADERS: OrderedDict = OrderedDict()
+_LOADERS_KEPT = 32
+
+
 def make_loader(
     beton,
     *,
@@ -110,16 +118,48 @@ def make_loader(
     drop_last: bool | None = None,
     channels_last: bool = False,
 ) -> ImageLoader:
-    """An FFCV loader over ``beton``; the dataset's registry entry sets the augmentation."""
+    """An FFCV loader over ``beton``; the dataset's registry entry sets the augmentation.
+    The same arguments in one process give the same loader back, at its first epoch
+    (``_LOADERS``): it yields what a new one would."""
+    beton = Path(beton)
+    manifest = read_manifest(beton.with_suffix(".json"))
+    check_beton(beton, manifest)  # a clear error now beats a numba crash in a worker thread
+    drop_last = train if drop_last is None else drop_last
+    args = (resolution, batch_size, dataset, workers, distributed, drop_last)
+    key = _loader_key(beton, train, seed, indices, args)
+    loader = _LOADERS.pop(key, None)
+    if loader is None:
+        loader = _new_loader(beton, manifest, train, seed, indices, *args)
+    _LOADERS[key] = loader
+    while len(_LOADERS) > _LOADERS_KEPT:
+        _LOADERS.popitem(last=False)
+    loader.device, loader.channels_last = torch.device(device), channels_last
+    loader.set_epoch(0)
+    if loader.decoder is not None:  # progressive resizing may have changed it
+        loader.set_resolution(resolution)
+    return loader
+
+
+def _loader_key(beton: Path, train: bool, seed: int, indices, args: tuple) -> tuple:
+    import hashlib
+
+    import numpy as np
+
+    st = beton.stat()  # a split written again is another file
+    picked = None if indices is None else hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()
+    # an evaluation loader reads in order with no augmentation: its seed changes nothing
+    return (str(beton.resolve()), st.st_ino, st.st_mtime_ns, st.st_size, train, seed if train else 0, picked, args)
+
+
+def _new_loader(
+    beton: Path, manifest, train, seed, indices, resolution, batch_size, dataset, workers, distributed, drop_last
+) -> ImageLoader:
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
     from study.data.augment import EpochCell, SeededHorizontalFlip, SeededRandomResizedCrop
 
-    beton = Path(beton)
-    manifest = read_manifest(beton.with_suffix(".json"))
-    check_beton(beton, manifest)  # a clear error now beats a numba crash in a worker thread
     info = get_info(dataset or (manifest or {}).get("dataset", "folder"))
     size = (resolution, resolution)
     decoder = cell = None
@@ -140,7 +180,7 @@ def make_loader(
         distributed=distributed,
         seed=seed,
         indices=indices,
-        drop_last=train if drop_last is None else drop_last,
+        drop_last=drop_last,
         pipelines={"image": image_ops, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
     )
-    return ImageLoader(loader, torch.device(device), channels_last, manifest, decoder, cell)
+    return ImageLoader(loader, torch.device("cpu"), False, manifest, decoder, cell)

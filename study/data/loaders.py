@@ -125,7 +125,9 @@ def make_loader(
     manifest = read_manifest(beton.with_suffix(".json"))
     check_beton(beton, manifest)  # a clear error now beats a numba crash in a worker thread
     drop_last = train if drop_last is None else drop_last
-    args = (resolution, batch_size, dataset, workers, distributed, drop_last)
+    args = (resolution, batch_size, dataset, workers, distributed, drop_last, torch.device(device), channels_last)
+    if distributed:  # its shard is the process group's of the moment: made anew
+        return _new_loader(beton, manifest, train, seed, indices, *args)
     key = _loader_key(beton, train, seed, indices, args)
     loader = _LOADERS.pop(key, None)
     if loader is None:
@@ -133,7 +135,6 @@ def make_loader(
     _LOADERS[key] = loader
     while len(_LOADERS) > _LOADERS_KEPT:
         _LOADERS.popitem(last=False)
-    loader.device, loader.channels_last = torch.device(device), channels_last
     loader.set_epoch(0)
     if loader.decoder is not None:  # progressive resizing may have changed it
         loader.set_resolution(resolution)
@@ -152,7 +153,19 @@ def _loader_key(beton: Path, train: bool, seed: int, indices, args: tuple) -> tu
 
 
 def _new_loader(
-    beton: Path, manifest, train, seed, indices, resolution, batch_size, dataset, workers, distributed, drop_last
+    beton: Path,
+    manifest,
+    train,
+    seed,
+    indices,
+    resolution,
+    batch_size,
+    dataset,
+    workers,
+    distributed,
+    drop_last,
+    device,
+    channels_last,
 ) -> ImageLoader:
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
@@ -183,4 +196,4 @@ def _new_loader(
         drop_last=drop_last,
         pipelines={"image": image_ops, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
     )
-    return ImageLoader(loader, torch.device("cpu"), False, manifest, decoder, cell)
+    return ImageLoader(loader, device, channels_last, manifest, decoder, cell)

@@ -5,6 +5,7 @@ fine-tuning trials on Ray Tune (Table 1's three methods, two lr of f where it tr
 analyses on two actors, MLflow (a real local server), results and the report; then the
 models loaded back from MLflow and the report rebuilt from it."""
 
+import contextlib
 import os
 
 import pandas as pd
@@ -283,8 +284,12 @@ def test_study_ui_serves_the_store_and_sigterm_leaves_no_server_behind(tiny_run)
             s.bind(("127.0.0.1", port))
             s.listen()
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a failed check: take the server down too (its own session)
+            left = psutil.Process(proc.pid).children(recursive=True)
             os.killpg(proc.pid, signal.SIGKILL)
+            for p in left:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
 
 
 def test_study_ui_without_a_store_is_an_error(tmp_path):

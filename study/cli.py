@@ -307,6 +307,15 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("run", "demo") and args.out:  # before the imports: a held OUT stops at once
+        from study.locks import Busy, check_free
+
+        try:
+            check_free(Path(args.out))
+        except Busy as err:
+            print(f"study: error: {err}", file=sys.stderr)
+            return USAGE_ERROR
     from study.config import ConfigError
     from study.data.beton import BetonError
     from study.data.registry import DatasetError
@@ -314,7 +323,6 @@ def main(argv=None) -> int:
     from study.models import ModelError
     from study.tracking import TrackingError
 
-    args = build_parser().parse_args(argv)
     # SIGTERM (a killed job) unwinds like Ctrl-C, so the local MLflow server is stopped.
     signal.signal(signal.SIGTERM, _terminate)
     try:

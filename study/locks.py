@@ -72,6 +72,23 @@ def holder(path: Path) -> str:
     return f"pid {h.get('pid')} on {h.get('host')}, since {h.get('started')}"
 
 
+def check_free(out: Path) -> None:
+    """Busy when another process holds OUT now: asked before a run imports and checks
+    anything, so a second run into a held OUT stops at once (``exclusive`` still decides)."""
+    path = Path(out) / OUT_LOCK
+    if not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise Busy(
+            f"{out} is in use by another study run ({holder(path)}); wait for it to finish or give another --out"
+        ) from None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def exclusive(out: Path):
     """Holds OUT for this process, or refuses at once (Busy) when another process does.

@@ -11,17 +11,21 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # (started once per session, so on one worker only), the trained ResNet-18. A worker
 # holds at most two queued units: the two longest go first, one to each worker, then the
 # single tests, then the trained model's unit, taken by whichever worker frees up first.
+# The tests that run two whole jobs side by side (test_safety's fixture, test_sweep's two
+# local runs, each with a Ray and an MLflow server of its own) share the local Ray's unit:
+# on two workers at once they put four jobs, four Rays (each worker's session Ray, the two
+# runs' own) and their MLflow servers on 2 cores, and a slow machine missed their deadlines.
 GROUPS = {
     "test_pipeline.py": "ray_cluster",
     "test_distributed.py": "ray_local",
     "test_sweep.py": "ray_local",
     "test_replicates.py": "ray_local",
-    "test_safety.py": "twice",  # its module fixture: one job run twice at once
+    "test_safety.py": "ray_local",  # its module fixture: one job run twice at once
     "test_attacks.py": "trained",
     "test_evaluate.py": "trained",
     "test_objectives.py": "trained",
 }
-ORDER = ["ray_cluster", "ray_local", "twice", None, "trained"]
+ORDER = ["ray_cluster", "ray_local", None, "trained"]
 
 
 def _group(nodeid: str) -> str | None:

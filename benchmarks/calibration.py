@@ -34,7 +34,7 @@ def judged(rng: np.random.Generator, seeds: int, images: int, gap: float, spread
     return claims.by_id(claims.judge(df, {}, masks), "1-dr")["datasets"][0]
 
 
-def cell(seeds: int, spread: float, studies: int, images: int, seed: int = 0) -> dict:
+def cell(seeds: int, spread: float, studies: int, images: int, seed: int = 0, bar=None) -> dict:
     """Coverage (over both gaps) and the false-agree rate (gap 0) of one cell."""
     rng = np.random.default_rng([seed, seeds, int(spread * 10)])
     covered, false_agree = 0, 0
@@ -43,6 +43,8 @@ def cell(seeds: int, spread: float, studies: int, images: int, seed: int = 0) ->
             d = judged(rng, seeds, images, gap, spread)
             covered += d["lo"] <= gap <= d["hi"]
             false_agree += gap == 0 and d["verdict"] == "agree"
+            if bar is not None:
+                bar.update(1)
     return {
         "seeds": seeds,
         "spread": spread,
@@ -67,8 +69,15 @@ def main() -> int:
     ap.add_argument("--studies", type=int, default=200, help="simulated studies per cell and gap")
     ap.add_argument("--images", type=int, default=300, help="shared test images per study")
     args = ap.parse_args()
+    from tqdm.auto import tqdm
+
     start = time.monotonic()
-    cells = [cell(s, sp, args.studies, args.images) for s in SEEDS for sp in SPREADS]
+    grid = [(s, sp) for s in SEEDS for sp in SPREADS]
+    with tqdm(total=len(grid) * len(GAPS) * args.studies, desc="simulated studies", file=sys.stderr) as bar:
+        cells = []
+        for s, sp in grid:
+            bar.set_postfix_str(f"{s} seeds, spread {sp:g}")
+            cells.append(cell(s, sp, args.studies, args.images, bar=bar))
     print(
         f"{args.studies} studies per cell and gap (true gap 0 and 8 DR points), {args.images} shared test "
         f"images, 95 % intervals of study.claims.judge; {time.monotonic() - start:.0f} s\n"

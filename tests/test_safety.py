@@ -98,7 +98,7 @@ def twice(tmp_path_factory, ray_local, mlflow_server):
         t0 = time.monotonic()
         second = subprocess.run(_cmd(job, out), env=env, capture_output=True, text=True, timeout=120)
         second.seconds = time.monotonic() - t0
-        said = [p.communicate(timeout=600)[0] for p in (first, alone)]
+        said = [p.communicate(timeout=900)[0] for p in (first, alone)]  # a bound for a hang
         for p, log in zip((first, alone), said):
             assert p.returncode == 0, log[-3000:]
     finally:

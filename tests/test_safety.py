@@ -49,6 +49,25 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
         pass
 
 
+def test_a_run_into_a_held_out_stops_before_it_imports_anything_heavy(tmp_path):
+    """The refusal comes before the job is read and before torch, Ray or MLflow load: a
+    second run stops at once however slow the host."""
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\n")  # never read: the refusal comes first
+    code = (
+        "import sys; from study.cli import main; rc = main(['run', sys.argv[1], '--out', sys.argv[2]]); "
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'pandas', 'study.config') if m in sys.modules)); "
+        "sys.exit(rc)"
+    )
+    locks.check_free(tmp_path / "out")  # no lock file yet: free
+    with locks.exclusive(tmp_path / "out"):
+        cmd = [sys.executable, "-c", code, str(job), str(tmp_path / "out")]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    assert f"is in use by another study run (pid {os.getpid()} on {socket.gethostname()}" in done.stderr
+    locks.check_free(tmp_path / "out")  # released: free again
+
+
 @pytest.fixture(scope="module")
 def twice(tmp_path_factory, ray_local, mlflow_server):
     """One job run twice at once, into two fresh folders that share one data.dir (on the

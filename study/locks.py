@@ -72,19 +72,23 @@ def holder(path: Path) -> str:
     return f"pid {h.get('pid')} on {h.get('host')}, since {h.get('started')}"
 
 
+def _busy(out: Path, path: Path) -> Busy:
+    return Busy(f"{out} is in use by another study run ({holder(path)}); wait for it to finish or give another --out")
+
+
 def check_free(out: Path) -> None:
     """Busy when another process holds OUT now: asked before a run imports and checks
-    anything, so a second run into a held OUT stops at once (``exclusive`` still decides)."""
+    anything, so a second run into a held OUT stops at once (``exclusive`` still decides,
+    and says what else is wrong with OUT)."""
     path = Path(out) / OUT_LOCK
-    if not path.is_file():
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file yet, or none this process may read
         return
-    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise Busy(
-            f"{out} is in use by another study run ({holder(path)}); wait for it to finish or give another --out"
-        ) from None
+        raise _busy(out, path) from None
     finally:
         os.close(fd)
 
@@ -99,9 +103,7 @@ def exclusive(out: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise Busy(
-                f"{out} is in use by another study run ({holder(path)}); wait for it to finish or give another --out"
-            ) from None
+            raise _busy(out, path) from None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)

@@ -257,8 +257,8 @@ def test_study_ui_serves_the_store_and_sigterm_leaves_no_server_behind(tiny_run)
     study = [sys.executable, "-m", "study.cli", "ui", "--out", str(out), "--port", str(port)]
     proc = subprocess.Popen(study, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        body = None
-        for _ in range(120):
+        body, deadline = None, time.monotonic() + 240  # a bound for a hang: a loaded host took over 60 s
+        while time.monotonic() < deadline:
             try:
                 req = urllib.request.Request(
                     f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search",

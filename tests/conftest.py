@@ -11,10 +11,11 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # (started once per session, so on one worker only), the trained ResNet-18. A worker
 # holds at most two queued units: the two longest go first, one to each worker, then the
 # single tests, then the trained model's unit, taken by whichever worker frees up first.
-# The tests that run two whole jobs side by side (test_safety's fixture, test_sweep's two
-# local runs, each with a Ray and an MLflow server of its own) share the local Ray's unit:
-# on two workers at once they put four jobs, four Rays (each worker's session Ray, the two
-# runs' own) and their MLflow servers on 2 cores, and a slow machine missed their deadlines.
+# The tests that run two whole jobs side by side (test_safety's fixture, on the session's
+# Ray; test_sweep's two local runs, each with a Ray and an MLflow server of its own) share
+# the local Ray's unit: on two workers at once they put four jobs, four Rays (each worker's
+# session Ray, the two runs' own) and their servers on 2 cores, and a slow host missed
+# their deadlines. (The ConvNeXt study, a single test, starts a session Ray where it runs.)
 GROUPS = {
     "test_pipeline.py": "ray_cluster",
     "test_distributed.py": "ray_local",

@@ -169,6 +169,27 @@ def test_a_loader_asked_for_again_comes_back_compiled_at_its_first_epoch(small_a
     assert ask(copy) is not old
 
 
+def test_an_epoch_left_early_leaves_no_ffcv_thread_behind(small_alphabet):
+    """Taking the first batches and leaving (an analysis's first N images) ends FFCV's
+    filling thread instead of leaving it waiting on its queue for good."""
+    import threading
+    import time
+
+    def fillers():
+        return [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator" and t.is_alive()]
+
+    loader = make_loader(small_alphabet["train"].beton, train=False, resolution=32, batch_size=4, workers=1)
+    for _ in range(3):  # the same (kept) loader, left early again and again
+        for i, _batch in enumerate(loader):
+            if i == 1:
+                break
+    deadline = time.monotonic() + 30
+    while fillers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not fillers()
+    assert sum(len(y) for _, y in loader) == small_alphabet["train"].manifest["count"]  # a whole epoch: all of it
+
+
 def test_shapes_by_shape_is_a_ten_class_target_of_mixed_textures():
     near = build_split("shapes", "train", params={"train_per_class": 4, "by": "shape", "seed": 1})
     assert near.classes == list(synthetic.SHAPES) and len(near) == 40

@@ -71,14 +71,21 @@ class ImageLoader:
     def __iter__(self):
         if self.cell is not None:  # the augmentation's epoch: the one FFCV's order is drawn for
             self.cell.set(self.loader.next_epoch)
-        for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            # fresh tensors: FFCV refills its batch buffers, so a caller that keeps a batch
-            # past the next one would otherwise hold the next batch's labels (the images
-            # are a new tensor already: the cast to float copies them)
-            yield (images.float().div_(255.0), labels.to(self.device, dtype=torch.long, non_blocking=True, copy=True))
+        epoch = iter(self.loader)
+        try:
+            for images, labels in epoch:
+                images = images.to(self.device, non_blocking=True)
+                if self.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                # fresh tensors: FFCV refills its batch buffers, so a caller that keeps a batch
+                # past the next one would otherwise hold the next batch's labels (the images
+                # are a new tensor already: the cast to float copies them)
+                labels = labels.to(self.device, dtype=torch.long, non_blocking=True, copy=True)
+                yield images.float().div_(255.0), labels
+        finally:
+            # an epoch left early (the first N images): FFCV's filling thread would
+            # otherwise wait on its full queue for good, waking twice a second
+            epoch.close()
 
 
 def holdout(count: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

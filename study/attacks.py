@@ -196,8 +196,8 @@ def _check_values(attack: Attack, spec) -> None:
             f"attack {spec!r}: an L-inf eps is in 1/255 of the pixel range, at most {LINF_MAX:g} "
             f"(the whole range), got {attack.eps:g}"
         )
-    if attack.restarts < 1 or attack.rel_step <= 0:
-        raise AttackError(f"attack {spec!r}: restarts must be >= 1 and rel_step > 0")
+    if attack.restarts < 1 or not 0 < attack.rel_step < float("inf"):  # NaN fails it too
+        raise AttackError(f"attack {spec!r}: restarts must be >= 1 and rel_step a finite number > 0")
     if attack.restarts > 1 and not attack.random_start:
         raise AttackError(f"attack {spec!r}: restarts without random_start: true repeat one run")
     if attack.loss not in LOSSES:

@@ -8,7 +8,7 @@
     study weights fetch NAME             download into the cache; print the path and sha256
     study weights verify NAME --data ROOT [--images N] [--attack [NAME]]
                                          its ImageNet accuracy beside the published one
-    study plan JOB.yaml [--costs FILE] [--measure]
+    study plan JOB.yaml [--costs FILE] [--no-measure] [--evidence OUT]
                                          trials, stages and GPU-hours, before anything starts
     study report [--experiment NAME] [--from OUT] --out DIR
                                          the paper's tables and figures rebuilt from MLflow
@@ -37,6 +37,25 @@ def jobs_dir() -> Path:
     raise FileNotFoundError("the jobs/ folder was not found beside the study package")
 
 
+def _folder(text: str) -> Path:
+    """An --out argument: an empty one would be the current folder (a checkout, often)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name (it would mean the current folder); give a folder")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("a folder name with a NUL byte")
+    return Path(text)
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: give at least 1")
+    return n
+
+
 def _parse_param(text: str):
     from study.config import ConfigError
 
@@ -54,7 +73,7 @@ def cmd_run(args, job_path: Path) -> int:
         from study import plan
 
         est = plan.estimate(cfg, plan.load_costs(Path(cfg.limits.costs).expanduser()))
-        if est["unknown"] or est["seconds"] / 3600 > cfg.limits.gpu_hours:
+        if est["unknown"] or not est["seconds"] / 3600 <= cfg.limits.gpu_hours:  # NaN-safe
             raise config.ConfigError(
                 f"limits.gpu_hours: the estimate is {est['seconds'] / 3600:,.1f} GPU-hours against a limit "
                 f"of {cfg.limits.gpu_hours:g}"
@@ -73,9 +92,11 @@ def cmd_run(args, job_path: Path) -> int:
 
 def cmd_data_prepare(args) -> int:
     from study.data.beton import prepare
-    from study.data.registry import get_info, resolve_params
+    from study.data.registry import DatasetError, get_info, resolve_params
 
     get_info(args.name)
+    if args.out.exists() and not args.out.is_dir():
+        raise DatasetError(f"--out {args.out}: exists and is not a folder; give a folder")
     params = resolve_params(args.name, dict(_parse_param(p) for p in args.param))
     for split, p in prepare(args.name, Path(args.out), root=args.root, params=params, workers=args.workers).items():
         state = "written" if p.written else "already prepared, nothing to do"
@@ -99,6 +120,7 @@ def cmd_plan(args) -> int:
     from study import config, plan
 
     cfg = config.load(args.job, check_paths=False)  # the data may lie on the cluster only
+    pilot = plan.read_pilot(cfg, args.evidence) if args.evidence is not None else None  # before any measuring
     costs = args.costs or (Path(cfg.limits.costs).expanduser() if cfg.limits.costs else None)
     costs = costs or Path.home() / ".cache" / "study" / "costs.json"
     try:
@@ -107,12 +129,8 @@ def cmd_plan(args) -> int:
         raise config.ConfigError(str(err)) from None
     print(plan.render(cfg, plan.estimate(cfg, table)))
     print(f"costs: {costs}")
-    if args.evidence is not None:
-        try:
-            found = plan.evidence(cfg, table, args.evidence)
-        except ValueError as err:
-            raise config.ConfigError(str(err)) from None
-        print("\n".join(found))
+    if pilot is not None:
+        print("\n".join(plan.evidence(cfg, table, args.evidence, pilot)))
     return 0
 
 
@@ -129,8 +147,16 @@ def cmd_weights(args) -> int:
         print("\ntorchvision: accuracies from its weights' metadata (acc@1 on ImageNet-1K)")
         return 0
     src = hub.parse(args.name, args.backbone)
-    if args.weights_command == "verify" and not (args.data / "val").is_dir():  # before any download
-        raise hub.WeightsError(f"{args.data / 'val'}: no ImageNet validation folder (ROOT/val/<wnid>/<image>)")
+    if args.weights_command == "verify":  # before any download
+        if not (args.data / "val").is_dir():
+            raise hub.WeightsError(f"{args.data / 'val'}: no ImageNet validation folder (ROOT/val/<wnid>/<image>)")
+        if args.attack not in (None, "own"):
+            from study.attacks import AttackError, parse_attack
+
+            try:
+                parse_attack(args.attack)
+            except AttackError as err:
+                raise hub.WeightsError(f"--attack: {err}") from None
     got = hub.fetch(src, args.cache)
     print(f"{args.name}: {got.path}" + (f" (hub commit {got.revision})" if got.revision else ""))
     print(f"sha256 {got.sha256}")
@@ -189,16 +215,17 @@ def cmd_report(args) -> int:
     folder (--from OUT, served locally for the time it takes)."""
     import os
 
-    from study import tracking
+    from study import locks, tracking
     from study.report import page as report_page
 
+    locks.check_out(args.out)  # not the file system's root, a checkout's top or a file
     store = Path(args.source)
     if not os.environ.get("MLFLOW_TRACKING_URI") and not (store / tracking.DB_NAME).is_file():
         print(
             f"study: error: no MLflow store at {store / tracking.DB_NAME} and no MLFLOW_TRACKING_URI", file=sys.stderr
         )
         return USAGE_ERROR
-    with tracking.tracking(store, quiet=True) as tracked:
+    with tracking.reading(store) as tracked:  # a live run's OUT: its own server, left running
         tracked.ready()
         try:
             page = report_page.from_mlflow(Path(args.out), args.experiment)
@@ -224,7 +251,7 @@ def _weights_parser(sub) -> None:
         wv.add_argument("--backbone", help="the architecture, where the name does not say it")
         wv.add_argument("--cache", type=Path, help="download folder (default: huggingface_hub's and torch's caches)")
     wv.add_argument("--data", type=Path, required=True, help="ImageNet's root (ROOT/val/<wnid>/...)")
-    wv.add_argument("--images", type=int, default=1000, help="validation images, one class after another")
+    wv.add_argument("--images", type=_positive, default=1000, help="validation images, one class after another")
     wv.add_argument(
         "--attack",
         nargs="?",
@@ -239,7 +266,7 @@ def _weights_parser(sub) -> None:
     )
     wv.add_argument("--expect", type=float, help="the accuracy to compare with (default: the published one)")
     wv.add_argument("--resolution", type=int, default=224)
-    wv.add_argument("--batch-size", type=int, default=50)
+    wv.add_argument("--batch-size", type=_positive, default=50)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a job file")
     r.add_argument("job", type=Path)
-    r.add_argument("--out", type=Path, help="output folder (default runs/<job name>)")
+    r.add_argument("--out", type=_folder, help="output folder (default runs/<job name>)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
     d = sub.add_parser(
@@ -256,20 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole study on one laptop: Fashion-MNIST as the source, alphabet and two generated targets "
         "(jobs/demo.yaml)",
     )
-    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--out", type=_folder, default=Path("runs/demo"))
     d.add_argument("--quiet", action="store_true")
 
     data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
     dp = data.add_parser("prepare", help="write a dataset's splits as FFCV .beton files")
     dp.add_argument("name")
-    dp.add_argument("--out", required=True)
+    dp.add_argument("--out", type=_folder, required=True)
     dp.add_argument("--root", help="where a real dataset lies on disk")
     dp.add_argument("--param", action="append", default=[], help="generator parameter KEY=VALUE")
-    dp.add_argument("--workers", type=int, default=2)
+    dp.add_argument("--workers", type=_positive, default=2)
 
     u = sub.add_parser("ui", help="serve the MLflow UI on a job's store")
-    u.add_argument("--out", type=Path, default=Path("runs/demo"))
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--out", type=_folder, default=Path("runs/demo"))
+    u.add_argument("--port", type=_positive, default=5000)
 
     _weights_parser(sub)
 
@@ -291,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     rp = sub.add_parser("report", help="rebuild the paper's tables and figures from MLflow")
-    rp.add_argument("--out", type=Path, required=True, help="folder for index.html, index.md and the PNGs")
+    rp.add_argument("--out", type=_folder, required=True, help="folder for index.html, index.md and the PNGs")
     rp.add_argument("--experiment", help="one MLflow experiment (a job's name); default: all")
     rp.add_argument(
         "--from",
@@ -319,6 +346,7 @@ def main(argv=None) -> int:
     from study.config import ConfigError
     from study.data.beton import BetonError
     from study.data.registry import DatasetError
+    from study.files import BadInput
     from study.locks import Busy, Unusable
     from study.models import ModelError
     from study.tracking import TrackingError
@@ -340,7 +368,7 @@ def main(argv=None) -> int:
             return cmd_plan(args)
         if args.command == "weights":
             return cmd_weights(args)
-    except (ConfigError, DatasetError, ModelError, Busy, Unusable) as err:
+    except (ConfigError, DatasetError, ModelError, Busy, Unusable, BadInput) as err:
         print(f"study: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except (BetonError, TrackingError) as err:

@@ -7,6 +7,7 @@ Every mistake is reported as one line naming the field, e.g.
 from __future__ import annotations
 
 import json
+import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -80,10 +81,13 @@ class DataSpec(_Strict):
     workers: int = Field(2, gt=0)  # loader threads and writer processes
 
 
-def _no_repeats(names: list[str], what: str) -> None:
-    for i, name in enumerate(names):
-        if name in names[:i]:
+def _no_repeats(names: list, what: str) -> None:
+    seen = set()
+    for name in names:
+        key = json.dumps(name, sort_keys=True, default=str)  # dicts and lists too, in one pass
+        if key in seen:
             raise ValueError(f"{what} {name!r} is listed twice")
+        seen.add(key)
 
 
 def _check_objective(spec):
@@ -419,14 +423,12 @@ class LimitsSpec(_Strict):
 
     gpus: float | None = Field(None, ge=0)
     gpu_hours: float | None = Field(None, gt=0)
-    costs: str | None = None  # per-image costs (study plan --measure) the check uses
+    costs: str | None = None  # per-image costs (written by study plan --costs FILE) the check uses
 
     @model_validator(mode="after")
     def _costs(self):
         if self.gpu_hours is not None and not self.costs:
-            raise ValueError(
-                "gpu_hours needs costs: a file written by `study plan JOB --measure --costs FILE` on a GPU node"
-            )
+            raise ValueError("gpu_hours needs costs: a file written by `study plan JOB --costs FILE` on a GPU node")
         if self.costs and _CHECK_PATHS.get() and not Path(self.costs).expanduser().is_file():
             raise ValueError(f"costs file not found: {self.costs}")
         return self
@@ -533,6 +535,9 @@ class CorruptionsSpec(_Strict):
             raise ValueError(str(err)) from None
         if self.methods is not None and (not self.methods or any(m not in MODELS for m in self.methods)):
             raise ValueError(f"methods must be a list drawn from {', '.join(MODELS)}, got {self.methods!r}")
+        for name in ("datasets", "seeds"):
+            if getattr(self, name) == []:
+                raise ValueError(f"{name}: an empty list selects nothing (leave it out for all)")
         return self
 
     def items(self) -> list[corruptions.Corruption]:
@@ -579,6 +584,7 @@ Seed = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class JobConfig(_Strict):
+    # a plain identifier: it names the default OUT (runs/NAME) and the MLflow experiment
     name: str = Field(min_length=1)
     seed: Seed = 0
     # replicates: every seed trains its own models (stage 1 too, unless pretrain.replicate
@@ -596,6 +602,16 @@ class JobConfig(_Strict):
     ray: RaySpec = Field(default_factory=RaySpec)
     analyses: AnalysesSpec = Field(default_factory=AnalysesSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name):
+        if len(name) > 100 or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise ValueError(
+                f"{name[:40]!r}{'...' if len(name) > 40 else ''} is no plain name: letters, digits, '-', '_' and "
+                "'.' (not first), at most 100 (it names the default OUT, runs/NAME, and the MLflow experiment)"
+            )
+        return name
 
     @field_validator("seeds")
     @classmethod
@@ -770,6 +786,19 @@ class JobConfig(_Strict):
             keys.append(self.pretrain.dataset)
         return list(dict.fromkeys(keys))
 
+    def _selects_some(self, where: str, entry) -> None:
+        """An eval entry whose methods and datasets meet no model of the job would add no
+        row and say nothing: refused, naming the models there are."""
+        models = [(m, key) for key in self._evaluated() for m in self._methods_at(key)]
+        if models and not any(entry.applies(m, key) for m, key in models):
+            have = ", ".join(f"{m} on {key}" for m, key in models)
+            raise _FieldError(where, f"its methods and datasets select no model of the job (the job has: {have})")
+
+    def _methods_at(self, key: str) -> list[str]:
+        methods = list(self.finetune.methods_of(key)) if self.finetune and key in self.finetune.datasets else []
+        trains = self.pretrain.weights is None and key == self.pretrain.dataset
+        return methods + (["pretrain"] if trains else [])
+
     def _known_seed(self, where: str, seed: int) -> None:
         if seed not in self.replicate_seeds():
             raise _FieldError(
@@ -794,12 +823,14 @@ class JobConfig(_Strict):
                         )
             for seed in entry.seeds or ():
                 self._known_seed(f"eval.attacks[{i}].seeds", seed)
+            self._selects_some(f"eval.attacks[{i}]", entry)
         c = self.eval.corruptions
         if c is not None:
             for d in c.datasets or ():
                 self._known_dataset("eval.corruptions.datasets", d)
             for seed in c.seeds or ():
                 self._known_seed("eval.corruptions.seeds", seed)
+            self._selects_some("eval.corruptions", c)
             for key in self._evaluated(c.methods):
                 side = self.resolution(key)
                 if (c.datasets is None or key in c.datasets) and side < corruptions.MIN_SIDE:
@@ -931,7 +962,34 @@ def load(path, check_paths: bool = True) -> JobConfig:
     if not path.is_file():
         raise ConfigError(f"job file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (a job file is YAML)") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_error(err)})") from None
     return parse(raw, str(path), check_paths)
+
+
+def _yaml_error(err: yaml.YAMLError) -> str:
+    where = getattr(err, "problem_mark", None)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{what}, line {where.line + 1}" if where is not None else str(what)
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error: PyYAML
+    keeps the last silently, and a second ``eval:`` would drop the first block whole."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    None,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)

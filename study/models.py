@@ -143,6 +143,9 @@ def load_trunk_weights(model: StudyModel, path, keep_classifier: bool = False, o
     held = file_family(state)
     if held is not None and held != fam.name:
         raise ModelError(f"{origin} holds a {held} network, not a {model.backbone_name} ({fam.name})")
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelError(f"{origin}: {len(bad)} tensor(s) hold NaN or infinite values (first: {bad[0]})")
     trunk_state, head = fam.map_weights(state)
     load_state(model.f.backbone, fam.fit_state(model.f.backbone, trunk_state), origin, model.backbone_name)
     if mean is not None and std is not None:

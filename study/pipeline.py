@@ -64,9 +64,7 @@ class _Table:
         self.stages[stage.key] = stage
         job = self.job.for_seed(seed)
         records, flags = evaluate_trained(job, stage, key, backbone, method)
-        n = stage.record.get("aoi_images") or min(
-            int(job.manifest(key, "test")["count"]), job.cfg.eval.max_images or 10**12
-        )
+        n = job.aoi_images(key, stage.record)
         model = {
             "dataset": key,
             "backbone": backbone,
@@ -142,12 +140,17 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
     it stops at once); returns the results frame and its Markdown."""
     out = Path(out)
     device = resolve_device(cfg.device, cfg.deterministic)
-    locks.prepare_out(out)
-    with locks.exclusive(out):
-        try:
-            return _run(Job(cfg, out, device, progress))
-        finally:
-            distributed.release_ray()  # a local Ray this run started ends with it, however it ends
+    made = locks.prepare_out(out)
+    try:
+        with locks.exclusive(out) as hold:
+            try:
+                return _run(Job(cfg, out, device, progress), hold)
+            finally:
+                distributed.release_ray()  # a local Ray this run started ends with it, however it ends
+    except BaseException:
+        if made:
+            locks.discard(out)  # refused before any work (a weights pin): no new folder left behind
+        raise
 
 
 class _Clock:
@@ -172,13 +175,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
-def _run(job: Job):
+def _run(job: Job, hold: locks.Hold):
     cfg, out, device, progress = job.cfg, job.out, job.device, job.progress
     clock = _Clock()
     fetch_weights(job)  # downloads; a pin that does not match stops here, before anything is written
     atomic_write_text(out / "job.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
     _warn_cpu_driver(cfg, device)
-    with tracking.tracking(out, quiet=not progress) as tracked:  # the server starts while the data is prepared
+    with tracking.owned(out, hold, quiet=not progress) as tracked:  # the server starts while the data is prepared
         prepare_data(job)
         clock.lap("data")
         tracked.ready()

@@ -20,6 +20,7 @@ its standard version). The analyses are small beside these and are not counted.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from study.config import JobConfig, parse
 from study.data.registry import build_split, get_info, resolve_params
 from study.engine import autocast
 from study.fastcopy import inference_copy
-from study.files import atomic_write_text
+from study.files import BadInput, atomic_write_text, read_json
 from study.methods import METHODS, STRONG_ATTACK
 from study.models import build_model
 from study.objectives import KINDS
@@ -161,10 +162,30 @@ def measure(
     }
 
 
+COST_KEYS = ("train", "attack", "infer")
+
+
 def load_costs(path: Path | None) -> dict:
-    if path and Path(path).is_file():
-        return json.loads(Path(path).read_text())
-    return {"device": None, "costs": {}}
+    """A costs file (``{"device": NAME, "costs": {"BACKBONE@SIDE": {"train": s, "attack": s,
+    "infer": s, "batch": n}}}``, seconds per image), checked: BadInput naming the file and
+    the entry when it is anything else, a cost that is not a finite non-negative number
+    included (a NaN cost would let any ``limits.gpu_hours`` through). None or a missing
+    file: no costs yet."""
+    if not path or not Path(path).exists():
+        return {"device": None, "costs": {}}
+    table = read_json(path)
+    if not isinstance(table, dict) or not isinstance(table.get("costs", {}), dict):
+        raise BadInput(f'{path}: not a costs file (expected {{"device": ..., "costs": {{"BACKBONE@SIDE": ...}}}})')
+    if not isinstance(table.get("device"), (str, type(None))):
+        raise BadInput(f"{path}: device: expected a device name")
+    for key, entry in table.setdefault("costs", {}).items():
+        if not isinstance(entry, dict):
+            raise BadInput(f"{path}: costs.{key}: expected {{train, attack, infer}} seconds per image")
+        for name in COST_KEYS:
+            v = entry.get(name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise BadInput(f"{path}: costs.{key}.{name}: {v!r} is not a finite number of seconds >= 0")
+    return {"device": table.get("device"), "costs": table["costs"]}
 
 
 def costs_for(cfg: JobConfig, path: Path | None, measure_here: bool, log=print) -> dict:
@@ -378,20 +399,34 @@ def render(cfg: JobConfig, est: dict) -> str:
     return "\n".join(lines)
 
 
-def evidence(cfg: JobConfig, costs: dict, out: Path) -> list[str]:
-    """``study plan JOB --evidence OUT``: from the pilot in OUT (its results.csv and
-    per_image.json), per claim and unit the seeds and test images at which the interval
-    excludes zero at the pilot's effect with 80 % probability (``study.evidence``), and the
-    device-hours of this job at those counts."""
-    from study import evidence as ev
-    from study.report.sources import read_results
+def read_pilot(cfg: JobConfig, out: Path):
+    """The pilot run in OUT, checked before any other work: (its results frame, its
+    per-image masks). BadInput names a damaged file or another job's OUT."""
+    from study.report.sources import read_masks, read_results
 
     out = Path(out)
     missing = [f for f in ("results.csv", "per_image.json") if not (out / f).is_file()]
     if missing:
-        raise ValueError(f"--evidence {out}: no {' or '.join(missing)} there (a finished run's OUT)")
-    df = read_results(out / "results.csv")
-    found = ev.pilots(df, json.loads((out / "per_image.json").read_text()))
+        raise BadInput(f"--evidence {out}: no {' or '.join(missing)} there (a finished run's OUT)")
+    df = read_results(out / "results.csv", need=("seed", "job"))
+    jobs = sorted(set(df.job))
+    if jobs != [cfg.name]:
+        raise BadInput(
+            f"{out / 'results.csv'}: results of job {', '.join(jobs)}, not of {cfg.name} (another job's OUT?)"
+        )
+    return df, read_masks(out / "per_image.json", df)
+
+
+def evidence(cfg: JobConfig, costs: dict, out: Path, pilot=None) -> list[str]:
+    """``study plan JOB --evidence OUT``: from the pilot in OUT (its results.csv and
+    per_image.json; ``pilot``: ``read_pilot``'s, read already), per claim and unit the
+    seeds and test images at which the interval excludes zero at the pilot's effect with
+    80 % probability (``study.evidence``), and the device-hours of this job at those counts."""
+    from study import evidence as ev
+
+    out = Path(out)
+    df, masks = pilot or read_pilot(cfg, out)
+    found = ev.pilots(df, masks)
     if not found:
         return [f"evidence: {out} has no full/standard or partial/full pair with per-image results to learn from"]
 

@@ -135,6 +135,12 @@ class Job:
         on all of them (``whole``: a pre-trained backbone's source accuracy)."""
         return accuracy(model, loader, self.device, max_images=None if whole else self.cfg.eval.max_images)
 
+    def aoi_images(self, key: str, record: dict) -> int:
+        """The test images a trained model's recorded AOI rests on (``aoi``)."""
+        return record.get("aoi_images") or min(
+            int(self.manifest(key, "test")["count"]), self.cfg.eval.max_images or 10**12
+        )
+
 
 def _safe(v) -> str:
     """A name part fit for file names (objective names may carry [option=value])."""

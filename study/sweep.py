@@ -395,8 +395,9 @@ def trial(config: dict, context: dict) -> None:
             k = tracking.metric_key(r["attack"])
             final.update({f"AAI/{k}": r["AAI"], f"DR/{k}": r["DR"], f"AOI/{k}": r["AOI"]})
     distributed.say(
-        f"[study] {label(p)}: val acc {final['val_acc']:.2f}, AOI {rec['AOI']:.2f}"
-        + "".join(f", AAI {r['attack']} {r['AAI']:.2f}" for r in records if not r["probe"])
+        f"[study] {label(p)}: val acc {final['val_acc']:.2f}, "
+        f"AOI {rec['AOI']:.2f} on {job.aoi_images(p['dataset'], rec)} images"
+        + "".join(f", AAI {r['attack']} {r['AAI']:.2f} on {r['images']}" for r in records if not r["probe"])
     )
     tune.report(final)
 

@@ -95,17 +95,20 @@ def guarded(command: list[str]) -> list[str]:
     return [sys.executable, "-c", _GUARD, str(os.getpid()), program, *command[1:]]
 
 
-def stop_orphan(out: Path, log=print) -> None:
-    """Stops the MLflow server a dead run left behind on this store (its record names it;
-    called while this process holds OUT, so no live run owns it)."""
+def stop_orphan(out: Path, hold, log=print) -> None:
+    """Stops the MLflow server a dead run left behind on this store (its record names it).
+    ``hold``: this process's hold on OUT (``study.locks.exclusive``), the proof that no
+    live run owns that server; a reader never stops anything."""
     import psutil
 
+    if hold is None or Path(hold.out) != Path(out).resolve():
+        raise TrackingError(f"{out}: only the process holding it may stop a server there")
     path = Path(out) / SERVER_RECORD
     try:
         rec = json.loads(path.read_text())
         proc = psutil.Process(int(rec["pid"]))
         alive = proc.create_time() == rec["created"] and "mlflow" in " ".join(proc.cmdline())
-    except (OSError, ValueError, KeyError, psutil.Error):
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
         return
     if alive and rec.get("host") == socket.gethostname():
         log(f"[study] stopping the MLflow server (pid {rec['pid']}) a killed run left on {Path(out) / DB_NAME}")
@@ -115,6 +118,28 @@ def stop_orphan(out: Path, log=print) -> None:
             proc.wait(15)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def live_server(out: Path) -> str | None:
+    """The URI of the MLflow server OUT's record names, if that process is alive on this
+    host (it may still be starting); None otherwise."""
+    import psutil
+
+    try:
+        rec = json.loads((Path(out) / SERVER_RECORD).read_text())
+        proc = psutil.Process(int(rec["pid"]))
+        alive = proc.create_time() == rec["created"] and rec.get("host") == socket.gethostname()
+        return f"http://127.0.0.1:{int(rec['port'])}" if alive else None
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return None
+
+
+def _answers(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -133,8 +158,11 @@ def stop_group(proc: subprocess.Popen) -> None:
 class LocalServer:
     """``mlflow server`` on 127.0.0.1 for the store under ``out``; a context manager."""
 
-    def __init__(self, out: Path, port: int | None = None, timeout: float = 120.0):
-        self.out, self.port, self.timeout = Path(out), port or free_port(), timeout
+    def __init__(self, out: Path, port: int | None = None, timeout: float = 120.0, owner: bool = True):
+        """``owner``: started by the process that holds OUT, which records the server in
+        OUT (SERVER_RECORD, for a later run to stop it should this one die) and logs there;
+        a reader's server leaves OUT as it is (its log goes to a temporary file)."""
+        self.out, self.port, self.timeout, self.owner = Path(out), port or free_port(), timeout, owner
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -147,8 +175,14 @@ class LocalServer:
     def launch(self) -> LocalServer:
         """Starts the server and returns at once (``wait`` for it to answer): its start-up,
         mostly imports, can run beside the caller's own work."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        log = open(self.out / LOG_NAME, "ab")
+        if self.owner:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log_path = self.out / LOG_NAME
+        else:
+            fd, name = tempfile.mkstemp(prefix="study-mlflow-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        log = open(self.log_path, "ab")
         # Its own session, so stop() takes down the server's worker processes too.
         self.proc = subprocess.Popen(
             guarded(server_command(self.out, self.port)),
@@ -157,31 +191,32 @@ class LocalServer:
             start_new_session=True,
             env=server_env(),
         )
-        import psutil
+        log.close()  # the child has its own copy
+        if self.owner:
+            import psutil
 
-        record = {"pid": self.proc.pid, "port": self.port, "host": socket.gethostname()}
-        with contextlib.suppress(psutil.Error):
-            record["created"] = psutil.Process(self.proc.pid).create_time()
-        atomic_write_text(self.out / SERVER_RECORD, json.dumps(record))
+            record = {"pid": self.proc.pid, "port": self.port, "host": socket.gethostname()}
+            with contextlib.suppress(psutil.Error):
+                record["created"] = psutil.Process(self.proc.pid).create_time()
+            atomic_write_text(self.out / SERVER_RECORD, json.dumps(record))
         self.deadline = time.monotonic() + self.timeout
         return self
 
     def wait(self) -> LocalServer:
         while time.monotonic() < self.deadline:
             if self.proc.poll() is not None:
-                raise TrackingError(f"mlflow server exited with {self.proc.returncode}; see {self.out / LOG_NAME}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.3)
+                raise TrackingError(f"mlflow server exited with {self.proc.returncode}; see {self.log_path}")
+            if _answers(self.uri):
+                return self
+            time.sleep(0.3)
         self.stop()
-        raise TrackingError(f"mlflow server did not answer within {self.timeout:.0f}s; see {self.out / LOG_NAME}")
+        raise TrackingError(f"mlflow server did not answer within {self.timeout:.0f}s; see {self.log_path}")
 
     def stop(self) -> None:
         if self.proc is not None:
             stop_group(self.proc)
+            if not self.owner:
+                self.log_path.unlink(missing_ok=True)
 
     def __enter__(self):
         return self.start()
@@ -209,21 +244,69 @@ class Tracking:
 
 
 @contextlib.contextmanager
-def tracking(out: Path, quiet: bool = False):
-    """Yields a ``Tracking`` of the user's ``MLFLOW_TRACKING_URI``, or of a local server,
-    launched on entry: it starts while the caller goes on (``ready()`` waits for it)."""
-    import mlflow
-
-    quiet_mlflow()
+def owned(out: Path, hold, quiet: bool = False):
+    """For the process that holds OUT (``hold``: ``study.locks.exclusive``'s): yields a
+    ``Tracking`` of the user's ``MLFLOW_TRACKING_URI``, or of a local server on OUT's
+    store, launched on entry (it starts while the caller goes on; ``ready()`` waits for
+    it). A server a dead run left on the store is stopped first."""
     given = os.environ.get("MLFLOW_TRACKING_URI")
     if given:
-        yield Tracking(given)
-        mlflow.set_tracking_uri(None)
+        with _given(given) as tracked:
+            yield tracked
         return
-    stop_orphan(out)
+    quiet_mlflow()
+    stop_orphan(out, hold)
     if not quiet:
         print(f"[study] starting MLflow server (sqlite {Path(out) / DB_NAME}) ...", flush=True)
-    server = LocalServer(out).launch()
+    with _served(LocalServer(out, owner=True), quiet) as tracked:
+        yield tracked
+
+
+@contextlib.contextmanager
+def reading(out: Path, wait: float = 120.0):
+    """For a command that only reads OUT's store (``study report``): the user's
+    ``MLFLOW_TRACKING_URI``; else, while a live process holds OUT, the server it runs
+    (waited for up to ``wait`` seconds while it starts); else a server of this process's
+    own that leaves OUT as it is. Never stops a server, never writes into OUT."""
+    from study import locks
+
+    given = os.environ.get("MLFLOW_TRACKING_URI")
+    if given:
+        with _given(given) as tracked:
+            yield tracked
+        return
+    quiet_mlflow()
+    if locks.held(out):
+        deadline = time.monotonic() + wait
+        while not ((uri := live_server(out)) and _answers(uri)):
+            if time.monotonic() > deadline or not locks.held(out):
+                raise TrackingError(
+                    f"{out} is held by a live run whose MLflow server does not answer; try again in a minute"
+                )
+            time.sleep(0.5)
+        with _given(uri) as tracked:
+            yield tracked
+        return
+    with _served(LocalServer(out, owner=False), quiet=True) as tracked:
+        yield tracked
+
+
+@contextlib.contextmanager
+def _given(uri: str):
+    import mlflow
+
+    try:
+        yield Tracking(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+        _forget_artifact_repos()
+
+
+@contextlib.contextmanager
+def _served(server: LocalServer, quiet: bool):
+    import mlflow
+
+    server.launch()
     try:
         yield Tracking(server=server, quiet=quiet)
     finally:
@@ -385,18 +468,33 @@ def get_or_create_experiment(name: str) -> str:
 
 
 def serve_ui(out: Path, port: int = 5000) -> int:
-    """`study ui`: the MLflow UI over OUT's store, in the foreground, on 127.0.0.1."""
+    """`study ui`: the MLflow UI over OUT's store, in the foreground, on 127.0.0.1. While a
+    live run holds OUT its own server already serves the UI: its address is printed and
+    nothing else starts (two servers writing one sqlite file is what the study never does).
+    Otherwise the UI holds OUT for as long as it serves (the UI can edit the store), so a
+    run into OUT meanwhile is refused, naming it."""
+    from study import locks
+
     out = Path(out)
     if not (out / DB_NAME).exists():
         raise TrackingError(f"no MLflow store at {out / DB_NAME}; run a job with --out {out} first")
-    print(f"[study] MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
-    # its own session, stopped as a whole however study ends (Ctrl-C, SIGTERM, an error):
-    # stopping only the mlflow command would leave its uvicorn workers serving the port
-    proc = subprocess.Popen(server_command(out, port), env=server_env(), start_new_session=True)
-    try:
-        return proc.wait()
-    finally:
-        stop_group(proc)
+    if locks.held(out):
+        uri = live_server(out)
+        if uri is None:
+            raise locks.Busy(f"{out} is held by a live process that runs no MLflow server yet; try again in a minute")
+        print(f"[study] {out} is in use by a live run; its MLflow server serves the UI: {uri}", flush=True)
+        return 0
+    with locks.exclusive(out, "study ui") as hold:
+        stop_orphan(out, hold)
+        server = LocalServer(out, port=port, owner=True)
+        print(f"[study] MLflow UI on {server.uri} (Ctrl-C to stop)", flush=True)
+        # its own session, stopped as a whole however study ends (Ctrl-C, SIGTERM, an error):
+        # stopping only the mlflow command would leave its uvicorn workers serving the port
+        server.launch()
+        try:
+            return server.proc.wait()
+        finally:
+            server.stop()
 
 
 def _split_dataset(name: str, beton: Path, manifest: dict, count: int, digest: str):

@@ -353,6 +353,9 @@ def load(model, fetched: Fetched, keep_classifier: bool = False) -> str:
 # -- the catalog as a table, and checking a model against its published accuracy ------------
 def listing(backbones=None) -> list[dict]:
     """The catalog and torchvision's ImageNet weights of study's backbones, one row each."""
+    unknown = [b for b in backbones or () if b not in BACKBONES]
+    if unknown:
+        raise WeightsError(f"unknown backbone {unknown[0]!r} (known: {', '.join(BACKBONES)})")
     rows = [
         {
             "name": e["name"],

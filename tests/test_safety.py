@@ -6,6 +6,7 @@ run read, as MLflow dataset inputs."""
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -244,19 +245,80 @@ def test_an_mlflow_server_a_killed_run_left_behind_is_stopped_by_the_next_run(tm
     }
     (out / tracking.SERVER_RECORD).write_text(json.dumps(record))
     said = []
-    tracking.stop_orphan(out, said.append)
+    with pytest.raises(tracking.TrackingError, match="only the process holding it"):
+        tracking.stop_orphan(out, None, said.append)  # a reader may stop nothing
+    assert stray.poll() is None
+    hold = locks.exclusive(out)
+    hold_of = hold.__enter__()
+    tracking.stop_orphan(out, hold_of, said.append)
     assert stray.wait(20) is not None
     assert len(said) == 1 and f"pid {stray.pid}" in said[0] and "killed run" in said[0]
     # nothing to stop: the record's process is gone; a live process that is not that server
-    tracking.stop_orphan(out, said.append)
+    tracking.stop_orphan(out, hold_of, said.append)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         mine = {**record, "pid": other.pid, "created": psutil.Process(other.pid).create_time()}
         (out / tracking.SERVER_RECORD).write_text(json.dumps(mine))
-        tracking.stop_orphan(out, said.append)
+        tracking.stop_orphan(out, hold_of, said.append)
         assert other.poll() is None and len(said) == 1
     finally:
         other.kill()
+        hold.__exit__(None, None, None)
+
+
+def test_a_report_on_a_live_runs_out_uses_its_server_and_stops_nothing(tmp_path):
+    """`study report --from OUT` while a live run holds OUT (issue 46): the run's MLflow
+    server is used as it is, never stopped, and OUT's server record is not rewritten."""
+    import psutil
+
+    from study import cli, tracking
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / tracking.DB_NAME).write_bytes(b"")  # the live run's store (the server below has its own)
+    port = tracking.free_port()
+    live = subprocess.Popen(
+        tracking.server_command(tmp_path / "store", port),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    holder = subprocess.Popen(  # the live run: holds OUT until told to stop
+        [
+            sys.executable,
+            "-c",
+            "import sys; from study import locks; h = locks.exclusive(sys.argv[1]); "
+            "h.__enter__(); print('held', flush=True); sys.stdin.read()",
+            str(out),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        record = json.dumps(
+            {
+                "pid": live.pid,
+                "port": port,
+                "host": socket.gethostname(),
+                "created": psutil.Process(live.pid).create_time(),
+            }
+        )
+        (out / tracking.SERVER_RECORD).write_text(record)
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        cmd = [sys.executable, "-m", "study.cli", "report", "--from", str(out), "--out", str(tmp_path / "rep")]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert "stopping the MLflow server" not in done.stdout + done.stderr
+        assert "no finished job run" in done.stderr and done.returncode == 2, done.stdout + done.stderr
+        assert live.poll() is None  # the live run's server is serving still
+        assert (out / tracking.SERVER_RECORD).read_text() == record and not (out / tracking.LOG_NAME).exists()
+        assert not (tmp_path / "rep").exists()  # a failed report writes nothing
+        assert cli.main(["ui", "--out", str(out)]) == 0  # the ui names the live server, starts none
+    finally:
+        holder.communicate("")
+        os.killpg(live.pid, signal.SIGKILL)
+        live.wait()
 
 
 def test_two_runs_creating_one_experiment_at_once_both_get_it(mlflow_server, monkeypatch):

@@ -206,7 +206,8 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
     tracking URI): every socket of their process trees listens on 127.0.0.1 and neither
     meets the other's Ray. One is SIGKILLed (its process group) mid-sweep: no process of it
     is left; one of its finished trials' checkpoints is then damaged; its rerun resumes,
-    trains that trial again and ends with the same results.csv as the run left alone."""
+    trains that trial again and ends with the same results.csv as the other run, beside
+    which `study report` ran while it was live (it must leave the run alone)."""
     import contextlib
 
     import psutil
@@ -246,6 +247,16 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
         proc.wait(30)
         first = proc.stdout.read().decode()
+        # a user looks at the live run: the report uses its MLflow server and stops nothing
+        assert other.poll() is None
+        record = (alone / "mlflow-server.json").read_text()
+        look = [sys.executable, "-m", "study.cli", "report", "--from", str(alone), "--out", str(tmp_path / "rep")]
+        looked = subprocess.run(look, env=env, capture_output=True, text=True, timeout=600)
+        said = looked.stdout + looked.stderr
+        assert looked.returncode in (0, 2) and "stopping the MLflow server" not in said and "Traceback" not in said, (
+            said
+        )
+        assert (alone / "mlflow-server.json").read_text() == record
         assert other.wait(600) == 0
         logs = [first, other.stdout.read().decode()]
     finally:

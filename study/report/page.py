@@ -10,7 +10,7 @@ import markdown
 import pandas as pd
 
 from study.claims import judge, qualifier
-from study.files import atomic_write_text
+from study.files import atomic_write_text, whole_folder
 from study.report import sources
 from study.report.figures import FIGURES, PAPER_FINDINGS, figures
 from study.report.tables import analyses_table, claims_section, premise, replicates, sections
@@ -39,9 +39,15 @@ def build(
     run lacks their numbers (they then say so), so the page's shape never depends on the
     job. ``checked``: the claims already judged on the same inputs (else judged here).
     ``examples``: a test image under the job's corruptions (``figures.figures``).
-    Returns the HTML path."""
+    Built whole in a temporary folder, then moved into ``folder``: a report that fails
+    half-way leaves the one before it as it was. Returns the HTML path."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with whole_folder(folder) as tmp:
+        _build(df, found, tmp, title, masks, checked, examples)
+    return folder / "index.html"
+
+
+def _build(df, found, folder: Path, title, masks, checked, examples) -> None:
     figs = figures(df, found, folder, examples)
     checked = judge(df, found, masks or {}) if checked is None else checked
     atomic_write_text(folder / "claims.json", json.dumps(checked, indent=1, sort_keys=True) + "\n")
@@ -68,7 +74,6 @@ def build(
     )
     atomic_write_text(folder / "index.md", md)
     atomic_write_text(folder / "index.html", _html(df, title, pre, checked, tables, figs))
-    return folder / "index.html"
 
 
 def _html(df: pd.DataFrame, title: str, pre: str, checked: list, tables: list, figs: dict) -> str:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from study import tracking
 from study.claims import by_seed
+from study.files import BadInput, read_json
 
 
 def _merge(values: list):
@@ -41,10 +42,33 @@ def merged(found: dict) -> tuple[dict, dict, int]:
     return mean, sd, len(reps)
 
 
-def read_results(path, job: str = "") -> pd.DataFrame:
-    """A ``results.csv``; one written by an earlier version reads as the new one (``setting``
-    is ``method``, a missing ``job`` is ``job``, a missing ``chosen`` is ``selected``)."""
-    df = pd.read_csv(path).rename(columns={"setting": "method"})
+NEEDED = ("dataset", "backbone", "method", "attack", "AOI", "AAI", "DR", "stage")  # what tables and claims read
+NUMBERS = ("seed", "images", "AOI", "AAI", "DR")
+
+
+def read_results(path, job: str = "", need: tuple = ()) -> pd.DataFrame:
+    """A ``results.csv``, checked (BadInput naming the file: truncated, a column of
+    NEEDED or ``need`` missing, a number that is none or a percentage outside 0-100); one
+    written by an earlier version reads as the new one (``setting`` is ``method``, a
+    missing ``job`` is ``job``, a missing ``chosen`` is ``selected``)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        df = pd.read_csv(path).rename(columns={"setting": "method"})
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise BadInput(f"{path}: not a readable results.csv ({str(err).splitlines()[0]})") from None
+    if raw and not raw.endswith(b"\n"):
+        raise BadInput(f"{path}: truncated (its last line is cut off)")
+    missing = [c for c in (*NEEDED, *need) if c not in df]
+    if missing:
+        raise BadInput(f"{path}: no {', '.join(missing)} column (not a results.csv of this study, or damaged)")
+    for col in (c for c in NUMBERS if c in df):
+        values = pd.to_numeric(df[col], errors="coerce")
+        if (values.isna() & df[col].notna()).any():
+            raise BadInput(f"{path}: column {col} holds something that is not a number")
+        if col in ("AOI", "AAI") and ((values < 0) | (values > 100)).any():
+            raise BadInput(f"{path}: column {col} holds a percentage outside 0-100")
+        df[col] = values
     if "job" not in df:
         df.insert(0, "job", job)
     df["job"] = df["job"].fillna(job).astype(str)
@@ -53,6 +77,46 @@ def read_results(path, job: str = "") -> pd.DataFrame:
     if "chosen" not in df and "selected" in df:
         df["chosen"] = df["selected"]
     return df
+
+
+def read_masks(path, df: pd.DataFrame) -> dict:
+    """A ``per_image.json`` (stage -> attack -> {correct, robust}: strings of 0 and 1),
+    checked against its results frame ``df``: BadInput naming the file and the entry for
+    any other shape, other characters, masks of unequal length, an image robust but not
+    correct, a length other than the row's image count, or a stage ``df`` does not have
+    (another run's file)."""
+    path = Path(path)
+    masks = read_json(path)
+    if not isinstance(masks, dict):
+        raise BadInput(f"{path}: expected {{stage: {{attack: {{correct, robust}}}}}}, got a {type(masks).__name__}")
+    stages = set(df["stage"].astype(str))
+    images = {
+        (str(r.stage), "" if pd.isna(r.attack) else str(r.attack)): r.images
+        for r in df.itertuples()
+        if "images" in df and pd.notna(r.images)
+    }
+    for stage, by_attack in masks.items():
+        if stage not in stages:
+            raise BadInput(f"{path}: stage {stage} is not in the results beside it (another run's file?)")
+        if not isinstance(by_attack, dict):
+            raise BadInput(f"{path}: {stage}: expected {{attack: {{correct, robust}}}}")
+        for attack, m in by_attack.items():
+            _check_mask(path, f"{stage}.{attack}", m, images.get((stage, attack)))
+    return masks
+
+
+def _check_mask(path: Path, where: str, m, count) -> None:
+    if not isinstance(m, dict) or not all(isinstance(m.get(k), str) for k in ("correct", "robust")):
+        raise BadInput(f"{path}: {where}: expected {{correct, robust}} as strings of 0 and 1")
+    c, r = m["correct"], m["robust"]
+    if set(c) - {"0", "1"} or set(r) - {"0", "1"}:
+        raise BadInput(f"{path}: {where}: a mask holds characters other than 0 and 1")
+    if len(c) != len(r):
+        raise BadInput(f"{path}: {where}: correct has {len(c)} images, robust {len(r)}")
+    if any(b == "1" and a == "0" for a, b in zip(c, r)):
+        raise BadInput(f"{path}: {where}: an image is robust but not correct")
+    if count is not None and len(c) != int(count):
+        raise BadInput(f"{path}: {where}: {len(c)} images, its results row says {int(count)} (shortened?)")
 
 
 def read_analyses(folder) -> dict:
@@ -93,7 +157,7 @@ def _job_artifacts(run_id: str, have: set, d: Path, found: dict, masks: dict, jo
     and ``masks``."""
     df = read_results(tracking.download(run_id, "results.csv", d), job)
     if "per_image.json" in have:
-        masks.update(json.loads(tracking.download(run_id, "per_image.json", d).read_text()))
+        masks.update(read_masks(tracking.download(run_id, "per_image.json", d), df))
     if "analyses" in have:
         a = tracking.download(run_id, "analyses", d)
         if (a / "analyses.json").is_file():

@@ -1,15 +1,24 @@
-"""Does a claim's 95 % interval cover the truth, and how often does it say "agree" when
-there is no effect? Simulated studies (study.simulate: a full fine-tune and a standard
-model on the same test images, each training run's DR spread around its method's mean)
-judged by the very function that judges the claims (study.claims.judge, claim 1: DR full
-− standard), for 2, 3, 5 and 10 seeds × a training spread of 0, 3, 6 and 10 DR points ×
-a true gap of 0 and 8 points.
+"""Are the verdicts safe and decisive? Simulated studies with a known truth
+(study.simulate) judged end to end by the function that judges every run
+(study.claims.judge): claim 1 on DR and AAI, claim 2 (DR), claim 5 (DM against four equal
+or weaker rivals, under the strong evaluation) and the corruption finding (relative
+error), in one study each time.
 
-    uv run python benchmarks/calibration.py [--studies 200] [--images 300]
+The harder simulator: every method its own AOI and per-seed clean masks that differ
+(a share of each model's image difficulties its own), image vulnerability shared by all
+models and seeds weakly (0.2) or strongly (0.8), a training spread that is none, normal
+(sd 3 DR points) or heavy-tailed (Student's t on 3 degrees of freedom, sd 6); 300 or 1000
+test images; 1, 2, 3, 5 and 10 seeds. Each cell runs a null study (no effect anywhere,
+equal AOIs) and an effect study (8 points in the paper's direction for every finding).
 
-Prints per cell the coverage of the true gap (both gaps together) and the false-agree
-rate (gap 0), and exits 1 when a cell misses the bounds (coverage >= 0.93, false agree
-<= 0.05).
+    uv run python benchmarks/calibration.py [--studies 100] [--workers 2] [--quick]
+
+Prints per cell and finding: coverage of the truth (both studies), "agree" when there is
+no effect (false agree), "disagree" when the paper's direction holds or nothing does
+(false disagree), and power ("agree" at the 8-point effect). Exits 1 when a cell of two or
+more seeds misses coverage >= 0.93 or false agree <= 0.05, when power at 8 points, no
+spread and 300 images is below 0.40 at 3 seeds or 0.85 at 5 (claim 1's DR), or when a
+one-seed cell says "agree" at all (one training run says suggests / contradicts).
 """
 
 from __future__ import annotations
@@ -17,76 +26,152 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 from study import claims, simulate
+from study.methods import RIVALS, STRONG_ATTACK, TABLE1_ATTACK
 
-SEEDS = (2, 3, 5, 10)
-SPREADS = (0.0, 3.0, 6.0, 10.0)
-GAPS = (0.0, 8.0)
+SEEDS = (1, 2, 3, 5, 10)
+SCENARIOS = (  # (name, images, spread, heavy tail, shared)
+    ("300 img, no spread, weak sharing", 300, 0.0, None, 0.2),
+    ("300 img, no spread, strong sharing", 300, 0.0, None, 0.8),
+    ("300 img, heavy-tailed spread 6, strong sharing", 300, 6.0, 3.0, 0.8),
+    ("1000 img, normal spread 3, weak sharing", 1000, 3.0, None, 0.2),
+)
+FINDINGS = ("1-dr", f"1-aai:{TABLE1_ATTACK}", "2-dr", "5", "corruption")
+GAP, BASE = 8.0, 30.0
 MIN_COVERAGE, MAX_FALSE_AGREE = 0.93, 0.05
+MIN_POWER = {3: 0.40, 5: 0.85}  # claim 1's DR at 8 points, no spread, 300 images
 
 
-def judged(rng: np.random.Generator, seeds: int, images: int, gap: float, spread: float) -> dict:
-    """Claim 1's unit entry (effect, lo, hi, verdict, covers) on one simulated study."""
-    df, masks = simulate.study(simulate.masks_for(rng, seeds, images, gap, spread))
-    return claims.by_id(claims.judge(df, {}, masks), "1-dr")["datasets"][0]
-
-
-def cell(seeds: int, spread: float, studies: int, images: int, seed: int = 0, bar=None) -> dict:
-    """Coverage (over both gaps) and the false-agree rate (gap 0) of one cell."""
-    rng = np.random.default_rng([seed, seeds, int(spread * 10)])
-    covered, false_agree = 0, 0
-    for gap in GAPS:
-        for _ in range(studies):
-            d = judged(rng, seeds, images, gap, spread)
-            covered += d["lo"] <= gap <= d["hi"]
-            false_agree += gap == 0 and d["verdict"] == "agree"
-            if bar is not None:
-                bar.update(1)
-    return {
-        "seeds": seeds,
-        "spread": spread,
-        "coverage": covered / (studies * len(GAPS)),
-        "false_agree": false_agree / studies,
-        "studies": studies,
+def design(effect: bool) -> tuple[dict, dict, dict, dict]:
+    """(DR per method, AOI per method, relative corruption error, the truth per finding)."""
+    g = GAP if effect else 0.0
+    aoi = {"scratch": 0.82, "full": 0.78, "partial": 0.74} if effect else {"scratch": 0.8, "full": 0.8, "partial": 0.8}
+    aoi |= {"dm_stage12": aoi["full"], **{m: aoi["full"] for m in RIVALS}}
+    rival_aai = aoi["full"] * (1 - BASE / 100)
+    dr = {"scratch": BASE, "full": BASE + g, "partial": BASE + 2 * g, **{m: BASE for m in RIVALS}}
+    dr["dm_stage12"] = 100 * (1 - (rival_aai + g / 100) / aoi["dm_stage12"])  # g AAI points above each rival
+    truth = {
+        "1-dr": g,
+        f"1-aai:{TABLE1_ATTACK}": 100
+        * (aoi["scratch"] * (1 - dr["scratch"] / 100) - aoi["full"] * (1 - dr["full"] / 100)),
+        "2-dr": g,
+        "5": g,
+        "corruption": g,
     }
+    return dr, aoi, {"scratch": 20.0, "full": 20.0 + g}, truth
 
 
-def table(cells: list[dict]) -> str:
-    lines = [
-        '| seeds | training spread (DR points) | coverage of the true gap | "agree" when the gap is 0 |',
-        "|---|---|---|---|",
+def one_study(args) -> dict:
+    """finding -> (lo, hi, verdict) of one simulated study."""
+    seed, seeds, images, spread, tail, shared, effect = args
+    rng = np.random.default_rng(seed)
+    dr, aoi, error, _ = design(effect)
+    per_seed = simulate.models_for(rng, seeds, images, dr, spread, aoi, shared, tail=tail, clean_jitter=0.3)
+    corrupted = simulate.corrupted_models(rng, per_seed, error)
+    df, masks = simulate.study(per_seed, attacks=(TABLE1_ATTACK, STRONG_ATTACK), corrupted=corrupted)
+    judged = claims.judge(df, {}, masks)
+    out = {}
+    for cid in FINDINGS:
+        d = claims.by_id(judged, cid)["datasets"][0]
+        out[cid] = (d["lo"], d["hi"], d["verdict"])
+    return out
+
+
+def cell(seeds: int, scenario: tuple, studies: int, pool=None, seed: int = 0) -> list[dict]:
+    """One row per finding: coverage, false agree, false disagree and power of one cell."""
+    name, images, spread, tail, shared = scenario
+    jobs = [
+        ([seed, seeds, images, int(spread * 10), int(shared * 10), e, k], seeds, images, spread, tail, shared, e)
+        for e in (False, True)
+        for k in range(studies)
     ]
-    for c in cells:
-        lines.append(f"| {c['seeds']} | {c['spread']:g} | {c['coverage']:.3f} | {c['false_agree']:.3f} |")
+    got = list(pool.map(one_study, jobs, chunksize=4)) if pool is not None else [one_study(j) for j in jobs]
+    rows = []
+    for cid in FINDINGS:
+        tally = {"covered": 0, "false_agree": 0, "false_disagree": 0, "power": 0, "said_agree": 0}
+        for job, res in zip(jobs, got):
+            lo, hi, verdict = res[cid]
+            truth = design(job[-1])[3][cid]
+            tally["covered"] += lo <= truth <= hi
+            tally["false_agree"] += truth == 0 and verdict == "agree"
+            tally["false_disagree"] += verdict == "disagree"
+            tally["power"] += job[-1] and verdict == "agree"
+            tally["said_agree"] += verdict == "agree"
+        rows.append(
+            {
+                "scenario": name,
+                "seeds": seeds,
+                "finding": cid,
+                # claim 5's headline is DM against its closest rival, chosen after the fact: its
+                # verdict rests on one Holm-corrected interval per rival, so no one interval to cover
+                "coverage": None if cid == "5" else tally["covered"] / len(jobs),
+                "false_agree": tally["false_agree"] / studies,
+                "false_disagree": tally["false_disagree"] / len(jobs),
+                "power": tally["power"] / studies,
+                "said_agree": tally["said_agree"],
+                "studies": studies,
+            }
+        )
+    return rows
+
+
+def failures(rows: list[dict]) -> list[str]:
+    bad = []
+    for r in rows:
+        where = f"{r['scenario']}, {r['seeds']} seeds, {r['finding']}"
+        if r["seeds"] == 1 and r["said_agree"]:
+            bad.append(f"{where}: one seed said agree {r['said_agree']} times")
+        low = r["coverage"] is not None and r["coverage"] < MIN_COVERAGE
+        if r["seeds"] >= 2 and (low or r["false_agree"] > MAX_FALSE_AGREE):
+            bad.append(f"{where}: coverage {r['coverage']}, false agree {r['false_agree']:.3f}")
+        need = MIN_POWER.get(r["seeds"])
+        if need and r["finding"] == "1-dr" and r["scenario"] == SCENARIOS[0][0] and r["power"] < need:
+            bad.append(f"{where}: power {r['power']:.2f} < {need}")
+    return bad
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| scenario | seeds | finding | coverage | false agree | false disagree | power |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['scenario']} | {r['seeds']} | {r['finding']} | "
+            f"{'—' if r['coverage'] is None else format(r['coverage'], '.3f')} | {r['false_agree']:.3f} | "
+            f"{r['false_disagree']:.3f} | {r['power']:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--studies", type=int, default=200, help="simulated studies per cell and gap")
-    ap.add_argument("--images", type=int, default=300, help="shared test images per study")
+    ap.add_argument("--studies", type=int, default=100, help="simulated studies per cell, each null and effect")
+    ap.add_argument("--workers", type=int, default=2, help="processes")
+    ap.add_argument("--quick", action="store_true", help="the first scenario only")
     args = ap.parse_args()
     from tqdm.auto import tqdm
 
-    start = time.monotonic()
-    grid = [(s, sp) for s in SEEDS for sp in SPREADS]
-    with tqdm(total=len(grid) * len(GAPS) * args.studies, desc="simulated studies", file=sys.stderr) as bar:
-        cells = []
-        for s, sp in grid:
-            bar.set_postfix_str(f"{s} seeds, spread {sp:g}")
-            cells.append(cell(s, sp, args.studies, args.images, bar=bar))
+    scenarios = SCENARIOS[:1] if args.quick else SCENARIOS
+    grid = [(s, sc) for sc in scenarios for s in SEEDS]
+    start, rows = time.monotonic(), []
+    with ProcessPoolExecutor(args.workers) as pool:
+        for s, sc in tqdm(grid, desc="cells", file=sys.stderr):
+            rows += cell(s, sc, args.studies, pool)
     print(
-        f"{args.studies} studies per cell and gap (true gap 0 and 8 DR points), {args.images} shared test "
-        f"images, 95 % intervals of study.claims.judge; {time.monotonic() - start:.0f} s\n"
+        f"{args.studies} null and {args.studies} effect studies per cell (effect: {GAP:g} points in the paper's "
+        f"direction), judged by study.claims.judge; 95 % intervals; {time.monotonic() - start:.0f} s\n"
     )
-    print(table(cells))
-    bad = [c for c in cells if c["coverage"] < MIN_COVERAGE or c["false_agree"] > MAX_FALSE_AGREE]
+    print(table(rows))
+    bad = failures(rows)
     print(
-        f"\nbounds: coverage >= {MIN_COVERAGE}, false agree <= {MAX_FALSE_AGREE}: "
-        + ("every cell within" if not bad else f"{len(bad)} cell(s) outside")
+        f"\nbounds: coverage >= {MIN_COVERAGE} and false agree <= {MAX_FALSE_AGREE} at 2+ seeds; power at 3 / 5 "
+        f"seeds >= {MIN_POWER[3]} / {MIN_POWER[5]}; one seed never agrees: "
+        + ("every cell within" if not bad else f"{len(bad)} outside:\n  " + "\n  ".join(bad))
     )
     return 1 if bad else 0
 

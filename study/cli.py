@@ -130,7 +130,7 @@ def cmd_plan(args) -> int:
     print(plan.render(cfg, plan.estimate(cfg, table)))
     print(f"costs: {costs}")
     if pilot is not None:
-        print("\n".join(plan.evidence(cfg, table, args.evidence, pilot)))
+        print("\n".join(plan.evidence(cfg, table, args.evidence, pilot, args.at)))
     return 0
 
 
@@ -309,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT",
         help="a pilot run's folder: the seeds and test images each claim needs for an 80 %% chance of a "
         "conclusive verdict at the pilot's effect, and what that costs",
+    )
+    pl.add_argument(
+        "--at",
+        choices=("lower", "point"),
+        default="lower",
+        help="with --evidence: plan at the pilot's lower plausible effect (default) or at its point estimate",
     )
     pl.add_argument(
         "--no-measure",

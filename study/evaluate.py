@@ -19,10 +19,11 @@ AutoAttack's own checks:
                           (possible gradient masking)
 ``autoattack_checks``     AutoAttack raised none of its own warnings
 ``pgd_near_worst``        the strong evaluation's stronger members (PGD-50 with restarts,
-                          AutoAttack) broke at most WORST_GAP points of the images that
-                          the paper's PGD-10 left robust: a larger gap means the paper's
-                          attack misses what stronger ones find (gradient masking, or a
-                          step too short to cross the ball)
+                          AutoAttack) broke no more of the images the paper's PGD-10 left
+                          robust than WORST_GAP points, judged over the images: fails when
+                          the gap's Wilson interval lies wholly above it, i.e. the paper's
+                          attack misses beyond doubt what stronger ones find (gradient
+                          masking, or a step too short to cross the ball)
 
 Corruption items (``study.corruptions``) run through the same evaluation and records
 but take no flag: they have no eps-ball and no search whose strength could be checked.
@@ -45,11 +46,13 @@ from study.files import config_hash
 from study.models import StudyModel
 
 EPS0_IMAGES = 32  # the eps = 0 check needs few images: it must reproduce AOI exactly
-# AAI points between the paper's PGD-10 and the worst case above which PGD-10 is not to be
-# trusted: on models without masking AutoAttack's gain over PGD is about a point or less
-# (Croce & Hein 2020, Table 2: 0.0-1.6 points for undefended and adversarially trained
-# models, tens of points on the masked defenses they broke)
-WORST_GAP = 5.0
+# AAI points between the paper's PGD-10 and the worst case that an unmasked model shows at
+# most: AutoAttack's gain over PGD is about a point or less there (Croce & Hein 2020,
+# Table 2: 0.0-1.6 points for undefended and adversarially trained models, tens of points
+# on the masked defenses they broke); 2 rounds that up. The flag fails when the gap's 95 %
+# interval over the images lies wholly above it: beyond doubt more than an unmasked
+# model's gap
+WORST_GAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -152,14 +155,18 @@ def _cmp(name: str, low: dict, high: dict) -> Flag:
 
 def _near_worst(rec: dict) -> Flag:
     """How much of AAI the strong evaluation's stronger members took from the paper's PGD-10."""
+    from study.stats import wilson
+
     first, *rest = rec["members"]
     beyond = sum(m["broke"] for m in rest)
     gap = 100.0 * beyond / max(rec["images"], 1)
+    lo, hi = wilson(beyond, rec["images"]) if rec["images"] else (0.0, 0.0)
     return Flag(
         "pgd_near_worst",
         rec["attack"],
-        gap <= WORST_GAP,
-        f"{first['attack']} AAI {rec['AAI'] + gap:.2f}, worst case {rec['AAI']:.2f} on {rec['images']} images: "
+        lo <= WORST_GAP,
+        f"{first['attack']} AAI {rec['AAI'] + gap:.2f}, worst case {rec['AAI']:.2f} on {rec['images']} images "
+        f"(gap {gap:.2f} [{lo:.2f}, {hi:.2f}] points, bound {WORST_GAP:g}): "
         + ", ".join(f"{m['attack']} broke {m['broke']} of the {m['attacked']} left" for m in rest),
     )
 

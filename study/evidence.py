@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from study import claims, stats
-from study.methods import TABLE1_ATTACK
+from study.methods import METHODS, RIVALS, TABLE1_ATTACK
 
 POWER = 0.8
 MAX_SEEDS = 20
@@ -46,49 +46,62 @@ def pilot_of(reps: list[dict], effect, seed: int = 0) -> Pilot:
     """The variances of ``effect`` (study.claims' effect functions) over a pilot's seeds."""
     n, points, draws = stats.seed_effects(reps, effect, seed)
     s = len(reps)
-    one = float(np.mean([np.nanvar(d, ddof=1) for d in draws])) * n  # one seed's image noise
-    mean = float(np.nanvar(np.nanmean(draws, axis=0), ddof=1)) * n  # the seeds' mean's
-    own = max(0.0, (one - mean) * s / (s - 1)) if s > 1 else 0.0
-    shared = max(0.0, one - own)
+    if s > 1:
+        shared, own = (v * n for v in stats.image_noise(draws))
+    else:
+        shared, own = float(np.nanvar(draws[0], ddof=1)) * n, 0.0  # one seed: no way to split them
     between = max(0.0, float(np.var(points, ddof=1)) - own / n) if s > 1 else 0.0
-    return Pilot(float(points.mean()), s, n, shared, own, between)
+    return Pilot(float(np.nanmean(points)), s, n, shared, own, between)
 
 
-def power(p: Pilot, seeds: int, images: int, draws: int = DRAWS, seed: int = 0) -> float:
-    """The share of intervals at ``seeds`` × ``images`` that exclude zero on the side of
-    the pilot's effect, if the pilot's numbers are the truth."""
+def planned(p: Pilot, at: str = "lower") -> float:
+    """The effect a plan aims at: the pilot's point estimate (``at="point"``, optimistic),
+    or by default its lower plausible value, one standard error of the pilot's own estimate
+    nearer zero (0 where that crosses zero: the pilot cannot tell it from none)."""
+    if at == "point":
+        return p.effect
+    se = np.sqrt(p.shared / p.images + (p.between + p.own / p.images) / p.seeds)
+    return float(np.sign(p.effect) * max(0.0, abs(p.effect) - se))
+
+
+def power(p: Pilot, seeds: int, images: int, draws: int = DRAWS, seed: int = 0, effect: float | None = None) -> float:
+    """The share of intervals (``study.stats.combine``'s rule) at ``seeds`` × ``images``
+    that exclude zero on the side of the effect (``effect``, default the pilot's), if the
+    pilot's variances are the truth."""
     rng = np.random.default_rng([seed, seeds, images])
     z = rng.standard_normal((draws, seeds))
     common = rng.standard_normal((draws, 1))
-    theta = (
-        abs(p.effect) + np.sqrt(p.between) * z + np.sqrt(p.own / images) * rng.standard_normal((draws, seeds))
-    ) + np.sqrt(p.shared / images) * common
-    image_var = (p.shared + p.own / seeds) / images  # what the bootstrap reports
-    half = stats.t_factor(seeds) * np.sqrt(image_var + theta.var(axis=1, ddof=1) / seeds)
+    size = abs(p.effect if effect is None else effect)
+    theta = (size + np.sqrt(p.between) * z + np.sqrt(p.own / images) * rng.standard_normal((draws, seeds))) + np.sqrt(
+        p.shared / images
+    ) * common
+    half = np.sqrt(stats.Z**2 * p.shared / images + stats.t_factor(seeds) ** 2 * theta.var(axis=1, ddof=1) / seeds)
     return float(np.mean(theta.mean(axis=1) - half > 0))
 
 
-def needed(p: Pilot, max_images: int, cost=None) -> tuple[int, int] | None:
+def needed(p: Pilot, max_images: int, cost=None, effect: float | None = None) -> tuple[int, int] | None:
     """The cheapest (seeds, images) with ``power`` >= POWER, seeds 2..MAX_SEEDS and images
     up to ``max_images``; ``cost(seeds, images)`` ranks them (default: fewest seeds, then
     fewest images: a training run costs more than attacking images). None: not reachable."""
     cost = cost or (lambda s, n: (s, n))
     best = None
     for s in range(2, MAX_SEEDS + 1):
-        if power(p, s, max_images) < POWER:
+        if power(p, s, max_images, effect=effect) < POWER:
             continue
         lo, hi = 1, max_images  # the fewest images that reach it at s seeds
         while lo < hi:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if power(p, s, mid) >= POWER else (mid + 1, hi)
+            lo, hi = (lo, mid) if power(p, s, mid, effect=effect) >= POWER else (mid + 1, hi)
         if best is None or cost(s, lo) < cost(*best):
             best = (s, lo)
     return best
 
 
 def pilots(df: pd.DataFrame, masks: dict) -> list[tuple[str, dict, str, Pilot]]:
-    """(claim, unit, its label, Pilot) of claims 1 and 2 on Table 1's attack (DR, and
-    claim 2's AOI) for every unit of a run with per-image results."""
+    """(claim, unit, its label, Pilot) for every unit of a run with per-image results: claims
+    1 and 2 on Table 1's attack (DR, and claim 2's AOI), claim 5 (DM's AAI against its
+    closest rival, the comparison that binds, under the strongest evaluation the run has)
+    and the corruption finding (relative corruption error)."""
     every = claims.units(df[df.attack == TABLE1_ATTACK]) if len(df) else []
     out = []
     for _, claim, a, b, what, effect in claims.PAIR_CLAIMS:
@@ -96,14 +109,30 @@ def pilots(df: pd.DataFrame, masks: dict) -> list[tuple[str, dict, str, Pilot]]:
             reps = claims.replicates_of(df, masks, unit, {a: a, b: b})
             if reps:
                 out.append((f"{claim} ({what})", unit, claims.label(unit, every), pilot_of(reps, effect)))
+    for unit in claims.once(df, every, ("dm_stage12", *RIVALS)):
+        rivals = [m for m in RIVALS if len(claims.picks(df, unit, m, TABLE1_ATTACK))]
+        if rivals and len(claims.picks(df, unit, "dm_stage12", TABLE1_ATTACK)):
+            attack, reps = claims.strongest(df, masks, unit, {"dm": "dm_stage12", **{m: m for m in rivals}})
+            if reps:
+                found = {m: pilot_of(reps, claims.rate_gap("dm", m, 1)) for m in rivals}
+                m = min(found, key=lambda k: found[k].effect)
+                what = f"AAI DM@stage-1&2 − {METHODS[m].label}, the closest rival, under {attack}"
+                out.append((f"{claims.DM_CLAIM} ({what})", unit, claims.label(unit, every), found[m]))
+    item = claims.corruption_item(df)
+    for unit in claims.once(df, every, ("scratch", "full")) if item else []:
+        reps = claims.models_by_seed(df, masks, {m: (unit, m) for m in ("scratch", "full")}, item, claims.corrupted)
+        if reps:
+            effect = claims.relative_error_gap("full", "scratch")
+            what = "relative corruption error full − standard"
+            out.append((f"{claims.CORRUPTION_CLAIM} ({what})", unit, claims.label(unit, every), pilot_of(reps, effect)))
     return out
 
 
-def lines(found: list[tuple[str, dict, str, Pilot]], max_images, hours=None) -> list[str]:
+def lines(found: list[tuple[str, dict, str, Pilot]], max_images, hours=None, at: str = "lower") -> list[str]:
     """What each claim and unit needs, as lines: the pilot, then the counts and their price.
     ``max_images(unit)``: the most test images its dataset has; ``hours(unit, seeds,
     images)``: device-hours of the job at those counts (None: unknown), also what ranks
-    the candidates (else the fewest seeds, then images)."""
+    the candidates (else the fewest seeds, then images). ``at``: ``planned``'s."""
     out = []
     for claim, unit, name, p in found:
         cap = max_images(unit)
@@ -115,9 +144,15 @@ def lines(found: list[tuple[str, dict, str, Pilot]], max_images, hours=None) -> 
             f"{claim}, {name}: pilot {p.effect:+.1f} points over {p.seeds} seed{'s' if p.seeds > 1 else ''} × "
             f"{p.images} images ({spread})"
         )
-        got = needed(p, cap, cost) if p.effect == p.effect and p.effect != 0 else None
+        aim = planned(p, at)
+        where = "its point estimate" if at == "point" else "its lower plausible value (one pilot se nearer 0)"
+        head += f"; planned at {aim:+.1f}, {where}"
+        got = needed(p, cap, cost, effect=aim) if aim == aim and aim != 0 else None
         if got is None:
-            out.append(f"{head}: not reachable within {MAX_SEEDS} seeds and {cap} images")
+            why = "the pilot cannot tell it from no effect: `--at point` plans at its estimate" if aim == 0 else ""
+            out.append(
+                f"{head}: not reachable within {MAX_SEEDS} seeds and {cap} images" + (f" ({why})" if why else "")
+            )
             continue
         s, n = got
         price = hours(unit, s, n) if hours else None

@@ -417,7 +417,7 @@ def read_pilot(cfg: JobConfig, out: Path):
     return df, read_masks(out / "per_image.json", df)
 
 
-def evidence(cfg: JobConfig, costs: dict, out: Path, pilot=None) -> list[str]:
+def evidence(cfg: JobConfig, costs: dict, out: Path, pilot=None, at: str = "lower") -> list[str]:
     """``study plan JOB --evidence OUT``: from the pilot in OUT (its results.csv and
     per_image.json; ``pilot``: ``read_pilot``'s, read already), per claim and unit the
     seeds and test images at which the interval excludes zero at the pilot's effect with
@@ -446,5 +446,5 @@ def evidence(cfg: JobConfig, costs: dict, out: Path, pilot=None) -> list[str]:
 
     unit_ = "GPU" if "cuda" in str(costs.get("device", "")) else "device"
     return [f"evidence from {out} (80 % power; {unit_}-hours of the whole job at those counts):"] + [
-        "  " + line for line in ev.lines(found, max_images, hours)
+        "  " + line for line in ev.lines(found, max_images, hours, at)
     ]

@@ -40,43 +40,95 @@ def masks_for(
 ) -> list[dict]:
     """Per seed, method -> (correct, robust) boolean arrays over the same ``images``
     (full's mean DR is ``base + gap``, the standard model's ``base``)."""
-    u, w = rng.random(images), rng.random(images)
-    correct = u < aoi
+    return models_for(rng, seeds, images, {"full": base + gap, "scratch": base}, spread, aoi, shared)
+
+
+def models_for(
+    rng: np.random.Generator,
+    seeds: int,
+    images: int,
+    dr: dict,
+    spread: float,
+    aoi: float | dict = 0.8,
+    shared: float = 0.5,
+    tail: float | None = None,
+    clean_jitter: float = 0.0,
+) -> list[dict]:
+    """Per seed, method -> (correct, robust) over the same ``images``: method's mean DR
+    ``dr[method]``, its AOI ``aoi`` (one for all, or per method). Each training run's DR
+    draws its spread from a normal of sd ``spread``, or with ``tail`` from Student's t on
+    that many degrees of freedom scaled to sd ``spread`` (heavy-tailed: the odd run far
+    off). An image is right where its difficulty, shared by every model and seed, is below
+    the AOI; ``clean_jitter`` (0-1) redraws that share of each model's difficulties of its
+    own, so the clean masks of seeds and methods differ."""
+    difficulty, w = rng.random(images), rng.random(images)
     out = []
     for _ in range(seeds):
         one = {}
-        for method, mean in (("full", base + gap), ("scratch", base)):
-            dr = float(np.clip(mean + spread * rng.standard_normal(), 0.0, 100.0)) / 100.0
+        for method, mean in dr.items():
+            a = aoi[method] if isinstance(aoi, dict) else aoi
+            d = np.where(rng.random(images) < clean_jitter, rng.random(images), difficulty)
+            correct = d < a
+            z = rng.standard_normal() if tail is None else rng.standard_t(tail) / np.sqrt(tail / (tail - 2))
+            rate = float(np.clip(mean + spread * z, 0.0, 100.0)) / 100.0
             v = np.where(rng.random(images) < shared, w, rng.random(images))
-            one[method] = (correct.copy(), correct & (v >= dr))
+            one[method] = (correct, correct & (v >= rate))
         out.append(one)
     return out
 
 
-def study(per_seed: list[dict]) -> tuple[pd.DataFrame, dict]:
-    """The results frame and per-image masks of one simulated study (``masks_for``): one
-    chosen model per method and seed in one unit, attacked with Table 1's attack."""
+def corrupted_models(rng: np.random.Generator, per_seed: list[dict], error: dict, items: int = 3) -> list[dict]:
+    """The same models under ``items`` corruptions, each losing ``error[method]`` points of
+    accuracy in expectation (its relative corruption error): an image it gets right breaks
+    with probability error / its clean accuracy."""
+    out = []
+    for models in per_seed:
+        out.append(
+            {
+                m: [c & (rng.random(len(c)) >= error[m] / (100.0 * max(c.mean(), 1e-9))) for _ in range(items)]
+                for m, (c, _) in models.items()
+                if m in error
+            }
+        )
+    return out
+
+
+def study(
+    per_seed: list[dict], attacks=(TABLE1_ATTACK,), corrupted: list[dict] | None = None, flags: dict | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """The results frame and per-image masks of one simulated study (``models_for``): one
+    chosen model per method and seed in one unit, attacked with each of ``attacks`` (the
+    same masks), and, with ``corrupted`` (``corrupted_models``), evaluated under its
+    corruption items. ``flags``: method -> the sanity flags its rows carry ('ok')."""
     rows, masks = [], {}
+    items = [f"corruption_fog_{k + 1}" for k in range(len(next(iter(corrupted[0].values()))))] if corrupted else []
     for seed, models in enumerate(per_seed):
         for method, (c, r) in models.items():
             stage = f"{method}-{seed}"
-            aoi, aai = 100.0 * c.mean(), 100.0 * r.mean()
-            rows.append(
-                {
-                    **UNIT,
-                    "source_data": "" if method == "scratch" else UNIT["source_data"],
-                    "method": method,
-                    "seed": seed,
-                    "lam": np.nan,
-                    "selected": True,
-                    "chosen": True,
-                    "attack": TABLE1_ATTACK,
-                    "images": len(c),
-                    "AOI": aoi,
-                    "AAI": aai,
-                    "DR": 100.0 * (aoi - aai) / aoi if aoi else np.nan,
-                    "stage": stage,
-                }
-            )
-            masks[stage] = {TABLE1_ATTACK: {"correct": _bits(c), "robust": _bits(r)}}
+            masks[stage] = {}
+            runs = [(a, c, r) for a in attacks]
+            if corrupted and method in corrupted[seed]:
+                runs += [(name, c, rr) for name, rr in zip(items, corrupted[seed][method])]
+            for attack, cc, rr in runs:
+                aoi, aai = 100.0 * cc.mean(), 100.0 * rr.mean()
+                rows.append(
+                    {
+                        **UNIT,
+                        "source_data": "" if method == "scratch" else UNIT["source_data"],
+                        "source": "" if method == "scratch" else "standard",
+                        "method": method,
+                        "seed": seed,
+                        "lam": np.nan,
+                        "selected": True,
+                        "chosen": True,
+                        "attack": attack,
+                        "images": len(cc),
+                        "AOI": aoi,
+                        "AAI": aai,
+                        "DR": 100.0 * (aoi - aai) / aoi if aoi else np.nan,
+                        "flags": (flags or {}).get(method, "ok"),
+                        "stage": stage,
+                    }
+                )
+                masks[stage][attack] = {"correct": _bits(cc), "robust": _bits(rr)}
     return pd.DataFrame(rows), masks

@@ -8,15 +8,16 @@ p-value. Every interval is 95 %.
 * An effect (DR of model a minus DR of model b, ...), ``paired_effect``: with one seed, a
   paired bootstrap that draws the same test images for both models (they were attacked
   on the same images); it covers the test images only, not the spread between training
-  runs. With S seeds, the mean of the seeds' effects and a Student t interval on S - 1
-  degrees of freedom whose variance adds the two sources of chance: the spread of the
-  seeds' effects (its sample variance / S, which holds the training runs' spread and the
-  part of the image noise that differs between seeds) and the image noise of the mean
-  (the paired bootstrap drawing the same images for every model and seed: the part the
-  seeds share, since every seed is tested on the same images). The part that differs
-  between seeds is counted twice, which errs wide; t on S - 1 degrees of freedom keeps
-  the interval honest when two or three seeds happen to agree. benchmarks/calibration.py
-  simulates its coverage.
+  runs. With S seeds, the mean of the seeds' effects, whose variance has two parts: the
+  image noise the seeds share (every seed is tested on the same images), Ĉ, the seeds'
+  mean cross-covariance of their bootstrap draws, which no number of seeds averages away;
+  and the spread of the seeds' effects s² / S (the training runs' spread plus each seed's
+  own image noise). The half-width is √(z² Ĉ + t²(S−1) s² / S): Ĉ is estimated from
+  hundreds of images, so it takes the normal z (1.96); s² from S − 1 degrees of freedom,
+  so it takes Student's t. (An earlier rule put t(S−1) on both and counted each seed's own
+  image noise twice: 12.7 at two seeds on noise known from hundreds of images, which made
+  two seeds less decisive than one.) benchmarks/calibration.py simulates its coverage,
+  false verdicts and power.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from scipy import stats
 LEVEL = 0.95
 RESAMPLES = 2000
 WIDE = 10.0  # an interval wider than ± this many points says "too few images" (or seeds)
+Z = float(stats.norm.ppf(0.5 + LEVEL / 2))  # 1.96: the image noise is estimated from hundreds of images
 
 
 def mask(bits: str) -> np.ndarray:
@@ -132,15 +134,74 @@ def combine(points: np.ndarray, draws: np.ndarray) -> dict:
     draws = draws[keep]
     if keep.sum() == 1:
         lo, hi = _interval(draws[0])
-        return {"effect": point, "lo": lo, "hi": hi, "df": None, **out}
+        d = draws[0][~np.isnan(draws[0])]
+        p = float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))) if len(d) else 1.0
+        return {"effect": point, "lo": lo, "hi": hi, "df": None, "p": p, **out}
     s = int(keep.sum())
+    shared, _ = image_noise(draws)
+    between = float(np.var(points[keep], ddof=1)) / s
+    half = _half(shared, between, s)
+    return {
+        "effect": point,
+        "lo": point - half(LEVEL),
+        "hi": point + half(LEVEL),
+        "df": s - 1,
+        "p": _p(point, half),
+        **out,
+    }
+
+
+def _half(shared: float, between: float, s: int):
+    """level -> the half-width √(z² Ĉ + t²(S−1) s²/S) at that level."""
+
+    def half(level: float) -> float:
+        q = 0.5 + level / 2
+        return float(np.sqrt(stats.norm.ppf(q) ** 2 * shared + stats.t.ppf(q, s - 1) ** 2 * between))
+
+    return half
+
+
+def _p(effect: float, half) -> float:
+    """The two-sided p-value of zero: 1 − the level whose interval just reaches it."""
+    if effect == 0 or not effect == effect:
+        return 1.0
+    if half(1 - 1e-12) < abs(effect):
+        return 1e-12
+    from scipy.optimize import brentq
+
+    return float(1 - brentq(lambda level: half(level) - abs(effect), 0.0, 1 - 1e-12, xtol=1e-10))
+
+
+def image_noise(draws: np.ndarray) -> tuple[float, float]:
+    """(the image noise the seeds share, each seed's own) of their mean, as variances, from
+    the seeds' bootstrap draws on the same images (seeds × draws): the mean cross-covariance
+    Ĉ = V_mean − (mean V_s − V_mean)/(S − 1), clipped at 0, and mean V_s − Ĉ."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        mean_draws = np.nanmean(draws, axis=0)
-    images = float(np.var(mean_draws[~np.isnan(mean_draws)], ddof=1))
-    between = float(np.var(points[keep], ddof=1)) / s
-    half = t_factor(s) * float(np.sqrt(images + between))
-    return {"effect": point, "lo": point - half, "hi": point + half, "df": s - 1, **out}
+        ok = ~np.isnan(draws).any(axis=0)
+        d = draws[:, ok]
+        v_mean = float(np.var(d.mean(axis=0), ddof=1))
+        v_each = float(np.mean(np.var(d, axis=1, ddof=1)))
+    s = len(d)
+    shared = max(0.0, v_mean - (v_each - v_mean) / (s - 1)) if s > 1 else v_each
+    return shared, max(0.0, v_each - shared)
+
+
+def p_value(d: dict) -> float:
+    """An effect's two-sided p-value of zero (``combine``'s: the bootstrap's for one seed,
+    the level at which its interval over seeds just reaches zero for several)."""
+    return float(d.get("p", 1.0))
+
+
+def holm(pvalues, alpha: float = 1 - LEVEL) -> list[bool]:
+    """Holm's step-down: which of the hypotheses are rejected at family-wise ``alpha``."""
+    order = np.argsort(pvalues, kind="stable")
+    out = [False] * len(pvalues)
+    for rank, i in enumerate(order):
+        if pvalues[i] > alpha / (len(pvalues) - rank):
+            break
+        out[i] = True
+    return out
 
 
 def verdict(lo: float, hi: float) -> str:

@@ -327,7 +327,7 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     # every finding: claim 1 on DR and on AAI under each Table 2 attack the job ran (PGD-10 and
     # FGSM at 0.5/255), 2 (DR, AOI), 3 (two halves), CCA, 4, capacity, source, 5 and 5's others
     # and the two corruption findings (the architecture one says what it needs: one backbone here)
-    assert len(checked) == 15 and page.count('class="claim"') == 15 and page.count("<figure") == 5
+    assert len(checked) == 15 and page.count('class="claim"') == 15 and page.count("<figure") == 6
     assert {c["id"] for c in checked} >= {"1-aai:fgsm_linf_0.5", "cca", "capacity", "source", "5-others"}
     corruption = claims.by_id(checked, "corruption")
     assert corruption["datasets"] and corruption["datasets"][0]["images"] == 40

@@ -125,14 +125,16 @@ def test_lambda_is_chosen_under_the_strong_evaluation(evaluated):
         assert rows[0]["val_AAI"] == expect
 
 
-def test_claim5_rests_on_the_worst_case(evaluated):
+def test_claim5_rests_on_the_worst_case_and_a_flagged_model_gates_it(evaluated):
     """DM is the masked model, its rival AT@stage-2 the honest one: under PGD-10 DM wins
-    beyond doubt; judged on the worst case, which the job ran, it does not."""
+    beyond doubt, which one seed and a weaker attack make at most "suggests"; judged on the
+    worst case, which the job ran, it does not win. With the sanity flags the evaluation
+    raised on the masked model in the rows, the verdict is inconclusive and names them."""
     import pandas as pd
 
     from study import claims
 
-    def frame(attacks):
+    def frame(attacks, flags=False):
         rows, masks = [], {}
         for method, who in (("dm_stage12", "masked"), ("at_stage2", "honest")):
             base = {"job": "j", "dataset": "alphabet", "backbone": "resnet18", "source_data": "fashion_mnist"}
@@ -140,19 +142,26 @@ def test_claim5_rests_on_the_worst_case(evaluated):
             masks[who] = {}
             for attack in attacks:
                 rec = evaluated[who][attack]
-                rows.append({**base, "attack": attack, "AOI": rec["AOI"], "AAI": rec["AAI"], "DR": rec["DR"]})
+                bad = [f.name for f in failed(evaluated[who]["flags"], attack)] if flags else []
+                rows.append(
+                    {**base, "attack": attack, "AOI": rec["AOI"], "AAI": rec["AAI"], "DR": rec["DR"]}
+                    | {"flags": "; ".join(bad) or "ok"}
+                )
                 masks[who][attack] = {"correct": rec["correct"], "robust": rec["robust"]}
         return pd.DataFrame(rows), masks
 
     df, masks = frame([TABLE1_ATTACK])
     weak = claims.by_id(claims.judge(df, {}, masks), "5")
-    assert weak["verdict"] == "agree" and weak["datasets"][0]["attack"] == TABLE1_ATTACK
+    assert weak["verdict"] == "suggests" and weak["datasets"][0]["attack"] == TABLE1_ATTACK
     assert "pgd10_linf_0.5 only (no strong evaluation)" in weak["detail"]
     df, masks = frame([TABLE1_ATTACK, STRONG_ATTACK])
     strong = claims.by_id(claims.judge(df, {}, masks), "5")
     unit = strong["datasets"][0]
     assert unit["attack"] == STRONG_ATTACK and "worst case of the strong evaluation" in strong["detail"]
-    assert strong["verdict"] != "agree" and unit["hi"] < 5 < weak["datasets"][0]["lo"]
+    assert strong["verdict"] not in ("agree", "suggests") and unit["hi"] < 5 < weak["datasets"][0]["lo"]
+    df, masks = frame([TABLE1_ATTACK], flags=True)
+    gated = claims.by_id(claims.judge(df, {}, masks), "5")
+    assert gated["verdict"] == "inconclusive" and "DM@stage-1&2 seed 0: no_vanishing_gradients" in gated["detail"]
 
 
 def test_study_plan_counts_the_strong_evaluation_and_the_validation_that_chooses_lambda():

@@ -86,6 +86,55 @@ def figures(df: pd.DataFrame, found: dict, folder, examples: dict | None = None)
     return out
 
 
+VERDICT_COLOURS = {
+    "agree": "#17702b",
+    "suggests": "#7fb88c",
+    "disagree": "#b3261e",
+    "contradicts": "#e08a84",
+    "inconclusive": "#8a6d00",
+}
+FOREST = "forest.png"
+
+
+def forest(checked: list[dict], path) -> None:
+    """Every verdict at a glance: one row per judged finding and unit, its effect and 95 %
+    interval (points, the paper's direction to the right of zero), coloured by the unit's
+    verdict, with images × seeds beside it. Findings without intervals (MMD's ρ) are left
+    out; a finding with none of its units judged says so in one line."""
+    rows = [
+        (c.get("id", ""), d)
+        for c in checked
+        for d in c.get("datasets", [])
+        if all(k in d for k in ("effect", "lo", "hi")) and d["effect"] == d["effect"]
+    ]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.32 * max(len(rows), 3) + 1.2))
+    if not rows:
+        _empty(ax, "no finding has an interval in this run")
+        save_png(fig, path)
+        return
+    for y, (_, d) in enumerate(reversed(rows)):
+        colour = VERDICT_COLOURS.get(d["verdict"], "#555555")
+        ax.plot([d["lo"], d["hi"]], [y, y], color=colour, lw=2)
+        ax.plot([d["effect"]], [y], "o", color=colour, ms=5)
+        seeds = d.get("seeds", 1)
+        ax.annotate(
+            f"{d['verdict']}  {d.get('images', '?')} img × {seeds} seed{'s' if seeds != 1 else ''}",
+            (1.01, y),
+            xycoords=("axes fraction", "data"),
+            va="center",
+            fontsize=7,
+            color=colour,
+        )
+    ax.axvline(0, color="#444444", lw=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{cid}: {d['dataset']}" for cid, d in reversed(rows)], fontsize=7)
+    ax.set_xlabel("effect (points; > 0: the paper's direction) with its 95 % interval", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title("Every finding at a glance", fontsize=9)
+    save_png(fig, path)
+
+
 def _figc(df: pd.DataFrame, examples: dict | None):
     """(a) accuracy against severity per model of the first unit with corruptions; (b)
     the example grid."""

@@ -12,13 +12,14 @@ import pandas as pd
 from study.claims import judge, qualifier
 from study.files import atomic_write_text, whole_folder
 from study.report import sources
-from study.report.figures import FIGURES, PAPER_FINDINGS, figures
+from study.report.figures import FIGURES, FOREST, PAPER_FINDINGS, figures, forest
 from study.report.tables import analyses_table, claims_section, premise, replicates, sections
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.agree{color:#17702b;font-weight:bold}
 .disagree{color:#b3261e;font-weight:bold}.inconclusive{color:#8a6d00;font-weight:bold}
+.suggests{color:#17702b;font-style:italic}.contradicts{color:#b3261e;font-style:italic}
 .one-run{color:#8a6d00}figure{margin:1.5em 0}figcaption{font-size:.9em;color:#444}"""
 
 
@@ -50,6 +51,7 @@ def build(
 def _build(df, found, folder: Path, title, masks, checked, examples) -> None:
     figs = figures(df, found, folder, examples)
     checked = judge(df, found, masks or {}) if checked is None else checked
+    forest(checked, folder / FOREST)
     atomic_write_text(folder / "claims.json", json.dumps(checked, indent=1, sort_keys=True) + "\n")
     pre = premise(df) if len(df) else ""
     tables = sections(df, placeholders=True) + [analyses_table(found)]
@@ -63,6 +65,7 @@ def _build(df, found, folder: Path, title, masks, checked, examples) -> None:
                 replicates(df),
                 pre,
                 "## The paper's claims, checked on this run",
+                f"![Every verdict at a glance]({FOREST})",
                 claim_md,
                 *tables,
                 "## Figures",
@@ -80,7 +83,12 @@ def _html(df: pd.DataFrame, title: str, pre: str, checked: list, tables: list, f
     body = [f"<h1>{html.escape(title)}: report</h1><p>{html.escape(replicates(df))}</p>"]
     if pre:
         body.append(markdown.markdown(pre))
-    body.append("<h2>The paper's claims, checked on this run</h2><ul>")
+    body.append("<h2>The paper's claims, checked on this run</h2>")
+    body.append(
+        f'<figure id="forest"><img src="{FOREST}" alt="every verdict at a glance"><figcaption>Each judged '
+        "finding and unit: its effect and 95 % interval, coloured by its verdict (suggests / contradicts: a single "
+        "training run), with the test images × seeds it rests on.</figcaption></figure><ul>"
+    )
     for c in checked:
         body.append(
             f'<li class="claim"><span class="{c["verdict"]}">{c["verdict"]}</span>{_one_run(c)} — '

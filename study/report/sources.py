@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from study import tracking
+from study import corruptions, tracking
 from study.claims import by_seed
 from study.files import BadInput, read_json
 
@@ -101,11 +101,13 @@ def read_masks(path, df: pd.DataFrame) -> dict:
         if not isinstance(by_attack, dict):
             raise BadInput(f"{path}: {stage}: expected {{attack: {{correct, robust}}}}")
         for attack, m in by_attack.items():
-            _check_mask(path, f"{stage}.{attack}", m, images.get((stage, attack)))
+            # a corruption's "robust" is right on the corrupted image, which a wrong clean one can be
+            attacked = corruptions.parse(attack) is None
+            _check_mask(path, f"{stage}.{attack}", m, images.get((stage, attack)), attacked)
     return masks
 
 
-def _check_mask(path: Path, where: str, m, count) -> None:
+def _check_mask(path: Path, where: str, m, count, attacked: bool = True) -> None:
     if not isinstance(m, dict) or not all(isinstance(m.get(k), str) for k in ("correct", "robust")):
         raise BadInput(f"{path}: {where}: expected {{correct, robust}} as strings of 0 and 1")
     c, r = m["correct"], m["robust"]
@@ -113,7 +115,7 @@ def _check_mask(path: Path, where: str, m, count) -> None:
         raise BadInput(f"{path}: {where}: a mask holds characters other than 0 and 1")
     if len(c) != len(r):
         raise BadInput(f"{path}: {where}: correct has {len(c)} images, robust {len(r)}")
-    if any(b == "1" and a == "0" for a, b in zip(c, r)):
+    if attacked and any(b == "1" and a == "0" for a, b in zip(c, r)):
         raise BadInput(f"{path}: {where}: an image is robust but not correct")
     if count is not None and len(c) != int(count):
         raise BadInput(f"{path}: {where}: {len(c)} images, its results row says {int(count)} (shortened?)")

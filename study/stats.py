@@ -80,15 +80,17 @@ def t_factor(n: int) -> float:
     return float(stats.t.ppf(0.5 + LEVEL / 2, n - 1))
 
 
-def over_seeds(values) -> tuple[float, float, float]:
-    """(mean, lo, hi) of one number over seeds: Student's t interval (none for one seed)."""
+def over_seeds(values, image_var: float = 0.0) -> tuple[float, float, float]:
+    """(mean, lo, hi) of one number over seeds (none for one seed): √(z² · image_var +
+    t²(S−1) · s²/S), ``image_var`` the image noise the seeds share (their shared test
+    images), as ``combine`` counts it; 0 leaves Student's t interval over the seeds."""
     v = np.asarray([x for x in values if x == x], dtype=float)
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")
     m = float(v.mean())
     if len(v) < 2:
         return m, float("nan"), float("nan")
-    half = float(t_factor(len(v)) * v.std(ddof=1) / np.sqrt(len(v)))
+    half = float(np.sqrt(Z**2 * image_var + t_factor(len(v)) ** 2 * v.var(ddof=1) / len(v)))
     return m, m - half, m + half
 
 

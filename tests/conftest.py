@@ -28,6 +28,20 @@ GROUPS = {
 }
 ORDER = ["ray_cluster", "ray_local", None, "trained"]
 
+# a job of the simulated studies' unit (study.simulate: job "sim", target "target"), for
+# `study plan --evidence` on a simulated pilot; nothing of it ever trains
+SIM_JOB = {
+    "name": "sim",
+    "device": "cpu",
+    "datasets": {
+        "source": {"name": "shapes", "params": {"train_per_class": 2, "test_per_class": 1}},
+        "target": {"name": "alphabet", "params": {"train_per_class": 4, "test_per_class": 20}},
+    },
+    "pretrain": {"dataset": "source", "train": {"epochs": 1}},
+    "finetune": {"datasets": ["target"], "methods": ["scratch", "full"], "train": {"epochs": 2}},
+    "eval": {"attacks": ["pgd10_linf_0.5"]},
+}
+
 
 def _group(nodeid: str) -> str | None:
     return GROUPS.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1])

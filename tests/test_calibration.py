@@ -100,18 +100,9 @@ def test_study_plan_evidence_prints_the_counts_and_their_cost(tmp_path, capsys):
     df, masks = simulate.study(simulate.masks_for(np.random.default_rng(1), 3, 300, 20.0, 2.0))
     df.to_csv(pilot / "results.csv", index=False)
     (pilot / "per_image.json").write_text(json.dumps(masks))
-    job = {
-        "name": "sim",
-        "device": "cpu",
-        "datasets": {
-            "source": {"name": "shapes", "params": {"train_per_class": 2, "test_per_class": 1}},
-            "target": {"name": "alphabet", "params": {"train_per_class": 4, "test_per_class": 20}},
-        },
-        "pretrain": {"dataset": "source", "train": {"epochs": 1}},
-        "finetune": {"datasets": ["target"], "methods": ["scratch", "full"], "train": {"epochs": 2}},
-        "eval": {"attacks": ["pgd10_linf_0.5"]},
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    from conftest import SIM_JOB
+
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(SIM_JOB))
     costs = tmp_path / "costs.json"
     costs.write_text(
         json.dumps({"device": "cpu", "costs": {"resnet18@32": {"train": 1e-3, "attack": 5e-4, "infer": 2e-4}}})

@@ -12,20 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import SIM_JOB
 
 from study import cli, config, simulate
 
-SIM_JOB = {
-    "name": "sim",
-    "device": "cpu",
-    "datasets": {
-        "source": {"name": "shapes", "params": {"train_per_class": 2, "test_per_class": 1}},
-        "target": {"name": "alphabet", "params": {"train_per_class": 4, "test_per_class": 20}},
-    },
-    "pretrain": {"dataset": "source", "train": {"epochs": 1}},
-    "finetune": {"datasets": ["target"], "methods": ["scratch", "full"], "train": {"epochs": 2}},
-    "eval": {"attacks": ["pgd10_linf_0.5"]},
-}
 COSTS = {"device": "cpu", "costs": {"resnet18@32": {"train": 1e-3, "attack": 5e-4, "infer": 2e-4}}}
 
 

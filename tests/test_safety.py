@@ -144,6 +144,8 @@ def test_the_same_job_and_seed_in_two_fresh_folders_give_the_same_numbers(twice)
         assert (out / name).read_bytes() == (twice["solo"] / name).read_bytes(), name
     assert "[study] time: data " in said and ", stage 1 " in said and ", sweep " in said and "; total " in said
     assert re.search(r"\[study\] claim: \w+ \(one training run\): Fine-tuned models have a higher DR", said)
+    # each trial's line says the image counts its AOI and each AAI rest on
+    assert re.search(r"AOI \d+\.\d+ on \d+ images, AAI pgd10_linf_0\.5 \d+\.\d+ on \d+", said), said[-3000:]
     checked = json.loads((out / "report" / "claims.json").read_text())
     assert checked[0]["datasets"] and checked[0]["datasets"][0]["seeds"] == 1
     assert checked[0]["covers"] == "test images" and checked[0]["datasets"][0]["covers"] == "test images"

@@ -37,7 +37,12 @@ def _ci(rows: pd.DataFrame, metric: str) -> tuple[float, float, float]:
         r = rows.iloc[0]
         get = lambda k: float(r[k]) if k in r and pd.notna(r[k]) else float("nan")  # noqa: E731
         return get(metric), get(f"{metric}_lo"), get(f"{metric}_hi")
-    return stats.over_seeds(rows[metric].astype(float))
+    # the seeds share their test images: each seed's own image noise (from its interval
+    # over images), all of it counted as shared, is the bound on it the rows allow
+    lo, hi = (pd.to_numeric(rows.get(f"{metric}_{e}"), errors="coerce") for e in ("lo", "hi"))
+    widths = ((hi - lo) / (2 * stats.Z)) ** 2 if lo is not None and hi is not None else pd.Series(dtype=float)
+    image_var = float(widths.mean()) if widths.notna().any() else 0.0
+    return stats.over_seeds(rows[metric].astype(float), image_var)
 
 
 def _fmt_ci(rows: pd.DataFrame, metric: str) -> str:
@@ -60,8 +65,8 @@ def _basis(rows: pd.DataFrame) -> str:
     seeds = rows.seed.nunique() if "seed" in rows and rows.seed.notna().any() else 1
     if seeds > 1:
         kind = (
-            f"Student's t interval over the {seeds} seeds (training runs; t = {stats.t_factor(seeds):.1f}), "
-            "within 0–100"
+            f"Student's t interval over the {seeds} seeds (training runs; t = {stats.t_factor(seeds):.1f}) "
+            "with the test images' noise the seeds share (z), within 0–100"
         )
         few = "too few seeds"
     else:

@@ -12,6 +12,7 @@ test images; 1, 2, 3, 5 and 10 seeds. Each cell runs a null study (no effect any
 equal AOIs) and an effect study (8 points in the paper's direction for every finding).
 
     uv run python benchmarks/calibration.py [--studies 100] [--workers 2] [--quick]
+        [--scenario I ...] [--seeds S ...]      (some cells again, with more studies)
 
 Prints per cell and finding: coverage of the truth (both studies), "agree" when there is
 no effect (false agree), "disagree" when the paper's direction holds or nothing does
@@ -153,11 +154,14 @@ def main() -> int:
     ap.add_argument("--studies", type=int, default=100, help="simulated studies per cell, each null and effect")
     ap.add_argument("--workers", type=int, default=2, help="processes")
     ap.add_argument("--quick", action="store_true", help="the first scenario only")
+    ap.add_argument("--scenario", type=int, action="append", help="only these scenarios (0-3), to check cells again")
+    ap.add_argument("--seeds", type=int, nargs="+", default=SEEDS, help="only these seed counts")
     args = ap.parse_args()
     from tqdm.auto import tqdm
 
     scenarios = SCENARIOS[:1] if args.quick else SCENARIOS
-    grid = [(s, sc) for sc in scenarios for s in SEEDS]
+    scenarios = [SCENARIOS[i] for i in args.scenario] if args.scenario else scenarios
+    grid = [(s, sc) for sc in scenarios for s in args.seeds]
     start, rows = time.monotonic(), []
     with ProcessPoolExecutor(args.workers) as pool:
         for s, sc in tqdm(grid, desc="cells", file=sys.stderr):

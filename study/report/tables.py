@@ -39,9 +39,11 @@ def _ci(rows: pd.DataFrame, metric: str) -> tuple[float, float, float]:
         return get(metric), get(f"{metric}_lo"), get(f"{metric}_hi")
     # the seeds share their test images: each seed's own image noise (from its interval
     # over images), all of it counted as shared, is the bound on it the rows allow
-    lo, hi = (pd.to_numeric(rows.get(f"{metric}_{e}"), errors="coerce") for e in ("lo", "hi"))
-    widths = ((hi - lo) / (2 * stats.Z)) ** 2 if lo is not None and hi is not None else pd.Series(dtype=float)
-    image_var = float(widths.mean()) if widths.notna().any() else 0.0
+    image_var = 0.0
+    if f"{metric}_lo" in rows and f"{metric}_hi" in rows:
+        lo, hi = (pd.to_numeric(rows[f"{metric}_{e}"], errors="coerce") for e in ("lo", "hi"))
+        widths = ((hi - lo) / (2 * stats.Z)) ** 2
+        image_var = float(widths.mean()) if widths.notna().any() else 0.0
     return stats.over_seeds(rows[metric].astype(float), image_var)
 
 

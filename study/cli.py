@@ -225,13 +225,11 @@ def cmd_report(args) -> int:
             f"study: error: no MLflow store at {store / tracking.DB_NAME} and no MLFLOW_TRACKING_URI", file=sys.stderr
         )
         return USAGE_ERROR
-    with tracking.reading(store) as tracked:  # a live run's OUT: its own server, left running
-        tracked.ready()
-        try:
-            page = report_page.from_mlflow(Path(args.out), args.experiment)
-        except LookupError as err:
-            print(f"study: error: {err}", file=sys.stderr)
-            return USAGE_ERROR
+    try:  # a live run's OUT: its own server, left running
+        page = tracking.read_store(store, lambda: report_page.from_mlflow(Path(args.out), args.experiment))
+    except LookupError as err:
+        print(f"study: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
     print(f"[study] report: {page}")
     return 0
 

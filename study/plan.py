@@ -174,11 +174,11 @@ def load_costs(path: Path | None) -> dict:
     if not path or not Path(path).exists():
         return {"device": None, "costs": {}}
     table = read_json(path)
-    if not isinstance(table, dict) or not isinstance(table.get("costs", {}), dict):
+    if not isinstance(table, dict) or not isinstance(table.get("costs"), dict):
         raise BadInput(f'{path}: not a costs file (expected {{"device": ..., "costs": {{"BACKBONE@SIDE": ...}}}})')
     if not isinstance(table.get("device"), (str, type(None))):
         raise BadInput(f"{path}: device: expected a device name")
-    for key, entry in table.setdefault("costs", {}).items():
+    for key, entry in table["costs"].items():
         if not isinstance(entry, dict):
             raise BadInput(f"{path}: costs.{key}: expected {{train, attack, infer}} seconds per image")
         for name in COST_KEYS:

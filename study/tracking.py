@@ -230,6 +230,7 @@ class Tracking:
 
     def __init__(self, uri: str | None = None, server: LocalServer | None = None, quiet: bool = False):
         self.uri, self.server, self.quiet = uri, server, quiet
+        self.live = False  # the server of a live run that holds OUT (``reading``)
 
     def ready(self) -> str:
         import mlflow
@@ -276,19 +277,45 @@ def reading(out: Path, wait: float = 120.0):
             yield tracked
         return
     quiet_mlflow()
-    if locks.held(out):
-        deadline = time.monotonic() + wait
-        while not ((uri := live_server(out)) and _answers(uri)):
-            if time.monotonic() > deadline or not locks.held(out):
-                raise TrackingError(
-                    f"{out} is held by a live run whose MLflow server does not answer; try again in a minute"
-                )
-            time.sleep(0.5)
+    uri = _live_answering(out, wait) if locks.held(out) else None
+    if uri is not None:
         with _given(uri) as tracked:
+            tracked.live = True
             yield tracked
         return
     with _served(LocalServer(out, owner=False), quiet=True) as tracked:
         yield tracked
+
+
+def _live_answering(out: Path, wait: float) -> str | None:
+    """The URI of the server of the live process holding OUT, once it answers (it may be
+    starting); None when OUT comes free meanwhile (the run ended)."""
+    from study import locks
+
+    deadline = time.monotonic() + wait
+    while locks.held(out):
+        if (uri := live_server(out)) and _answers(uri):
+            return uri
+        if time.monotonic() > deadline:
+            raise TrackingError(
+                f"{out} is held by a live run whose MLflow server does not answer; try again in a minute"
+            )
+        time.sleep(0.5)
+    return None
+
+
+def read_store(out: Path, read):
+    """``read()`` under ``reading(out)``. A live run's server goes away when the run ends:
+    if it went while ``read`` used it, ``read`` runs once more on a server of this
+    process's own (OUT is free by then)."""
+    for last in (False, True):
+        with reading(out) as tracked:
+            tracked.ready()
+            try:
+                return read()
+            except Exception:
+                if last or not tracked.live or _answers(tracked.uri):
+                    raise
 
 
 @contextlib.contextmanager

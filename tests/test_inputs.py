@@ -51,6 +51,7 @@ def pilot(tmp_path):
         ({"device": "cpu", "costs": {"resnet18@32": {"attack": 0, "infer": 0}}}, "train"),
         ([1, 2], "not a costs file"),
         ({"costs": [1]}, "not a costs file"),
+        ({}, "not a costs file"),
     ],
 )
 def test_a_costs_file_with_nan_negative_or_missing_costs_is_refused(tmp_path, capsys, costs, said):

@@ -135,10 +135,12 @@ def live_server(out: Path) -> str | None:
 
 
 def _answers(uri: str) -> bool:
+    import http.client
+
     try:
         with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
             return r.status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):  # not up yet, or another program's port (no HTTP)
         return False
 
 

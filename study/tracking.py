@@ -95,6 +95,20 @@ def guarded(command: list[str]) -> list[str]:
     return [sys.executable, "-c", _GUARD, str(os.getpid()), program, *command[1:]]
 
 
+def _recorded(out: Path):
+    """(OUT's server record, its process) while the process it names is alive on this host
+    (the same pid and start time: not a later process given that pid); None otherwise."""
+    import psutil
+
+    try:
+        rec = json.loads((Path(out) / SERVER_RECORD).read_text())
+        proc = psutil.Process(int(rec["pid"]))
+        same = proc.create_time() == rec["created"] and rec.get("host") == socket.gethostname()
+        return (rec, proc) if same else None
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return None
+
+
 def stop_orphan(out: Path, hold, log=print) -> None:
     """Stops the MLflow server a dead run left behind on this store (its record names it).
     ``hold``: this process's hold on OUT (``study.locks.exclusive``), the proof that no
@@ -103,34 +117,29 @@ def stop_orphan(out: Path, hold, log=print) -> None:
 
     if hold is None or Path(hold.out) != Path(out).resolve():
         raise TrackingError(f"{out}: only the process holding it may stop a server there")
-    path = Path(out) / SERVER_RECORD
+    found = _recorded(out)
     try:
-        rec = json.loads(path.read_text())
-        proc = psutil.Process(int(rec["pid"]))
-        alive = proc.create_time() == rec["created"] and "mlflow" in " ".join(proc.cmdline())
-    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        if found is None or "mlflow" not in " ".join(found[1].cmdline()):
+            return
+    except psutil.Error:
         return
-    if alive and rec.get("host") == socket.gethostname():
-        log(f"[study] stopping the MLflow server (pid {rec['pid']}) a killed run left on {Path(out) / DB_NAME}")
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(psutil.Error):
-            proc.wait(15)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    rec, proc = found
+    log(f"[study] stopping the MLflow server (pid {rec['pid']}) a killed run left on {Path(out) / DB_NAME}")
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(psutil.Error):
+        proc.wait(15)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def live_server(out: Path) -> str | None:
     """The URI of the MLflow server OUT's record names, if that process is alive on this
     host (it may still be starting); None otherwise."""
-    import psutil
-
+    found = _recorded(out)
     try:
-        rec = json.loads((Path(out) / SERVER_RECORD).read_text())
-        proc = psutil.Process(int(rec["pid"]))
-        alive = proc.create_time() == rec["created"] and rec.get("host") == socket.gethostname()
-        return f"http://127.0.0.1:{int(rec['port'])}" if alive else None
-    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return None if found is None else f"http://127.0.0.1:{int(found[0]['port'])}"
+    except (KeyError, TypeError, ValueError):
         return None
 
 

@@ -6,12 +6,14 @@ standard AutoAttack (the original implementation, PyPI ``pyautoattack``); L2 eps
 [0, 1]-pixel L2 norm (``pgd10_l2_3.0``). ``strong_linf_0.5`` is the strong evaluation:
 the worst case of the paper's PGD-10, PGD-50 from a random start with 5 restarts and the
 standard AutoAttack, each run on the images the ones before it left unbroken (cheapest
-first), so an image counts as robust only when it survives all three. PGD's step size defaults to the paper's
-1.25 * eps / steps, starting from the clean image as in the iterative attack of Kurakin
-et al. (2017) that the paper cites for PGD-10. Why no random start by default: with one,
-the paper's step travels 1.25 eps in all, so a coordinate that starts near -eps cannot
-reach +eps, so PGD-10 can lose to FGSM at the same eps (the ``pgd_le_fgsm`` sanity
-flag, README "Attacks"). ``random_start: true`` gives Madry's PGD.
+first), so an image counts as robust only when it survives all three;
+``strong_linf_0.5[version=apgd]`` runs AutoAttack's APGD-CE and APGD-DLR in its place.
+PGD's step size defaults to the paper's 1.25 * eps / steps, starting from the clean
+image as in the iterative attack of Kurakin et al. (2017) that the paper cites for
+PGD-10. Why no random start by default: with one, the paper's step travels 1.25 eps in
+all, so a coordinate that starts near -eps cannot reach +eps, so PGD-10 can lose to FGSM
+at the same eps (the ``pgd_le_fgsm`` sanity flag, README "Attacks"). ``random_start:
+true`` gives Madry's PGD.
 
 Gradients are taken with respect to the input only (``torch.autograd.grad``), so no
 parameter ever accumulates a gradient. For evaluation (``early_stop=True``) a sample
@@ -70,6 +72,7 @@ class Attack:
     max_images: int | None = None  # a cap of its own (AutoAttack on CPU needs one)
     precision: str = "fp32"  # of the ascent steps; verdicts are always fp32 (see above)
     loss: str = "ce"  # what the steps ascend: cross-entropy, or "cw" (C&W's margin)
+    version: str = "standard"  # AutoAttack's: "standard", or "apgd" (its APGD-CE and APGD-DLR only)
 
     @property
     def name(self) -> str:
@@ -92,8 +95,13 @@ class Attack:
 
 
 LINF_MAX = 255.0  # an L-inf eps beyond the pixel range breaks every image: refused
-NAMED = ("restarts", "random_start", "rel_step", "targeted", "loss")  # options a name shows
+NAMED = ("restarts", "random_start", "rel_step", "targeted", "loss", "version")  # options a name shows
 LOSSES = ("ce", "cw")
+# AutoAttack's versions: the standard one (APGD-CE, APGD-T, FAB-T, Square), and its two
+# untargeted APGD runs alone (cross-entropy and DLR loss, 100 steps, one restart each):
+# what a CPU can afford on every model and seed (Square's 5,000 queries and the targeted
+# runs are most of the standard version's cost on a model that resists)
+VERSIONS = ("standard", "apgd")
 
 
 def _bracket(spec: str) -> tuple[str, dict]:
@@ -126,9 +134,9 @@ def parse_attack(spec) -> Attack:
     ``Attack.name`` writes them: ``pgd10_linf_0.5[loss=cw]``) or a mapping ``{name: ...,
     eps: 1.0, random_start: true, restarts: 2, rel_step: 2.5, targeted: true, loss: cw,
     max_images: 64, precision: fp32}`` (``eps`` there overrides the name's). AutoAttack
-    takes only ``eps`` and ``max_images``: its standard version fixes everything else,
-    its losses included; the strong evaluation those two and ``precision`` (of its PGD
-    members). ``precision`` is not part of the name: it changes the
+    takes only ``eps``, ``max_images`` and ``version`` (``VERSIONS``): each version fixes
+    everything else, its losses included; the strong evaluation those three and
+    ``precision`` (of its PGD members). ``precision`` is not part of the name: it changes the
     arithmetic, not the attack."""
     options = {}
     if isinstance(spec, dict):
@@ -158,6 +166,8 @@ def parse_attack(spec) -> Attack:
         base = Attack("pgd", m["norm"], float(m["eps"]), steps=steps)
     number, integer, flag = ((int, float), "a number"), (int, "an integer"), (bool, "true or false")
     allowed = {"eps": number, "max_images": integer}
+    if m["aa"] or m["strong"]:
+        allowed["version"] = (str, f"one of {', '.join(VERSIONS)}")
     if m["strong"]:
         allowed["precision"] = (str, "one of auto, fp32, bf16")
     elif not m["aa"]:
@@ -198,6 +208,8 @@ def _check_values(attack: Attack, spec) -> None:
         )
     if attack.restarts < 1 or not 0 < attack.rel_step < float("inf"):  # NaN fails it too
         raise AttackError(f"attack {spec!r}: restarts must be >= 1 and rel_step a finite number > 0")
+    if attack.version not in VERSIONS:
+        raise AttackError(f"attack {spec!r}: version must be one of {', '.join(VERSIONS)}, got {attack.version!r}")
     if attack.restarts > 1 and not attack.random_start:
         raise AttackError(f"attack {spec!r}: restarts without random_start: true repeat one run")
     if attack.loss not in LOSSES:
@@ -638,8 +650,9 @@ class _Collect(logging.Handler):
 
 
 def _autoattack(model, x, y, attack, generator) -> Outcome:
-    """The standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) of the original package
-    (targeting every other class where a task has fewer than 10).
+    """AutoAttack of the original package: the standard version (APGD-CE, APGD-T, FAB-T,
+    Square; targeting every other class where a task has fewer than 10), or its APGD-CE and
+    APGD-DLR alone (``version: apgd``, one restart each, as its ``rand`` version runs them).
     Its own checks (randomised or dynamic defences, zero gradients, Square beating the
     gradient attacks) come back as notes instead of log lines."""
     if attack.eps == 0:  # APGD divides by eps; at eps = 0 the only adversary is x itself
@@ -649,14 +662,18 @@ def _autoattack(model, x, y, attack, generator) -> Outcome:
     from pyautoattack import AutoAttack
 
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator else 0
+    apgd = attack.version == "apgd"
     aa = AutoAttack(
         model,
         norm={"linf": "Linf", "l2": "L2"}[attack.norm],
         eps=attack.eps_pixels,
-        version="standard",
+        version="custom" if apgd else "standard",
+        attacks=["apgd-ce", "apgd-dlr"] if apgd else None,
         device=x.device,
         seed=seed,
     )
+    if apgd:
+        aa.apgd.n_restarts = 1
     with torch.no_grad():
         classes = model(x[:1]).shape[1]
     if classes <= aa.apgd_targeted.n_target_classes:  # the standard version targets 9 classes: fewer exist here
@@ -681,13 +698,24 @@ def _autoattack(model, x, y, attack, generator) -> Outcome:
 def members(attack: Attack) -> list[Attack]:
     """The strong evaluation's attacks at its norm and eps, cheapest first: the paper's
     PGD-10, PGD-50 from a random start with 5 restarts (step 2.5 eps / 50, Madry et
-    al.'s, so a run can cross the ball), and the standard AutoAttack."""
+    al.'s, so a run can cross the ball), and AutoAttack in the evaluation's version."""
     kw = dict(norm=attack.norm, eps=attack.eps)
     return [
         Attack("pgd", steps=10, precision=attack.precision, **kw),
         Attack("pgd", steps=50, restarts=5, random_start=True, rel_step=2.5, precision=attack.precision, **kw),
-        Attack("autoattack", steps=0, rel_step=1.0, **kw),
+        Attack("autoattack", steps=0, rel_step=1.0, version=attack.version, **kw),
     ]
+
+
+def title(attack: Attack) -> str:
+    """A reader's name of an attack, for captions and claim lines: ``PGD-50 × 5 restarts``,
+    ``AutoAttack's APGD-CE and APGD-DLR``; the strong evaluation lists its members."""
+    if attack.kind == "strong":
+        return "worst case of " + ", ".join(title(m) for m in members(attack))
+    if attack.kind == "autoattack":
+        return "AutoAttack's APGD-CE and APGD-DLR" if attack.version == "apgd" else "the standard AutoAttack"
+    head = "FGSM" if attack.kind == "fgsm" else f"PGD-{attack.steps}"
+    return head + (f" × {attack.restarts} restarts" if attack.restarts > 1 else "")
 
 
 def _worst_case(model, x, y, attack, generator) -> Outcome:

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from study import corruptions, stats
+from study.attacks import parse_attack, title
 from study.backbones import parameters
 from study.methods import AOI_MARGIN, DEFAULT_LAMBDA, METHODS, OTHER_RIVALS, RIVALS, STRONG_ATTACK, TABLE1_ATTACK
 from study.report.paper import SOURCE_ALIAS, TABLE2_ATTACKS
@@ -280,28 +281,42 @@ def once(df: pd.DataFrame, every: list[dict], methods) -> list[dict]:
 NOT_GATING = ("pgd_le_fgsm",)
 
 
+def strong_names(df: pd.DataFrame) -> list[str]:
+    """The strong evaluations at Table 1's eps that ``df`` may hold, the standard one first,
+    then versions a job named (``strong_linf_0.5[version=apgd]``)."""
+    named = df.attack.dropna().unique() if "attack" in df else []
+    return [STRONG_ATTACK, *sorted(a for a in named if str(a).startswith(STRONG_ATTACK + "["))]
+
+
+def strong_picks(df: pd.DataFrame, unit: dict, method: str) -> pd.DataFrame:
+    """``picks`` under the first strong evaluation (``strong_names``) the model met."""
+    for name in strong_names(df):
+        rows = picks(df, unit, method, name)
+        if len(rows):
+            return rows
+    return df.iloc[:0]
+
+
+def _failed(flags, keep) -> list[str]:
+    """The failed flags of a row's ``flags`` text (``ok`` or names joined by ``;``) that ``keep``."""
+    return [f.strip() for f in str(flags).split(";") if f.strip() not in ("", "ok", "nan") and keep(f.strip())]
+
+
 def _flagged(df: pd.DataFrame, unit: dict, methods: dict, attack: str) -> dict:
     """{} when every model of ``methods`` in ``unit`` passed its sanity flags under
     ``attack``; else the verdict ``inconclusive`` and which model (method, seed) failed
     which flag. ``pgd_near_worst`` (on the strong evaluation's row: PGD-10 misses what the
     worst case finds) gates what rests on PGD-10, not what rests on the worst case."""
+    on_worst = attack.startswith(STRONG_ATTACK)
     bad = []
     for m in dict.fromkeys(methods.values()):
-        rows = picks(df, unit, m, attack)
-        strong = picks(df, unit, m, STRONG_ATTACK) if attack != STRONG_ATTACK else rows.iloc[:0]
-        for _, r in rows.iterrows():
+        worst = df.iloc[:0] if on_worst else strong_picks(df, unit, m)
+        for _, r in picks(df, unit, m, attack).iterrows():
             seed = r.get("seed")
-            texts = [r.get("flags")]
-            if "seed" in strong and len(strong):
-                texts += [f for f in strong[strong.seed == seed].get("flags", []) if "pgd_near_worst" in str(f)]
-            failed = [
-                f.strip()
-                for t in texts
-                for f in str(t).split(";")
-                if f.strip() not in ("", "ok", "nan", *NOT_GATING)
-                and (attack != STRONG_ATTACK or f.strip() != "pgd_near_worst")
-                and (t is texts[0] or f.strip() == "pgd_near_worst")
-            ]
+            failed = _failed(r.get("flags"), lambda f: f not in NOT_GATING and not (on_worst and f == "pgd_near_worst"))
+            if "seed" in worst:
+                for text in worst[worst.seed == seed].get("flags", []):
+                    failed += _failed(text, lambda f: f == "pgd_near_worst")
             if failed:
                 who = METHODS[m].label if m in METHODS else m
                 at = "" if seed is None or seed != seed else f" seed {int(seed)}"
@@ -459,12 +474,15 @@ def _mmd_claim(df: pd.DataFrame, found: dict, every: list[dict]) -> dict:
 
 def strongest(df: pd.DataFrame, masks: dict, unit: dict, methods: dict) -> tuple[str, list[dict]]:
     """The attack a robustness claim on ``methods`` in ``unit`` rests on, and its
-    replicates (``replicates_of``): the strong evaluation (worst case) at Table 1's eps
-    where every seed that has all the models was evaluated by it, the paper's PGD-10
-    otherwise."""
+    replicates (``replicates_of``): a strong evaluation (worst case) at Table 1's eps
+    where every seed that has all the models was evaluated by it (the standard version
+    before a cheaper one), the paper's PGD-10 otherwise."""
     paper = replicates_of(df, masks, unit, methods)
-    strong = replicates_of(df, masks, unit, methods, STRONG_ATTACK)
-    return (STRONG_ATTACK, strong) if strong and len(strong) == len(paper) else (TABLE1_ATTACK, paper)
+    for name in strong_names(df):
+        strong = replicates_of(df, masks, unit, methods, name)
+        if strong and len(strong) == len(paper):
+            return name, strong
+    return TABLE1_ATTACK, paper
 
 
 def _dm_against(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict], candidates) -> dict | None:
@@ -490,6 +508,7 @@ def _dm_against(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict], ca
     beats_dr = dict(zip(rivals, stats.holm([stats.p_value(drops[m]) for m in rivals])))
     lost = [m for m in rivals if beats[m] and gains[m]["effect"] < 0]
     won = all(beats[m] and gains[m]["effect"] > 0 and beats_dr[m] and drops[m]["effect"] > 0 for m in rivals)
+    worst = min(rivals, key=lambda m: gains[m]["effect"])  # the headline: DM against its closest rival
     also = "".join(
         f"; {METHODS[m].label}: AAI DM − it {gains[m]['effect']:+.1f} [{gains[m]['lo']:+.1f}, {gains[m]['hi']:+.1f}], "
         f"DR it − DM {drops[m]['effect']:+.1f} [{drops[m]['lo']:+.1f}, {drops[m]['hi']:+.1f}]"
@@ -500,7 +519,7 @@ def _dm_against(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict], ca
         gap = stats.paired_effect(reps, rate_gap("dm", "full", 0))
         aoi_ok, aoi_bad = gap["lo"] > -AOI_MARGIN, gap["hi"] < -AOI_MARGIN
         also += f"; AOI DM − full {gap['effect']:+.1f} [{gap['lo']:+.1f}, {gap['hi']:+.1f}] (margin {AOI_MARGIN:g})"
-    strong = attack == STRONG_ATTACK
+    strong = attack.startswith(STRONG_ATTACK)
     # a weaker attack than the strong evaluation carries no firm robustness verdict either
     # way; DM's clean accuracy (AOI) does not depend on the attack
     verdict = (
@@ -512,15 +531,16 @@ def _dm_against(df: pd.DataFrame, masks: dict, unit: dict, every: list[dict], ca
         if won and aoi_ok
         else "inconclusive"
     )
-    some = any(len(picks(df, unit, m, STRONG_ATTACK)) for m in methods.values())
+    some = any(len(strong_picks(df, unit, m)) for m in methods.values())
+    images, seeds = gains[worst]["images"], gains[worst]["seeds"]
     under = (
-        "worst case of the strong evaluation"
+        f"the strong evaluation ({title(parse_attack(attack))}) on {images} images of "
+        + (f"each of the {seeds} seeds" if seeds > 1 else "its one seed")
         if strong
         else f"{attack} only (the strong evaluation did not run on every model and seed compared)"
         if some
         else f"{attack} only (no strong evaluation)"
     )
-    worst = min(rivals, key=lambda m: gains[m]["effect"])  # the headline: DM against its closest rival
     return {
         **_unit_fields(unit, every),
         "what": f"AAI DM@stage-1&2 − {METHODS[worst].label} (the closest of {len(rivals)}, Holm across them)",

@@ -50,7 +50,7 @@ KNOWN_SIZES = {
     "fashion_mnist": (60000, 10000),
 }
 KNOWN_CLASSES = {"imagenet": 1000, "fashion_mnist": 10}  # for a train_per_class / test_per_class sample
-AUTOATTACK_STEPS = 1000
+AUTOATTACK_STEPS = {"standard": 1000, "apgd": 200}  # gradient passes an image, at most
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
@@ -245,7 +245,7 @@ def steps_of(a) -> int:
     if a.kind == "corruption":
         return 0
     if a.kind == "autoattack":
-        return AUTOATTACK_STEPS
+        return AUTOATTACK_STEPS[a.version]
     if a.kind == "strong":
         return sum(steps_of(m) for m in members(a))
     return a.steps * a.restarts

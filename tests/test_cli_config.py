@@ -213,8 +213,14 @@ def test_demo_job_file_is_valid():
     names = [a.name for a in cfg.eval.suite()]  # Tables 1 and 2 need exactly these
     table2 = ["pgd10_linf_0.5", "pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0"]  # AutoAttack: in the strong one
     corrupted = [f"corruption_{n}_{s}" for n in ("gaussian_noise", "motion_blur", "fog") for s in (1, 3, 5)]
-    # and the strong evaluation for Table 5's worst case, and three corruptions on alphabet
-    assert names == table2 + ["strong_linf_0.5"] + corrupted
+    # and the strong evaluation for Table 5's worst case (AutoAttack's APGD-CE and -DLR in
+    # it), and three corruptions on alphabet
+    assert names == table2 + ["strong_linf_0.5[version=apgd]"] + corrupted
+    # claim 5 rests on it: every seed of both defenses, on at least 100 images
+    for seed in cfg.replicate_seeds():
+        for method in ("at_stage2", "dm_stage12"):
+            strong = [a for a in cfg.eval.suite(method, "alphabet", seed) if a.kind == "strong"]
+            assert len(strong) == 1 and min(strong[0].max_images, cfg.eval.max_images) >= 100
     assert not any(a.kind == "corruption" for a in cfg.eval.suite("full", "letters", 0))
     # a real source task, three training runs of stage 2, three targets for the MMD claim
     assert cfg.pretrain.dataset == "fashion_mnist" and cfg.replicate_seeds() == [0, 1, 2] and not cfg.pretrain.replicate

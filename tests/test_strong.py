@@ -13,6 +13,8 @@ from study.evaluate import evaluate as run_suite
 from study.evaluate import failed, sanity_flags
 from study.methods import STRONG_ATTACK, TABLE1_ATTACK
 
+APGD_STRONG = STRONG_ATTACK + "[version=apgd]"  # the cheaper ensemble the demo runs
+
 
 class Linear(nn.Module):
     """A linear classifier; ``scale`` multiplies its logits. At 1e4 softmax saturates, the
@@ -44,7 +46,7 @@ def evaluated():
     with torch.no_grad():
         y = honest(x).argmax(1)
     masked = Linear(_rows_centred(w0 + 0.05 * torch.randn(10, 192, generator=g)), scale=1e4)
-    suite = [parse_attack(TABLE1_ATTACK), parse_attack(STRONG_ATTACK)]
+    suite = [parse_attack(a) for a in (TABLE1_ATTACK, STRONG_ATTACK, APGD_STRONG)]
     out = {}
     for name, model in (("honest", honest), ("masked", masked)):
         records = run_suite(model, [(x, y)], suite, fast_copy=False)
@@ -65,6 +67,13 @@ def test_the_strong_evaluation_is_an_attack_of_the_grammar():
     assert capped.max_images == 100 and members(capped)[0].norm == "l2"
     with pytest.raises(AttackError, match="unknown option 'restarts'"):
         parse_attack({"name": "strong_linf_0.5", "restarts": 2})
+    # a cheaper version names itself, so a table never shows it as the standard one
+    cheap = parse_attack({"name": "strong_linf_0.5", "version": "apgd"})
+    assert cheap.name == APGD_STRONG and parse_attack(APGD_STRONG) == cheap
+    assert members(cheap)[-1].name == "autoattack_linf_0.5[version=apgd]"
+    for bad in ({"name": "strong_linf_0.5", "version": "plus"}, {"name": "pgd10_linf_0.5", "version": "apgd"}):
+        with pytest.raises(AttackError, match="version"):
+            parse_attack(bad)
     # fp32 ascent by default, also on a CPU with bf16 units; bf16 is a switch
     for name in ("pgd10_linf_0.5", "fgsm_linf_2.0", "strong_linf_0.5"):
         assert step_dtype(parse_attack(name), torch.device("cpu"), early_stop=True) is None
@@ -82,6 +91,9 @@ def test_a_masked_model_resists_pgd10_but_not_the_worst_case(evaluated):
     assert {"no_vanishing_gradients", "pgd_near_worst"} <= bad
     near = next(f for f in masked["flags"] if f.name == "pgd_near_worst")
     assert f"worst case {worst['AAI']:.2f}" in near.detail and "autoattack_linf_0.5 broke" in near.detail
+    # AutoAttack's APGD-DLR is scale-free too: the cheaper ensemble also sees through the masking
+    cheap = masked[APGD_STRONG]
+    assert cheap["AAI"] < pgd["AAI"] - 25 and cheap["members"][-1]["broke"] > 0
     # the honest model: no masking, PGD-10 within a few points of the worst case
     assert not {f.name for f in failed(honest["flags"])}
     assert honest[STRONG_ATTACK]["AAI"] <= honest[TABLE1_ATTACK]["AAI"]
@@ -157,8 +169,17 @@ def test_claim5_rests_on_the_worst_case_and_a_flagged_model_gates_it(evaluated):
     df, masks = frame([TABLE1_ATTACK, STRONG_ATTACK])
     strong = claims.by_id(claims.judge(df, {}, masks), "5")
     unit = strong["datasets"][0]
-    assert unit["attack"] == STRONG_ATTACK and "worst case of the strong evaluation" in strong["detail"]
+    assert unit["attack"] == STRONG_ATTACK and "under the strong evaluation (worst case of PGD-10" in strong["detail"]
     assert strong["verdict"] not in ("agree", "suggests") and unit["hi"] < 5 < weak["datasets"][0]["lo"]
+    df, masks = frame([TABLE1_ATTACK, APGD_STRONG])
+    cheaper = claims.by_id(claims.judge(df, {}, masks), "5")
+    assert cheaper["datasets"][0]["attack"] == APGD_STRONG and cheaper["verdict"] not in ("agree", "suggests")
+    assert (
+        "(worst case of PGD-10, PGD-50 × 5 restarts, AutoAttack's APGD-CE and APGD-DLR) on 64 images of its one seed"
+        in cheaper["detail"]
+    )
+    df, masks = frame([TABLE1_ATTACK, APGD_STRONG, STRONG_ATTACK])
+    assert claims.by_id(claims.judge(df, {}, masks), "5")["datasets"][0]["attack"] == STRONG_ATTACK
     df, masks = frame([TABLE1_ATTACK], flags=True)
     gated = claims.by_id(claims.judge(df, {}, masks), "5")
     assert gated["verdict"] == "inconclusive" and "DM@stage-1&2 seed 0: no_vanishing_gradients" in gated["detail"]
@@ -169,7 +190,8 @@ def test_study_plan_counts_the_strong_evaluation_and_the_validation_that_chooses
 
     from study import config, plan
 
-    assert plan.steps_of(parse_attack(STRONG_ATTACK)) == 10 + 50 * 5 + plan.AUTOATTACK_STEPS
+    assert plan.steps_of(parse_attack(STRONG_ATTACK)) == 10 + 50 * 5 + plan.AUTOATTACK_STEPS["standard"]
+    assert plan.steps_of(parse_attack(STRONG_ATTACK + "[version=apgd]")) == 10 + 50 * 5 + 200
     raw = {
         "name": "p",
         "datasets": {"alphabet": {"params": {"train_per_class": 10, "test_per_class": 4}}},

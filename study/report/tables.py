@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 
 from study import corruptions, stats
+from study.attacks import parse_attack, title
 from study.backbones import family
-from study.claims import label, picks, qualifier, units
-from study.methods import AOI_MARGIN, METHODS, STRONG_ATTACK, TABLE1, TABLE1_ATTACK, TABLE5
+from study.claims import label, picks, qualifier, strong_names, strong_picks, units
+from study.methods import AOI_MARGIN, METHODS, TABLE1, TABLE1_ATTACK, TABLE5
 from study.report.paper import SOURCE_ALIAS, TABLE2_ATTACKS, paper_for_row, paper_value
 from study.report.sources import merged
 
@@ -176,7 +177,7 @@ def _method_rows(df: pd.DataFrame, unit: dict, methods, with_lambda: bool = Fals
     AOI, AAI and DR with their intervals, the paper's value after ours, and where the job
     ran the strong evaluation, AAI and DR at its worst case (the paper has none); the
     header and the rows used."""
-    strong = any(len(picks(df, unit, m, STRONG_ATTACK)) for m in methods)
+    strong = any(len(strong_picks(df, unit, m)) for m in methods)
     rows, used = [], []
     for method in methods:
         r = picks(df, unit, method, TABLE1_ATTACK)
@@ -184,7 +185,7 @@ def _method_rows(df: pd.DataFrame, unit: dict, methods, with_lambda: bool = Fals
             continue
         used.append(r)
         p = paper_for_row(unit["dataset"], method, TABLE1_ATTACK)
-        worst = picks(df, unit, method, STRONG_ATTACK)
+        worst = strong_picks(df, unit, method)
         rows.append(
             [MODEL_NAME[method]]
             + ([_lams(r)] if with_lambda else [])
@@ -198,12 +199,14 @@ def _method_rows(df: pd.DataFrame, unit: dict, methods, with_lambda: bool = Fals
 
 
 def _worst_note(df: pd.DataFrame) -> str:
-    if not (df.attack == STRONG_ATTACK).any():
+    ran = [a for a in strong_names(df) if (df.attack == a).any()]
+    if not ran:
         return ""
+    how = " or ".join(f"{title(parse_attack(a))} ({a})" for a in ran)
     return (
-        "The paper's columns are PGD-10 at 0.5/255; *worst case*: the strong evaluation at the same eps "
-        "(an image is robust only when it survives PGD-10, PGD-50 from a random start with 5 restarts and "
-        "the standard AutoAttack, on the images it attacked), what claim 5 rests on where the job ran it.\n\n"
+        "The paper's columns are PGD-10 at 0.5/255; *worst case*: the strong evaluation at the same eps, "
+        f"{how}: an image is robust only when it survives every member, each run on the images the ones "
+        "before it left; what claim 5 rests on where the job ran it on every model and seed.\n\n"
     )
 
 

@@ -8,7 +8,7 @@
     study weights fetch NAME             download into the cache; print the path and sha256
     study weights verify NAME --data ROOT [--images N] [--attack [NAME]]
                                          its ImageNet accuracy beside the published one
-    study plan JOB.yaml [--costs FILE] [--no-measure] [--evidence OUT]
+    study plan JOB.yaml [--costs FILE] [--no-measure] [--evidence OUT] [--from OUT] [--cluster 8xGPU]
                                          trials, stages and GPU-hours, before anything starts
     study report [--experiment NAME] [--from OUT] --out DIR
                                          the paper's tables and figures rebuilt from MLflow
@@ -70,9 +70,9 @@ def cmd_run(args, job_path: Path) -> int:
 
     cfg = config.load(job_path)  # everything is checked before anything starts
     if cfg.limits.gpu_hours is not None:  # the budget, against the measured costs
-        from study import plan
+        from study import costs, plan
 
-        est = plan.estimate(cfg, plan.load_costs(Path(cfg.limits.costs).expanduser()))
+        est = plan.estimate(cfg, costs.load(Path(cfg.limits.costs).expanduser()))
         if est["unknown"] or not est["seconds"] / 3600 <= cfg.limits.gpu_hours:  # NaN-safe
             raise config.ConfigError(
                 f"limits.gpu_hours: the estimate is {est['seconds'] / 3600:,.1f} GPU-hours against a limit "
@@ -120,14 +120,25 @@ def cmd_plan(args) -> int:
     from study import config, plan
 
     cfg = config.load(args.job, check_paths=False)  # the data may lie on the cluster only
-    pilot = plan.read_pilot(cfg, args.evidence) if args.evidence is not None else None  # before any measuring
+    # a pilot and a run to check against are read before any measuring
+    pilot = plan.read_pilot(cfg, args.evidence) if args.evidence is not None else None
+    run = plan.read_run(cfg, args.source) if args.source is not None else None
+    cluster = plan.parse_cluster(args.cluster) if args.cluster else None
     costs = args.costs or (Path(cfg.limits.costs).expanduser() if cfg.limits.costs else None)
     costs = costs or Path.home() / ".cache" / "study" / "costs.json"
-    try:
-        table = plan.costs_for(cfg, costs, not args.no_measure)
-    except ValueError as err:
-        raise config.ConfigError(str(err)) from None
-    print(plan.render(cfg, plan.estimate(cfg, table)))
+    table = plan.costs_for(cfg, costs, not args.no_measure)
+    shares = plan.pilot_shares(run[0]) if run else None
+    est = plan.estimate(cfg, table, shares, cluster)
+    print(plan.render(cfg, est, measured=run[1] if run else None))
+    if run:
+        table = plan.calibrate(table, est, run[1], plan.job_images(cfg), args.source)
+        fixed = ", ".join(f"{k} {v:.3g} s" for k, v in table["fixed"].items())
+        print(f"fixed costs measured from {args.source}: {fixed}")
+        if not args.no_measure:
+            from study.costs import store
+
+            store(costs, table)
+            print(f"  stored in {costs}: later plans on this machine use them")
     print(f"costs: {costs}")
     if pilot is not None:
         print("\n".join(plan.evidence(cfg, table, args.evidence, pilot, args.at)))
@@ -314,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="lower",
         help="with --evidence: plan at the pilot's lower plausible effect (default) or at its point estimate",
     )
+    pl.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        metavar="OUT",
+        help="a finished run of this job: the plan beside what each stage took there, and the fixed "
+        "costs measured from it (stored in the costs file)",
+    )
+    pl.add_argument("--cluster", help="wall-clock on N devices instead of this machine: 8xGPU, 16xCPU")
     pl.add_argument(
         "--no-measure",
         action="store_true",

@@ -18,6 +18,7 @@ OUT layout::
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -222,4 +223,6 @@ def _run(job: Job, hold: locks.Hold):
             log(f"report: {page}")
             clock.lap("results and report")
             log(clock.line())
+            # where the time went, for `study plan JOB --from OUT` to check its plan against
+            atomic_write_text(out / "timing.json", json.dumps({"job": cfg.name, "phases": clock.spent}, indent=2))
     return df, md

@@ -1,41 +1,29 @@
 """``study plan JOB.yaml``: what a job will run and what it will cost, before anything
 starts (no Ray, no data preparation, no MLflow).
 
-The estimate multiplies image counts by per-image costs *measured* on a device: a
-training step (forward, backward, optimiser), an attack step (forward and input-only
-backward of the BatchNorm-folded model) and an inference pass, per backbone and
-resolution, a few timed batches each. ``study plan`` times what its costs file lacks on
-this machine's device and stores it there (``--no-measure``: never); run it once on a
-GPU node of the cluster, then plan anywhere with ``--costs FILE`` (a job's ``limits.costs`` names the file that ``study
-run`` checks ``limits.gpu_hours`` against). Costs measured on a CPU give CPU-hours, and
-the printout says so.
-
-What it counts: stage 1 (epochs x train images x (1 + attack steps) for adversarial
-objectives), every stage-2 trial (the same, on train minus the validation share, plus a
-validation pass each epoch) and the attack suite on every model (steps + 1 passes per
-test image; AutoAttack counted as 1000 attack steps per image, a rough upper bound of
-its standard version). The analyses are small beside these and are not counted.
+Per stage, two numbers: device-hours (what holds a device: each stage-1 worker for its
+whole fit, each trial, each analysis task; what a cluster bills) and wall-clock (what a
+user waits: trials side by side as the job's resources and the cluster allow, this
+machine by default, ``--cluster 8xGPU`` for another). Both come from per-image costs
+measured at the job's batch sizes (``study.costs``), times the work the run really does:
+epochs of training images, a validation pass per epoch, the attack suite on the images a
+model gets right with early exit and each member of the strong evaluation on what the
+ones before it left, corruptions, the analyses at their configured sizes, and fixed costs
+(a Ray Train fit's start, a trial's, an analysis task's, the server, the report, data
+preparation). ``--from OUT`` sets the plan beside a finished run of the job, stage by
+stage, and measures the fixed costs and the attack shares from it.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from pathlib import Path
 
-import torch
-from torch.nn import functional as F
-
-from study import sweep, weights
+from study import costs, sweep, weights
 from study.attacks import members, parse_attack
 from study.config import JobConfig, parse
 from study.data.registry import build_split, get_info, resolve_params
-from study.engine import autocast
-from study.fastcopy import inference_copy
-from study.files import BadInput, atomic_write_text, read_json
+from study.files import BadInput
 from study.methods import METHODS, STRONG_ATTACK
-from study.models import build_model
 from study.objectives import KINDS
 from study.stages import resolve_device
 
@@ -97,121 +85,39 @@ def resolution(cfg: JobConfig, key: str) -> int:
     return 224
 
 
-# -- measured per-image costs ---------------------------------------------------------
+# -- the costs a job needs --------------------------------------------------------------
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+def _threads(n: float) -> int:
+    return max(1, int(n))
 
 
-def _timed(fn, repeats: int, device) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
-
-
-def measure(
-    backbone: str, side: int, device: torch.device, amp: bool = True, batch: int | None = None, repeats: int = 3
-) -> dict:
-    """Seconds per image of a training step, an attack step and an inference pass."""
-    batch = batch or (64 if device.type == "cuda" else 8)
-    model = build_model(backbone, 100, side).to(device)
-    amp = amp and device.type == "cuda"
-    if amp:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.rand(batch, 3, side, side, device=device)
-    y = torch.randint(0, 100, (batch,), device=device)
-
-    def train():
-        with autocast(device, amp):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    fast = inference_copy(model.eval())
-
-    def attack():
-        xx = x.clone().requires_grad_(True)
-        with autocast(device, amp):
-            loss = F.cross_entropy(fast(xx).float(), y)
-        torch.autograd.grad(loss, xx)
-
-    def infer():
-        with torch.no_grad(), autocast(device, amp):
-            fast(x)
-
-    model.train()
-    t_train = _timed(train, repeats, device)
-    return {
-        "train": t_train / batch,
-        "attack": _timed(attack, repeats, device) / batch,
-        "infer": _timed(infer, repeats, device) / batch,
-        "batch": batch,
-    }
-
-
-COST_KEYS = ("train", "attack", "infer")
-
-
-def load_costs(path: Path | None) -> dict:
-    """A costs file (``{"device": NAME, "costs": {"BACKBONE@SIDE": {"train": s, "attack": s,
-    "infer": s, "batch": n}}}``, seconds per image), checked: BadInput naming the file and
-    the entry when it is anything else, a cost that is not a finite non-negative number
-    included (a NaN cost would let any ``limits.gpu_hours`` through). None or a missing
-    file: no costs yet."""
-    if not path or not Path(path).exists():
-        return {"device": None, "costs": {}}
-    table = read_json(path)
-    if not isinstance(table, dict) or not isinstance(table.get("costs"), dict):
-        raise BadInput(f'{path}: not a costs file (expected {{"device": ..., "costs": {{"BACKBONE@SIDE": ...}}}})')
-    if not isinstance(table.get("device"), (str, type(None))):
-        raise BadInput(f"{path}: device: expected a device name")
-    for key, entry in table["costs"].items():
-        if not isinstance(entry, dict):
-            raise BadInput(f"{path}: costs.{key}: expected {{train, attack, infer}} seconds per image")
-        for name in COST_KEYS:
-            v = entry.get(name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise BadInput(f"{path}: costs.{key}.{name}: {v!r} is not a finite number of seconds >= 0")
-    return {"device": table.get("device"), "costs": table["costs"]}
+def needs(cfg: JobConfig) -> set[tuple[str, int, int, int]]:
+    """(backbone, side, batch, threads) of every cost the job's estimate reads: stage 1's
+    training per worker, stage 2's training, and the evaluation at its batch size."""
+    need = set()
+    ev = cfg.eval.batch_size
+    if cfg.pretrain.weights is None:
+        s, side = cfg.pretrain.scaling, resolution(cfg, cfg.pretrain.dataset)
+        per_worker = max(1, cfg.pretrain.train.batch_size // s.workers)
+        for b in cfg.pretrain.backbones:
+            need |= {(b, side, per_worker, _threads(s.cpus_per_worker)), (b, side, ev, _threads(s.cpus_per_worker))}
+    if cfg.finetune:
+        t = _threads(cfg.finetune.resources.cpus)
+        for key in _targets(cfg):
+            for b in _backbones(cfg):
+                side = resolution(cfg, key)
+                need |= {(b, side, cfg.finetune.train.batch_size, t), (b, side, ev, t)}
+                if cfg.analyses.enabled:
+                    need.add((b, side, ev, _threads(cfg.analyses.resources.cpus)))
+    return need
 
 
 def costs_for(cfg: JobConfig, path: Path | None, measure_here: bool, log=print) -> dict:
     """The costs file's entries, measuring (and storing) what the job needs and the file
     lacks when ``measure_here``."""
-    table = load_costs(path)
-    need = {(b, resolution(cfg, k)) for k in _targets(cfg) for b in _backbones(cfg)}
-    if cfg.pretrain.weights is None:
-        need |= {(b, resolution(cfg, cfg.pretrain.dataset)) for b in cfg.pretrain.backbones}
-    device = resolve_device(cfg.device, cfg.deterministic)
-    here = _device_name(device)
-    for b, side in sorted(need):
-        k = f"{b}@{side}"
-        if k in table["costs"] or not measure_here:
-            continue
-        if table["device"] not in (None, here):
-            raise ValueError(
-                f"{path} holds costs measured on {table['device']}, this is {here}: use another --costs file"
-            )
-        log(f"plan: measuring {b} at {side}px on {here} ...")
-        table["costs"][k] = measure(b, side, device)
-        table["device"] = here
-    if path and measure_here:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(path), json.dumps(table, indent=2))
-    return table
+    table = costs.load(path)
+    return costs.complete(table, needs(cfg), resolve_device(cfg.device, cfg.deterministic), path, measure_here, log)
 
 
 def _targets(cfg: JobConfig) -> list[str]:
@@ -239,9 +145,8 @@ def corruption_seconds(side: int) -> float:
 
 
 def steps_of(a) -> int:
-    """Gradient passes per image of an attack, at most: early exit, and the strong
-    evaluation attacking only what its cheaper members left, only lower it (a corruption
-    takes none: a forward pass of its corrupted image)."""
+    """Gradient passes per image of an attack, at most (a corruption takes none: a
+    forward pass of its corrupted image)."""
     if a.kind == "corruption":
         return 0
     if a.kind == "autoattack":
@@ -251,78 +156,215 @@ def steps_of(a) -> int:
     return a.steps * a.restarts
 
 
-def estimate(cfg: JobConfig, costs: dict) -> dict:
-    """Trials, stages and device-seconds of the job; ``unknown`` lists what could not be
-    counted (a dataset of unknown size, a backbone without a measured cost)."""
-    unknown: list[str] = []
-    c = costs.get("costs", {})
+# The share of test images an attack works on (those the model gets right) and the share
+# of those the paper's PGD-10 leaves unbroken: priors (typical of the demo's and the
+# paper's fine-tunes at 0.5/255) until a pilot run (`--from OUT`) measures them.
+SHARES_PRIOR = {"correct": 0.85, "survive": 0.9}
+EVERY_STEP = {"correct": 1.0, "survive": 1.0}  # every image takes every step: the upper bound
 
-    def cost(backbone, key):
-        return c.get(f"{backbone}@{resolution(cfg, key)}")
 
-    def suite_seconds(backbone, key, method, n_test, seed=None):
-        k = cost(backbone, key)
-        cap = cfg.eval.max_images
-        total = 0.0
-        for a in cfg.eval.suite(method, key, seed):
+def passes(a, shares: dict) -> float:
+    """Gradient passes per test image of an attack as the engine runs it: only on the
+    images the model gets right, a broken image leaving early (half-way on average), and
+    each later member of the strong evaluation only on what the ones before it left."""
+    if a.kind == "strong":
+        first, *rest = members(a)
+        left = shares["correct"] * shares["survive"]
+        return passes(first, shares) + left * sum(steps_of(m) for m in rest)
+    survive = shares["survive"]
+    return shares["correct"] * steps_of(a) * (survive + (1 - survive) / 2)
+
+
+def pilot_shares(df) -> dict:
+    """``SHARES_PRIOR`` measured on a finished run's results (its rows under PGD)."""
+    rows = df[df.attack.astype(str).str.startswith("pgd") & (df.AOI > 0)] if "attack" in df else df.iloc[:0]
+    if not len(rows):
+        return dict(SHARES_PRIOR)
+    return {"correct": float(rows.AOI.mean() / 100), "survive": float((rows.AAI / rows.AOI).mean())}
+
+
+class _Model:
+    """The cost model of one job: per-image costs at the job's batch sizes and threads,
+    fixed costs, and the attack shares; ``unknown`` collects what it cannot price."""
+
+    def __init__(self, cfg: JobConfig, table: dict, shares: dict):
+        self.cfg, self.table, self.shares = cfg, table, shares
+        self.fixed, self.unknown = costs.fixed(table), []
+
+    def cost(self, backbone: str, key: str, batch: int, threads: float) -> dict | None:
+        k = costs.lookup(self.table, backbone, resolution(self.cfg, key), batch, _threads(threads))
+        if k is None:
+            msg = f"{key}: no measured cost for {backbone} at batch {batch}"
+            if msg not in self.unknown:
+                self.unknown.append(msg)
+        return k
+
+    def suite(self, backbone, key, method, n_test, threads, seed=None) -> float:
+        """Seconds of the clean pass and the attack suite on one model."""
+        k = self.cost(backbone, key, self.cfg.eval.batch_size, threads)
+        if k is None:
+            return 0.0
+        cap, total = self.cfg.eval.max_images, n_test * k["infer"]
+        for a in self.cfg.eval.suite(method, key, seed):
             n = min(x for x in (n_test, cap, a.max_images) if x is not None)
-            total += n * (steps_of(a) * k["attack"] + 2 * k["infer"])
+            total += n * (passes(a, self.shares) * k["attack"] + 2 * k["infer"])
             if a.kind == "corruption":
-                total += n * corruption_seconds(resolution(cfg, key))
-        return total + n_test * k["infer"]
+                total += n * corruption_seconds(resolution(self.cfg, key))
+        return total
 
-    stages = []
-    seconds = 0.0
-    if cfg.pretrain.weights is None:
-        key = cfg.pretrain.dataset
+    def stage1(self) -> list[dict]:
+        """One Ray Train fit per backbone and objective (per seed with replicate): its
+        workers share the training images; the suite runs once on the source's test set."""
+        cfg, out = self.cfg, []
+        p, key = cfg.pretrain, cfg.pretrain.dataset
+        if p.weights is not None:
+            return out
         size = split_sizes(cfg, key)
-        t = cfg.pretrain.train
-        for b in cfg.pretrain.backbones:
-            for obj in cfg.pretrain.objective_specs():
-                k = cost(b, key)
-                if size is None or k is None:
-                    unknown.append(f"stage 1 {b} on {key}: " + ("size unknown" if size is None else "no cost"))
-                    continue
-                steps = _attack_steps(obj)
-                replicates = len(cfg.replicate_seeds()) if cfg.pretrain.replicate else 1
-                s = replicates * (
-                    t.epochs * size[0] * (k["train"] + steps * k["attack"]) + suite_seconds(b, key, "pretrain", size[1])
-                )
-                seconds += s
-                stages.append({"stage": "pretrain", "backbone": b, "objective": str(obj), "seconds": s})
-    pts = sweep.points(cfg) if cfg.finetune else []
-    per_method: dict = {}
-    for p in pts:
+        if size is None:
+            self.unknown.append(f"stage 1 on {key}: size unknown")
+            return out
+        w, threads = p.scaling.workers, p.scaling.cpus_per_worker
+        for b in p.backbones:
+            k = self.cost(b, key, max(1, p.train.batch_size // w), threads)
+            if k is None:
+                continue
+            for obj in p.objective_specs():
+                train = p.train.epochs * size[0] / w * (k["train"] + _attack_steps(obj) * k["attack"])
+                wall = self.fixed["fit"] + train + self.suite(b, key, "pretrain", size[1], threads)
+                out += [{"wall": wall, "devices": w}] * (len(cfg.replicate_seeds()) if p.replicate else 1)
+        return out
+
+    def trial(self, p: dict) -> float | None:
+        """Seconds of one stage-2 trial: fine-tuning with a validation pass each epoch, the
+        suite, and DM's validation under the strong evaluation where λ is chosen."""
+        cfg, ft = self.cfg, self.cfg.finetune
         key, b = p["dataset"], p["backbone"]
-        size, k = split_sizes(cfg, key), cost(b, key)
-        per_method.setdefault((key, p["method"]), 0)
-        per_method[key, p["method"]] += 1
+        size = split_sizes(cfg, key)
+        k = self.cost(b, key, ft.train.batch_size, ft.resources.cpus)
+        if size is None:
+            msg = f"{key}: size unknown (prepare it, or give its root)"
+            self.unknown += [msg] if msg not in self.unknown else []
         if size is None or k is None:
-            msg = f"{key}: " + (
-                "size unknown (prepare it, or give its root)" if size is None else f"no measured cost for {b}"
-            )
-            if msg not in unknown:
-                unknown.append(msg)
-            continue
-        ft = cfg.finetune
-        spec = sweep.train_spec(cfg, p)
+            return None
         obj = sweep.objective_spec(cfg, p)
         steps = KINDS[obj["kind"]].passes(obj)
         n_train = size[0] * (1 - ft.val_fraction)
-        step_cost = k["infer"] if METHODS[p["method"]].trains == "g" else k["train"]
-        s = spec.epochs * (n_train * (step_cost + steps * k["attack"]) + size[0] * ft.val_fraction * k["infer"])
-        s += suite_seconds(b, key, p["method"], size[1], p["seed"])
-        if KINDS[METHODS[p["method"]].kind].uses_lambda and sweep.lambda_rivals(cfg, p):  # chosen under the strong one
+        step = k["infer"] if METHODS[p["method"]].trains == "g" else k["train"]
+        s = sweep.train_spec(cfg, p).epochs * (
+            n_train * (step + steps * k["attack"]) + size[0] * ft.val_fraction * k["infer"]
+        )
+        s += self.suite(b, key, p["method"], size[1], ft.resources.cpus, p["seed"])
+        if KINDS[METHODS[p["method"]].kind].uses_lambda and sweep.lambda_rivals(cfg, p):
             n_val = min(x for x in (size[0] * ft.val_fraction, ft.val_attack_images) if x is not None)
-            s += n_val * steps_of(parse_attack(STRONG_ATTACK)) * k["attack"]
-        seconds += s
+            s += n_val * passes(parse_attack(STRONG_ATTACK), self.shares) * k["attack"]
+        return self.fixed["trial"] + s
+
+    def analyses(self, pts: list[dict]) -> list[float]:
+        """Seconds of each analysis task (study.analyses' plan: per seed and target, CCA,
+        a UAP per fine-tuned and standard model, the pre-trained UAP's transfer, MMD, LL)."""
+        cfg, a = self.cfg, self.cfg.analyses
+        if not (cfg.finetune and a.enabled):
+            return []
+        tasks = []
+        pretrained, source = True, cfg.pretrain.dataset is not None
+        for (_, key, b), methods in _models(pts).items():
+            k = self.cost(b, key, cfg.eval.batch_size, a.resources.cpus)
+            if k is None:
+                continue
+            have = [m for m in ("full", "scratch") if m in methods]
+            uap = a.uap.steps * min(cfg.eval.batch_size, a.uap.train_images) * k["attack"]
+            if len(have) + pretrained >= 2:
+                tasks.append(a.cca.images * (len(have) + pretrained) * k["infer"])
+            tasks += [uap + (len(a.snapshots) + 1) * a.images * k["infer"] for _ in have]
+            if source and have:
+                tasks.append(uap + a.images * len(have) * k["infer"])
+            if source:
+                tasks.append(2 * a.mmd.images * k["infer"])
+            tasks.append((len(have) + pretrained) * a.ll.images * a.ll.steps * k["attack"])
+        return [self.fixed["task"] + t for t in tasks]
+
+
+def _models(pts: list[dict]) -> dict:
+    """(seed, dataset, backbone) -> the methods the sweep trains there."""
+    out: dict = {}
+    for p in pts:
+        out.setdefault((p["seed"], p["dataset"], p["backbone"]), set()).add(p["method"])
+    return out
+
+
+def job_images(cfg: JobConfig) -> int:
+    """Images of every split of every dataset of the job: what data preparation writes."""
+    return sum(sum(split_sizes(cfg, k) or (0, 0)) for k in cfg.datasets)
+
+
+def parse_cluster(text: str) -> dict:
+    """``8xGPU``, ``8×GPU`` or ``16xCPU``: the devices a plan's wall-clock assumes."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*[x×*]\s*(gpu|cpu)\s*", str(text), re.IGNORECASE)
+    if not m or int(m[1]) < 1:
+        raise BadInput(f"--cluster {text!r}: expected N×GPU or N×CPU, e.g. 8xGPU")
+    return {m[2].lower() + "s": int(m[1])}
+
+
+def this_machine() -> dict:
+    import os
+
+    import torch
+
+    return {"cpus": os.cpu_count() or 1, "gpus": torch.cuda.device_count()}
+
+
+def _at_once(cfg: JobConfig, cluster: dict) -> int:
+    """Trials that run side by side on ``cluster`` given the job's resources."""
+    r = cfg.finetune.resources
+    fit = cluster.get("gpus", 0) // r.gpus if r.gpus else cluster.get("cpus", 1) // r.cpus
+    return max(1, min(int(fit) or 1, cfg.finetune.max_concurrent_trials or 10**9))
+
+
+def estimate(cfg: JobConfig, table: dict, shares: dict | None = None, cluster: dict | None = None) -> dict:
+    """Trials and, per stage, device-seconds (what holds a device: a fit's workers, the
+    trials, the analysis actors) and wall-clock seconds on ``cluster`` (this machine by
+    default); ``unknown`` lists what could not be counted."""
+    shares, cluster = shares or SHARES_PRIOR, cluster or this_machine()
+    model = _Model(cfg, table, shares)
+    fixed = model.fixed
+    pts = sweep.points(cfg) if cfg.finetune else []
+    per_method: dict = {}
+    for p in pts:
+        per_method[p["dataset"], p["method"]] = per_method.get((p["dataset"], p["method"]), 0) + 1
+    images = job_images(cfg)
+    stages = {"data": {"seconds": 0.0, "wall": images * fixed["data"]}}
+    stages["MLflow"] = {"seconds": 0.0, "wall": fixed["server"]}
+    fits = model.stage1()
+    if fits:
+        held = sum(f["wall"] * f["devices"] for f in fits)  # every worker holds its device the whole fit
+        stages["stage 1"] = {"seconds": held, "wall": sum(f["wall"] for f in fits)}
+    trials = [t for t in (model.trial(p) for p in pts) if t is not None]
+    if trials:
+        per = cfg.finetune.resources.gpus or 1.0  # GPUs a trial holds (a CPU trial: one device)
+        wall = max(sum(trials) / _at_once(cfg, cluster), max(trials))
+        stages["sweep"] = {"seconds": sum(trials) * per, "wall": wall}
+    tasks = model.analyses(pts)
+    actors = min(cfg.analyses.actors, len(tasks)) or 1
+    if tasks:
+        stages["analyses"] = {"seconds": sum(tasks), "wall": max(sum(tasks) / actors, max(tasks))}
+    stages["results and report"] = {"seconds": 0.0, "wall": fixed["report"]}
     return {
         "trials": len(pts),
         "per_method": per_method,
         "stages": stages,
-        "seconds": seconds,
-        "unknown": unknown,
-        "device": costs.get("device"),
+        "seconds": sum(v["seconds"] for v in stages.values()),
+        "wall": sum(v["wall"] for v in stages.values()),
+        "unknown": model.unknown,
+        "device": table.get("device"),
+        "fixed_from": table.get("fixed_from"),
+        "shares": shares,
+        "cluster": cluster,
+        "fits": len(fits),
+        "tasks": len(tasks),
+        "actors": actors,
+        "at_once": _at_once(cfg, cluster) if cfg.finetune else 1,
     }
 
 
@@ -345,7 +387,16 @@ def weights_lines(cfg: JobConfig) -> list[str]:
     return lines
 
 
-def render(cfg: JobConfig, est: dict) -> str:
+def _where(entry, cap: int | None) -> str:
+    """An attack of the suite and the models, datasets, seeds and images it runs on."""
+    a = entry.attack
+    n = min(x for x in (cap, a.max_images) if x is not None) if (cap or a.max_images) else None
+    only = [", ".join(map(str, v)) for v in (entry.methods, entry.datasets) if v]
+    only += [f"seed {', '.join(map(str, entry.seeds))}"] if entry.seeds else []
+    return f"{a.name} ({'; '.join(only) or 'every model'}" + (f", {n} images)" if n else ")")
+
+
+def render(cfg: JobConfig, est: dict, measured: dict | None = None) -> str:
     lines = [f"job {cfg.name}"]
     if cfg.pretrain.weights is None:
         lines.append(
@@ -370,8 +421,7 @@ def render(cfg: JobConfig, est: dict) -> str:
             lines.append(f"  {key}: {', '.join(parts)}")
         if cfg.analyses.enabled:
             lines.append(f"analyses: CCA, UAP, MMD, LL on {cfg.analyses.actors} Ray actor(s)")
-    attacks = [e.attack.name for e in cfg.eval.attacks]
-    lines.append(f"attacks on every model: {', '.join(attacks)}")
+    lines.append("attacks: " + "; ".join(_where(e, cfg.eval.max_images) for e in cfg.eval.attacks))
     c = cfg.eval.corruptions
     if c is not None:
         names = list(dict.fromkeys(i.corruption for i in c.items()))
@@ -381,22 +431,96 @@ def render(cfg: JobConfig, est: dict) -> str:
             + (f", on {', '.join(c.datasets)}" if c.datasets else "")
             + (f", models {', '.join(c.methods)}" if c.methods else "")
         )
-    hours = est["seconds"] / 3600
-    where = est["device"] or "no measured costs"
-    kind = "GPU-hours" if est["device"] and not str(est["device"]).startswith("cpu") else "device-hours (CPU)"
-    lines.append(f"estimate: {hours:,.1f} {kind}, from per-image costs measured on {where}")
-    if kind != "GPU-hours" and est["device"]:
-        lines.append("  (costs measured on a CPU: run `study plan JOB --costs FILE` on a GPU node for GPU-hours)")
+    lines += cost_lines(est, measured)
     for u in est["unknown"]:
         lines.append(f"  not counted: {u}")
     lim = cfg.limits
     if lim.gpu_hours is not None:
-        verdict = "within" if hours <= lim.gpu_hours else "OVER"
+        verdict = "within" if est["seconds"] / 3600 <= lim.gpu_hours else "OVER"
         lines.append(
             f"limits: {lim.gpu_hours:g} GPU-hours: {verdict}"
             + (f"; at most {lim.gpus:g} GPUs at once" if lim.gpus is not None else "")
         )
     return "\n".join(lines)
+
+
+def _hm(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    return f"{seconds / 3600:,.1f} h"
+
+
+def cost_lines(est: dict, measured: dict | None = None) -> list[str]:
+    """Per stage: device-hours (what a cluster bills) and wall-clock (what a user waits),
+    and beside them a run's measured wall-clock and the plan's ratio to it."""
+    gpu = est["device"] and not str(est["device"]).startswith("cpu")
+    kind = "GPU-hours" if gpu else "device-hours (CPU)"
+    where = "this machine" if est["cluster"] == this_machine() else "the cluster"
+    c = est["cluster"]
+    on = f"{where}: {c.get('gpus', 0)} GPU, {c.get('cpus', 0)} CPU" if "cpus" in c else f"{c['gpus']}×GPU"
+    head = f"  {'stage':<20}{kind:>20}{'wall-clock':>14}" + (f"{'measured':>14}{'plan/run':>10}" if measured else "")
+    lines = [f"estimate on {est['device'] or 'no measured costs'} (wall-clock on {on}):", head]
+    for name, v in est["stages"].items():
+        row = f"  {name:<20}{v['seconds'] / 3600:>20,.3f}{_hm(v['wall']):>14}"
+        if measured and name in measured:
+            row += f"{_hm(measured[name]):>14}{v['wall'] / max(measured[name], 1e-9):>9.2f}×"
+        lines.append(row)
+    total = f"  {'total':<20}{est['seconds'] / 3600:>20,.3f}{_hm(est['wall']):>14}"
+    if measured:
+        run = sum(measured.values())
+        total += f"{_hm(run):>14}{est['wall'] / max(run, 1e-9):>9.2f}×"
+    lines.append(total)
+    fixed = f"measured from {est['fixed_from']}" if est.get("fixed_from") else "priors (study.costs.FIXED_PRIOR)"
+    sh = est["shares"]
+    lines.append(
+        f"  per-image costs measured at the job's batch sizes; fixed costs: {fixed}; attacks on "
+        f"{sh['correct']:.0%} of the images, {sh['survive']:.0%} of them left by PGD-10"
+    )
+    if not gpu and est["device"]:
+        lines.append("  (costs measured on a CPU: run `study plan JOB --costs FILE` on a GPU node for GPU-hours)")
+    return lines
+
+
+def read_run(cfg: JobConfig, out: Path):
+    """A finished run's OUT for ``--from``: (its results frame, its phases' wall-clock
+    seconds from ``timing.json``). BadInput names what is missing or damaged."""
+    from study.files import read_json
+    from study.report.sources import read_results
+
+    out = Path(out)
+    if not (out / "timing.json").is_file():
+        raise BadInput(f"--from {out}: no timing.json there (a run finished by this version writes it)")
+    timing = read_json(out / "timing.json")
+    phases = timing.get("phases") if isinstance(timing, dict) else None
+    if not isinstance(phases, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in phases.values()):
+        raise BadInput(f"{out / 'timing.json'}: expected {{'phases': {{name: seconds}}}}")
+    if timing.get("job") not in (None, cfg.name):
+        raise BadInput(f"{out / 'timing.json'}: a run of job {timing['job']}, not of {cfg.name}")
+    return read_results(out / "results.csv", need=("job",)), phases
+
+
+def calibrate(table: dict, est: dict, phases: dict, images: int, out: Path) -> dict:
+    """``table`` with fixed costs measured from a run's phases: a stage's measured
+    wall-clock less the plan's compute, per fit, trial or task on its critical path; the
+    server, report and data preparation as they took. ``est``: the plan of that job."""
+    f, stages, new = costs.fixed(table), est["stages"], {}
+    on_path = (
+        ("stage 1", "fit", est["fits"]),
+        ("sweep", "trial", est["trials"] / est["at_once"]),
+        ("analyses", "task", est["tasks"] / est["actors"]),
+    )
+    for stage, name, n in on_path:
+        if n and stage in phases and stage in stages:
+            compute = stages[stage]["wall"] - n * f[name]
+            new[name] = max(0.0, (phases[stage] - compute) / n)
+    for stage, name in (("MLflow", "server"), ("results and report", "report")):
+        if stage in phases:
+            new[name] = phases[stage]
+    if "data" in phases and images:
+        new["data"] = phases["data"] / images
+    return {**table, "fixed": {**table.get("fixed", {}), **new}, "fixed_from": str(out)}
 
 
 def read_pilot(cfg: JobConfig, out: Path):

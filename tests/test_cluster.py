@@ -84,11 +84,14 @@ def test_plan_arithmetic_and_the_gpu_hour_limit(tmp_path):
     }
     cfg = config.parse(raw)
     unit = {"train": 1.0, "attack": 0.5, "infer": 0.25, "batch": 8}
-    est = plan.estimate(cfg, {"device": "gpu", "costs": {"resnet18@32": unit}})
+    fixed = {"trial": 7.0}
+    est = plan.estimate(cfg, {"device": "gpu", "costs": {"resnet18@32": unit}, "fixed": fixed}, plan.EVERY_STEP)
     n_train, n_test = 260, 104
     expected = 3 * (n_train * 0.9 * 1.0 + n_train * 0.1 * 0.25)  # training, validation each epoch
     expected += n_test * 0.25 + n_test * (10 * 0.5 + 2 * 0.25)  # the clean pass, PGD-10
-    assert est["trials"] == 1 and est["seconds"] == pytest.approx(expected)
+    assert est["trials"] == 1 and est["stages"]["sweep"]["seconds"] == pytest.approx(7.0 + expected)
+    # the analyses and the fixed costs around the stages count too
+    assert est["seconds"] > est["stages"]["sweep"]["seconds"] and est["wall"] > est["stages"]["sweep"]["wall"]
     costs = tmp_path / "costs.json"
     costs.write_text(json.dumps({"device": "gpu", "costs": {"resnet18@32": unit}}))
     job = tmp_path / "p.yaml"

@@ -205,7 +205,8 @@ def test_study_plan_counts_the_strong_evaluation_and_the_validation_that_chooses
 
     def seconds(**changes):
         job = {**raw, **{k: {**raw[k], **v} for k, v in changes.items()}}
-        return plan.estimate(config.parse(job), {"device": "gpu", "costs": {"resnet18@32": unit}})["seconds"]
+        table = {"device": "gpu", "costs": {"resnet18@32": unit}}
+        return plan.estimate(config.parse(job), table, shares=plan.EVERY_STEP)["seconds"]  # every image, every step
 
     base = seconds()
     with_strong = seconds(eval={"attacks": ["pgd10_linf_0.5", {"name": STRONG_ATTACK, "max_images": 50}]})

@@ -48,8 +48,10 @@ fi
 say "uv: $("${UV[@]}" --version)"
 
 # 3. The locked environment (.venv); FFCV builds from source the first time.
-say "syncing the locked environment into .venv (uv sync --locked)"
-"${UV[@]}" sync --locked --quiet
+#    The tests also build the docs site (mkdocs, the `docs` group).
+groups=(); [ "$what" = test ] && groups=(--group docs)
+say "syncing the locked environment into .venv (uv sync --locked ${groups[*]:-})"
+"${UV[@]}" sync --locked --quiet "${groups[@]}"
 
 if [ "$what" = demo ]; then
   say "running: study demo $*"

@@ -12,7 +12,7 @@ PGD's step size defaults to the paper's 1.25 * eps / steps, starting from the cl
 image as in the iterative attack of Kurakin et al. (2017) that the paper cites for
 PGD-10. Why no random start by default: with one, the paper's step travels 1.25 eps in
 all, so a coordinate that starts near -eps cannot reach +eps, so PGD-10 can lose to FGSM
-at the same eps (the ``pgd_le_fgsm`` sanity flag, README "Attacks"). ``random_start:
+at the same eps (the ``pgd_le_fgsm`` sanity flag, docs/guide/attacks.md). ``random_start:
 true`` gives Madry's PGD.
 
 Gradients are taken with respect to the input only (``torch.autograd.grad``), so no
@@ -433,7 +433,7 @@ class _Stream:
     fixed price, the weights' reorder, whatever its batch.) bf16 logits are off by a
     little, so a middle iterate that fp32 would call a break may pass unseen; the last
     iterates are judged in fp32, and proposing near-breaks as well found
-    no more breaks (README, "Where the gain comes from")."""
+    no more breaks (docs/benchmarks.md, "Where the gain comes from")."""
 
     def __init__(self, model, chunks, attack: Attack, early_stop: bool, generator):
         self.model, self.attack, self.early_stop, self.generator = model, attack, early_stop, generator

@@ -430,7 +430,7 @@ def _store_on_loopback() -> None:
 def release_ray() -> None:
     """Stops the local Ray that ``ensure_ray`` started, once no stage needs it: its idle
     daemons (dashboard, agents) otherwise take a share of a small machine's CPUs from the
-    stages that follow (README, "On a small machine"). A Ray
+    stages that follow (docs/guide/stage1.md, "On a small machine"). A Ray
     this process did not start (a cluster, or the tests') is left alone."""
     import os
 

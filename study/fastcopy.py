@@ -46,7 +46,7 @@ class PhaseConv2d(nn.Conv2d):
     weights), interleaved by ``pixel_shuffle``: the polyphase form of the transposed
     convolution, the same gradient up to float rounding. For the stem of the inference
     copy: oneDNN's own backward of a convolution whose input has 3 channels is several
-    times slower than its forward on CPU (README, "Where the gain comes from"). Other devices
+    times slower than its forward on CPU (docs/benchmarks.md, "Where the gain comes from"). Other devices
     use the native backward. Square strides, no dilation or groups (``from_conv`` keeps
     any other conv as it is)."""
 
@@ -144,7 +144,7 @@ class SmallMapConv2d(nn.Conv2d):
     when the weights move or change in place). Most taps of a 3x3 kernel on a 2x2 or 1x1
     map fall into the zero padding; the matrix holds only the taps that meet a pixel, and
     a matrix product runs near the CPU's bf16 rate, where oneDNN's convolution on such
-    maps does not (README, "Where the gain comes from"). On the demo's 32-px ResNet-18 that is
+    maps does not (docs/benchmarks.md, "Where the gain comes from"). On the demo's 32-px ResNet-18 that is
     layer3 and layer4. The same function up to float rounding, for the inference copy.
     Larger maps (where the matrix loses), a weight that needs a gradient, devices other
     than the CPU (measured there only) and matrices of more than ``MAX_ENTRIES`` take the

@@ -3,7 +3,7 @@
 Both are advisory ``flock`` locks on a file: the kernel drops a lock when the process
 that holds it ends, however it ends, so a crash leaves nothing stale behind (the lock
 file stays; the lock does not). On NFSv4 Linux emulates ``flock`` with POSIX byte-range
-locks, which the server arbitrates between machines; see the README for what that
+locks, which the server arbitrates between machines; see docs/guide/outputs.md for what that
 does and does not guarantee.
 """
 

@@ -32,13 +32,15 @@ from torch.nn import functional as F
 from study.files import BadInput, atomic_write_text, read_json
 
 COST_KEYS = ("train", "attack", "infer")
-# Seconds, measured from the demo and the tiny job on a 2-core AMD EPYC (AVX-512): the
-# plan's fixed costs until `study plan --from OUT` measures them where the job runs.
+# Seconds, measured once on a 2-core AMD EPYC (AVX-512) from a run of the demo and of the
+# tiny job (each stage's wall-clock less its measured compute): the plan's fixed costs
+# until `study plan --from OUT` measures them where the job runs.
 FIXED_PRIOR = {
-    "fit": 35.0,  # a Ray Train fit: controller and worker actors, imports, loader compile
-    "trial": 3.0,  # a trial's process, loaders and checkpoint beyond its compute
-    "task": 1.0,  # an analysis task's loaders and models beyond its compute
-    "server": 2.0,  # the MLflow server and the run's Ray start
+    "fit": 65.0,  # a Ray Train fit: controller and worker actors, imports, loader compile, the source's suite
+    "trial": 5.0,  # a trial's process, loaders and checkpoints beyond its compute
+    "actor": 8.0,  # an analysis actor's start (its process, torch's import), once per stage: they start together
+    "task": 2.5,  # an analysis task's loaders and models beyond its compute
+    "server": 2.0,  # the MLflow server
     "report": 8.0,  # results, tables, figures and the report
     "data": 1.2e-3,  # preparing one image of a .beton
 }

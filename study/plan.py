@@ -347,8 +347,9 @@ def estimate(cfg: JobConfig, table: dict, shares: dict | None = None, cluster: d
         stages["sweep"] = {"seconds": sum(trials) * per, "wall": wall}
     tasks = model.analyses(pts)
     actors = min(cfg.analyses.actors, len(tasks)) or 1
-    if tasks:
-        stages["analyses"] = {"seconds": sum(tasks), "wall": max(sum(tasks) / actors, max(tasks))}
+    if tasks:  # the actors start side by side, then share the tasks
+        wall = fixed["actor"] + max(sum(tasks) / actors, max(tasks))
+        stages["analyses"] = {"seconds": sum(tasks) + actors * fixed["actor"], "wall": wall}
     stages["results and report"] = {"seconds": 0.0, "wall": fixed["report"]}
     return {
         "trials": len(pts),

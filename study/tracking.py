@@ -48,10 +48,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# MLflow's documented switches, for every server the study starts (`study ui`'s too): no
+# usage reports from a private machine (and no banner asking for them in the UI), and no
+# job runner (GenAI scorers, trace archival: of no use to the study, and it would spend a
+# run's first minute starting worker processes on our cores).
+SERVER_SWITCHES = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def server_env() -> dict:
-    # The server's job runner (GenAI scorers, trace archival) is of no use to the study and
-    # would spend the first minute of a run starting worker processes on our cores.
-    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return {**os.environ, **SERVER_SWITCHES}
 
 
 def server_command(out: Path, port: int) -> list[str]:

@@ -224,7 +224,7 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
         for o in (out, alone)
     ]
     proc, other = procs
-    seen, sockets = {}, set()
+    seen, sockets, envs = {}, set(), {}
     try:
         deadline = time.monotonic() + 900  # a bound for a hang, not a speed check: slow hosts vary 2x
         while time.monotonic() < deadline and len(_finished(out)) < 1 and proc.poll() is None:
@@ -232,6 +232,12 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
                 tree = _tree(proc.pid)
                 seen.update({p.pid: p for p in tree})
                 sockets |= _listening(tree + _tree(other.pid))
+                for p in tree:  # what telemetry switches Ray's daemons and the MLflow server got
+                    kind = (
+                        p.name() if p.name() in ("gcs_server", "raylet") else "mlflow" * ("server" in p.cmdline()[1:3])
+                    )
+                    if kind and kind not in envs:
+                        envs[kind] = p.environ()
             time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         before = _finished(out)
@@ -244,6 +250,10 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
         assert [s for s in sockets if s[0].startswith("ray::RayTrainWorker")], sockets  # seen while it trained
         outside = [s for s in sockets if not _loopback(s[1])]
         assert not outside, sorted(outside)
+        # no usage reports from this machine: Ray's and MLflow's documented switches
+        assert {"gcs_server", "raylet", "mlflow"} <= set(envs), list(envs)
+        assert envs["gcs_server"].get("RAY_USAGE_STATS_ENABLED") == envs["raylet"].get("RAY_USAGE_STATS_ENABLED") == "0"
+        assert envs["mlflow"].get("MLFLOW_DISABLE_TELEMETRY") == "true"
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
         proc.wait(30)
         first = proc.stdout.read().decode()

@@ -186,6 +186,10 @@ def complete(table: dict, need, device: torch.device, path: Path | None, measure
     in ``path``."""
     here, now = device_name(device), versions()
     changed = False
+    cpus = str(table["device"]).startswith("cpu") and here.startswith("cpu")
+    if measure_here and cpus and table["device"] != here:  # an older file's CPU costs, or another CPU's
+        log(f"plan: {path} holds costs measured on {table['device']}: measuring them again on {here}")
+        table, changed = {"device": None, "costs": {}, "fixed": {}}, True
     for backbone, side, batch, threads in sorted(need):
         entry = table["costs"].get(key(backbone, side, batch, threads))
         if entry is not None and all(entry.get(k) in (None, v) for k, v in now.items()):

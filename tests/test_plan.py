@@ -15,7 +15,7 @@ from study.attacks import parse_attack
 
 DEMO = cli.jobs_dir() / "demo.yaml"
 UNIT = {"train": 4e-3, "attack": 1e-3, "infer": 4e-4}
-TABLE = {"device": "cpu (elsewhere)", "costs": {"resnet10@28": UNIT, "resnet10@32": UNIT}}
+TABLE = {"device": "NVIDIA GPU (measured elsewhere)", "costs": {"resnet10@28": UNIT, "resnet10@32": UNIT}}
 
 
 class Clock:
@@ -64,6 +64,11 @@ def test_costs_are_timed_at_the_jobs_batch_sizes_after_warm_up(monkeypatch, tmp_
         json.loads((tmp_path / "c.json").read_text())["costs"][costs.key("resnet10", 32, 130, 2)]["torch"]
         == torch.__version__
     )
+    # an older file's CPU costs (timed at batch 8, or on another CPU) are measured again here
+    measured.clear()
+    old_cpu = {"device": "cpu (an older file)", "costs": {"resnet10@32": UNIT}}
+    again = costs.complete(old_cpu, {("resnet10", 32, 130, 2)}, torch.device("cpu"), None, True)
+    assert measured == [("resnet10", 32, 130, 2)] and "resnet10@32" not in again["costs"]
     # a file measured on another device (a GPU node) stands for every batch: nothing measured here
     measured.clear()
     costs.complete(json.loads(json.dumps(TABLE)), {("resnet10", 32, 130, 2)}, torch.device("cpu"), None, True)

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from study import distributed
 from study.attacks import local_lipschitz
 from study.claims import by_seed
 from study.config import JobConfig, parse
@@ -553,7 +552,7 @@ def run(job, per_seed: dict, log=print) -> dict:
     if not tasks:
         log("analyses: nothing to analyse (no fine-tuned model)")
         return {"key": key, "seeds": {}}
-    distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    job.ray.ensure(cfg.ray.address, cfg.ray.num_cpus)
     n = min(spec.actors, len(tasks))
     actor = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(Analyst)
     actors = [actor.remote(cfg.resolved(), str(job.out.resolve()), max(1, int(spec.resources.cpus))) for _ in range(n)]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from study import analyses, corruptions, distributed, locks, objectives, results, sweep, tracking
+from study import analyses, corruptions, locks, objectives, results, sweep, tracking
 from study.claims import judge, qualifier
 from study.config import JobConfig
 from study.data.beton import prepare
@@ -144,10 +144,11 @@ def run_job(cfg: JobConfig, out: Path, progress: bool = True):
     made = locks.prepare_out(out)
     try:
         with locks.exclusive(out) as hold:
+            job = Job(cfg, out, device, progress)
             try:
-                return _run(Job(cfg, out, device, progress), hold)
+                return _run(job, hold)
             finally:
-                distributed.release_ray()  # a local Ray this run started ends with it, however it ends
+                job.ray.release()  # a local Ray this run started ends with it, however it ends
     except BaseException:
         if made:
             locks.discard(out)  # refused before any work (a weights pin): no new folder left behind
@@ -202,7 +203,7 @@ def _run(job: Job, hold: locks.Hold):
             if cfg.finetune is not None and cfg.analyses.enabled:
                 found = analyses.run_replicates(job, table.rows, table.stages, sources, log=log)
                 clock.lap("analyses")
-            distributed.release_ray()
+            job.ray.release()
             df = results.frame(table.rows)
             checked = judge(df, found, table.masks)
             for c in checked:

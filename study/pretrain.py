@@ -93,7 +93,7 @@ def _train_on_ray(job: Job, stage: Trained, backbone: str, objective, run_name: 
     same MLflow run and Ray Train run (both are keyed by the stage)."""
     cfg, p = job.cfg, job.cfg.pretrain
     key = p.dataset
-    distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    job.ray.ensure(cfg.ray.address, cfg.ray.num_cpus)
     params = {
         "stage": "pretrain",
         "backbone": backbone,

@@ -25,6 +25,7 @@ from study.data.loaders import make_loader
 from study.engine import accuracy, deterministic_kernels
 from study.files import atomic_write_text, config_hash, sha256
 from study.models import load_checkpoint, save_checkpoint
+from study.runtime import LocalRay
 
 
 def log(msg: str) -> None:
@@ -49,6 +50,7 @@ class Job:
     device: torch.device
     progress: bool = True
     fetched: dict = field(default_factory=dict)  # imported weights (study.pretrain.fetch_weights)
+    ray: LocalRay = field(default_factory=LocalRay)  # the Ray this run uses, and starts if it must
 
     def for_seed(self, seed: int) -> Job:
         """This job as its replicate ``seed`` (study.config.JobConfig.for_seed)."""

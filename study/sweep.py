@@ -418,7 +418,7 @@ def run(job, sources: dict, parent_run_id: str, experiment_id: str) -> list[dict
     # Tune warns when one-epoch trials snapshot its state often; that is the price of
     # resuming every trial at its last epoch, and cheap on a local disk
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    job.ray.ensure(cfg.ray.address, cfg.ray.num_cpus)
     ft = cfg.finetune
     context = {
         "job": cfg.resolved(),

@@ -207,10 +207,12 @@ def test_the_local_ray_drops_only_the_autoscaling_requests_transient_warning(mon
 
     import ray
 
-    distributed.quiet_ray_process()
-    distributed.quiet_ray_process()  # idempotent: one filter
-    logger = logging.getLogger(distributed.AUTOSCALING_LOGGER)
-    assert logger.filters.count(distributed._not_autoscaling_noise) == 1
+    from study import runtime
+
+    runtime.quiet_ray_process()
+    runtime.quiet_ray_process()  # idempotent: one filter
+    logger = logging.getLogger(runtime.AUTOSCALING_LOGGER)
+    assert logger.filters.count(runtime._not_autoscaling_noise) == 1
 
     class Kept(logging.Handler):  # what reaches the logger's handlers, propagation aside
         def __init__(self):
@@ -236,8 +238,7 @@ def test_the_local_ray_drops_only_the_autoscaling_requests_transient_warning(mon
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(distributed, "_STARTED_HERE", False)
-    distributed.ensure_ray(None, 2)
-    assert seen["runtime_env"] == {"worker_process_setup_hook": "study.distributed.quiet_ray_process"}
-    assert seen["dashboard_host"] == "127.0.0.1"
-    monkeypatch.setattr(distributed, "_STARTED_HERE", False)
+    local = runtime.LocalRay()  # what a run owns: no module state
+    local.ensure(None, 2)
+    assert seen["runtime_env"] == {"worker_process_setup_hook": "study.runtime.quiet_ray_process"}
+    assert seen["dashboard_host"] == "127.0.0.1" and local.started

@@ -169,3 +169,58 @@ def test_only_the_registry_knows_resnet_attribute_names():
         code = "\n".join(line.split("#")[0] for line in text.splitlines())
         found = re.findall(r"\.(conv1|bn1|layer[1-4]|downsample|avgpool|maxpool|fc)\b", code)
         assert not found, f"{name} reaches into a ResNet: {found}"
+
+
+def test_no_global_statement():
+    """What a run owns (its Ray, its server, its locks) is an object passed down, not a
+    module's state that functions rebind."""
+    found = [
+        f"{p.relative_to(PACKAGE.parent)}:{node.lineno}"
+        for p in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.Global)
+    ]
+    assert not found, found
+
+
+IMPORT_PROBE = r"""
+import ast, importlib, json, logging, os, pkgutil, sys
+from pathlib import Path
+import study
+package = Path(study.__path__[0])
+names = [m.name for m in pkgutil.walk_packages(study.__path__, "study.")]
+# the libraries study's modules import at their top, first: their own import-time effects
+# (OpenCV's environment variables) are theirs
+for path in package.rglob("*.py"):
+    for node in ast.parse(path.read_text()).body:
+        mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+        for m in mods:
+            if not m.startswith("study") and not m.startswith("__"):
+                importlib.import_module(m)
+def state(n):
+    lg = logging.getLogger(n)
+    return lg.level, list(lg.handlers), list(lg.filters)
+named = [n for n, lg in logging.Logger.manager.loggerDict.items() if isinstance(lg, logging.Logger)]
+env, hook, excepthook = dict(os.environ), sys.unraisablehook, sys.excepthook
+levels = {n: state(n) for n in named}
+for n in names:
+    importlib.import_module(n)
+changed = [f"env {k}" for k in set(env) ^ set(os.environ)]
+changed += [f"env {k}" for k in env if os.environ.get(k, env[k]) != env[k]]
+changed += ["sys.unraisablehook"] * (sys.unraisablehook is not hook)
+changed += ["sys.excepthook"] * (sys.excepthook is not excepthook)
+changed += [f"logger {n}" for n, s in levels.items() if state(n) != s]
+print(json.dumps({"modules": len(names), "changed": changed}))
+"""
+
+
+def test_importing_any_module_changes_no_hook_environment_or_logger():
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["modules"] >= 40 and out["changed"] == [], out

@@ -246,7 +246,7 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
         mlflow_port = json.loads((out / "mlflow-server.json").read_text())["port"]
         assert {"gcs_server", "raylet"} <= names and mlflow_port in ports, sockets  # Ray's and MLflow's, seen
         # every socket on the loopback: Ray's, MLflow's, and Ray Train's torch.distributed
-        # rendezvous store (study.distributed._store_on_loopback)
+        # rendezvous store (study.runtime._store_on_loopback)
         assert [s for s in sockets if s[0].startswith("ray::RayTrainWorker")], sockets  # seen while it trained
         outside = [s for s in sockets if not _loopback(s[1])]
         assert not outside, sorted(outside)

@@ -22,8 +22,11 @@ from study.data.registry import get_info
 def _ignore_numba_finalizer_noise() -> None:
     """FFCV recompiles its numba pipeline per loader; when a loader is collected, numba's
     dispatcher finalizer looks up an overload that is already gone and prints a harmless
-    ``KeyError`` as an "Exception ignored" traceback. Drop that one message, keep all others."""
+    ``KeyError`` as an "Exception ignored" traceback. Drop that one message, keep all others.
+    Installed when a process makes its first FFCV loader, not when this module is imported."""
     previous = sys.unraisablehook
+    if getattr(previous, "drops_numba_finalizer_noise", False):
+        return
 
     def hook(unraisable):
         tb = unraisable.exc_traceback
@@ -38,10 +41,8 @@ def _ignore_numba_finalizer_noise() -> None:
             return
         previous(unraisable)
 
+    hook.drops_numba_finalizer_noise = True
     sys.unraisablehook = hook
-
-
-_ignore_numba_finalizer_noise()
 
 
 class ImageLoader:
@@ -180,6 +181,7 @@ def _new_loader(
 
     from study.data.augment import EpochCell, SeededHorizontalFlip, SeededRandomResizedCrop
 
+    _ignore_numba_finalizer_noise()
     info = get_info(dataset or (manifest or {}).get("dataset", "folder"))
     size = (resolution, resolution)
     decoder = cell = None

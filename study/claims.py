@@ -37,8 +37,17 @@ import pandas as pd
 from study import corruptions, stats
 from study.attacks import parse_attack, title
 from study.backbones import parameters
-from study.methods import AOI_MARGIN, DEFAULT_LAMBDA, METHODS, OTHER_RIVALS, RIVALS, STRONG_ATTACK, TABLE1_ATTACK
-from study.report.paper import SOURCE_ALIAS, TABLE2_ATTACKS
+from study.methods import (
+    AOI_MARGIN,
+    DEFAULT_LAMBDA,
+    METHODS,
+    OTHER_RIVALS,
+    RIVALS,
+    SOURCE_ALIAS,
+    STRONG_ATTACK,
+    TABLE1_ATTACK,
+    TABLE2_ATTACKS,
+)
 
 MIN_MMD_DATASETS = 3
 # claim 3's second half: "trivial influence on the standard model". A UAP at the analysis'

@@ -82,6 +82,10 @@ TABLE1_ATTACK = "pgd10_linf_0.5"  # the paper's attack of Tables 1, 3, 4 and 5: 
 # PGD-50 with restarts and AutoAttack): what chooses DM's λ on validation, and what the
 # defense claim rests on where a job runs it
 STRONG_ATTACK = "strong_linf_0.5"
+# Table 2's other attacks (AutoAttack's column among them), and the paper's names of the
+# source datasets of Table 4
+TABLE2_ATTACKS = ("pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0", "autoattack_linf_0.5")
+SOURCE_ALIAS = {"animals10": "imagenet10animals", "imagenet10animals": "imagenet10animals", "cifar10": "cifar10"}
 TABLE5 = ("full", "at_stage1", "at_stage2", "at_stage12", "kd_stage2", "dm_stage12", "trades_stage2")
 RIVALS = ("at_stage1", "at_stage2", "at_stage12", "kd_stage2")  # claim 5's: the defenses the paper compares DM with
 OTHER_RIVALS = ("dm_stage2", "trades_stage2")  # compared with DM on a line of their own: not in the paper

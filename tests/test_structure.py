@@ -224,3 +224,9 @@ def test_importing_any_module_changes_no_hook_environment_or_logger():
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["modules"] >= 40 and out["changed"] == [], out
+
+
+def test_the_claims_import_nothing_from_the_report():
+    """The paper's constants sit in study.methods, below both: the judge does not reach up
+    into what renders it."""
+    assert not [m for m in import_graph()["study.claims"] if m.startswith("study.report")]

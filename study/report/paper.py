@@ -12,11 +12,9 @@ from importlib import resources
 
 import pandas as pd
 
-from study.methods import METHODS, TABLE1, TABLE1_ATTACK
+from study.methods import METHODS, TABLE1, TABLE1_ATTACK, TABLE2_ATTACKS
 
 PAPER_NAME = {m.name: m.paper for m in METHODS.values() if m.paper}
-TABLE2_ATTACKS = ("pgd10_linf_2.0", "fgsm_linf_0.5", "fgsm_linf_2.0", "autoattack_linf_0.5")
-SOURCE_ALIAS = {"animals10": "imagenet10animals", "imagenet10animals": "imagenet10animals", "cifar10": "cifar10"}
 
 
 @lru_cache(maxsize=1)

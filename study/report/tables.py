@@ -13,8 +13,8 @@ from study import corruptions, stats
 from study.attacks import parse_attack, title
 from study.backbones import family
 from study.claims import label, picks, qualifier, strong_names, strong_picks, units
-from study.methods import AOI_MARGIN, METHODS, TABLE1, TABLE1_ATTACK, TABLE5
-from study.report.paper import SOURCE_ALIAS, TABLE2_ATTACKS, paper_for_row, paper_value
+from study.methods import AOI_MARGIN, METHODS, SOURCE_ALIAS, TABLE1, TABLE1_ATTACK, TABLE2_ATTACKS, TABLE5
+from study.report.paper import paper_for_row, paper_value
 from study.report.sources import merged
 
 MODEL_NAME = {m.name: m.label for m in METHODS.values()}

@@ -340,7 +340,7 @@ def test_autoattack_is_not_above_pgd_on_the_same_images(trained):
 def test_the_fixed_batch_pgd_and_the_stream_take_the_same_iterates(trained, spec):
     """Adversarial training's ``pgd`` and the evaluator's stream (no early exit, fp32)
     call the same ``ascend``: bit for bit the same last iterates."""
-    from study.attacks import _Stream, pgd
+    from study.attacks.engine import _Stream, pgd
 
     model, batches = trained
     x, y = batches[0][0][:48], batches[0][1][:48]
@@ -354,7 +354,7 @@ def test_the_fixed_batch_pgd_and_the_stream_take_the_same_iterates(trained, spec
 
 
 def test_with_early_stop_an_unbroken_sample_ends_on_the_same_iterate(trained):
-    from study.attacks import _Stream, pgd
+    from study.attacks.engine import _Stream, pgd
 
     model, batches = trained
     x, y = batches[0]

@@ -80,7 +80,7 @@ def job_page() -> str:
     lines = [
         "# Job file reference",
         "",
-        "Generated from `study/config.py` by `docs/reference/generate.py`: every key of a job file,",
+        "Generated from `study/config/` by `docs/reference/generate.py`: every key of a job file,",
         "its type, its default and the comment beside it in the code. See [Job files](../guide/jobs.md)",
         "for how a job file reads.",
         "",

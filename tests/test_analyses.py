@@ -13,7 +13,7 @@ import torch
 
 from study import analyses, claims, stats
 from study.report import page as report_page
-from study.report import sources, tables
+from study.report import cells, sources, tables
 
 
 def test_svcca_known_answers():
@@ -515,12 +515,12 @@ def test_table_intervals_are_bounds_within_the_metrics_range_and_name_what_they_
     """Two seeds far apart: Student's interval reaches past 0 and 100 %; the table shows
     its bounds within 0-100 (not "50.00 ± 571.8") and says it is over training runs."""
     two = pd.DataFrame({"AOI": [5.0, 95.0], "seed": [0, 1], "images": [100, 100]})
-    assert tables._fmt_ci(two, "AOI") == "50.00 [0.0, 100.0] †"
-    assert "Student's t interval over the 2 seeds (training runs" in tables._basis(two)
+    assert cells._fmt_ci(two, "AOI") == "50.00 [0.0, 100.0] †"
+    assert "Student's t interval over the 2 seeds (training runs" in cells._basis(two)
     one = pd.DataFrame({"AOI": [80.0], "AOI_lo": [71.1], "AOI_hi": [86.7], "seed": [0], "images": [100]})
-    assert tables._fmt_ci(one, "AOI") == "80.00 [71.1, 86.7]"
-    assert "interval over the test images (Wilson for AOI and AAI" in tables._basis(one)
-    assert "one training run" in tables._basis(one)
+    assert cells._fmt_ci(one, "AOI") == "80.00 [71.1, 86.7]"
+    assert "interval over the test images (Wilson for AOI and AAI" in cells._basis(one)
+    assert "one training run" in cells._basis(one)
 
 
 def test_mmd_measures_every_target_on_the_sources_scale():

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from study import analyses, claims, stats
-from study.report import page as report_page
 from study.report import cells, sources, tables
+from study.report import page as report_page
 
 
 def test_svcca_known_answers():

@@ -233,3 +233,15 @@ def test_the_claims_import_nothing_from_the_report():
     """The paper's constants sit in study.methods, below both: the judge does not reach up
     into what renders it."""
     assert not [m for m in import_graph()["study.claims"] if m.startswith("study.report")]
+
+
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_too_big_to_hold_in_ones_head():
+    big = {
+        str(p.relative_to(PACKAGE.parent)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not big, big

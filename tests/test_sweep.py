@@ -200,6 +200,13 @@ def _tree(pid: int) -> list:
     return [root, *root.children(recursive=True)]
 
 
+def _kind(p) -> str:
+    """``gcs_server`` or ``raylet`` (Ray's daemons), ``mlflow`` (the MLflow server), else ''."""
+    if p.name() in ("gcs_server", "raylet"):
+        return p.name()
+    return "mlflow" if "server" in p.cmdline()[1:3] and "mlflow" in " ".join(p.cmdline()[:2]) else ""
+
+
 def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_both_end_alike(tmp_path):
     """Two runs of one job on one host at once, each starting its own Ray (Ray Train in
     stage 1, Tune in stage 2) and MLflow server, as on a laptop (no RAY_ADDRESS, no
@@ -224,7 +231,7 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
         for o in (out, alone)
     ]
     proc, other = procs
-    seen, sockets, envs = {}, set(), {}
+    seen, sockets, envs, tree = {}, set(), {}, []
     try:
         deadline = time.monotonic() + 900  # a bound for a hang, not a speed check: slow hosts vary 2x
         while time.monotonic() < deadline and len(_finished(out)) < 1 and proc.poll() is None:
@@ -232,10 +239,9 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
                 tree = _tree(proc.pid)
                 seen.update({p.pid: p for p in tree})
                 sockets |= _listening(tree + _tree(other.pid))
-                for p in tree:  # what telemetry switches Ray's daemons and the MLflow server got
-                    kind = (
-                        p.name() if p.name() in ("gcs_server", "raylet") else "mlflow" * ("server" in p.cmdline()[1:3])
-                    )
+            for p in tree:  # what telemetry switches Ray's daemons and the MLflow server got
+                with contextlib.suppress(psutil.Error, IndexError):  # one process gone: not the others
+                    kind = _kind(p)
                     if kind and kind not in envs:
                         envs[kind] = p.environ()
             time.sleep(0.5)

@@ -121,9 +121,10 @@ def cli_page() -> str:
         "```",
         "",
     ]
+
     def commands(p, prefix):
         subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
-        for name, sub in (subs[0].choices.items() if subs else ()):
+        for name, sub in subs[0].choices.items() if subs else ():
             yield f"{prefix} {name}", sub
             yield from commands(sub, f"{prefix} {name}")
 

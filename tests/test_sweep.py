@@ -243,7 +243,8 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
                 with contextlib.suppress(psutil.Error, IndexError):  # one process gone: not the others
                     kind = _kind(p)
                     if kind and kind not in envs:
-                        envs[kind] = p.environ()
+                        # empty while the process is still starting (its environ is not yet readable)
+                        envs.update({kind: env} if (env := p.environ()) else {})
             time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         before = _finished(out)

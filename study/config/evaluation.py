@@ -16,6 +16,16 @@ MODELS = ("pretrain",) + tuple(METHODS)  # what an attack may be limited to
 _LIMITS = ("methods", "datasets", "seeds")
 
 
+def applies(item, method: str | None, dataset: str | None, seed: int | None = None) -> bool:
+    """Whether an item of the suite (an attack entry or the corruptions) meets a model:
+    each of its ``methods``, ``datasets`` and ``seeds`` limits, where it has one, holds
+    (a question asked without one, None, is not limited by it)."""
+    return all(
+        asked is None or limit is None or asked in limit
+        for asked, limit in ((method, item.methods), (dataset, item.datasets), (seed, item.seeds))
+    )
+
+
 class AttackEntry(BaseModel):
     """One attack of the suite, parsed once: the Attack, and the models (``methods``:
     ``pretrain`` or stage-2 methods) and dataset keys it is limited to (None: all). A job
@@ -69,11 +79,7 @@ class AttackEntry(BaseModel):
         return self.written
 
     def applies(self, method: str | None, dataset: str | None, seed: int | None = None) -> bool:
-        return (
-            (method is None or self.methods is None or method in self.methods)
-            and (dataset is None or self.datasets is None or dataset in self.datasets)
-            and (seed is None or self.seeds is None or seed in self.seeds)
-        )
+        return applies(self, method, dataset, seed)
 
 
 class CorruptionsSpec(_Strict):
@@ -107,11 +113,7 @@ class CorruptionsSpec(_Strict):
         return [corruptions.Corruption(n, s, self.max_images) for n in names for s in severities]
 
     def applies(self, method: str | None, dataset: str | None, seed: int | None = None) -> bool:
-        return (
-            (method is None or self.methods is None or method in self.methods)
-            and (dataset is None or self.datasets is None or dataset in self.datasets)
-            and (seed is None or self.seeds is None or seed in self.seeds)
-        )
+        return applies(self, method, dataset, seed)
 
 
 class EvalSpec(_Strict):

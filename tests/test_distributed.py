@@ -242,3 +242,21 @@ def test_the_local_ray_drops_only_the_autoscaling_requests_transient_warning(mon
     local.ensure(None, 2)
     assert seen["runtime_env"] == {"worker_process_setup_hook": "study.runtime.quiet_ray_process"}
     assert seen["dashboard_host"] == "127.0.0.1" and local.started
+
+
+def test_the_processes_the_study_starts_get_the_telemetry_switches(monkeypatch):
+    """No usage reports from a private machine: every MLflow server the study starts (a
+    run's and `study ui`'s) gets MLflow's switch in its environment; a local Ray's daemons
+    inherit Ray's from the driver while they start, and the driver's environment is left
+    as it was after."""
+    import os
+
+    from study import runtime, tracking
+
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    assert tracking.server_env()["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert "MLFLOW_DISABLE_TELEMETRY" not in os.environ  # the server's, not this process's
+    with runtime._on_loopback():  # what ray.init runs inside
+        assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert "RAY_USAGE_STATS_ENABLED" not in os.environ

@@ -200,13 +200,6 @@ def _tree(pid: int) -> list:
     return [root, *root.children(recursive=True)]
 
 
-def _kind(p) -> str:
-    """``gcs_server`` or ``raylet`` (Ray's daemons), ``mlflow`` (the MLflow server), else ''."""
-    if p.name() in ("gcs_server", "raylet"):
-        return p.name()
-    return "mlflow" if "server" in p.cmdline()[1:3] and "mlflow" in " ".join(p.cmdline()[:2]) else ""
-
-
 def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_both_end_alike(tmp_path):
     """Two runs of one job on one host at once, each starting its own Ray (Ray Train in
     stage 1, Tune in stage 2) and MLflow server, as on a laptop (no RAY_ADDRESS, no
@@ -231,7 +224,7 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
         for o in (out, alone)
     ]
     proc, other = procs
-    seen, sockets, envs, tree = {}, set(), {}, []
+    seen, sockets = {}, set()
     try:
         deadline = time.monotonic() + 900  # a bound for a hang, not a speed check: slow hosts vary 2x
         while time.monotonic() < deadline and len(_finished(out)) < 1 and proc.poll() is None:
@@ -239,12 +232,6 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
                 tree = _tree(proc.pid)
                 seen.update({p.pid: p for p in tree})
                 sockets |= _listening(tree + _tree(other.pid))
-            for p in tree:  # what telemetry switches Ray's daemons and the MLflow server got
-                with contextlib.suppress(psutil.Error, IndexError):  # one process gone: not the others
-                    kind = _kind(p)
-                    if kind and kind not in envs:
-                        # empty while the process is still starting (its environ is not yet readable)
-                        envs.update({kind: env} if (env := p.environ()) else {})
             time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         before = _finished(out)
@@ -257,10 +244,6 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
         assert [s for s in sockets if s[0].startswith("ray::RayTrainWorker")], sockets  # seen while it trained
         outside = [s for s in sockets if not _loopback(s[1])]
         assert not outside, sorted(outside)
-        # no usage reports from this machine: Ray's and MLflow's documented switches
-        assert {"gcs_server", "raylet", "mlflow"} <= set(envs), list(envs)
-        assert envs["gcs_server"].get("RAY_USAGE_STATS_ENABLED") == envs["raylet"].get("RAY_USAGE_STATS_ENABLED") == "0"
-        assert envs["mlflow"].get("MLFLOW_DISABLE_TELEMETRY") == "true"
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
         proc.wait(30)
         first = proc.stdout.read().decode()

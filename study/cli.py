@@ -131,7 +131,7 @@ def cmd_plan(args) -> int:
     est = plan.estimate(cfg, table, shares, cluster)
     print(plan.render(cfg, est, measured=run[1] if run else None))
     if run:
-        table = plan.calibrate(table, est, run[1], plan.job_images(cfg), args.source)
+        table = plan.calibrate(table, est, run[1], args.source)
         fixed = ", ".join(f"{k} {v:.3g} s" for k, v in table["fixed"].items())
         print(f"fixed costs measured from {args.source}: {fixed}")
         if not args.no_measure:

@@ -194,10 +194,13 @@ class _Model:
     def cost(self, backbone: str, key: str, batch: int, threads: float) -> dict | None:
         k = costs.lookup(self.table, backbone, resolution(self.cfg, key), batch, _threads(threads))
         if k is None:
-            msg = f"{key}: no measured cost for {backbone} at batch {batch}"
-            if msg not in self.unknown:
-                self.unknown.append(msg)
+            self.missing(f"{key}: no measured cost for {backbone} at batch {batch}")
         return k
+
+    def missing(self, what: str) -> None:
+        """``what`` could not be priced: said once, however many trials lack it."""
+        if what not in self.unknown:
+            self.unknown.append(what)
 
     def suite(self, backbone, key, method, n_test, threads, seed=None) -> float:
         """Seconds of the clean pass and the attack suite on one model."""
@@ -221,7 +224,7 @@ class _Model:
             return out
         size = split_sizes(cfg, key)
         if size is None:
-            self.unknown.append(f"stage 1 on {key}: size unknown")
+            self.missing(f"stage 1 on {key}: size unknown")
             return out
         w, threads = p.scaling.workers, p.scaling.cpus_per_worker
         for b in p.backbones:
@@ -242,8 +245,7 @@ class _Model:
         size = split_sizes(cfg, key)
         k = self.cost(b, key, ft.train.batch_size, ft.resources.cpus)
         if size is None:
-            msg = f"{key}: size unknown (prepare it, or give its root)"
-            self.unknown += [msg] if msg not in self.unknown else []
+            self.missing(f"{key}: size unknown (prepare it, or give its root)")
         if size is None or k is None:
             return None
         obj = sweep.objective_spec(cfg, p)
@@ -362,6 +364,7 @@ def estimate(cfg: JobConfig, table: dict, shares: dict | None = None, cluster: d
         "fixed_from": table.get("fixed_from"),
         "shares": shares,
         "cluster": cluster,
+        "images": images,  # of every split of every dataset: what data preparation writes
         "fits": len(fits),
         "tasks": len(tasks),
         "actors": actors,
@@ -502,7 +505,7 @@ def read_run(cfg: JobConfig, out: Path):
     return read_results(out / "results.csv", need=("job",)), phases
 
 
-def calibrate(table: dict, est: dict, phases: dict, images: int, out: Path) -> dict:
+def calibrate(table: dict, est: dict, phases: dict, out: Path) -> dict:
     """``table`` with fixed costs measured from a run's phases: a stage's measured
     wall-clock less the plan's compute, per fit, trial or task on its critical path; the
     server, report and data preparation as they took. ``est``: the plan of that job."""
@@ -519,8 +522,8 @@ def calibrate(table: dict, est: dict, phases: dict, images: int, out: Path) -> d
     for stage, name in (("MLflow", "server"), ("results and report", "report")):
         if stage in phases:
             new[name] = phases[stage]
-    if "data" in phases and images:
-        new["data"] = phases["data"] / images
+    if "data" in phases and est["images"]:
+        new["data"] = phases["data"] / est["images"]
     return {**table, "fixed": {**table.get("fixed", {}), **new}, "fixed_from": str(out)}
 
 

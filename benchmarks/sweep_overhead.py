@@ -16,6 +16,7 @@ Ray's own start-up is not counted: a cluster is up before a sweep starts.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -77,8 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpus", type=int, default=2)
     args = ap.parse_args(argv)
 
-    import os
-
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # read when Ray is imported
     import ray
 
     from study import config, sweep

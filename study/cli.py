@@ -226,8 +226,9 @@ def cmd_report(args) -> int:
     folder (--from OUT, served locally for the time it takes)."""
     import os
 
-    from study import locks, tracking
+    from study import tracking
     from study.report import page as report_page
+    from study.runtime import locks
 
     locks.check_out(args.out)  # not the file system's root, a checkout's top or a file
     store = Path(args.source)
@@ -360,7 +361,7 @@ def _terminate(signum, frame):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("run", "demo") and args.out:  # before the imports: a held OUT stops at once
-        from study.locks import Busy, check_free
+        from study.runtime.locks import Busy, check_free
 
         try:
             check_free(Path(args.out))
@@ -371,8 +372,8 @@ def main(argv=None) -> int:
     from study.data.beton import BetonError
     from study.data.registry import DatasetError
     from study.files import BadInput
-    from study.locks import Busy, Unusable
     from study.models import ModelError
+    from study.runtime.locks import Busy, Unusable
     from study.tracking import TrackingError
 
     # SIGTERM (a killed job) unwinds like Ctrl-C, so the local MLflow server is stopped.

@@ -76,6 +76,18 @@ class Corruption:
     norm: str = "none"
     eps: float = 0.0
 
+    # -- the evaluation item (study.items.Item) --
+    def run(self, model, batches, max_images: int | None = None, seed: int = 0) -> dict:
+        return accuracy(model, batches, self, max_images=max_images, seed=seed)
+
+    def passes(self, shares: dict) -> float:
+        return 0.0  # a forward pass of the corrupted image, no gradient
+
+    def host_seconds(self, side: int) -> float:
+        """Corrupting one image of ``side`` px (imagecorruptions, mean over the 15 common
+        corruptions at severity 3, one core; benchmarks/README: the fit)."""
+        return 2.5e-3 + 1.6e-7 * side * side
+
 
 def check(names, severities) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """The corruption names (a subset's name, ``common`` | ``extra`` | ``all``, or a list)

@@ -106,9 +106,9 @@ class _EpochEnd:
     """What every worker does after an epoch: gather the group's numbers and weight
     fingerprints, report to Ray Train (rank 0 with a checkpoint), log to MLflow once."""
 
-    def __init__(self, trainer, cfg: dict, rank: int, world: int, restarts: int, client):
+    def __init__(self, trainer, cfg: dict, rank: int, world: int, restarts: int, logged):
         self.trainer, self.cfg, self.rank, self.world = trainer, cfg, rank, world
-        self.restarts, self.client = restarts, client
+        self.restarts, self.logged = restarts, logged
 
     def __call__(self, m: dict) -> None:  # m is trainer.history[-1]: what goes in the checkpoint
         import ray.train
@@ -139,8 +139,8 @@ class _EpochEnd:
             ray.train.report(
                 {**m, "fingerprints": prints}, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{m['epoch']:04d}"
             )
-        if self.client is not None:  # after report: the checkpoint of this epoch exists
-            tracking.sync_history(self.client, cfg["run_id"], self.trainer.history)
+        if self.logged is not None:  # after report: the checkpoint of this epoch exists
+            self.logged.sync(self.trainer.history)
         if self.rank == 0:
             say(
                 f"[study]   {cfg['desc']} epoch {m['epoch']}/{self.trainer.settings.epochs}: loss "
@@ -194,10 +194,10 @@ def train_loop(cfg: dict) -> None:
     trainer = Trainer(model, settings, "f+g", len(loader), device, objective)
     trainer.model = rtt.prepare_model(trainer.model, move_to_device=False)  # DDP if world > 1
     restarts = _resume(trainer, cfg, rank, device)
-    client = None
+    logged = None
     if rank == 0 and cfg.get("run_id"):
-        client = tracking.client(cfg["tracking_uri"])
-        tracking.sync_history(client, cfg["run_id"], trainer.history)  # what a crash kept from MLflow
+        logged = tracking.History(cfg["run_id"], cfg["tracking_uri"])
+        logged.sync(trainer.history)  # what a crash kept from MLflow
 
     def before_epoch(epoch: int) -> None:
         loader.set_epoch(epoch)  # the shuffle an uninterrupted run would have had
@@ -207,7 +207,7 @@ def train_loop(cfg: dict) -> None:
     trainer.fit(
         loader,
         None,
-        on_epoch=_EpochEnd(trainer, cfg, rank, world, restarts, client),
+        on_epoch=_EpochEnd(trainer, cfg, rank, world, restarts, logged),
         progress=False,
         desc=cfg["desc"],
         before_epoch=before_epoch,

@@ -39,10 +39,9 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from study import corruptions
-from study.attacks import Attack, robust_accuracy
 from study.fastcopy import inference_copy
 from study.files import config_hash
+from study.items import Item
 from study.models import StudyModel
 
 EPS0_IMAGES = 32  # the eps = 0 check needs few images: it must reproduce AOI exactly
@@ -68,14 +67,14 @@ def mask_bits(t: torch.Tensor) -> str:
     return "".join("1" if v else "0" for v in t.tolist())
 
 
-def attack_key(attack: Attack, cap: int | None, seed: int) -> str:
+def attack_key(attack: Item, cap: int | None, seed: int) -> str:
     spec = asdict(attack)
     if spec.get("loss") == "ce":  # the default: keys from before the loss option stay valid
         del spec["loss"]
     return config_hash({"attack": spec, "cap": cap, "seed": seed})
 
 
-def eps0_probe(attacks: list[Attack]) -> Attack | None:
+def eps0_probe(attacks: list[Item]) -> Item | None:
     """The eps = 0 twin of the suite's first gradient attack (AutoAttack at eps 0 is x)."""
     for a in attacks:
         if a.kind in ("pgd", "fgsm"):
@@ -83,7 +82,7 @@ def eps0_probe(attacks: list[Attack]) -> Attack | None:
     return None
 
 
-def plan(attacks: list[Attack], max_images: int | None, seed: int) -> list[tuple]:
+def plan(attacks: list[Item], max_images: int | None, seed: int) -> list[tuple]:
     """(attack, image cap, is the eps = 0 probe, cache key) for every run of the suite."""
     runs = [(a, max_images, False) for a in attacks]
     probe = eps0_probe(attacks)
@@ -92,21 +91,22 @@ def plan(attacks: list[Attack], max_images: int | None, seed: int) -> list[tuple
     return [(a, cap, is_probe, attack_key(a, cap, seed)) for a, cap, is_probe in runs]
 
 
-def missing(attacks: list[Attack], max_images: int | None, seed: int, cache: dict) -> bool:
+def missing(attacks: list[Item], max_images: int | None, seed: int, cache: dict) -> bool:
     return any(key not in cache for *_, key in plan(attacks, max_images, seed))
 
 
 def evaluate(
     model,
     batches: Iterable,
-    attacks: list[Attack],
+    attacks: list[Item],
     max_images: int | None = None,
     seed: int = 0,
     cache: dict | None = None,
     on_result: Callable[[str, dict], None] | None = None,
     fast_copy: bool = True,
 ) -> list[dict]:
-    """Runs every attack (and the eps = 0 probe) not already in ``cache`` (attack key ->
+    """Runs every item of the suite (study.items.Item: attacks, the strong evaluation,
+    corruptions; and the eps = 0 probe) not already in ``cache`` (attack key ->
     record) on the model's inference copy (``study.fastcopy``; ``fast_copy``: with its
     CPU conversions) and returns the records in suite order, the probe last.
     ``on_result(key, record)`` is called after each new one, so a caller can persist it
@@ -118,8 +118,7 @@ def evaluate(
         if key not in cache:
             if frozen is None:  # one copy for the whole suite
                 frozen = inference_copy(model, fast_copy) if isinstance(model, StudyModel) else model
-            measure = corruptions.accuracy if attack.kind == "corruption" else robust_accuracy
-            res = measure(frozen, batches, attack, max_images=cap, seed=seed)
+            res = attack.run(frozen, batches, max_images=cap, seed=seed)
             rec = {k: v for k, v in res.items() if k not in ("correct", "robust")}
             rec.update(
                 correct=mask_bits(res["correct"]),

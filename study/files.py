@@ -68,14 +68,15 @@ def whole_folder(folder: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-_HASHES: dict[tuple, str] = {}
+def sha256(path: Path, kept=None) -> str:
+    """The file's sha256 (hex). ``kept`` (study.runtime.Kept): what a run read before, by
+    path, size and mtime, so an unchanged file is read once."""
 
-
-def sha256(path: Path) -> str:
-    """The file's sha256 (hex), computed once per process for an unchanged file."""
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
+    def read() -> str:
         with open(path, "rb") as f:
-            _HASHES[key] = hashlib.file_digest(f, "sha256").hexdigest()
-    return _HASHES[key]
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    if kept is None:
+        return read()
+    st = os.stat(path)
+    return kept.get((str(path), st.st_size, st.st_mtime_ns), read)

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import yaml
 
-from study import analyses, corruptions, locks, objectives, results, sweep, tracking
+from study import analyses, corruptions, formats, objectives, results, sweep, tracking
 from study.claims import judge, qualifier
 from study.config import JobConfig
 from study.data.beton import prepare
 from study.files import atomic_write_text
 from study.pretrain import fetch_weights, pretrain
 from study.report import page as report_page
+from study.runtime import Runtime, locks
 from study.stages import Job, evaluate_trained, log, resolve_device
 
 
@@ -117,7 +118,7 @@ def _stage2(job: Job, table: _Table, sources: dict, parent) -> None:
     """The sweep, then every trial's model into the table."""
     cfg = job.cfg
     known = sweep.source_table(sources)
-    for p in sweep.run(job, known, parent.info.run_id, parent.info.experiment_id):
+    for p in sweep.run(job, known, parent.id, parent.experiment_id):
         stage = sweep.trained_for(job, p, known)
         if stage.record is None:
             log(f"sweep: {sweep.label(p)} has no trained model (failed or stopped early)")
@@ -137,18 +138,15 @@ def _warn_cpu_driver(cfg: JobConfig, device) -> None:
 
 
 def run_job(cfg: JobConfig, out: Path, progress: bool = True):
-    """Runs the job into ``out``, which it holds alone (study.locks: a second run into
+    """Runs the job into ``out``, which it holds alone (study.runtime.locks: a second run into
     it stops at once); returns the results frame and its Markdown."""
     out = Path(out)
     device = resolve_device(cfg.device, cfg.deterministic)
     made = locks.prepare_out(out)
     try:
-        with locks.exclusive(out) as hold:
-            job = Job(cfg, out, device, progress)
-            try:
-                return _run(job, hold)
-            finally:
-                job.ray.release()  # a local Ray this run started ends with it, however it ends
+        # what the run owns (OUT's lock, its Ray, its loaders) ends with it, however it ends
+        with Runtime.holding(out) as runtime:
+            return _run(Job(cfg, out, device, progress, runtime=runtime))
     except BaseException:
         if made:
             locks.discard(out)  # refused before any work (a weights pin): no new folder left behind
@@ -177,19 +175,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
-def _run(job: Job, hold: locks.Hold):
+def _run(job: Job):
     cfg, out, device, progress = job.cfg, job.out, job.device, job.progress
     clock = _Clock()
+    formats.version(out)  # an OUT of a newer format: refused in one line before any work
     fetch_weights(job)  # downloads; a pin that does not match stops here, before anything is written
+    formats.open_out(out, cfg.name, log=print)  # an older format's files upgraded in place
     atomic_write_text(out / "job.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
     _warn_cpu_driver(cfg, device)
-    with tracking.owned(out, hold, quiet=not progress) as tracked:  # the server starts while the data is prepared
+    # the server starts while the data is prepared
+    with tracking.owned(out, job.runtime.hold, quiet=not progress) as tracked:
         prepare_data(job)
         clock.lap("data")
         tracked.ready()
         with tracking.parent_run(out, cfg.name, cfg.hash()) as parent:
             tracking.log_yaml(cfg.resolved(), "job.yaml")
-            if not parent.data.params:
+            if not parent.params:
                 tracking.log_params(cfg.resolved())
             table = _Table(job)
             clock.lap("MLflow")
@@ -203,7 +204,7 @@ def _run(job: Job, hold: locks.Hold):
             if cfg.finetune is not None and cfg.analyses.enabled:
                 found = analyses.run_replicates(job, table.rows, table.stages, sources, log=log)
                 clock.lap("analyses")
-            job.ray.release()
+            job.runtime.ray.release()  # its daemons would take the CPUs the report needs
             df = results.frame(table.rows)
             checked = judge(df, found, table.masks)
             for c in checked:
@@ -211,7 +212,7 @@ def _run(job: Job, hold: locks.Hold):
             df, md = results.write(
                 df, out, title=f"{cfg.name}: results", sanity=table.sanity, masks=table.masks, checked=checked
             )
-            for name in ("results.csv", "results.md", "sanity.csv", "per_image.json"):
+            for name in ("results.csv", "results.md", "sanity.csv", "per_image.json", formats.NAME):
                 tracking.log_artifact(out / name)
             if found:
                 tracking.log_metrics(analyses.metrics(found))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from study import costs, sweep, weights
-from study.attacks import members, parse_attack
+from study.attacks import parse_attack
 from study.config import JobConfig, parse
 from study.data.registry import build_split, get_info, resolve_params
 from study.files import BadInput
@@ -38,7 +38,6 @@ KNOWN_SIZES = {
     "fashion_mnist": (60000, 10000),
 }
 KNOWN_CLASSES = {"imagenet": 1000, "fashion_mnist": 10}  # for a train_per_class / test_per_class sample
-AUTOATTACK_STEPS = {"standard": 1000, "apgd": 200}  # gradient passes an image, at most
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
@@ -135,25 +134,7 @@ def _attack_steps(spec) -> int:
     name = str(spec).split("[")[0]
     if name == "standard":
         return 0
-    return steps_of(parse_attack(name))
-
-
-def corruption_seconds(side: int) -> float:
-    """Host seconds to corrupt one image of ``side`` px (imagecorruptions, mean over the 15
-    common corruptions at severity 3: 2.7 ms at 32 px, 10.4 ms at 224 px on one core)."""
-    return 2.5e-3 + 1.6e-7 * side * side
-
-
-def steps_of(a) -> int:
-    """Gradient passes per image of an attack, at most (a corruption takes none: a
-    forward pass of its corrupted image)."""
-    if a.kind == "corruption":
-        return 0
-    if a.kind == "autoattack":
-        return AUTOATTACK_STEPS[a.version]
-    if a.kind == "strong":
-        return sum(steps_of(m) for m in members(a))
-    return a.steps * a.restarts
+    return parse_attack(name).steps_at_most()
 
 
 # The share of test images an attack works on (those the model gets right) and the share
@@ -161,18 +142,6 @@ def steps_of(a) -> int:
 # paper's fine-tunes at 0.5/255) until a pilot run (`--from OUT`) measures them.
 SHARES_PRIOR = {"correct": 0.85, "survive": 0.9}
 EVERY_STEP = {"correct": 1.0, "survive": 1.0}  # every image takes every step: the upper bound
-
-
-def passes(a, shares: dict) -> float:
-    """Gradient passes per test image of an attack as the engine runs it: only on the
-    images the model gets right, a broken image leaving early (half-way on average), and
-    each later member of the strong evaluation only on what the ones before it left."""
-    if a.kind == "strong":
-        first, *rest = members(a)
-        left = shares["correct"] * shares["survive"]
-        return passes(first, shares) + left * sum(steps_of(m) for m in rest)
-    survive = shares["survive"]
-    return shares["correct"] * steps_of(a) * (survive + (1 - survive) / 2)
 
 
 def pilot_shares(df) -> dict:
@@ -207,12 +176,11 @@ class _Model:
         k = self.cost(backbone, key, self.cfg.eval.batch_size, threads)
         if k is None:
             return 0.0
-        cap, total = self.cfg.eval.max_images, n_test * k["infer"]
+        cap, total, side = self.cfg.eval.max_images, n_test * k["infer"], resolution(self.cfg, key)
         for a in self.cfg.eval.suite(method, key, seed):
             n = min(x for x in (n_test, cap, a.max_images) if x is not None)
-            total += n * (passes(a, self.shares) * k["attack"] + 2 * k["infer"])
-            if a.kind == "corruption":
-                total += n * corruption_seconds(resolution(self.cfg, key))
+            # each item: its gradient passes, a clean and an item pass, its own work off the model
+            total += n * (a.passes(self.shares) * k["attack"] + 2 * k["infer"] + a.host_seconds(side))
         return total
 
     def stage1(self) -> list[dict]:
@@ -258,7 +226,7 @@ class _Model:
         s += self.suite(b, key, p["method"], size[1], ft.resources.cpus, p["seed"])
         if KINDS[METHODS[p["method"]].kind].uses_lambda and sweep.lambda_rivals(cfg, p):
             n_val = min(x for x in (size[0] * ft.val_fraction, ft.val_attack_images) if x is not None)
-            s += n_val * passes(parse_attack(STRONG_ATTACK), self.shares) * k["attack"]
+            s += n_val * parse_attack(STRONG_ATTACK).passes(self.shares) * k["attack"]
         return self.fixed["trial"] + s
 
     def analyses(self, pts: list[dict]) -> list[float]:

@@ -84,7 +84,7 @@ def _import(stage: Trained, backbone: str, name: str, fetched: hub.Fetched) -> N
         tracking.log_params({"backbone": backbone, "objective": name, **record})
         save_checkpoint(model, stage.ckpt, {"stage_key": stage.key})
         tracking.set_tags({"study.weights": fetched.source.spec, "study.weights.sha256": fetched.sha256})
-        stage.finish({"run_id": run.info.run_id, "AOI": None, "checkpoint": str(stage.ckpt), **record})
+        stage.finish({"run_id": run.id, "AOI": None, "checkpoint": str(stage.ckpt), **record})
 
 
 def _train_on_ray(job: Job, stage: Trained, backbone: str, objective, run_name: str) -> dict:
@@ -93,7 +93,7 @@ def _train_on_ray(job: Job, stage: Trained, backbone: str, objective, run_name: 
     same MLflow run and Ray Train run (both are keyed by the stage)."""
     cfg, p = job.cfg, job.cfg.pretrain
     key = p.dataset
-    job.ray.ensure(cfg.ray.address, cfg.ray.num_cpus)
+    job.runtime.ray.ensure(cfg.ray.address, cfg.ray.num_cpus)
     params = {
         "stage": "pretrain",
         "backbone": backbone,
@@ -105,7 +105,7 @@ def _train_on_ray(job: Job, stage: Trained, backbone: str, objective, run_name: 
         "progressive": p.progressive.model_dump() if p.progressive else None,
     }
     with stage.start_run(run_name, resume=True) as run:
-        if not run.data.params:
+        if not run.params:
             tracking.log_params(params)
             tracking.log_yaml(params, "config.yaml")
             job.log_inputs(key)
@@ -120,7 +120,7 @@ def _train_on_ray(job: Job, stage: Trained, backbone: str, objective, run_name: 
             seed=cfg.seed,
             use_gpu=p.scaling.use_gpu,
             desc=run_name,
-            run_id=run.info.run_id,
+            run_id=run.id,
             tracking_uri=tracking.uri(),
             progressive=p.progressive.model_dump() if p.progressive else None,
             deterministic=cfg.deterministic,

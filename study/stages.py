@@ -25,7 +25,7 @@ from study.data.loaders import make_loader
 from study.engine import accuracy, deterministic_kernels
 from study.files import atomic_write_text, config_hash, sha256
 from study.models import load_checkpoint, save_checkpoint
-from study.runtime import LocalRay
+from study.runtime import Runtime
 
 
 def log(msg: str) -> None:
@@ -50,7 +50,7 @@ class Job:
     device: torch.device
     progress: bool = True
     fetched: dict = field(default_factory=dict)  # imported weights (study.pretrain.fetch_weights)
-    ray: LocalRay = field(default_factory=LocalRay)  # the Ray this run uses, and starts if it must
+    runtime: Runtime = field(default_factory=Runtime)  # its Ray, loaders and digests (study.runtime)
 
     def for_seed(self, seed: int) -> Job:
         """This job as its replicate ``seed`` (study.config.JobConfig.for_seed)."""
@@ -98,6 +98,7 @@ class Job:
             seed=seed,
             indices=indices,
             channels_last=self.device.type == "cuda",
+            cache=self.runtime.loaders,
         )
 
     def log_inputs(self, key: str, holdout: tuple | None = None) -> None:
@@ -183,11 +184,9 @@ class Trained:
         return record if self._intact(record) else None
 
     def _intact(self, record: dict) -> bool:
-        want = record.get("checkpoint_sha256")
-        if want is None:  # a record from before checkpoints were checked
-            return True
+        want = record.get("checkpoint_sha256")  # every record has it (study.formats upgrades older ones)
         size = self.ckpt.stat().st_size
-        if size == record.get("checkpoint_size") and sha256(self.ckpt) == want:
+        if size == record.get("checkpoint_size") and sha256(self.ckpt, self.job.runtime.digests) == want:
             return True
         aside = self.ckpt.with_name(self.ckpt.name + ".damaged")
         os.replace(self.ckpt, aside)
@@ -202,7 +201,8 @@ class Trained:
 
     def finish(self, record: dict) -> dict:
         if self.ckpt.is_file():  # what a later run checks before it reuses the checkpoint
-            record = {**record, "checkpoint_size": self.ckpt.stat().st_size, "checkpoint_sha256": sha256(self.ckpt)}
+            digest = sha256(self.ckpt, self.job.runtime.digests)
+            record = {**record, "checkpoint_size": self.ckpt.stat().st_size, "checkpoint_sha256": digest}
         atomic_write_text(self.record_path, json.dumps(record, indent=2))
         self.pending.unlink(missing_ok=True)
         return record
@@ -222,7 +222,7 @@ class Trained:
         if run is None:
             run = tracking.child_run(name, parent_run_id)
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.pending, run.info.run_id)
+        atomic_write_text(self.pending, run.id)
         tracking.set_tags(
             {
                 "study.stage": self.kind,
@@ -247,7 +247,7 @@ def finish_model(
     tracking.log_model(model)
     model.to(job.device)
     return stage.finish(
-        {"run_id": run.info.run_id, "AOI": aoi, "history": history, "checkpoint": str(stage.ckpt), **(extra or {})}
+        {"run_id": run.id, "AOI": aoi, "history": history, "checkpoint": str(stage.ckpt), **(extra or {})}
     )
 
 

@@ -223,12 +223,12 @@ class _Reporter:
 
     def __init__(self, trainer, run_id: str, name: str, epochs: int, every_s: float):
         self.trainer, self.run_id, self.name, self.epochs, self.every_s = trainer, run_id, name, epochs, every_s
-        self.client, self.saved, self.last = tracking.client(), time.monotonic(), {}
+        self.logged, self.saved, self.last = tracking.History(run_id), time.monotonic(), {}
 
     def __call__(self, m: dict) -> None:
         from ray import tune
 
-        tracking.sync_history(self.client, self.run_id, self.trainer.history)
+        self.logged.sync(self.trainer.history)
         distributed.say(
             f"[study]   {self.name} epoch {m['epoch']}/{self.epochs}: loss {m['train_loss']:.3f}, "
             f"train acc {m['train_acc']:.1f}, val acc {m['val_acc']:.1f}, "
@@ -288,12 +288,12 @@ def _fine_tune(job: Job, stage: Trained, p: dict, sources: dict, context: dict) 
         "tune_trial": tune.get_context().get_trial_name(),
     }
     with stage.start_run(name, resume=True, parent_run_id=context["parent_run_id"]) as run:
-        if not run.data.params:
+        if not run.params:
             tracking.log_params(params)
             tracking.log_yaml(params, "config.yaml")
             tracking.set_tags({"study.lam": str(p["lam"]), "study.tune_trial": params["tune_trial"]})
             job.log_inputs(key, (train_idx, val_idx))
-        report = _Reporter(trainer, run.info.run_id, name, s.epochs, cfg.finetune.checkpoint_every_s)
+        report = _Reporter(trainer, run.id, name, s.epochs, cfg.finetune.checkpoint_every_s)
         total = s.epochs * len(train_loader)
         snap_at = snapshot_steps(cfg, p["method"], total)
 
@@ -418,7 +418,7 @@ def run(job, sources: dict, parent_run_id: str, experiment_id: str) -> list[dict
     # Tune warns when one-epoch trials snapshot its state often; that is the price of
     # resuming every trial at its last epoch, and cheap on a local disk
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    job.ray.ensure(cfg.ray.address, cfg.ray.num_cpus)
+    job.runtime.ray.ensure(cfg.ray.address, cfg.ray.num_cpus)
     ft = cfg.finetune
     context = {
         "job": cfg.resolved(),

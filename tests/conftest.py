@@ -3,6 +3,10 @@ import os
 import pytest
 
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# The session's own Ray (ray_local, the cluster) under `uv run`: Ray would rebuild this uv
+# environment per job in a copy of the working directory (a run switches it off for the
+# Ray it starts: study.runtime.local_ray); read by Ray once, when it is imported.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 # The suite runs on two pytest-xdist workers (pyproject: -n 2 --dist loadscope). Most of
 # its time is process start-up (Ray daemons, Ray Train and Tune workers importing torch,
@@ -94,6 +98,19 @@ def trained(tmp_path_factory):
     model = build_model("resnet18", 26)
     Trainer(model, TrainSettings(epochs=6, lr_f=0.05, lr_g=0.05), "f+g", len(train)).fit(train, progress=False)
     return model.eval(), [(x.clone(), y.clone()) for x, y in test]  # FFCV reuses its buffers
+
+
+@pytest.fixture(autouse=True, scope="session")
+def numba_quiet():
+    """What a run's Runtime does while it runs: the harmless KeyError numba's finalizer
+    prints when an FFCV loader is collected is dropped (study.runtime.environ)."""
+    import gc
+
+    from study.runtime.environ import numba_quiet
+
+    with numba_quiet():
+        yield
+        gc.collect()  # the session's loaders go while the hook still holds
 
 
 @pytest.fixture(scope="session")

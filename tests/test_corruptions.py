@@ -277,4 +277,4 @@ def test_plan_counts_the_corruptions_two_passes_and_the_host_s_corrupting_per_im
     without = plan.estimate(config.parse(raw), costs)["seconds"]
     raw["eval"]["corruptions"] = {"names": ["fog", "snow"], "severities": [1, 5], "max_images": 50}
     added = plan.estimate(config.parse(raw), costs)["seconds"] - without
-    assert added == pytest.approx(4 * 50 * (2 * 0.25 + plan.corruption_seconds(32)))
+    assert added == pytest.approx(4 * 50 * (2 * 0.25 + corruptions.Corruption("fog", 3).host_seconds(32)))

@@ -137,10 +137,12 @@ def test_a_loader_asked_for_again_comes_back_compiled_at_its_first_epoch(small_a
     the same loader back, and it yields what a new one would, epoch after epoch."""
     import shutil
 
-    from study.data import loaders
+    from study.runtime import Kept
+
+    kept = Kept(32)  # a run's Runtime.loaders
 
     def ask(beton=small_alphabet["train"].beton, train=True, **kw):
-        args = dict(train=train, resolution=32, batch_size=16, workers=1, seed=0) | kw
+        args = dict(train=train, resolution=32, batch_size=16, workers=1, seed=0, cache=kept) | kw
         return make_loader(beton, **args)
 
     def epochs(loader, n=2):
@@ -151,7 +153,7 @@ def test_a_loader_asked_for_again_comes_back_compiled_at_its_first_epoch(small_a
     assert not torch.equal(seen[0], seen[1])  # another epoch, another order and crops
     assert ask() is first
     assert all(torch.equal(a, b) for a, b in zip(epochs(ask()), seen))  # from its first epoch again
-    loaders._LOADERS.clear()
+    kept.clear()
     fresh = ask()
     assert fresh is not first and all(torch.equal(a, b) for a, b in zip(epochs(fresh), seen))
     # anything that changes what it yields is another loader

@@ -173,11 +173,12 @@ def test_two_workers_on_a_fake_two_node_cluster_match_one_and_a_killed_worker_re
 def test_sync_history_logs_each_epoch_once(mlflow_server):
     client, run_id = _run(mlflow_server, "sync")
     history = [{"epoch": e, "train_loss": 1.0 / e} for e in (1, 2, 3)]
-    assert tracking.sync_history(client, run_id, history[:2]) == 2
-    assert tracking.sync_history(client, run_id, history) == 1  # only epoch 3 is new
-    assert tracking.sync_history(client, run_id, history) == 0
+    logged = tracking.History(run_id, mlflow_server)
+    assert logged.sync(history[:2]) == 2
+    assert logged.sync(history) == 1  # only epoch 3 is new
+    assert tracking.History(run_id, mlflow_server).sync(history) == 0  # a resumed process
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
-    assert sorted(steps) == [1, 2, 3]
+    assert sorted(steps) == [1, 2, 3] and sorted(logged.logged()) == [1, 2, 3]
 
 
 def test_fingerprint_tells_weights_apart():
@@ -207,7 +208,7 @@ def test_the_local_ray_drops_only_the_autoscaling_requests_transient_warning(mon
 
     import ray
 
-    from study import runtime
+    from study.runtime import local_ray as runtime
 
     runtime.quiet_ray_process()
     runtime.quiet_ray_process()  # idempotent: one filter
@@ -240,7 +241,7 @@ def test_the_local_ray_drops_only_the_autoscaling_requests_transient_warning(mon
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     local = runtime.LocalRay()  # what a run owns: no module state
     local.ensure(None, 2)
-    assert seen["runtime_env"] == {"worker_process_setup_hook": "study.runtime.quiet_ray_process"}
+    assert seen["runtime_env"] == {"worker_process_setup_hook": "study.runtime.local_ray.quiet_ray_process"}
     assert seen["dashboard_host"] == "127.0.0.1" and local.started
 
 
@@ -251,12 +252,30 @@ def test_the_processes_the_study_starts_get_the_telemetry_switches(monkeypatch):
     as it was after."""
     import os
 
-    from study import runtime, tracking
+    from study import tracking
+    from study.runtime import local_ray
 
     monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
     monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
     assert tracking.server_env()["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert "MLFLOW_DISABLE_TELEMETRY" not in os.environ  # the server's, not this process's
-    with runtime._on_loopback():  # what ray.init runs inside
+    with local_ray._on_loopback():  # what ray.init runs inside
         assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     assert "RAY_USAGE_STATS_ENABLED" not in os.environ
+
+
+def test_the_one_private_mlflow_api_still_caches_artifact_clients_by_run_id(mlflow_server, tmp_path):
+    """MLflow keeps each run's artifact client, with the server's address inside, in a
+    private cache keyed by run id alone; study.tracking clears it (its one private MLflow
+    call) when a server goes, so a later server for the same store is not bypassed. This
+    pins that cache's shape: an MLflow that moves it fails here, not in a report."""
+    from mlflow.tracking._tracking_service import utils
+
+    from study.tracking import connect
+
+    client, run_id = _run(mlflow_server, "artifact-cache")
+    (tmp_path / "a.txt").write_text("a")
+    client.log_artifact(run_id, str(tmp_path / "a.txt"))
+    assert run_id in utils._artifact_repos_cache
+    connect._forget_artifact_repos()
+    assert run_id not in utils._artifact_repos_cache

@@ -191,7 +191,7 @@ def test_out_must_be_a_folder_of_its_own(tmp_path, capsys, monkeypatch):
 
 
 def test_a_folder_with_the_users_files_gets_no_marks_and_a_refused_job_leaves_no_out(tmp_path):
-    from study import locks
+    from study.runtime import locks
 
     mine = tmp_path / "results"
     mine.mkdir()
@@ -349,3 +349,60 @@ def test_commands_refuse_before_the_heavy_imports():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+
+
+# -- One door for what is on disk (study.formats) ------------------------------------------
+DEMO = Path(__file__).parent / "fixtures" / "demo"  # a real demo's OUT from before the format version
+
+
+def test_an_out_of_a_newer_format_is_refused_in_one_line(pilot, tmp_path, capsys):
+    from study import formats
+
+    out, *_, argv = pilot
+    (out / formats.NAME).write_text('{"format": 99}')
+    _fails(capsys, argv, "format 99", "newer study")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(SIM_JOB))
+    _fails(capsys, ["run", tmp_path / "job.yaml", "--out", out, "--quiet"], "format 99", "update study")
+    assert not (out / "job.yaml").exists()  # refused before any work
+    (out / formats.NAME).write_text('{"format": "two"}')
+    _fails(capsys, argv, "format.json", "whole number")
+
+
+def test_an_older_out_is_read_as_the_current_format_and_left_as_it_is():
+    from study import formats
+    from study.report import sources
+
+    before = sorted(p.name for p in DEMO.iterdir())
+    assert formats.version(DEMO) == 1
+    df = sources.read_results(DEMO / "results.csv")
+    assert {"method", "job", "chosen"} <= set(df.columns) and "setting" not in df
+    found = sources.read_analyses(DEMO / "analyses")
+    assert list(found["seeds"]) == [None] and found["seeds"][None]["datasets"]
+    assert sorted(p.name for p in DEMO.iterdir()) == before  # a reader writes nothing
+
+
+def test_a_run_upgrades_an_older_out_in_place_before_it_writes(tmp_path):
+    import shutil
+
+    from study import formats
+    from study.files import sha256
+
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    ckpt = out / "checkpoints" / "finetune-abc.pt"
+    ckpt.write_bytes(b"weights")
+    (out / "checkpoints" / "finetune-abc.json").write_text(json.dumps({"run_id": "r", "AOI": 50.0}))
+    shutil.copy(DEMO / "results.csv", out / "results.csv")
+    (out / "analyses").mkdir()
+    shutil.copy(DEMO / "analyses" / "analyses.json", out / "analyses" / "analyses.json")
+    said = []
+    formats.open_out(out, "demo", log=said.append)
+    record = json.loads((out / "checkpoints" / "finetune-abc.json").read_text())
+    assert record == {"run_id": "r", "AOI": 50.0, "checkpoint_size": 7, "checkpoint_sha256": sha256(ckpt)}
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[0] == "job" and "method" in header and "chosen" in header and "setting" not in header
+    assert (out / "analyses" / "analyses.format1.json").is_file() and not (out / "analyses" / "analyses.json").exists()
+    assert formats.version(out) == formats.FORMAT and len(said) == 1 and "1 stage record" in said[0]
+    formats.open_out(out, "demo", log=said.append)  # the current format: nothing to do
+    assert len(said) == 1
+    assert formats.version(tmp_path / "new") is None

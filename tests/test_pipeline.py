@@ -74,7 +74,7 @@ def tiny_run(tmp_path_factory, ray_cluster):
     jobs/runtime_env.yaml`, followed to its end; the cluster's nodes stop after the module."""
     from conftest import tracked_checkout
 
-    from study.locks import prepare_out
+    from study.runtime.locks import prepare_out
 
     root = tmp_path_factory.mktemp("tiny")
     job = root / "tiny.yaml"

@@ -79,9 +79,9 @@ def test_the_strong_evaluation_is_charged_per_member_share():
     strong = parse_attack("strong_linf_0.5[version=apgd]")
     shares = {"correct": 0.8, "survive": 0.9}
     # PGD-10 on the 80 % it gets right, broken ones leaving half-way; the others on the 72 % left
-    assert plan.passes(strong, shares) == pytest.approx(0.8 * 10 * 0.95 + 0.72 * (250 + 200))
-    assert plan.passes(strong, plan.EVERY_STEP) == plan.steps_of(strong)
-    assert plan.passes(parse_attack("fgsm_linf_2.0"), shares) == pytest.approx(0.8 * 0.95)
+    assert strong.passes(shares) == pytest.approx(0.8 * 10 * 0.95 + 0.72 * (250 + 200))
+    assert strong.passes(plan.EVERY_STEP) == strong.steps_at_most()
+    assert parse_attack("fgsm_linf_2.0").passes(shares) == pytest.approx(0.8 * 0.95)
 
 
 def test_fixed_costs_are_counted_stage_by_stage():

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from study import locks
 from study.files import config_hash
+from study.runtime import locks
 
 
 def _weights(tmp_path: Path) -> Path:
@@ -43,7 +43,8 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     with locks.exclusive(tmp_path / "out"):  # released with its holder
         pass
     code = (
-        f"from study import locks; import os; c = locks.exclusive({str(tmp_path / 'k')!r}); c.__enter__(); os._exit(9)"
+        "from study.runtime import locks; import os; "
+        f"c = locks.exclusive({str(tmp_path / 'k')!r}); c.__enter__(); os._exit(9)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9  # dies holding it, without unwinding
     with locks.exclusive(tmp_path / "k"):  # the kernel dropped it
@@ -252,7 +253,7 @@ def test_an_mlflow_server_a_killed_run_left_behind_is_stopped_by_the_next_run(tm
     assert stray.poll() is None
     # the next run: a fresh process that holds OUT
     code = (
-        "import sys; from study import locks, tracking\n"
+        "import sys; from study import tracking; from study.runtime import locks\n"
         "with locks.exclusive(sys.argv[1]) as hold:\n"
         "    tracking.stop_orphan(sys.argv[1], hold)"
     )
@@ -295,7 +296,7 @@ def test_a_report_on_a_live_runs_out_uses_its_server_and_stops_nothing(tmp_path)
         [
             sys.executable,
             "-c",
-            "import sys; from study import locks; h = locks.exclusive(sys.argv[1]); "
+            "import sys; from study.runtime import locks; h = locks.exclusive(sys.argv[1]); "
             "h.__enter__(); print('held', flush=True); sys.stdin.read()",
             str(out),
         ],

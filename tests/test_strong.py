@@ -192,8 +192,8 @@ def test_study_plan_counts_the_strong_evaluation_and_the_validation_that_chooses
 
     from study import config, plan
 
-    assert plan.steps_of(parse_attack(STRONG_ATTACK)) == 10 + 50 * 5 + plan.AUTOATTACK_STEPS["standard"]
-    assert plan.steps_of(parse_attack(STRONG_ATTACK + "[version=apgd]")) == 10 + 50 * 5 + 200
+    assert parse_attack(STRONG_ATTACK).steps_at_most() == 10 + 50 * 5 + 1000
+    assert parse_attack(STRONG_ATTACK + "[version=apgd]").steps_at_most() == 10 + 50 * 5 + 200
     raw = {
         "name": "p",
         "datasets": {"alphabet": {"params": {"train_per_class": 10, "test_per_class": 4}}},
@@ -219,3 +219,24 @@ def test_study_plan_counts_the_strong_evaluation_and_the_validation_that_chooses
     assert with_dm - without == pytest.approx(2 * 19 * 1260 * 0.5)  # two trials, one per λ
     one = {**dm, "space": {"lam": [1.0]}}  # one λ: nothing to choose, no validation attack
     assert seconds(finetune=one, pretrain=pre) == seconds(finetune={**one, "val_attack_images": 1}, pretrain=pre)
+
+
+def test_every_item_of_a_suite_is_an_evaluation_item():
+    """Attacks, the strong evaluation and corruptions answer the same questions: their name,
+    their gradient passes and host work for `study plan`, and a run on a model's images."""
+    from study import config
+    from study.items import Item
+
+    raw = {
+        "name": "p",
+        "datasets": {"alphabet": {"params": {"train_per_class": 10, "test_per_class": 4}}},
+        "pretrain": {"backbones": ["resnet18"], "weights": "imagenet"},
+        "finetune": {"datasets": ["alphabet"], "methods": ["full"]},
+        "eval": {"attacks": ["pgd10_linf_0.5", STRONG_ATTACK], "corruptions": {"names": ["fog"], "severities": [3]}},
+    }
+    suite = config.parse(raw, check_paths=False).eval.suite("full", "alphabet")
+    assert [i.name for i in suite] == ["pgd10_linf_0.5", STRONG_ATTACK, "corruption_fog_3"]
+    assert all(isinstance(i, Item) for i in suite)
+    every = {"correct": 1.0, "survive": 1.0}
+    assert [i.passes(every) for i in suite] == [10, 10 + 50 * 5 + 1000, 0]
+    assert suite[0].host_seconds(32) == 0 < suite[2].host_seconds(32)

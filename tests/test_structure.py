@@ -103,6 +103,38 @@ def test_only_tracking_talks_to_mlflow():
     assert found and all(m == "study.tracking" or m.startswith("study.tracking.") for m in found), found
 
 
+MLFLOW_ATTRIBUTES = {("info", "run_id"), ("info", "experiment_id"), ("data", "params"), ("data", "metrics")}
+MLFLOW_NAMES = {"mlflow", "MlflowClient", "ActiveRun", "MlflowException"}
+
+
+def mlflow_leaks(package: Path = PACKAGE) -> list[str]:
+    """Where a module outside study.tracking touches an MLflow object: a run's
+    ``.info.run_id`` / ``.data.params``-style attribute or an MLflow name."""
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        if "tracking" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            hit = (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Attribute)
+                and (node.value.attr, node.attr) in MLFLOW_ATTRIBUTES
+            ) or (isinstance(node, ast.Name) and node.id in MLFLOW_NAMES)
+            if hit:
+                out.append(f"{path.relative_to(package)}:{node.lineno}")
+    return out
+
+
+def test_no_mlflow_object_outside_tracking(tmp_path):
+    """tracking hands out the study's own small types (``Run``, ``History``), so no other
+    module depends on the shape of MLflow's objects."""
+    assert mlflow_leaks() == []
+    (tmp_path / "a.py").write_text("def f(run):\n    return run.info.run_id\n")
+    (tmp_path / "b.py").write_text("def f(run):\n    return run.id, run.info\n")
+    (tmp_path / "c.py").write_text("def f(run):\n    return run.data.params or MlflowClient()\n")
+    assert mlflow_leaks(tmp_path) == ["a.py:2", "c.py:2", "c.py:2"]
+
+
 def test_the_mlflow_door_check_finds_a_second_door(tmp_path):
     (tmp_path / "a.py").write_text("def f():\n    from mlflow.entities import Metric\n")
     (tmp_path / "b.py").write_text("import mlflowish\nimport os\n")
@@ -186,12 +218,61 @@ def test_no_global_statement():
     assert not found, found
 
 
+CONTAINERS = {"dict", "list", "set", "OrderedDict", "defaultdict", "deque", "Counter"}
+MUTATORS = {"append", "extend", "insert", "update", "setdefault", "pop", "popitem", "clear", "add", "discard", "remove"}
+
+
+def mutable_cells(package: Path = PACKAGE) -> list[str]:
+    """Module-level containers that code changes (an item set or deleted, a mutating
+    method called): a process's hidden state. A registry's ``register`` (timm's pattern:
+    each entry registers itself as its module is read) is the one writer allowed."""
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        cells = set()
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            value = getattr(node, "value", None)
+            made = isinstance(value, (ast.Dict, ast.List, ast.Set)) or (
+                isinstance(value, ast.Call) and getattr(value.func, "id", None) in CONTAINERS
+            )
+            cells |= {t.id for t in targets if made and isinstance(t, ast.Name)}
+        registers = [
+            (f.lineno, f.end_lineno) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "register"
+        ]
+        for node in ast.walk(tree):
+            hit = None
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                for t in getattr(node, "targets", None) or [node.target]:
+                    if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id in cells:
+                        hit = t.value.id
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+                if isinstance(node.func.value, ast.Name) and node.func.value.id in cells:
+                    hit = node.func.value.id
+            if hit and not any(a <= node.lineno <= b for a, b in registers):
+                out.append(f"{path.relative_to(package)}:{node.lineno} {hit}")
+    return out
+
+
+def test_no_module_level_cell_that_code_changes(tmp_path):
+    """What a run keeps between calls (loaders, digests) lives in its Runtime, passed down."""
+    assert mutable_cells() == []
+    (tmp_path / "a.py").write_text("_KEPT = {}\nNAMES = ['a']\ndef f(k):\n    _KEPT[k] = 1\n    return NAMES[0]\n")
+    (tmp_path / "b.py").write_text("import collections\nC = OrderedDict()\ndef f():\n    C.popitem()\n")
+    (tmp_path / "c.py").write_text("R = {}\ndef register(k):\n    R[k] = k\n    return k\n")
+    assert mutable_cells(tmp_path) == ["a.py:4 _KEPT", "b.py:4 C"]
+
+
 IMPORT_PROBE = r"""
-import ast, importlib, json, logging, os, pkgutil, sys
+import ast, importlib, importlib.util, json, logging, os, sys
 from pathlib import Path
-import study
-package = Path(study.__path__[0])
-names = [m.name for m in pkgutil.walk_packages(study.__path__, "study.")]
+found = importlib.util.find_spec("study").submodule_search_locations  # study itself not imported yet
+package = Path(found[0])
+# from the files: pkgutil.walk_packages would import every package to walk it
+names = sorted(
+    ".".join(("study",) + p.relative_to(package).with_suffix("").parts).removesuffix(".__init__")
+    for p in package.rglob("*.py")
+)
 # the libraries study's modules import at their top, first: their own import-time effects
 # (OpenCV's environment variables) are theirs
 for path in package.rglob("*.py"):

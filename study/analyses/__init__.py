@@ -346,7 +346,7 @@ def run(job, per_seed: dict, log=print) -> dict:
     if not tasks:
         log("analyses: nothing to analyse (no fine-tuned model)")
         return {"key": key, "seeds": {}}
-    job.ray.ensure(cfg.ray.address, cfg.ray.num_cpus)
+    job.runtime.ray.ensure(cfg.ray.address, cfg.ray.num_cpus)
     n = min(spec.actors, len(tasks))
     actor = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(Analyst)
     actors = [actor.remote(cfg.resolved(), str(job.out.resolve()), max(1, int(spec.resources.cpus))) for _ in range(n)]

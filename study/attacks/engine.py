@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from study.attacks.grammar import Attack
+from study.items import Item
 
 
 @functools.cache
@@ -26,7 +26,7 @@ def _cpu_has_bf16_units() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def step_dtype(attack: Attack, device: torch.device, early_stop: bool) -> torch.dtype | None:
+def step_dtype(attack: Item, device: torch.device, early_stop: bool) -> torch.dtype | None:
     """The autocast dtype of the ascent steps, None for plain fp32."""
     if attack.precision == "fp32" or (attack.precision == "auto" and not early_stop):
         return None
@@ -117,7 +117,7 @@ def _start(x0, attack, generator):
     return x0.clone()
 
 
-def ascend(x0: torch.Tensor, cur: torch.Tensor, grad: torch.Tensor, attack: Attack) -> torch.Tensor:
+def ascend(x0: torch.Tensor, cur: torch.Tensor, grad: torch.Tensor, attack: Item) -> torch.Tensor:
     """One step of the paper's update from iterate ``cur`` of clean images ``x0``: ``step``
     along the gradient's sign (L-inf) or direction (L2), descending for a targeted attack,
     then projected into the eps-ball around ``x0`` and into [0, 1]."""
@@ -134,7 +134,7 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return other - true
 
 
-def attack_loss(attack: Attack):
+def attack_loss(attack: Item):
     """The per-sample loss the attack ascends (``loss``: ``ce`` or ``cw``)."""
     if attack.loss == "cw":
         return margin_loss
@@ -145,7 +145,7 @@ def pgd(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    attack: Attack,
+    attack: Item,
     target: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     loss=None,
@@ -198,7 +198,7 @@ class _Stream:
     iterates are judged in fp32, and proposing near-breaks as well found
     no more breaks (docs/benchmarks.md, "Where the gain comes from")."""
 
-    def __init__(self, model, chunks, attack: Attack, early_stop: bool, generator):
+    def __init__(self, model, chunks, attack: Item, early_stop: bool, generator):
         self.model, self.attack, self.early_stop, self.generator = model, attack, early_stop, generator
         self.loss = attack_loss(attack)
         self.source, self.arrived = iter(chunks), 0

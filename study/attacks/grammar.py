@@ -7,14 +7,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from study.items import AttackError
+
 _NAME = re.compile(
     r"^(?:(?P<pgd>pgd)(?P<steps>\d+)|(?P<fgsm>fgsm)|(?P<aa>autoattack)|(?P<strong>strong))"
     r"_(?P<norm>linf|l2)_(?P<eps>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)$"
 )
-
-
-class AttackError(ValueError):
-    """An attack that cannot be run: unknown name, negative or non-numeric eps."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,38 @@ class Attack:
     def step_pixels(self) -> float:
         return self.rel_step * self.eps_pixels / self.steps
 
+    # -- the evaluation item (study.items.Item) --
+    def run(self, model, batches, max_images: int | None = None, seed: int = 0) -> dict:
+        from study.attacks.run import robust_accuracy
+
+        return robust_accuracy(model, batches, self, max_images=max_images, seed=seed)
+
+    def members(self) -> list[Attack]:
+        """The strong evaluation's members, in the order they run; an attack is its own."""
+        return members(self)
+
+    def steps_at_most(self) -> int:
+        """Gradient passes an image can take."""
+        if self.kind == "autoattack":
+            return AUTOATTACK_STEPS[self.version]
+        if self.kind == "strong":
+            return sum(m.steps_at_most() for m in self.members())
+        return self.steps * self.restarts
+
+    def passes(self, shares: dict) -> float:
+        """As the engine runs it: only on the images the model gets right, a broken image
+        leaving early (half-way on average), and each later member of the strong
+        evaluation only on what the ones before it left."""
+        if self.kind == "strong":
+            first, *rest = self.members()
+            left = shares["correct"] * shares["survive"]
+            return first.passes(shares) + left * sum(m.steps_at_most() for m in rest)
+        survive = shares["survive"]
+        return shares["correct"] * self.steps_at_most() * (survive + (1 - survive) / 2)
+
+    def host_seconds(self, side: int) -> float:
+        return 0.0
+
 
 PRECISIONS = ("auto", "fp32", "bf16")  # of the ascent steps
 LINF_MAX = 255.0  # an L-inf eps beyond the pixel range breaks every image: refused
@@ -61,6 +91,7 @@ LOSSES = ("ce", "cw")
 # what a CPU can afford on every model and seed (Square's 5,000 queries and the targeted
 # runs are most of the standard version's cost on a model that resists)
 VERSIONS = ("standard", "apgd")
+AUTOATTACK_STEPS = {"standard": 1000, "apgd": 200}  # gradient passes an image takes, at most
 
 
 def _bracket(spec: str) -> tuple[str, dict]:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from study.attacks.engine import _project, _random_start
-from study.attacks.grammar import AttackError
+from study.items import AttackError
 
 
 def steepest_neighbour(

@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from study.attacks.engine import VANISHING, Outcome, _pgd, _Stream, step_dtype
-from study.attacks.grammar import Attack, AttackError
 from study.attacks.strong import _autoattack, _worst_case
+from study.items import AttackError, Item
 
 
 def perturb(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    attack: Attack,
+    attack: Item,
     target: torch.Tensor | None = None,
     early_stop: bool = True,
     generator: torch.Generator | None = None,
@@ -53,7 +53,7 @@ def _capped(batches, cap: int | None):
         yield x, y, None
 
 
-def _batchwise(model, chunks, attack: Attack, generator, account) -> tuple[list, dict]:
+def _batchwise(model, chunks, attack: Item, generator, account) -> tuple[list, dict]:
     """AutoAttack and the strong evaluation, batch by batch as the package works: each
     batch's outcome to ``account``; their notes, and the strong evaluation's tally."""
     notes, tally, first = [], {}, 0
@@ -69,7 +69,7 @@ def _batchwise(model, chunks, attack: Attack, generator, account) -> tuple[list,
     return notes, tally
 
 
-def robust_accuracy(model: nn.Module, batches, attack: Attack, max_images: int | None = None, seed: int = 0) -> dict:
+def robust_accuracy(model: nn.Module, batches, attack: Item, max_images: int | None = None, seed: int = 0) -> dict:
     """AOI, AAI and DR (percent) of ``model`` under ``attack`` on the same images, plus what
     the sanity checks need: per-sample clean and robust correctness, the largest
     perturbation norm, whether every adversarial image stays in [0, 1], the count of

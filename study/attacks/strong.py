@@ -9,7 +9,6 @@ import logging
 import torch
 
 from study.attacks.engine import Outcome, _input_grad_norm, _pgd
-from study.attacks.grammar import members
 
 
 class _Collect(logging.Handler):
@@ -76,7 +75,7 @@ def _worst_case(model, x, y, attack, generator) -> Outcome:
     x_adv, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
     grad_norm = torch.full((len(x),), float("nan"), device=x.device)
     notes, tally = [], {}
-    for i, member in enumerate(members(attack)):
+    for i, member in enumerate(attack.members()):
         idx = alive.nonzero().flatten()
         tally[member.name] = [len(idx), 0]
         if not len(idx):

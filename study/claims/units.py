@@ -63,11 +63,9 @@ def picks(df: pd.DataFrame, unit: dict, method: str, attack: str) -> pd.DataFram
 
 
 def by_seed(found: dict) -> dict:
-    """seed -> that replicate's analyses ``{"datasets": ...}``; a result written before
-    replicates (one ``datasets`` at the top) is one replicate, of seed None."""
-    if "seeds" in found:
-        return found["seeds"]
-    return {None: {"datasets": found.get("datasets", {})}}
+    """seed -> that replicate's analyses ``{"datasets": ...}`` (an older format's file is
+    read into this shape by study.formats)."""
+    return found.get("seeds", {})
 
 
 def _arrays(entry: dict) -> tuple[np.ndarray, np.ndarray]:

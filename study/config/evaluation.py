@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 from study import corruptions
 from study.attacks import Attack, AttackError, parse_attack
 from study.config.specs import _no_repeats, _Strict
+from study.items import Item
 from study.methods import METHODS
 
 MODELS = ("pretrain",) + tuple(METHODS)  # what an attack may be limited to
@@ -134,7 +135,7 @@ class EvalSpec(_Strict):
         _no_repeats([e.attack.name for e in entries], "attack")
         return entries
 
-    def suite(self, method: str | None = None, dataset: str | None = None, seed: int | None = None) -> list[Attack]:
+    def suite(self, method: str | None = None, dataset: str | None = None, seed: int | None = None) -> list[Item]:
         """The attacks, or those that run on models of ``method`` on ``dataset`` (of replicate
         ``seed``), then the corruption items that do."""
         out = [e.attack for e in self.attacks if e.applies(method, dataset, seed)]

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from study import locks
 from study.data.registry import build_split, get_info, resolve_params
 from study.files import atomic_write_text, config_hash
+from study.runtime import locks
 
 FORMAT_VERSION = 1  # bump when the way a split is written changes
 

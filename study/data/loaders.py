@@ -9,40 +9,12 @@ Normalisation is *not* done here: it is the model's first layer (see study.model
 
 from __future__ import annotations
 
-import sys
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 from study.data.beton import check_beton, read_manifest
 from study.data.registry import get_info
-
-
-def _ignore_numba_finalizer_noise() -> None:
-    """FFCV recompiles its numba pipeline per loader; when a loader is collected, numba's
-    dispatcher finalizer looks up an overload that is already gone and prints a harmless
-    ``KeyError`` as an "Exception ignored" traceback. Drop that one message, keep all others.
-    Installed when a process makes its first FFCV loader, not when this module is imported."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_numba_finalizer_noise", False):
-        return
-
-    def hook(unraisable):
-        tb = unraisable.exc_traceback
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        if (
-            isinstance(unraisable.exc_value, KeyError)
-            and tb is not None
-            and tb.tb_frame.f_code.co_name == "finalizer"
-            and "numba" in tb.tb_frame.f_code.co_filename
-        ):
-            return
-        previous(unraisable)
-
-    hook.drops_numba_finalizer_noise = True
-    sys.unraisablehook = hook
 
 
 class ImageLoader:
@@ -104,13 +76,6 @@ def holdout(count: int, fraction: float, seed: int = 0) -> tuple[list[int], list
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
-# FFCV compiles a loader's numba pipeline at its first epoch (a second or more on a CPU,
-# however few its images): a process that asks again for a loader it made before (a
-# reused Tune actor, an analysis actor, the driver) gets that one back, compiled.
-_LOADERS: OrderedDict = OrderedDict()
-_LOADERS_KEPT = 32
-
-
 def make_loader(
     beton,
     *,
@@ -125,24 +90,20 @@ def make_loader(
     indices=None,
     drop_last: bool | None = None,
     channels_last: bool = False,
+    cache=None,
 ) -> ImageLoader:
     """An FFCV loader over ``beton``; the dataset's registry entry sets the augmentation.
-    The same arguments in one process give the same loader back, at its first epoch
-    (``_LOADERS``): it yields what a new one would."""
+    ``cache`` (a run's ``Runtime.loaders``): the same arguments give the loader made before
+    back, at its first epoch: it yields what a new one would, without compiling again."""
     beton = Path(beton)
     manifest = read_manifest(beton.with_suffix(".json"))
     check_beton(beton, manifest)  # a clear error now beats a numba crash in a worker thread
     drop_last = train if drop_last is None else drop_last
     args = (resolution, batch_size, dataset, workers, distributed, drop_last, torch.device(device), channels_last)
-    if distributed:  # its shard is the process group's of the moment: made anew
+    if distributed or cache is None:  # a distributed shard is the process group's of the moment
         return _new_loader(beton, manifest, train, seed, indices, *args)
     key = _loader_key(beton, train, seed, indices, args)
-    loader = _LOADERS.pop(key, None)
-    if loader is None:
-        loader = _new_loader(beton, manifest, train, seed, indices, *args)
-    _LOADERS[key] = loader
-    while len(_LOADERS) > _LOADERS_KEPT:
-        _LOADERS.popitem(last=False)
+    loader = cache.get(key, lambda: _new_loader(beton, manifest, train, seed, indices, *args))
     loader.set_epoch(0)
     if loader.decoder is not None:  # progressive resizing may have changed it
         loader.set_resolution(resolution)
@@ -181,7 +142,6 @@ def _new_loader(
 
     from study.data.augment import EpochCell, SeededHorizontalFlip, SeededRandomResizedCrop
 
-    _ignore_numba_finalizer_noise()
     info = get_info(dataset or (manifest or {}).get("dataset", "folder"))
     size = (resolution, resolution)
     decoder = cell = None

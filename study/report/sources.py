@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from study import corruptions, tracking
+from study import corruptions, formats, tracking
 from study.claims import by_seed
 from study.files import BadInput, read_json
 
@@ -49,12 +49,12 @@ NUMBERS = ("seed", "images", "AOI", "AAI", "DR")
 def read_results(path, job: str = "", need: tuple = ()) -> pd.DataFrame:
     """A ``results.csv``, checked (BadInput naming the file: truncated, a column of
     NEEDED or ``need`` missing, a number that is none or a percentage outside 0-100); one
-    written by an earlier version reads as the new one (``setting`` is ``method``, a
-    missing ``job`` is ``job``, a missing ``chosen`` is ``selected``)."""
+    of an older format reads as the current one (study.formats: the folder's format)."""
     path = Path(path)
+    v = formats.version(path.parent) or formats.FORMAT
     try:
         raw = path.read_bytes()
-        df = pd.read_csv(path).rename(columns={"setting": "method"})
+        df = formats.results(pd.read_csv(path), v, job)
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise BadInput(f"{path}: not a readable results.csv ({str(err).splitlines()[0]})") from None
     if raw and not raw.endswith(b"\n"):
@@ -69,13 +69,9 @@ def read_results(path, job: str = "", need: tuple = ()) -> pd.DataFrame:
         if col in ("AOI", "AAI") and ((values < 0) | (values > 100)).any():
             raise BadInput(f"{path}: column {col} holds a percentage outside 0-100")
         df[col] = values
-    if "job" not in df:
-        df.insert(0, "job", job)
-    df["job"] = df["job"].fillna(job).astype(str)
+    df["job"] = df["job"].fillna(job).astype(str) if "job" in df else job
     if "selected" in df:
         df["selected"] = df["selected"].fillna(True).astype(bool)
-    if "chosen" not in df and "selected" in df:
-        df["chosen"] = df["selected"]
     return df
 
 
@@ -86,6 +82,7 @@ def read_masks(path, df: pd.DataFrame) -> dict:
     correct, a length other than the row's image count, or a stage ``df`` does not have
     (another run's file)."""
     path = Path(path)
+    formats.version(path.parent)  # a newer format is refused; every format's masks have this shape
     masks = read_json(path)
     if not isinstance(masks, dict):
         raise BadInput(f"{path}: expected {{stage: {{attack: {{correct, robust}}}}}}, got a {type(masks).__name__}")
@@ -125,7 +122,7 @@ def read_analyses(folder) -> dict:
     """``folder/analyses.json`` with each UAP image's path pointing into ``folder`` (the
     run wrote paths under its own OUT; a download or a copy moves the images)."""
     folder = Path(folder)
-    found = json.loads((folder / "analyses.json").read_text())
+    found = formats.analyses(json.loads((folder / "analyses.json").read_text()), formats.version(folder.parent) or 1)
     for rep in by_seed(found).values():
         for v in rep.get("datasets", {}).values():
             for u in v.get("uap", {}).values():
@@ -154,9 +151,11 @@ def from_mlflow(experiment: str | None = None, log=print) -> tuple[pd.DataFrame,
 
 
 def _job_artifacts(run_id: str, have: set, d: Path, found: dict, masks: dict, job: str = "") -> pd.DataFrame:
-    """A job run's results frame (``job``: its name, for results written before the
+    """A job run's results frame (``job``: its name, for results of a format without the
     column); its analyses (per seed) and per-image results are merged into ``found``
-    and ``masks``."""
+    and ``masks``. Read through study.formats: the run's ``format.json`` beside them."""
+    if formats.NAME in have:
+        tracking.download(run_id, formats.NAME, d)
     df = read_results(tracking.download(run_id, "results.csv", d), job)
     if "per_image.json" in have:
         masks.update(read_masks(tracking.download(run_id, "per_image.json", d), df))

@@ -20,33 +20,30 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from study.files import atomic_write_text
-from study.tracking.server import (
+from study.runtime.server import (
     ARTIFACTS_NAME,
     DB_NAME,
     LOG_NAME,
     SERVER_RECORD,
     SERVER_SWITCHES,
     LocalServer,
-    Tracking,
     TrackingError,
     free_port,
     guarded,
     live_server,
-    owned,
-    quiet_mlflow,
-    read_store,
-    reading,
     serve_ui,
     server_command,
     server_env,
     stop_group,
     stop_orphan,
 )
+from study.tracking.connect import Tracking, owned, quiet_mlflow, quiet_worker, read_store, reading
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -85,14 +82,14 @@ def pip_requirements() -> list[str]:
     return [f"torch=={version('torch')}", f"torchvision=={version('torchvision')}"]
 
 
-def log_model(model, name: str = "model"):
+def log_model(model, name: str = "model") -> None:
     """Logs a StudyModel: it loads back with mlflow.pytorch.load_model as a module that
     takes [0,1] images and returns logits."""
     import mlflow.pytorch
 
     # pickle, not the default pt2: pt2 freezes the traced input shape, and the study
     # needs a module for any batch size. Only the study's own runs are loaded this way.
-    return mlflow.pytorch.log_model(
+    mlflow.pytorch.log_model(
         model.cpu().eval(), name=name, serialization_format="pickle", pip_requirements=pip_requirements()
     )
 
@@ -141,7 +138,28 @@ def log_evaluation(run_id: str, records: list[dict], flags: list, logged: set) -
     client.set_tag(run_id, "study.sanity", "pass" if not bad else "fail: " + ", ".join(bad))
 
 
-def parent_run(out: Path, name: str, config_hash: str):
+@dataclass
+class Run:
+    """A run of the study's layout, active while its ``with`` block runs: the study's own
+    small type (no MLflow object leaves this module). ``params``: what it held on entry."""
+
+    id: str
+    experiment_id: str
+    params: dict
+    active: object = field(repr=False)  # MLflow's ActiveRun: it ends the run on exit
+
+    @classmethod
+    def of(cls, active) -> Run:
+        return cls(active.info.run_id, active.info.experiment_id, dict(active.data.params), active)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc):
+        return self.active.__exit__(*exc)
+
+
+def parent_run(out: Path, name: str, config_hash: str) -> Run:
     """The job's parent run: resumed when this OUT already ran the same config."""
     import mlflow
 
@@ -152,11 +170,10 @@ def parent_run(out: Path, name: str, config_hash: str):
         prev = json.loads(state.read_text())
         if prev.get("config_hash") == config_hash:
             if run_exists(prev["parent_run_id"], "the job's parent run"):
-                return mlflow.start_run(run_id=prev["parent_run_id"])
-    run = mlflow.start_run(experiment_id=exp_id, run_name=name)
+                return Run.of(mlflow.start_run(run_id=prev["parent_run_id"]))
+    run = Run.of(mlflow.start_run(experiment_id=exp_id, run_name=name))
     atomic_write_text(
-        state,
-        json.dumps({"config_hash": config_hash, "experiment_id": exp_id, "parent_run_id": run.info.run_id}, indent=2),
+        state, json.dumps({"config_hash": config_hash, "experiment_id": exp_id, "parent_run_id": run.id}, indent=2)
     )
     return run
 
@@ -222,7 +239,7 @@ def use(tracking_uri: str, experiment_id: str | None = None) -> None:
     """Points this process (a Ray worker, a Tune trial) at the job's server and experiment."""
     import mlflow
 
-    quiet_mlflow()
+    quiet_worker()
     mlflow.set_tracking_uri(tracking_uri)
     if experiment_id is not None:
         mlflow.set_experiment(experiment_id=experiment_id)
@@ -231,7 +248,6 @@ def use(tracking_uri: str, experiment_id: str | None = None) -> None:
 def client(tracking_uri: str | None = None):
     import mlflow
 
-    quiet_mlflow()
     return mlflow.MlflowClient(tracking_uri)
 
 
@@ -248,16 +264,16 @@ def run_exists(run_id: str, what: str) -> bool:
         return False
 
 
-def child_run(name: str, parent_run_id: str | None = None, resume_id: str | None = None):
+def child_run(name: str, parent_run_id: str | None = None, resume_id: str | None = None) -> Run:
     """A child run of the job: of the active run, or of ``parent_run_id`` in a process
     that has none (a Tune trial); ``resume_id`` continues that run instead."""
     import mlflow
 
     if resume_id is not None:
-        return mlflow.start_run(run_id=resume_id, nested=parent_run_id is None)
+        return Run.of(mlflow.start_run(run_id=resume_id, nested=parent_run_id is None))
     if parent_run_id:
-        return mlflow.start_run(run_name=name, parent_run_id=parent_run_id)
-    return mlflow.start_run(run_name=name, nested=True)
+        return Run.of(mlflow.start_run(run_name=name, parent_run_id=parent_run_id))
+    return Run.of(mlflow.start_run(run_name=name, nested=True))
 
 
 def mark_killed(run_id: str) -> None:
@@ -297,26 +313,32 @@ def log_artifacts(folder: Path, artifact_path: str) -> None:
     mlflow.log_artifacts(str(folder), artifact_path)
 
 
-def logged_epochs(client, run_id: str, key: str = "train_loss") -> set[int]:
-    return {int(m.step) for m in client.get_metric_history(run_id, key)}
+class History:
+    """A run's per-epoch metrics as the study logs them: ``sync`` logs every epoch of a
+    trainer's history that the run does not have yet, so a resumed run logs each epoch
+    exactly once. Its MLflow client stays inside."""
 
+    def __init__(self, run_id: str, tracking_uri: str | None = None):
+        self.run_id, self._client = run_id, client(tracking_uri)
 
-def sync_history(client, run_id: str, history: list[dict]) -> int:
-    """Logs every epoch of ``history`` that the run does not have yet (so a resumed run
-    logs each epoch exactly once); returns how many."""
-    from mlflow.entities import Metric
+    def logged(self, key: str = "train_loss") -> list[int]:
+        """The epochs the run holds ``key`` for, in the order they were logged."""
+        return [int(m.step) for m in self._client.get_metric_history(self.run_id, key)]
 
-    done = logged_epochs(client, run_id)
-    now = int(time.time() * 1000)
-    new = 0
-    for m in history:
-        if int(m["epoch"]) in done:
-            continue
-        client.log_batch(
-            run_id, metrics=[Metric(k, float(v), now, int(m["epoch"])) for k, v in m.items() if k != "epoch"]
-        )
-        new += 1
-    return new
+    def sync(self, history: list[dict]) -> int:
+        """Returns how many epochs it logged."""
+        from mlflow.entities import Metric
+
+        done = set(self.logged())
+        now = int(time.time() * 1000)
+        new = 0
+        for m in history:
+            if int(m["epoch"]) in done:
+                continue
+            metrics = [Metric(k, float(v), now, int(m["epoch"])) for k, v in m.items() if k != "epoch"]
+            self._client.log_batch(self.run_id, metrics=metrics)
+            new += 1
+        return new
 
 
 def job_runs(experiment: str | None = None) -> list[tuple[str, str, str, set]]:
@@ -359,6 +381,8 @@ def download(run_id: str, artifact_path: str, dest: Path) -> Path:
 
 
 __all__ = [
+    "History",
+    "Run",
     "ARTIFACTS_NAME",
     "DB_NAME",
     "LOG_NAME",
@@ -385,13 +409,13 @@ __all__ = [
     "log_params",
     "log_splits",
     "log_yaml",
-    "logged_epochs",
     "mark_killed",
     "metric_key",
     "owned",
     "parent_run",
     "pip_requirements",
     "quiet_mlflow",
+    "quiet_worker",
     "read_store",
     "reading",
     "run_exists",
@@ -401,7 +425,6 @@ __all__ = [
     "set_tags",
     "stop_group",
     "stop_orphan",
-    "sync_history",
     "uri",
     "use",
 ]

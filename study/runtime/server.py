@@ -1,7 +1,7 @@
-"""The MLflow server a run owns or reads: ``mlflow server`` on 127.0.0.1 for OUT's sqlite
-store (``LocalServer``), started by the process that holds OUT (``owned``) or found and
-used as it is by a reader (``reading``), its record in OUT so that a later run can stop
-a dead run's server (``stop_orphan``), and ``study ui``. Every process logs over HTTP to
+"""The MLflow server processes a run supervises: ``mlflow server`` on 127.0.0.1 for OUT's
+sqlite store (``LocalServer``), its record in OUT so that a later run can stop a dead
+run's server (``stop_orphan``), and ``study ui``. No MLflow API here: which server a
+process logs to is study.tracking's. Every process logs over HTTP to
 that one server, so no two processes ever write the sqlite file directly."""
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def server_env() -> dict:
 
 def server_command(out: Path, port: int) -> list[str]:
     out = Path(out).resolve()
-    mlflow = Path(sys.executable).with_name("mlflow")
+    executable = Path(sys.executable).with_name("mlflow")
     return [
-        str(mlflow) if mlflow.exists() else "mlflow",
+        str(executable) if executable.exists() else "mlflow",
         "server",
         "--backend-store-uri",
         f"sqlite:///{out / DB_NAME}",
@@ -103,7 +103,7 @@ def _recorded(out: Path):
 
 def stop_orphan(out: Path, hold, log=print) -> None:
     """Stops the MLflow server a dead run left behind on this store (its record names it).
-    ``hold``: this process's hold on OUT (``study.locks.exclusive``), the proof that no
+    ``hold``: this process's hold on OUT (``study.runtime.locks.exclusive``), the proof that no
     live run owns that server; a reader never stops anything."""
     import psutil
 
@@ -135,7 +135,7 @@ def live_server(out: Path) -> str | None:
         return None
 
 
-def _answers(uri: str) -> bool:
+def answers(uri: str) -> bool:
     import http.client
 
     try:
@@ -209,7 +209,7 @@ class LocalServer:
         while time.monotonic() < self.deadline:
             if self.proc.poll() is not None:
                 raise TrackingError(f"mlflow server exited with {self.proc.returncode}; see {self.log_path}")
-            if _answers(self.uri):
+            if answers(self.uri):
                 return self
             time.sleep(0.3)
         self.stop()
@@ -228,142 +228,13 @@ class LocalServer:
         self.stop()
 
 
-class Tracking:
-    """What ``tracking`` yields: ``ready()`` waits for the server (once) and returns the URI."""
-
-    def __init__(self, uri: str | None = None, server: LocalServer | None = None, quiet: bool = False):
-        self.uri, self.server, self.quiet = uri, server, quiet
-        self.live = False  # the server of a live run that holds OUT (``reading``)
-
-    def ready(self) -> str:
-        import mlflow
-
-        if self.uri is None:
-            self.uri = self.server.wait().uri
-            os.environ["MLFLOW_TRACKING_URI"] = self.uri  # child processes (Ray) inherit it
-            if not self.quiet:
-                print(f"[study] MLflow at {self.uri}", flush=True)
-        mlflow.set_tracking_uri(self.uri)
-        return self.uri
-
-
-@contextlib.contextmanager
-def owned(out: Path, hold, quiet: bool = False):
-    """For the process that holds OUT (``hold``: ``study.locks.exclusive``'s): yields a
-    ``Tracking`` of the user's ``MLFLOW_TRACKING_URI``, or of a local server on OUT's
-    store, launched on entry (it starts while the caller goes on; ``ready()`` waits for
-    it). A server a dead run left on the store is stopped first."""
-    given = os.environ.get("MLFLOW_TRACKING_URI")
-    if given:
-        with _given(given) as tracked:
-            yield tracked
-        return
-    quiet_mlflow()
-    stop_orphan(out, hold)
-    if not quiet:
-        print(f"[study] starting MLflow server (sqlite {Path(out) / DB_NAME}) ...", flush=True)
-    with _served(LocalServer(out, owner=True), quiet) as tracked:
-        yield tracked
-
-
-@contextlib.contextmanager
-def reading(out: Path, wait: float = 120.0):
-    """For a command that only reads OUT's store (``study report``): the user's
-    ``MLFLOW_TRACKING_URI``; else, while a live process holds OUT, the server it runs
-    (waited for up to ``wait`` seconds while it starts); else a server of this process's
-    own that leaves OUT as it is. Never stops a server, never writes into OUT."""
-    from study import locks
-
-    given = os.environ.get("MLFLOW_TRACKING_URI")
-    if given:
-        with _given(given) as tracked:
-            yield tracked
-        return
-    quiet_mlflow()
-    uri = _live_answering(out, wait) if locks.held(out) else None
-    if uri is not None:
-        with _given(uri) as tracked:
-            tracked.live = True
-            yield tracked
-        return
-    with _served(LocalServer(out, owner=False), quiet=True) as tracked:
-        yield tracked
-
-
-def _live_answering(out: Path, wait: float) -> str | None:
-    """The URI of the server of the live process holding OUT, once it answers (it may be
-    starting); None when OUT comes free meanwhile (the run ended)."""
-    from study import locks
-
-    deadline = time.monotonic() + wait
-    while locks.held(out):
-        if (uri := live_server(out)) and _answers(uri):
-            return uri
-        if time.monotonic() > deadline:
-            raise TrackingError(
-                f"{out} is held by a live run whose MLflow server does not answer; try again in a minute"
-            )
-        time.sleep(0.5)
-    return None
-
-
-def read_store(out: Path, read):
-    """``read()`` under ``reading(out)``. A live run's server goes away when the run ends:
-    if it went while ``read`` used it, ``read`` runs once more on a server of this
-    process's own (OUT is free by then)."""
-    for last in (False, True):
-        with reading(out) as tracked:
-            tracked.ready()
-            try:
-                return read()
-            except Exception:
-                if last or not tracked.live or _answers(tracked.uri):
-                    raise
-
-
-@contextlib.contextmanager
-def _given(uri: str):
-    import mlflow
-
-    try:
-        yield Tracking(uri)
-    finally:
-        mlflow.set_tracking_uri(None)
-        _forget_artifact_repos()
-
-
-@contextlib.contextmanager
-def _served(server: LocalServer, quiet: bool):
-    import mlflow
-
-    server.launch()
-    try:
-        yield Tracking(server=server, quiet=quiet)
-    finally:
-        server.stop()
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        mlflow.set_tracking_uri(None)
-        _forget_artifact_repos()
-
-
-def _forget_artifact_repos() -> None:
-    """MLflow caches each run's artifact client by run id alone, with the server's address
-    inside; a later server for the same store (another port) must not reuse it."""
-    try:
-        from mlflow.tracking._tracking_service import utils
-
-        utils._artifact_repos_cache.clear()
-    except (ImportError, AttributeError):
-        pass
-
-
 def serve_ui(out: Path, port: int = 5000) -> int:
     """`study ui`: the MLflow UI over OUT's store, in the foreground, on 127.0.0.1. While a
     live run holds OUT its own server already serves the UI: its address is printed and
     nothing else starts (two servers writing one sqlite file is what the study never does).
     Otherwise the UI holds OUT for as long as it serves (the UI can edit the store), so a
     run into OUT meanwhile is refused, naming it."""
-    from study import locks
+    from study.runtime import locks
 
     out = Path(out)
     if not (out / DB_NAME).exists():
@@ -374,8 +245,10 @@ def serve_ui(out: Path, port: int = 5000) -> int:
             raise locks.Busy(f"{out} is held by a live process that runs no MLflow server yet; try again in a minute")
         print(f"[study] {out} is in use by a live run; its MLflow server serves the UI: {uri}", flush=True)
         return 0
-    with locks.exclusive(out, "study ui") as hold:
-        stop_orphan(out, hold)
+    from study.runtime import Runtime
+
+    with Runtime.holding(out, "study ui") as runtime:
+        stop_orphan(out, runtime.hold)
         server = LocalServer(out, port=port, owner=True)
         print(f"[study] MLflow UI on {server.uri} (Ctrl-C to stop)", flush=True)
         # its own session, stopped as a whole however study ends (Ctrl-C, SIGTERM, an error):
@@ -385,14 +258,3 @@ def serve_ui(out: Path, port: int = 5000) -> int:
             return server.proc.wait()
         finally:
             server.stop()
-
-
-def quiet_mlflow() -> None:
-    """Keeps the console for the study: no run URLs per run, no warning about the
-    pickle format we chose on purpose (see log_model)."""
-    import logging
-
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no machine here reaches it
-    for name in ("mlflow.pytorch", "mlflow.utils.environment", "mlflow.models.model", "mlflow.utils.uv_utils"):
-        logging.getLogger(name).setLevel(logging.ERROR)

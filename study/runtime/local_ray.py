@@ -1,12 +1,15 @@
-"""What a run owns of the machine's processes: the Ray it uses (``LocalRay``: a cluster's,
-or a local one on the loopback that the run starts and stops) and the set-up of every
-process of that local Ray (``quiet_ray_process``). A run creates its ``LocalRay`` (the
-``Job`` holds it) and passes it down; nothing here holds state of its own."""
+"""The Ray a run uses (``LocalRay``: a cluster's, or a local one on the loopback that the run
+starts and stops) and the set-up of every process of that local Ray
+(``quiet_ray_process``). A run's ``Runtime`` holds its ``LocalRay``; nothing here holds
+state of its own."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
+
+from study.runtime.environ import numba_quiet_hook, switched
 
 
 @dataclass
@@ -18,6 +21,7 @@ class LocalRay:
 
     started: bool = False  # a local Ray this run started (not a cluster's, not the tests')
     address: str | None = None  # that Ray's GCS address, in RAY_ADDRESS while it runs
+    filtered: bool = False  # this driver's logger filter below, added by ``ensure``
 
     def ensure(self, address: str | None = None, num_cpus: int | None = None) -> None:
         """Connects to the cluster, else starts a local Ray; nothing when Ray is already up."""
@@ -29,17 +33,18 @@ class LocalRay:
             return
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address)
+            with _own_environment():
+                ray.init(address=address)
             return
-        quiet_ray_process()
-        with _on_loopback():
+        self.filtered = _filter_autoscaling_noise()
+        with _own_environment(), _on_loopback():
             ray.init(
                 address="local",
                 num_cpus=num_cpus,
                 _node_ip_address="127.0.0.1",
                 # the dashboard serves Ray's state API, which Ray Train's clean-up polls
                 dashboard_host="127.0.0.1",
-                runtime_env={"worker_process_setup_hook": "study.runtime.quiet_ray_process"},
+                runtime_env={"worker_process_setup_hook": "study.runtime.local_ray.quiet_ray_process"},
             )
         self.started = True
         if ray.is_initialized():
@@ -58,7 +63,27 @@ class LocalRay:
             ray.shutdown()
         if self.address is not None and os.environ.get("RAY_ADDRESS") == self.address:
             del os.environ["RAY_ADDRESS"]  # that Ray is gone
-        self.started, self.address = False, None
+        if self.filtered:
+            logging.getLogger(AUTOSCALING_LOGGER).removeFilter(_not_autoscaling_noise)
+        self.started, self.address, self.filtered = False, None, False
+
+
+@contextlib.contextmanager
+def _own_environment():
+    """Under `uv run`, Ray by default rebuilds the driver's uv environment for every job in a
+    copy of the working directory. The workers of a Ray that study starts here use this very
+    environment; a cluster's nodes get theirs from their set-up commands (cluster.yaml). The
+    driver reads the switch from Ray's constants (read once, when Ray is imported) while it
+    starts; its child processes from the environment."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV
+    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
+    try:
+        with switched({"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}):
+            yield
+    finally:
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = saved
 
 
 @contextlib.contextmanager
@@ -69,24 +94,18 @@ def _on_loopback():
     macOS and Windows): its switch for that, read by each process Ray starts from its
     environment and by this one from its constants, holds while Ray starts. A cluster
     run keeps what its own ``ray start`` says."""
-    import os
 
     from ray._private import ray_constants
 
     # and Ray's documented switch for its usage reports: no machine here reports home
     switches = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    saved_env, saved_flag = {k: os.environ.get(k) for k in switches}, ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update(switches)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        yield
+        with switched(switches):
+            yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # Ray Train's controller asks the cluster's autoscaler for its workers' resources every
@@ -102,14 +121,23 @@ def _not_autoscaling_noise(record) -> bool:
     return not str(record.msg).startswith(AUTOSCALING_NOISE)
 
 
+def _filter_autoscaling_noise() -> bool:
+    """The filter on this process's logger; False when it was there already."""
+    logger = logging.getLogger(AUTOSCALING_LOGGER)
+    if _not_autoscaling_noise in logger.filters:
+        return False
+    logger.addFilter(_not_autoscaling_noise)
+    return True
+
+
 def quiet_ray_process() -> None:
     """The local Ray's ``worker_process_setup_hook`` (and the driver's): drops the
     autoscaling request's transient warning above (no other record); points each of the
     local Ray's workers at that Ray (RAY_ADDRESS: Ray's state API, which Ray Train's
     clean-up polls, otherwise looks for a Ray on the machine and, where two jobs run, says
     "Found multiple active Ray instances" and talks to the newest, maybe the other job's);
-    and keeps their torch.distributed on the loopback."""
-    import logging
+    keeps their torch.distributed on the loopback; and drops numba's finalizer noise of
+    FFCV's loaders (study.runtime.environ). For the life of that worker process."""
     import os
     import sys
 
@@ -123,9 +151,8 @@ def quiet_ray_process() -> None:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         _store_on_loopback()
 
-    logger = logging.getLogger(AUTOSCALING_LOGGER)
-    if _not_autoscaling_noise not in logger.filters:
-        logger.addFilter(_not_autoscaling_noise)
+    _filter_autoscaling_noise()
+    sys.unraisablehook = numba_quiet_hook(sys.unraisablehook)
 
 
 def _store_on_loopback() -> None:

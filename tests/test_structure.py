@@ -310,6 +310,47 @@ def test_importing_any_module_changes_no_hook_environment_or_logger():
     assert out["modules"] >= 40 and out["changed"] == [], out
 
 
+# The layers, bottom to top: a module imports from its own layer and the ones below only.
+# Every top-level module or package of study/ is in one (a new one must choose).
+LAYERS = [
+    ("ground", {"files", "items", "methods", "stats", "formats", "backbones"}),
+    ("runtime", {"runtime", "tracking"}),
+    ("data", {"data"}),
+    ("models", {"models", "fastcopy"}),
+    ("evaluation items", {"attacks", "corruptions"}),
+    ("training", {"objectives", "engine"}),
+    ("evaluation", {"evaluate", "weights"}),
+    ("science", {"claims", "evidence", "simulate"}),
+    ("job", {"config", "costs", "distributed", "stages", "report", "results"}),
+    ("stages", {"analyses", "pretrain", "sweep"}),
+    ("commands", {"pipeline", "plan", "cli"}),
+]
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    level = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
+
+    def of(module: str) -> str:
+        return module.split(".")[1] if "." in module else ""
+
+    unplaced = sorted({of(m) for m in graph if of(m) and of(m) not in level})
+    upward = [
+        f"{m} ({LAYERS[level[of(m)]][0]}) imports {d} ({LAYERS[level[of(d)]][0]})"
+        for m, deps in graph.items()
+        for d in deps
+        if of(m) in level and of(d) in level and level[of(d)] > level[of(m)]
+    ]
+    return [f"not in a layer: {u}" for u in unplaced] + sorted(upward)
+
+
+def test_imports_flow_down_the_layers():
+    assert layer_violations(import_graph()) == []
+    assert layer_violations({"study.stats": {"study.claims"}, "study.newroom": set()}) == [
+        "not in a layer: newroom",
+        "study.stats (ground) imports study.claims (science)",
+    ]
+
+
 def test_the_claims_import_nothing_from_the_report():
     """The paper's constants sit in study.methods, below both: the judge does not reach up
     into what renders it."""

@@ -174,6 +174,15 @@ def cmd_weights(args) -> int:
     if args.weights_command == "fetch":
         print(f"pin it in a job: weights: {{from: {args.name}, sha256: {got.sha256}}}")
         return 0
+    if args.weights_command == "check":
+        arch = src.arch or args.backbone
+        if arch is None:
+            raise hub.WeightsError(f"{args.name}: say which architecture the file holds (--backbone)")
+        _, terms = hub.checked(got, arch, [args.resolution], args.classes)
+        for term in terms:
+            print(f"  {term.name:9s} {'ok' if term.passed else 'not probed'}: {term.detail}")
+        print(f"{args.name} ({arch}) keeps the model contract at {args.resolution} px")
+        return 0
     return _verify(args, hub, src, got)
 
 
@@ -254,12 +263,16 @@ def _weights_parser(sub) -> None:
     wl.add_argument("--backbone", help="only this architecture")
     for verb, text in (
         ("fetch", "download into the cache; print the path and sha256"),
+        ("check", "load into the study's architecture and hold it to the model contract (study.contract)"),
         ("verify", "clean (and robust) ImageNet accuracy beside the published number"),
     ):
         wv = ws.add_parser(verb, help=text)
         wv.add_argument("name", help="a catalog name, hf://OWNER/REPO/FILE[@REV], IMAGENET1K_V1 or a path")
         wv.add_argument("--backbone", help="the architecture, where the name does not say it")
         wv.add_argument("--cache", type=Path, help="download folder (default: huggingface_hub's and torch's caches)")
+        if verb == "check":
+            wv.add_argument("--resolution", type=_positive, default=224, help="the side the job runs it at")
+            wv.add_argument("--classes", type=_positive, default=1000, help="the classes its head has")
     wv.add_argument("--data", type=Path, required=True, help="ImageNet's root (ROOT/val/<wnid>/...)")
     wv.add_argument("--images", type=_positive, default=1000, help="validation images, one class after another")
     wv.add_argument(

@@ -24,9 +24,17 @@ def fetch_weights(job: Job) -> dict:
                 spec, pin = entry
                 got = hub.fetch(hub.parse(spec, backbone), job.weights_cache, pin)
                 log(f"weights {backbone} ({name}): {spec} -> {got.path} (sha256 {got.sha256[:16]}...)")
-                hub.load(build_model(backbone, 1000), got)  # raises what _import would, later
+                # loads as _import will, and holds it to the model contract (study.contract) at
+                # every resolution the job runs it at: a broken term stops the job here
+                hub.checked(got, backbone, _resolutions(job.cfg))
                 job.fetched[backbone, name] = got
     return job.fetched
+
+
+def _resolutions(cfg) -> list[int]:
+    """Every side the job runs a pre-trained backbone at: stage 1's data and each target's."""
+    keys = [cfg.pretrain.dataset] + (list(cfg.finetune.datasets) if cfg.finetune is not None else [])
+    return sorted({cfg.resolution(k) for k in keys if k in cfg.datasets} or {224})
 
 
 def identity(job: Job, backbone: str, name: str) -> dict:

@@ -350,6 +350,21 @@ def load(model, fetched: Fetched, keep_classifier: bool = False) -> str:
     return load_trunk_weights(model, fetched.path, keep_classifier, origin=origin)
 
 
+def checked(fetched: Fetched, arch: str, resolutions, classes: int = 1000):
+    """The fetched file loaded into the study's ``arch`` and held to the model contract
+    (study.contract) at each of ``resolutions``: ContractError, one line, on a broken term;
+    else the model and its terms at the last resolution."""
+    from study import contract
+    from study.models import build_model
+
+    terms = []
+    for side in sorted(set(resolutions)):
+        model = build_model(arch, classes, side)
+        load(model, fetched)
+        terms = contract.check(model, f"{fetched.source.spec} ({arch})", classes, side)
+    return model, terms
+
+
 # -- the catalog as a table, and checking a model against its published accuracy ------------
 def listing(backbones=None) -> list[dict]:
     """The catalog and torchvision's ImageNet weights of study's backbones, one row each."""

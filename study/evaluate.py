@@ -67,8 +67,16 @@ def mask_bits(t: torch.Tensor) -> str:
     return "".join("1" if v else "0" for v in t.tolist())
 
 
+def spec_of(item: Item) -> dict:
+    """An item's settings as records keep them (a transfer item's file path is where its
+    perturbations lie, not what they are: its ``source`` says that)."""
+    spec = asdict(item)
+    spec.pop("path", None)
+    return spec
+
+
 def attack_key(attack: Item, cap: int | None, seed: int) -> str:
-    spec = asdict(attack)
+    spec = spec_of(attack)
     if spec.get("loss") == "ce":  # the default: keys from before the loss option stay valid
         del spec["loss"]
     return config_hash({"attack": spec, "cap": cap, "seed": seed})
@@ -123,7 +131,7 @@ def evaluate(
             rec.update(
                 correct=mask_bits(res["correct"]),
                 robust=mask_bits(res["robust"]),
-                spec=asdict(attack),
+                spec=spec_of(attack),
                 probe=is_probe,
                 key=key,
             )

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from study import analyses, corruptions, formats, objectives, results, sweep, tracking
+from study import analyses, corruptions, formats, objectives, results, sweep, threat, tracking
 from study.claims import judge, qualifier
 from study.config import JobConfig
 from study.data.beton import prepare
@@ -196,6 +196,8 @@ def _run(job: Job):
             clock.lap("MLflow")
             sources = _stage1(job, table)
             clock.lap("stage 1")
+            if cfg.finetune is not None and threat.craft_all(job, sweep.source_table(sources), log=log):
+                clock.lap("transfer")  # the public-backbone threat's perturbations, crafted on f₀ once
             if cfg.finetune is not None:
                 _stage2(job, table, sources, parent)
                 clock.lap("sweep")

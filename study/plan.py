@@ -205,6 +205,28 @@ class _Model:
                 out += [{"wall": wall, "devices": w}] * (len(cfg.replicate_seeds()) if p.replicate else 1)
         return out
 
+    def transfer(self) -> float:
+        """Seconds of crafting the public-backbone threat's perturbations on f₀ (study.threat):
+        each item's steps on every image it is crafted on, every step a gradient pass; the
+        surrogate's linear probe reads the training split once."""
+        from study import threat
+
+        cfg, total = self.cfg, 0.0
+        if cfg.finetune is None:
+            return 0.0
+        for seed in cfg.replicate_seeds():
+            for key in cfg.finetune.datasets:
+                size = split_sizes(cfg, key)
+                for item in threat.items_of(cfg, key, seed):
+                    for b in cfg.finetune_backbones():
+                        k = self.cost(b, key, cfg.eval.batch_size, cfg.finetune.resources.cpus)
+                        if k is None or size is None:
+                            continue
+                        n = min(x for x in (size[1], cfg.eval.max_images, item.max_images) if x is not None)
+                        probe = size[0] * k["infer"] if item.kind == "surrogate" else 0.0
+                        total += n * item.steps * k["attack"] + probe
+        return total
+
     def trial(self, p: dict) -> float | None:
         """Seconds of one stage-2 trial: fine-tuning with a validation pass each epoch, the
         suite, and DM's validation under the strong evaluation where λ is chosen."""
@@ -310,6 +332,9 @@ def estimate(cfg: JobConfig, table: dict, shares: dict | None = None, cluster: d
     if fits:
         held = sum(f["wall"] * f["devices"] for f in fits)  # every worker holds its device the whole fit
         stages["stage 1"] = {"seconds": held, "wall": sum(f["wall"] for f in fits)}
+    crafted = model.transfer()
+    if crafted:  # on the driver, one item after another
+        stages["transfer"] = {"seconds": crafted, "wall": crafted}
     trials = [t for t in (model.trial(p) for p in pts) if t is not None]
     if trials:
         per = cfg.finetune.resources.gpus or 1.0  # GPUs a trial holds (a CPU trial: one device)

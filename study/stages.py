@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from study import evaluate, tracking
+from study import evaluate, threat, tracking
 from study.config import ConfigError, JobConfig
 from study.data.loaders import make_loader
 from study.engine import accuracy, deterministic_kernels
@@ -100,6 +100,12 @@ class Job:
             channels_last=self.device.type == "cuda",
             cache=self.runtime.loaders,
         )
+
+    def suite(self, method: str, key: str, backbone: str) -> list:
+        """The evaluation items that meet a ``method`` model on dataset ``key``, each transfer
+        item bound to the perturbations crafted for this unit (study.threat.bind)."""
+        items = self.cfg.eval.suite(method, key, self.cfg.seed)
+        return threat.bind(self.out, items, key, backbone, self.cfg.seed)
 
     def log_inputs(self, key: str, holdout: tuple | None = None) -> None:
         """The active run's dataset inputs: the train split (``holdout``: its training and
@@ -264,7 +270,7 @@ def evaluate_trained(job: Job, stage: Trained, key: str, backbone: str, method: 
     atomically), so a rerun or a resumed job attacks only what is missing; the model is
     loaded only then. New results go to the stage's MLflow run (tracking.log_evaluation).
     """
-    attacks = job.cfg.eval.suite(method, key, job.cfg.seed)
+    attacks = job.suite(method, key, backbone)
     if not attacks:
         return [], []
     store = _eval_store(stage)
@@ -303,7 +309,7 @@ def evaluated(job: Job, stage: Trained, method: str, key: str) -> bool:
         return False
     store = _eval_store(stage)
     cache = store.get("results", {})
-    attacks = job.cfg.eval.suite(method, key, job.cfg.seed)
+    attacks = job.suite(method, key, stage.ident["backbone"])
     if evaluate.missing(attacks, job.cfg.eval.max_images, job.cfg.seed, cache):
         return False
     return not attacks or set(cache) <= set(store.get("logged", []))

@@ -58,6 +58,9 @@ JOB = {
             {"name": "autoattack_linf_16.0", "max_images": 6},
             # the strong evaluation (PGD-10, PGD-50 x 5 restarts, AutoAttack) on a few images
             {"name": "strong_linf_0.5", "max_images": 4, "methods": ["full"]},
+            # the public backbone's threat: crafted once on the stage-1 ViT, applied to every fine-tune
+            "feature_linf_2.0",
+            "surrogate_linf_2.0",
         ],
         # common corruptions on the target (shapes' stage-1 backbone is left out)
         "corruptions": {"names": ["gaussian_noise", "glass_blur"], "severities": [1, 5], "datasets": ["alphabet"]},
@@ -66,6 +69,7 @@ JOB = {
 ATTACKS = ["pgd10_linf_0.5", "fgsm_linf_0.5", "pgd3_linf_16.0", "autoattack_linf_16.0"]
 STRONG = {"full"}
 CORRUPTIONS = [f"corruption_{n}_{s}" for n in ("gaussian_noise", "glass_blur") for s in (1, 5)]
+TRANSFER = ["feature_linf_2.0", "surrogate_linf_2.0"]
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +139,8 @@ def test_results_table(tiny_run):
     assert attacked.stage.drop_duplicates().tolist() == clean.stage.tolist()
     for _, group in attacked.groupby("stage", sort=False):
         strong, target = group.method.iloc[0] in STRONG, group.dataset.iloc[0] == "alphabet"
-        assert group.attack.tolist() == ATTACKS + ["strong_linf_0.5"] * strong + CORRUPTIONS * target
-        assert group.images.tolist() == [40, 40, 40, 6] + [4] * strong + [40] * 4 * target
+        assert group.attack.tolist() == ATTACKS + ["strong_linf_0.5"] * strong + (TRANSFER + CORRUPTIONS) * target
+        assert group.images.tolist() == [40, 40, 40, 6] + [4] * strong + [40] * 6 * target
         corrupted = group[group.attack.str.startswith("corruption_")]
         assert (corrupted["flags"] == "ok").all() and corrupted.AOI.nunique() <= 1  # the same clean images
         group = group[~group.attack.str.startswith("corruption_")]
@@ -326,8 +330,9 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     checked = json.loads((out / "report" / "claims.json").read_text())
     # every finding: claim 1 on DR and on AAI under each Table 2 attack the job ran (PGD-10 and
     # FGSM at 0.5/255), 2 (DR, AOI), 3 (two halves), CCA, 4, capacity, source, 5 and 5's others
-    # and the two corruption findings (the architecture one says what it needs: one backbone here)
-    assert len(checked) == 15 and page.count('class="claim"') == 15 and page.count("<figure") == 6
+    # and the two corruption findings (the architecture one says what it needs: one backbone here),
+    # and the public backbone's threat under each transfer item: exposed, and closed by each defense
+    assert len(checked) == 21 and page.count('class="claim"') == 21 and page.count("<figure") == 7
     assert {c["id"] for c in checked} >= {"1-aai:fgsm_linf_0.5", "cca", "capacity", "source", "5-others"}
     corruption = claims.by_id(checked, "corruption")
     assert corruption["datasets"] and corruption["datasets"][0]["images"] == 40
@@ -335,6 +340,15 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     md = (out / "report" / "index.md").read_text()
     assert "## Common corruptions" in md and "| gaussian_noise | glass_blur |" in md
     assert (out / "report" / "figc_corruptions.png").stat().st_size > 10_000
+    # the threat: its table, its figure, and both findings (the defenses' says what it needs)
+    assert "## The public backbone's threat" in md and "share of white-box damage, feature_linf_2.0" in md
+    assert (out / "report" / "figt_transfer.png").stat().st_size > 10_000
+    exposed = claims.by_id(checked, "transfer-exposed:feature_linf_2.0")
+    assert exposed["datasets"] and exposed["datasets"][0]["what"] == "AAI standard − full"
+    closed = claims.by_id(checked, "transfer-closed:surrogate_linf_2.0:dm_stage12")
+    assert closed["verdict"] == "inconclusive" and "no DM@stage-1&2 and full fine-tune" in closed["detail"]
+    index = json.loads((out / "transfer" / "index.json").read_text())
+    assert len(index) == 2 and len({e["source"] for e in index.values()}) == 1  # one f₀, crafted once each
     # study report: the same page rebuilt from what MLflow holds
     rebuilt = tmp_path / "report"
     assert cli.main(["report", "--from", str(out), "--experiment", "tiny", "--out", str(rebuilt)]) == 0

@@ -319,9 +319,9 @@ LAYERS = [
     ("models", {"models", "fastcopy"}),
     ("evaluation items", {"attacks", "corruptions"}),
     ("training", {"objectives", "engine"}),
-    ("evaluation", {"evaluate", "weights"}),
+    ("evaluation", {"evaluate", "weights", "contract"}),
     ("science", {"claims", "evidence", "simulate"}),
-    ("job", {"config", "costs", "distributed", "stages", "report", "results"}),
+    ("job", {"config", "costs", "distributed", "stages", "report", "results", "threat"}),
     ("stages", {"analyses", "pretrain", "sweep"}),
     ("commands", {"pipeline", "plan", "cli"}),
 ]

@@ -42,9 +42,11 @@ from study.attacks.grammar import (
     LOSSES,
     NAMED,
     PRECISIONS,
+    TRANSFER_KINDS,
     VERSIONS,
     Attack,
     AttackError,
+    Transfer,
     members,
     parse_attack,
     title,
@@ -53,6 +55,8 @@ from study.attacks.lipschitz import local_lipschitz, steepest_neighbour, steepne
 from study.attacks.run import evaluation_record, perturb, robust_accuracy
 
 __all__ = [
+    "TRANSFER_KINDS",
+    "Transfer",
     "LINF_MAX",
     "LOSSES",
     "NAMED",

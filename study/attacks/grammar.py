@@ -5,7 +5,7 @@ reader's name of each."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from study.items import AttackError
 
@@ -82,6 +82,72 @@ class Attack:
         return 0.0
 
 
+@dataclass(frozen=True)
+class Transfer(Attack):
+    """An attack crafted on the public pre-trained model f₀ alone and applied to the models
+    fine-tuned from it (study.threat): ``feature`` pushes f₀'s features of x+δ away from
+    those of x at ``layer`` (the penultimate: f's output, where empty), label-blind
+    (Abdelkader et al. 2020; Ban & Dong 2022 at a low layer); ``surrogate`` is PGD on f₀
+    with a linear probe trained on the target's training split (what a grey-box attacker
+    builds without the fine-tune). ``source``: the stage key of the f₀ it was crafted on,
+    and ``path`` its crafted perturbations' file, both bound per unit (study.threat.bind)."""
+
+    layer: str = ""
+    source: str = ""
+    path: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> str:
+        head = f"{self.kind}_{self.norm}_{float(self.eps)!r}"
+        base = Transfer(self.kind, self.norm, self.eps, **TRANSFER_DEFAULTS[self.kind])
+        extra = [f"{k}={getattr(self, k)}" for k in TRANSFER_NAMED if getattr(self, k) != getattr(base, k)]
+        return head + (f"[{','.join(extra)}]" if extra else "")
+
+    def run(self, model, batches, max_images: int | None = None, seed: int = 0) -> dict:
+        from study.attacks.transfer import apply
+
+        return apply(model, batches, self, max_images)
+
+    def steps_at_most(self) -> int:
+        return 0  # crafted once on f₀ (study.threat), not on the model it is applied to
+
+    def passes(self, shares: dict) -> float:
+        return 0.0
+
+
+TRANSFER_KINDS = ("feature", "surrogate")
+# feature: the distance has no gradient at δ = 0, so it starts from a random point of the ball
+TRANSFER_DEFAULTS = {
+    "feature": {"steps": 10, "random_start": True, "rel_step": 2.5},
+    "surrogate": {"steps": 10, "random_start": False, "rel_step": 1.25},
+}
+TRANSFER_NAMED = ("steps", "random_start", "rel_step", "layer")
+_TRANSFER = re.compile(r"^(?P<kind>feature|surrogate)_(?P<norm>linf|l2)_(?P<eps>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)$")
+
+
+def parse_transfer(spec: str, options: dict) -> Transfer | None:
+    """A transfer item from its name and options, or None for another name."""
+    m = _TRANSFER.match(spec.strip())
+    if not m:
+        return None
+    kind = m["kind"]
+    number, integer, flag = ((int, float), "a number"), (int, "an integer"), (bool, "true or false")
+    allowed = {"eps": number, "max_images": integer, "steps": integer, "random_start": flag, "rel_step": number}
+    if kind == "feature":
+        allowed["layer"] = (str, "a stage of the backbone (layer1 ... layer4), or empty for f's output")
+    for key, value in options.items():
+        if key not in allowed:
+            raise AttackError(f"attack {spec!r}: unknown option {key!r} (allowed: {', '.join(allowed)})")
+        types, words = allowed[key]
+        if isinstance(value, bool) != (types is bool) or not isinstance(value, types):
+            raise AttackError(f"attack {spec!r}: {key} must be {words}, got {value!r}")
+    item = replace(Transfer(kind, m["norm"], float(m["eps"]), **TRANSFER_DEFAULTS[kind]), **options)
+    _check_values(item, spec)
+    if item.steps < 1:
+        raise AttackError(f"attack {spec!r}: a transfer attack needs at least one step")
+    return item
+
+
 PRECISIONS = ("auto", "fp32", "bf16")  # of the ascent steps
 LINF_MAX = 255.0  # an L-inf eps beyond the pixel range breaks every image: refused
 NAMED = ("restarts", "random_start", "rel_step", "targeted", "loss", "version")  # options a name shows
@@ -136,13 +202,17 @@ def parse_attack(spec) -> Attack:
         raise AttackError(f"an attack is a name like 'pgd10_linf_0.5', got {spec!r}")
     spec, named = _bracket(spec)
     options = {**named, **options}
+    transfer = parse_transfer(spec, options)
+    if transfer is not None:
+        return transfer
     m = _NAME.match(spec.strip())
     if not m:
         if re.match(r"^\w+_(linf|l2)_-", spec):
             raise AttackError(f"attack {spec!r}: eps must not be negative")
         raise AttackError(
             f"unknown attack {spec!r} (expected pgd<steps>_<linf|l2>_<eps>, "
-            f"fgsm_<linf|l2>_<eps>, autoattack_<linf|l2>_<eps> or strong_<linf|l2>_<eps>, e.g. pgd10_linf_0.5)"
+            f"fgsm_<linf|l2>_<eps>, autoattack_<linf|l2>_<eps>, strong_<linf|l2>_<eps>, or a transfer attack "
+            f"from the public backbone, feature_<linf|l2>_<eps> or surrogate_<linf|l2>_<eps>; e.g. pgd10_linf_0.5)"
         )
     if m["aa"] or m["strong"]:
         kind = "autoattack" if m["aa"] else "strong"

@@ -1,11 +1,14 @@
-"""The paper's five claims, and two findings of the study's own, judged under uncertainty.
+"""The paper's five claims, and four findings of the study's own, judged under uncertainty.
 
 What ``judge`` returns, one entry each: claim 1 on DR (``1-dr``) and on AAI under every
 attack of Tables 1 and 2 the job ran (``1-aai:<attack>``), claim 2 on DR and AOI (``2-dr``,
 ``2-aoi``), claim 3 in two halves (``3-transfer``, ``3-standard``), the bottom-layer SVCCA
 (``cca``), claim 4 (``4-mmd``), backbone capacity and source data (``capacity``,
 ``source``), claim 5 against the paper's rivals and against DM@stage-2 and TRADES (``5``,
-``5-others``), and the corruption findings (``corruption``, ``corruption-architecture``).
+``5-others``), the corruption findings (``corruption``, ``corruption-architecture``), and
+the public-backbone threat (study.claims.transfer: ``transfer-exposed:<item>`` and
+``transfer-closed:<item>:<defense>`` under each transfer item the job ran, or one line each
+saying what to add).
 
 Each claim is an effect written so that the paper's direction is positive (e.g.
 DR(full fine-tune) − DR(standard model)), computed per *unit* on the models that
@@ -52,6 +55,8 @@ from study.claims.findings import (
     mmd_by_unit,
     mmd_for,
 )
+from study.claims.transfer import DEFENSES as TRANSFER_DEFENSES
+from study.claims.transfer import _transfer_claims, transfer_names
 from study.claims.units import (
     UNIT,
     by_seed,
@@ -91,17 +96,20 @@ def judge(df: pd.DataFrame, found: dict, masks: dict) -> list[dict]:
         {"id": "5-others", **_dm_claim(df, masks, every, OTHER_RIVALS, DM_OTHERS, most=True)},
         _corruption_claim(df, masks, every),
         _architecture_claim(df, masks, every),
+        *_transfer_claims(df, masks, every),
     ]
 
 
 def by_id(checked: list[dict], cid: str) -> dict:
     """The judged claim of id ``cid`` ('1-dr', '1-aai:<attack>', '2-dr', '2-aoi',
     '3-transfer', '3-standard', '4-mmd', 'capacity', 'source', 'cca', '5', '5-others',
-    'corruption', 'corruption-architecture')."""
+    'corruption', 'corruption-architecture', 'transfer-exposed:<item>', 'transfer-closed:<item>:<defense>')."""
     return next(c for c in checked if c.get("id") == cid)
 
 
 __all__ = [
+    "TRANSFER_DEFENSES",
+    "transfer_names",
     "ARCH_CLAIM",
     "CORRUPTION_CLAIM",
     "DM_CLAIM",

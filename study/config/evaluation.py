@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from study import corruptions
-from study.attacks import Attack, AttackError, parse_attack
+from study.attacks import Attack, AttackError, Transfer, parse_attack
 from study.config.specs import _no_repeats, _Strict
 from study.items import Item
 from study.methods import METHODS
@@ -139,6 +139,8 @@ class EvalSpec(_Strict):
         """The attacks, or those that run on models of ``method`` on ``dataset`` (of replicate
         ``seed``), then the corruption items that do."""
         out = [e.attack for e in self.attacks if e.applies(method, dataset, seed)]
+        if method == "pretrain":  # a transfer attack is crafted on the pre-trained model: it meets its fine-tunes
+            out = [a for a in out if not isinstance(a, Transfer)]
         c = self.corruptions
         if c is not None and c.applies(method, dataset, seed):
             out += c.items()

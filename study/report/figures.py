@@ -13,6 +13,7 @@ import pandas as pd
 from study.claims import label, mmd_by_unit, mmd_for, picks, units
 from study.files import atomic_write_bytes
 from study.methods import TABLE1_ATTACK
+from study.report import transfer
 from study.report.sources import merged
 
 FIGURES = {
@@ -23,6 +24,7 @@ FIGURES = {
     "(success rate); (b) DR that the pre-trained model's UAP causes on the fine-tuned and the standard model.",
     "fig6": "Figure 6: MMD² between source and target embeddings of the pre-trained model "
     "against the fine-tuned model's DR (Table 1's attack).",
+    "figt": transfer.FIGURE,
     "figc": "Common corruptions: (a) accuracy against severity per model, the mean over the corruptions "
     "(±1 sd over seeds; one seed: Wilson 95 % over the images); (b) one test image under each corruption "
     "and severity, as the evaluation corrupts it.",
@@ -35,6 +37,7 @@ PAPER_FINDINGS = {
     "fig5": "Paper: (a) the fine-tuned model is fooled by its UAP from the very beginning of training; "
     "(b) the pre-trained UAP raises the fine-tuned model's DR clearly, the standard model's trivially.",
     "fig6": "Paper: DR grows with MMD; above MMD 1.0 DR is almost 100 %.",
+    "figt": transfer.FINDING,
     "figc": "Not in the paper: Hendrycks & Dietterich's corruptions; Otani & Yamada (2022) find fine-tuning "
     "loses robust pre-training's corruption robustness, and the architecture matters more.",
 }
@@ -83,6 +86,8 @@ def figures(df: pd.DataFrame, found: dict, folder, examples: dict | None = None)
         out[name] = file
     save_png(_figc(df, examples), folder / "figc_corruptions.png")
     out["figc"] = "figc_corruptions.png"
+    save_png(transfer.figure(df, pyplot), folder / "figt_transfer.png")
+    out["figt"] = "figt_transfer.png"
     return out
 
 

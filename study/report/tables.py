@@ -17,6 +17,7 @@ from study.methods import AOI_MARGIN, METHODS, SOURCE_ALIAS, TABLE1, TABLE1_ATTA
 from study.report.cells import MODEL_NAME, _basis, _fmt, _fmt_ci, _md
 from study.report.paper import paper_for_row, paper_value
 from study.report.sources import merged
+from study.report.transfer import transfer_table
 
 
 def claims_section(checked: list[dict], heading: bool = True) -> str:
@@ -524,6 +525,7 @@ SECTIONS = [
     ("architectures", architectures, None),
     ("table4", table4, "Table 4"),
     ("table5", table5, "Table 5"),
+    ("transfer", transfer_table, "The public backbone's threat"),
     ("trials", trials, None),
 ]
 

@@ -301,10 +301,10 @@ def log_metrics(metrics: dict) -> None:
     mlflow.log_metrics(metrics)
 
 
-def log_artifact(path: Path) -> None:
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     import mlflow
 
-    mlflow.log_artifact(str(path))
+    mlflow.log_artifact(str(path), artifact_path)
 
 
 def log_artifacts(folder: Path, artifact_path: str) -> None:

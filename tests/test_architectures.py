@@ -154,7 +154,7 @@ def test_the_tiny_study_runs_on_convnext(tmp_path, run_study, mlflow_server):
     clean = df[df.attack.isna()]
     assert set(zip(clean.backbone, clean.method)) == {("convnext_tiny", "full")}
     attacked = df[df.attack.notna()]
-    assert set(attacked.attack) == {"pgd10_linf_0.5", "fgsm_linf_0.5", "autoattack_linf_16.0"}
+    assert set(attacked.attack) == {"pgd10_linf_0.5", "fgsm_linf_0.5", "autoattack_linf_16.0[version=apgd]"}
     assert attacked.AAI.notna().all() and (attacked.AAI <= attacked.AOI + 1e-9).all()
     found = json.loads((out / "analyses" / "analyses.json").read_text())["seeds"]["0"]["datasets"]["alphabet"]
     # SVCCA over ConvNeXt's four stages, one row per position

@@ -440,7 +440,8 @@ def test_report_page_has_every_table_figure_and_claim(tmp_path):
         assert f"Table {n}" in html
     for f in ("fig3", "fig4", "fig5", "fig6"):
         assert f'id="{f}"' in html
-    assert len(list((tmp_path / "report").glob("fig*.png"))) == 5  # and the corruptions' (empty here)
+    # and the corruptions' and the public backbone's threat's (empty here)
+    assert len(list((tmp_path / "report").glob("fig*.png"))) == 6
     checked = json.loads((tmp_path / "report" / "claims.json").read_text())
     # no per-image UAP masks: claim 3 cannot be judged; one target: MMD neither
     verdicts = {c["id"]: c["verdict"] for c in checked}
@@ -459,6 +460,8 @@ def test_report_page_has_every_table_figure_and_claim(tmp_path):
         "5-others": "inconclusive",  # no DM@stage-2 or TRADES
         "corruption": "inconclusive",  # no corruptions evaluated
         "corruption-architecture": "inconclusive",
+        "transfer-exposed": "inconclusive",  # no attack crafted on the public backbone
+        "transfer-closed": "inconclusive",
     }
     assert html.count('class="claim"') == len(checked) and "200 test images, 3 seeds" in html
     assert "92.00 [" in html and "test images and training runs" in html and "one training run" not in html
@@ -490,12 +493,13 @@ def test_the_demo_report_opens_with_every_table_figure_and_a_verdict_per_claim(t
             and f"## Table {n}\n\n*This run has no models" not in (tmp_path / "report" / "index.md").read_text()
         )
     figs = sorted(p.name[:4] for p in (tmp_path / "report").glob("fig*.png"))
-    assert figs == ["fig3", "fig4", "fig5", "fig6", "figc"]
+    assert figs == ["fig3", "fig4", "fig5", "fig6", "figc", "figt"]
     for f in ("fig3", "fig4", "fig5", "fig6"):
         assert f'id="{f}"' in html
     checked = claims.judge(df, found, {})
-    # claim 1 under each of Table 2's 5 attacks, and the corruption findings (not run there)
-    assert len(checked) == 18 and html.count('class="claim"') == 18
+    # claim 1 under each of Table 2's 5 attacks, the corruption findings (not run there), and
+    # the public backbone's threat (not run there: one line each saying what to add)
+    assert len(checked) == 20 and html.count('class="claim"') == 20
     # a run from before per-image results and replicates: no claim can be judged, and each says why
     assert {c["verdict"] for c in checked} == {"inconclusive"} and all(c["detail"] for c in checked), checked
     _screenshot(page, tmp_path)

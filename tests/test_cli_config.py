@@ -215,7 +215,11 @@ def test_demo_job_file_is_valid():
     corrupted = [f"corruption_{n}_{s}" for n in ("gaussian_noise", "motion_blur", "fog") for s in (1, 3, 5)]
     # and the strong evaluation for Table 5's worst case (AutoAttack's APGD-CE and -DLR in
     # it), and three corruptions on alphabet
-    assert names == table2 + ["strong_linf_0.5[version=apgd]"] + corrupted
+    # and the public backbone's threat on alphabet: crafted on f0 alone, applied to every model
+    assert names == table2 + ["strong_linf_0.5[version=apgd]", "feature_linf_0.5", "surrogate_linf_0.5"] + corrupted
+    threat = [a.name for a in cfg.eval.suite("scratch", "alphabet", 1) if a.kind in ("feature", "surrogate")]
+    assert threat == ["feature_linf_0.5", "surrogate_linf_0.5"]
+    assert not [a for a in cfg.eval.suite("full", "letters", 0) if a.kind in ("feature", "surrogate")]
     # claim 5 rests on it: every seed of both defenses, on at least 100 images
     for seed in cfg.replicate_seeds():
         for method in ("at_stage2", "dm_stage12"):

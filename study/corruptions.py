@@ -20,7 +20,6 @@ corruptions that keep generators of their own (``impulse_noise``: scikit-image's
 from __future__ import annotations
 
 import re
-import time
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from study.attacks import evaluation_record
+from study.attacks.run import clean_and_changed, evaluation_record
 
 SEVERITIES = (1, 2, 3, 4, 5)
 MIN_SIDE = 32  # imagecorruptions refuses smaller images
@@ -170,26 +169,8 @@ def accuracy(model: torch.nn.Module, batches, corruption: Corruption, max_images
     (``robust``: right on the corrupted image), the largest change of a pixel."""
     caps = [c for c in (max_images, corruption.max_images) if c is not None]
     cap = min(caps) if caps else None
-    start = time.perf_counter()
-    correct, robust, seen, change = [], [], 0, 0.0
-    was = model.training
-    model.eval()
-    try:
-        for x, y in batches:
-            if cap is not None:
-                if seen >= cap:
-                    break
-                x, y = x[: cap - seen], y[: cap - seen]
-            xc = corrupt_batch(x, seen, corruption, seed)
-            with torch.no_grad():
-                correct.append((model(x).argmax(1) == y).cpu())
-                robust.append((model(xc).argmax(1) == y).cpu())
-            change = max(change, float((xc - x).abs().amax()) if len(x) else 0.0)
-            seen += len(x)
-    finally:
-        model.train(was)
-    correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
-    robust = torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool)
+    changed = lambda x, first: corrupt_batch(x, first, corruption, seed)  # noqa: E731
+    correct, robust, change, start = clean_and_changed(model, batches, cap, changed, clean_too=False)
     return evaluation_record(
         corruption.name,
         correct,

@@ -127,6 +127,35 @@ def robust_accuracy(model: nn.Module, batches, attack: Item, max_images: int | N
     )
 
 
+def clean_and_changed(model: nn.Module, batches, cap: int | None, change, clean_too: bool):
+    """The model's answers on the first ``cap`` images of ``batches`` as they are and as
+    ``change(x, first index)`` makes them (a corruption, a crafted perturbation): per-image
+    masks ``correct`` and ``robust`` (right on the changed image; with ``clean_too``, right on
+    both), the largest change of a pixel, and the start time."""
+    start = time.perf_counter()
+    correct, robust, seen, largest = [], [], 0, 0.0
+    was = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            if cap is not None:
+                if seen >= cap:
+                    break
+                x, y = x[: cap - seen], y[: cap - seen]
+            changed = change(x, seen)
+            with torch.no_grad():
+                right = (model(x).argmax(1) == y).cpu()
+                still = (model(changed).argmax(1) == y).cpu()
+            correct.append(right)
+            robust.append(right & still if clean_too else still)
+            largest = max(largest, float((changed - x).abs().amax()) if len(x) else 0.0)
+            seen += len(x)
+    finally:
+        model.train(was)
+    empty = torch.zeros(0, dtype=torch.bool)
+    return (torch.cat(correct) if correct else empty), (torch.cat(robust) if robust else empty), largest, start
+
+
 def evaluation_record(name: str, correct: torch.Tensor, robust: torch.Tensor, start: float, **fields) -> dict:
     """One evaluation's record (an attack's, or a corruption's: study.corruptions): AOI,
     AAI and DR in percent from the per-image masks, the masks, the seconds since

@@ -6,13 +6,11 @@ the perturbations are kept is study.threat's."""
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
 from study.attacks.engine import pgd
-from study.attacks.run import evaluation_record
+from study.attacks.run import clean_and_changed, evaluation_record
 from study.items import AttackError, Item
 
 
@@ -79,32 +77,16 @@ def apply(model: nn.Module, batches, item: Item, max_images: int | None = None) 
         raise AttackError(f"{item.name}: no crafted perturbations bound to it (study.threat.bind)")
     saved = torch.load(item.path, map_location="cpu", weights_only=True)
     delta = _in_ball(saved["delta"].float(), item)  # kept in half precision: its rounding stays in the ball
-    caps = [c for c in (max_images, item.max_images, len(delta)) if c is not None]
-    cap = min(caps)
-    start = time.perf_counter()
-    correct, robust, seen, change = [], [], 0, 0.0
-    was = model.training
-    model.eval()
-    try:
-        for x, y in batches:
-            if seen >= cap:
-                break
-            x, y = x[: cap - seen], y[: cap - seen]
-            d = delta[seen : seen + len(x)].to(x.device, x.dtype)
-            if d.shape[1:] != x.shape[1:]:
-                shapes = f"{tuple(d.shape[1:])} for images of {tuple(x.shape[1:])}"
-                raise AttackError(f"{item.name}: perturbations of {shapes}")
-            adv = (x + d).clamp(0, 1)
-            with torch.no_grad():
-                right = (model(x).argmax(1) == y).cpu()
-                correct.append(right)
-                robust.append(right & (model(adv).argmax(1) == y).cpu())
-            change = max(change, float((adv - x).abs().amax()) if len(x) else 0.0)
-            seen += len(x)
-    finally:
-        model.train(was)
-    correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
-    robust = torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool)
+    cap = min(c for c in (max_images, item.max_images, len(delta)) if c is not None)
+
+    def perturbed(x, first):
+        d = delta[first : first + len(x)].to(x.device, x.dtype)
+        if d.shape[1:] != x.shape[1:]:
+            raise AttackError(f"{item.name}: perturbations of {tuple(d.shape[1:])} for images of {tuple(x.shape[1:])}")
+        return (x + d).clamp(0, 1)
+
+    # robust: right with and without δ, since an attacker may leave an image clean
+    correct, robust, change, start = clean_and_changed(model, batches, cap, perturbed, clean_too=True)
     return evaluation_record(
         item.name,
         correct,

@@ -40,17 +40,17 @@ def owned(out: Path, hold, quiet: bool = False):
     ``Tracking`` of the user's ``MLFLOW_TRACKING_URI``, or of a local server on OUT's
     store, launched on entry (it starts while the caller goes on; ``ready()`` waits for
     it). A server a dead run left on the store is stopped first."""
-    given = os.environ.get("MLFLOW_TRACKING_URI")
-    with quiet_mlflow():
-        if given:
-            with _given(given) as tracked:
-                yield tracked
-            return
+
+    @contextlib.contextmanager
+    def own():
         stop_orphan(out, hold)
         if not quiet:
             print(f"[study] starting MLflow server (sqlite {Path(out) / DB_NAME}) ...", flush=True)
         with _served(LocalServer(out, owner=True), quiet) as tracked:
             yield tracked
+
+    with _connected(own) as tracked:
+        yield tracked
 
 
 @contextlib.contextmanager
@@ -59,12 +59,9 @@ def reading(out: Path, wait: float = 120.0):
     ``MLFLOW_TRACKING_URI``; else, while a live process holds OUT, the server it runs
     (waited for up to ``wait`` seconds while it starts); else a server of this process's
     own that leaves OUT as it is. Never stops a server, never writes into OUT."""
-    given = os.environ.get("MLFLOW_TRACKING_URI")
-    with quiet_mlflow():
-        if given:
-            with _given(given) as tracked:
-                yield tracked
-            return
+
+    @contextlib.contextmanager
+    def found():
         uri = _live_answering(out, wait) if locks.held(out) else None
         if uri is not None:
             with _given(uri) as tracked:
@@ -73,6 +70,18 @@ def reading(out: Path, wait: float = 120.0):
             return
         with _served(LocalServer(out, owner=False), quiet=True) as tracked:
             yield tracked
+
+    with _connected(found) as tracked:
+        yield tracked
+
+
+@contextlib.contextmanager
+def _connected(local):
+    """The user's ``MLFLOW_TRACKING_URI`` where set, else what ``local()`` yields; MLflow
+    kept quiet (``quiet_mlflow``) either way."""
+    given = os.environ.get("MLFLOW_TRACKING_URI")
+    with quiet_mlflow(), _given(given) if given else local() as tracked:
+        yield tracked
 
 
 def _live_answering(out: Path, wait: float) -> str | None:

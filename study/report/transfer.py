@@ -89,8 +89,8 @@ def figure(df: pd.DataFrame, pyplot):
         vals = [_ci(picks(df, unit, m, a), "AAI") for m in models]
         x = np.arange(len(models)) + (j - (len(attacks) - 1) / 2) * width
         v = np.array([c[0] for c in vals])
-        lo = np.nan_to_num(v - np.array([c[1] for c in vals]))
-        hi = np.nan_to_num(np.array([c[2] for c in vals]) - v)
+        lo = np.nan_to_num(v - np.clip([c[1] for c in vals], 0, 100))  # within the metric's range, as the table
+        hi = np.nan_to_num(np.clip([c[2] for c in vals], 0, 100) - v)
         name = f"white-box {a}" if a == TABLE1_ATTACK else f"crafted on f₀: {a}"
         ax.bar(x, v, width, yerr=[np.clip(lo, 0, None), np.clip(hi, 0, None)], capsize=2, label=name)
     ax.set_xticks(np.arange(len(models)), [MODEL_NAME[m] for m in models], fontsize=7, rotation=15)

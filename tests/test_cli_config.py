@@ -216,9 +216,11 @@ def test_demo_job_file_is_valid():
     # and the strong evaluation for Table 5's worst case (AutoAttack's APGD-CE and -DLR in
     # it), and three corruptions on alphabet
     # and the public backbone's threat on alphabet: crafted on f0 alone, applied to every model
-    assert names == table2 + ["strong_linf_0.5[version=apgd]", "feature_linf_0.5", "surrogate_linf_0.5"] + corrupted
+    assert names == table2 + ["strong_linf_0.5[version=apgd]", "feature_linf_2.0", "surrogate_linf_2.0"] + corrupted
     threat = [a.name for a in cfg.eval.suite("scratch", "alphabet", 1) if a.kind in ("feature", "surrogate")]
-    assert threat == ["feature_linf_0.5", "surrogate_linf_0.5"]
+    assert threat == ["feature_linf_2.0", "surrogate_linf_2.0"]
+    # the white-box attack at their eps, on every seed's alphabet models: what their share is of
+    assert "pgd10_linf_2.0" in [a.name for a in cfg.eval.suite("full", "alphabet", 2)]
     assert not [a for a in cfg.eval.suite("full", "letters", 0) if a.kind in ("feature", "surrogate")]
     # claim 5 rests on it: every seed of both defenses, on at least 100 images
     for seed in cfg.replicate_seeds():

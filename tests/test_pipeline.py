@@ -344,9 +344,9 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     assert "## The public backbone's threat" in md and "share of white-box damage, feature_linf_2.0" in md
     assert (out / "report" / "figt_transfer.png").stat().st_size > 10_000
     exposed = claims.by_id(checked, "transfer-exposed:feature_linf_2.0")
-    assert exposed["datasets"] and exposed["datasets"][0]["what"] == "AAI standard − full"
+    assert exposed["datasets"] and exposed["datasets"][0]["what"] == "DR full − standard"
     closed = claims.by_id(checked, "transfer-closed:surrogate_linf_2.0:dm_stage12")
-    assert closed["verdict"] == "inconclusive" and "no DM@stage-1&2 and full fine-tune" in closed["detail"]
+    assert closed["verdict"] == "inconclusive" and "no full fine-tune and DM@stage-1&2" in closed["detail"]
     index = json.loads((out / "transfer" / "index.json").read_text())
     assert len(index) == 2 and len({e["source"] for e in index.values()}) == 1  # one f₀, crafted once each
     # study report: the same page rebuilt from what MLflow holds

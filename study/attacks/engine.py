@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -201,22 +202,23 @@ class _Stream:
     def __init__(self, model, chunks, attack: Item, early_stop: bool, generator):
         self.model, self.attack, self.early_stop, self.generator = model, attack, early_stop, generator
         self.loss = attack_loss(attack)
-        self.source, self.arrived = iter(chunks), 0
-        self.pool = self.pending = self.held = self.cap = self.device = self.dtype = None
-        self.nchw = self.defer = self.judged = False
+        source = iter(chunks)
+        first = next(source, None)  # the pool's size, device and step precision are the first chunk's
+        self.source, self.arrived = itertools.chain([first] if first is not None else [], source), 0
+        self.device = first[0].device if first is not None else torch.device("cpu")
+        self.cap = len(first[0]) if first is not None else 0
+        self.dtype = step_dtype(attack, self.device, early_stop) if first is not None else None
+        self.nchw = self.dtype is not None and self.device.type == "cpu"  # oneDNN's bf16 convs on CPU prefer NCHW
+        self.defer = early_stop and self.dtype is not None  # bf16 verdicts wait for an fp32 pass
+        self.pool = self.pending = self.held = None  # in the pool, waiting to enter it, waiting for fp32
+        self.judged = False  # the waiting had their fp32 pass since the last pass of the pool
 
     def __iter__(self):
-        steps = self.attack.steps
         while True:
             yield from self._refill()
             dry = self.pool is None or len(self.pool) < self.cap  # nothing left to wait for
             idle = self.pool is None or len(self.pool) == 0
-            # a last iterate can wait for company; a sample that may go on waits while the
-            # stream has others to fill its place, and not once it runs dry
-            held = self.held
-            if held is not None and (
-                idle or not self.judged and (4 * len(held) >= self.cap or dry and bool((held.step < steps).any()))
-            ):
+            if self._judge_now(dry, idle):
                 self.judged = True  # at most one fp32 pass of the waiting between two passes
                 yield from self._judge()
                 continue
@@ -224,6 +226,19 @@ class _Stream:
                 return
             self.judged = False
             yield from self._pass()
+
+    def _judge_now(self, dry: bool, idle: bool) -> bool:
+        """Whether the samples waiting for an fp32 verdict get it now: when the pool is
+        empty; else at most once between two passes, once they fill a quarter of the pool
+        (a last iterate can wait for company), or once the stream runs dry while one of
+        them may still go on (it waits only while others can take its place)."""
+        held = self.held
+        if held is None:
+            return False
+        if idle:
+            return True
+        may_go_on = bool((held.step < self.attack.steps).any())
+        return not self.judged and (4 * len(held) >= self.cap or dry and may_go_on)
 
     # -- the phases ----------------------------------------------------------------------
     def _refill(self):
@@ -246,11 +261,6 @@ class _Stream:
         their start."""
         a = self.attack
         x = x.detach()
-        if self.device is None:
-            self.device, self.cap = x.device, len(x)
-            self.dtype = step_dtype(a, self.device, self.early_stop)
-            self.nchw = self.dtype is not None and self.device.type == "cpu"  # oneDNN's bf16 convs on CPU prefer NCHW
-            self.defer = self.early_stop and self.dtype is not None
         if self.nchw:
             x = x.contiguous()
         lab = target if a.targeted else y

@@ -341,7 +341,8 @@ def test_analyses_ran_on_parallel_actors_and_the_report_rebuilds_from_mlflow(tin
     assert "## Common corruptions" in md and "| gaussian_noise | glass_blur |" in md
     assert (out / "report" / "figc_corruptions.png").stat().st_size > 10_000
     # the threat: its table, its figure, and both findings (the defenses' says what it needs)
-    assert "## The public backbone's threat" in md and "share of white-box damage, feature_linf_2.0" in md
+    # the share is of Table 1's PGD-10: the job runs no PGD-10 at the items' 2/255
+    assert "## The public backbone's threat" in md and "share of pgd10_linf_0.5's damage" in md
     assert (out / "report" / "figt_transfer.png").stat().st_size > 10_000
     exposed = claims.by_id(checked, "transfer-exposed:feature_linf_2.0")
     assert exposed["datasets"] and exposed["datasets"][0]["what"] == "DR full − standard"

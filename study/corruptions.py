@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from study.attacks.run import clean_and_changed, evaluation_record
+from study.attacks.run import changed_record
 
 SEVERITIES = (1, 2, 3, 4, 5)
 MIN_SIDE = 32  # imagecorruptions refuses smaller images
@@ -170,19 +170,7 @@ def accuracy(model: torch.nn.Module, batches, corruption: Corruption, max_images
     caps = [c for c in (max_images, corruption.max_images) if c is not None]
     cap = min(caps) if caps else None
     changed = lambda x, first: corrupt_batch(x, first, corruption, seed)  # noqa: E731
-    correct, robust, change, start = clean_and_changed(model, batches, cap, changed, clean_too=False)
-    return evaluation_record(
-        corruption.name,
-        correct,
-        robust,
-        start,
-        max_delta=change,
-        eps_pixels=0.0,
-        in_range=True,
-        vanishing_gradients=0,
-        notes=[],
-        precision="fp32",
-    )
+    return changed_record(corruption.name, model, batches, cap, changed, clean_too=False, eps_pixels=0.0)
 
 
 # -- the numbers built on the items ------------------------------------------------------

@@ -127,6 +127,25 @@ def robust_accuracy(model: nn.Module, batches, attack: Item, max_images: int | N
     )
 
 
+def changed_record(name: str, model: nn.Module, batches, cap, change, clean_too: bool, eps_pixels: float, **extra):
+    """The evaluation record of an item that changes the images without searching (a
+    corruption, crafted perturbations): ``clean_and_changed``'s masks, no gradient taken."""
+    correct, robust, largest, start = clean_and_changed(model, batches, cap, change, clean_too)
+    return evaluation_record(
+        name,
+        correct,
+        robust,
+        start,
+        max_delta=largest,
+        eps_pixels=eps_pixels,
+        in_range=True,
+        vanishing_gradients=0,
+        notes=[],
+        precision="fp32",
+        **extra,
+    )
+
+
 def clean_and_changed(model: nn.Module, batches, cap: int | None, change, clean_too: bool):
     """The model's answers on the first ``cap`` images of ``batches`` as they are and as
     ``change(x, first index)`` makes them (a corruption, a crafted perturbation): per-image

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from study.attacks.engine import pgd
-from study.attacks.run import clean_and_changed, evaluation_record
+from study.attacks.run import changed_record
 from study.items import AttackError, Item
 
 
@@ -86,17 +86,6 @@ def apply(model: nn.Module, batches, item: Item, max_images: int | None = None) 
         return (x + d).clamp(0, 1)
 
     # robust: right with and without δ, since an attacker may leave an image clean
-    correct, robust, change, start = clean_and_changed(model, batches, cap, perturbed, clean_too=True)
-    return evaluation_record(
-        item.name,
-        correct,
-        robust,
-        start,
-        max_delta=change,
-        eps_pixels=item.eps_pixels,
-        in_range=True,
-        vanishing_gradients=0,
-        notes=[],
-        precision="fp32",
-        source=item.source,
+    return changed_record(
+        item.name, model, batches, cap, perturbed, clean_too=True, eps_pixels=item.eps_pixels, source=item.source
     )

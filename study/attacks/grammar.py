@@ -109,10 +109,7 @@ class Transfer(Attack):
         return apply(model, batches, self, max_images)
 
     def steps_at_most(self) -> int:
-        return 0  # crafted once on f₀ (study.threat), not on the model it is applied to
-
-    def passes(self, shares: dict) -> float:
-        return 0.0
+        return 0  # crafted once on f₀ (study.threat), not on the model it is applied to: no passes
 
 
 TRANSFER_KINDS = ("feature", "surrogate")
@@ -131,16 +128,10 @@ def parse_transfer(spec: str, options: dict) -> Transfer | None:
     if not m:
         return None
     kind = m["kind"]
-    number, integer, flag = ((int, float), "a number"), (int, "an integer"), (bool, "true or false")
-    allowed = {"eps": number, "max_images": integer, "steps": integer, "random_start": flag, "rel_step": number}
+    allowed = {"eps": _NUMBER, "max_images": _INTEGER, "steps": _INTEGER, "random_start": _FLAG, "rel_step": _NUMBER}
     if kind == "feature":
         allowed["layer"] = (str, "a stage of the backbone (layer1 ... layer4), or empty for f's output")
-    for key, value in options.items():
-        if key not in allowed:
-            raise AttackError(f"attack {spec!r}: unknown option {key!r} (allowed: {', '.join(allowed)})")
-        types, words = allowed[key]
-        if isinstance(value, bool) != (types is bool) or not isinstance(value, types):
-            raise AttackError(f"attack {spec!r}: {key} must be {words}, got {value!r}")
+    _check_options(spec, options, allowed)
     item = replace(Transfer(kind, m["norm"], float(m["eps"]), **TRANSFER_DEFAULTS[kind]), **options)
     _check_values(item, spec)
     if item.steps < 1:
@@ -149,6 +140,8 @@ def parse_transfer(spec: str, options: dict) -> Transfer | None:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # of the ascent steps
+# an option's value types and the words an error says for them
+_NUMBER, _INTEGER, _FLAG = ((int, float), "a number"), (int, "an integer"), (bool, "true or false")
 LINF_MAX = 255.0  # an L-inf eps beyond the pixel range breaks every image: refused
 NAMED = ("restarts", "random_start", "rel_step", "targeted", "loss", "version")  # options a name shows
 LOSSES = ("ce", "cw")
@@ -224,35 +217,43 @@ def parse_attack(spec) -> Attack:
         if steps < 1:
             raise AttackError(f"attack {spec!r}: PGD needs at least one step")
         base = Attack("pgd", m["norm"], float(m["eps"]), steps=steps)
-    number, integer, flag = ((int, float), "a number"), (int, "an integer"), (bool, "true or false")
-    allowed = {"eps": number, "max_images": integer}
+    allowed = {"eps": _NUMBER, "max_images": _INTEGER}
     if m["aa"] or m["strong"]:
         allowed["version"] = (str, f"one of {', '.join(VERSIONS)}")
     if m["strong"]:
         allowed["precision"] = (str, "one of auto, fp32, bf16")
     elif not m["aa"]:
         allowed.update(
-            restarts=integer,
-            random_start=flag,
-            rel_step=number,
-            targeted=flag,
+            restarts=_INTEGER,
+            random_start=_FLAG,
+            rel_step=_NUMBER,
+            targeted=_FLAG,
             precision=(str, "one of auto, fp32, bf16"),
             loss=(str, "one of ce, cw"),
         )
+    refused = {}
+    if m["aa"]:
+        refused["loss"] = (
+            "AutoAttack's standard version fixes its own losses (APGD-CE, APGD-T, FAB-T, Square); "
+            "loss applies to pgd and fgsm"
+        )
+    _check_options(spec, options, allowed, refused)
+    attack = replace(base, **options)
+    _check_values(attack, spec)
+    return attack
+
+
+def _check_options(spec, options: dict, allowed: dict, refused: dict | None = None) -> None:
+    """An AttackError for the first option a name may not take (``refused``: with why), does
+    not know, or whose value is not of its type (``allowed``: key -> (types, words))."""
     for key, value in options.items():
-        if key == "loss" and m["aa"]:
-            raise AttackError(
-                f"attack {spec!r}: AutoAttack's standard version fixes its own losses "
-                f"(APGD-CE, APGD-T, FAB-T, Square); loss applies to pgd and fgsm"
-            )
+        if key in (refused or {}):
+            raise AttackError(f"attack {spec!r}: {refused[key]}")
         if key not in allowed:
             raise AttackError(f"attack {spec!r}: unknown option {key!r} (allowed: {', '.join(allowed)})")
         types, words = allowed[key]
         if isinstance(value, bool) != (types is bool) or not isinstance(value, types):
             raise AttackError(f"attack {spec!r}: {key} must be {words}, got {value!r}")
-    attack = replace(base, **options)
-    _check_values(attack, spec)
-    return attack
 
 
 def _check_values(attack: Attack, spec) -> None:

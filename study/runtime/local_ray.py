@@ -14,7 +14,7 @@ from study.runtime.environ import numba_quiet_hook, switched
 
 @dataclass
 class LocalRay:
-    """The Ray a run uses, as an object the run owns (``Job.ray``): a cluster's (the job's
+    """The Ray a run uses, as an object the run owns (``Runtime.ray``): a cluster's (the job's
     address, or $RAY_ADDRESS as under ``ray job submit``), or a local Ray it starts on the
     loopback and stops (``release``). While the local one runs, RAY_ADDRESS points this
     process and its children at it."""

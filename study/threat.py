@@ -26,7 +26,7 @@ from study import tracking
 from study.attacks import Transfer
 from study.attacks.transfer import Features, craft
 from study.config import ConfigError
-from study.files import atomic_write_text, config_hash
+from study.files import atomic_write_bytes, atomic_write_text, config_hash
 from study.models import load_checkpoint
 
 FOLDER = "transfer"
@@ -164,11 +164,11 @@ def _surrogate(job, f0, dataset: str) -> tuple[nn.Module, float]:
 
 
 def _save(path: Path, obj: dict) -> None:
-    import os
+    import io
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _bar(job, n: int, desc: str):

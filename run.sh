@@ -49,9 +49,12 @@ say "uv: $("${UV[@]}" --version)"
 
 # 3. The locked environment (.venv); FFCV builds from source the first time.
 #    The tests also build the docs site (mkdocs, the `docs` group).
+#    Compiled to bytecode at install: a run starts many Python processes (Ray's workers,
+#    MLflow's server), and where PYTHONDONTWRITEBYTECODE is set (as in many containers and
+#    CI images) each would otherwise compile torch, Ray and MLflow again as it imports them.
 groups=(); [ "$what" = test ] && groups=(--group docs)
-say "syncing the locked environment into .venv (uv sync --locked ${groups[*]:-})"
-"${UV[@]}" sync --locked --quiet "${groups[@]}"
+say "syncing the locked environment into .venv (uv sync --locked --compile-bytecode ${groups[*]:-})"
+"${UV[@]}" sync --locked --quiet --compile-bytecode "${groups[@]}"
 
 if [ "$what" = demo ]; then
   say "running: study demo $*"

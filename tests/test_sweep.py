@@ -219,20 +219,29 @@ def test_two_local_runs_listen_on_loopback_only_a_killed_one_leaves_nothing_and_
     def cmd(o):
         return [sys.executable, "-m", "study.cli", "run", str(job), "--out", str(o), "--quiet"]
 
-    procs = [
-        subprocess.Popen(cmd(o), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        for o in (out, alone)
-    ]
-    proc, other = procs
+    def start(o):
+        return subprocess.Popen(
+            cmd(o), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    # The run left alone starts once the first has finished stage 1: both Rays then run side
+    # by side, and the one left alone, a whole stage behind, is still live when the first is
+    # killed after its first trial (started together, it could have finished by then).
+    procs = [start(out)]
+    proc = procs[0]
     seen, sockets = {}, set()
     try:
         deadline = time.monotonic() + 900  # a bound for a hang, not a speed check: slow hosts vary 2x
         while time.monotonic() < deadline and len(_finished(out)) < 1 and proc.poll() is None:
+            if len(procs) == 1 and any((out / "checkpoints").glob("pretrain-*.json")):
+                procs.append(start(alone))
             with contextlib.suppress(psutil.Error):
                 tree = _tree(proc.pid)
                 seen.update({p.pid: p for p in tree})
-                sockets |= _listening(tree + _tree(other.pid))
+                sockets |= _listening(tree + (_tree(procs[1].pid) if len(procs) > 1 else []))
             time.sleep(0.5)
+        assert len(procs) == 2, "the first run finished a trial before its stage-1 record was seen"
+        other = procs[1]
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         before = _finished(out)
         assert len(before) == 1  # of its two trials

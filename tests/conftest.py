@@ -52,8 +52,10 @@ def _group(nodeid: str) -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    # stable: within a unit, and among the single tests, collection order is kept
-    items.sort(key=lambda item: ORDER.index(_group(item.nodeid)))
+    # stable: within a unit, and among the single tests, collection order is kept, but for
+    # the tests on the session's local Ray, which go first: it starts once and stops when
+    # they are done (SessionRay)
+    items.sort(key=lambda item: (ORDER.index(_group(item.nodeid)), "ray_local" not in item.fixturenames))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -113,14 +115,56 @@ def numba_quiet():
         gc.collect()  # the session's loaders go while the hook still holds
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray (2 CPUs) for the whole test session."""
-    import ray
+class SessionRay:
+    """This worker's local Ray (2 CPUs), started when a test first needs it and stopped as
+    soon as the next test does not (``pytest_runtest_teardown``): an idle Ray's daemons take
+    about 8 % of a core, which the suite's other worker needs (the suite is CPU-bound)."""
 
-    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1")  # never a stale cluster
-    yield ray
-    ray.shutdown()
+    started = False
+
+    def up(self):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1")  # never a stale cluster
+            self.started = True
+        return ray
+
+    def down(self) -> None:
+        import ray
+
+        if self.started and ray.is_initialized():
+            ray.shutdown()
+        self.started = False
+
+
+SESSION_RAY = pytest.StashKey[SessionRay]()
+
+
+@pytest.fixture(scope="session")
+def session_ray(pytestconfig):
+    holder = pytestconfig.stash[SESSION_RAY] = SessionRay()
+    yield holder
+    holder.down()
+
+
+@pytest.fixture(scope="module")
+def ray_local(session_ray):
+    """The local Ray, up for a module's tests that ask for it (and their module fixtures)."""
+    return session_ray.up()
+
+
+@pytest.fixture(autouse=True)
+def _ray_up_when_asked(request):
+    """Up again for a later test of a module whose Ray was stopped between its tests."""
+    if "ray_local" in request.fixturenames:
+        request.getfixturevalue("session_ray").up()
+
+
+@pytest.hookimpl(trylast=True)  # after the test's fixtures are torn down
+def pytest_runtest_teardown(item, nextitem):
+    if "ray_local" in item.fixturenames and (nextitem is None or "ray_local" not in nextitem.fixturenames):
+        item.config.stash[SESSION_RAY].down()
 
 
 @pytest.fixture

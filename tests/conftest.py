@@ -8,18 +8,18 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # Ray it starts: study.runtime.local_ray); read by Ray once, when it is imported.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-# The suite runs on two pytest-xdist workers (pyproject: -n 2 --dist loadscope). Most of
-# its time is process start-up (Ray daemons, Ray Train and Tune workers importing torch,
-# MLflow servers) with one core busy, so two workers fill the 2 cores. The modules that
+# The suite runs on two pytest-xdist workers (pyproject: -n 2 --dist loadscope) and keeps
+# both cores busy: most of its CPU goes to processes starting (Ray's daemons, Ray Train and
+# Tune workers importing torch, MLflow servers) and to the few whole runs. The modules that
 # share costly state go to one worker as one unit: the two-node cluster, the local Ray
-# (started once per session, so on one worker only), the trained ResNet-18. A worker
-# holds at most two queued units: the two longest go first, one to each worker, then the
-# single tests, then the trained model's unit, taken by whichever worker frees up first.
-# The tests that run two whole jobs side by side (test_safety's fixture, on the session's
-# Ray; test_sweep's two local runs, each with a Ray and an MLflow server of its own) share
-# the local Ray's unit: on two workers at once they put four jobs, four Rays (each worker's
-# session Ray, the two runs' own) and their servers on 2 cores, and a slow host missed
-# their deadlines. (The ConvNeXt study, a single test, starts a session Ray where it runs.)
+# (SessionRay: started once per unit, stopped when its tests are done), the trained
+# ResNet-18. A worker holds at most two queued units: the two longest go first, one to each
+# worker, then the single tests, then the trained model's unit, taken by whichever worker
+# frees up first. The tests that run two whole jobs side by side (test_safety's fixture,
+# on the session's Ray; test_sweep's two local runs, each with a Ray and an MLflow server of
+# its own) share the local Ray's unit: on two workers at once they put four jobs, four Rays
+# and their servers on 2 cores, and a slow host missed their deadlines. (The ConvNeXt
+# study, a single test, starts a session Ray where it runs, and stops it after.)
 GROUPS = {
     "test_pipeline.py": "ray_cluster",
     "test_distributed.py": "ray_local",
